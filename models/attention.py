@@ -1,0 +1,144 @@
+"""Causal self-attention: MHA/GQA and MLA (multi-head latent attention), both recording per-head max logits."""
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import RMSNorm, apply_rope, causal_max_logits, rope_cos_sin
+
+
+class _MaxLogitMixin:
+    """Keeps ``max_logits_H``: running max of the pre-softmax scaled logit per head since the last reset."""
+
+    def _init_stats(self, n_heads: int) -> None:
+        self.register_buffer("max_logits_H", torch.full((n_heads,), float("-inf")), persistent=False)
+
+    def reset_step_stats(self) -> None:
+        self.max_logits_H.fill_(float("-inf"))
+
+    def _record(self, q_BHTd: torch.Tensor, k_BHTd: torch.Tensor) -> None:
+        if self.training:
+            # in place: QK-Clip specs hold a reference to this buffer
+            torch.maximum(self.max_logits_H, causal_max_logits(q_BHTd, k_BHTd, self.scale), out=self.max_logits_H)
+
+
+def _sdpa(q_BHTd, k_BHTd, v_BHTe, scale: float) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTe, is_causal=True, scale=scale)
+
+
+class Attention(_MaxLogitMixin, nn.Module):
+    """Multi-head attention with grouped KV heads (n_kv_heads == n_heads is plain MHA)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.rope_theta = cfg.rope_theta
+        self.scale = cfg.head_dim ** -0.5
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self._init_stats(cfg.n_heads)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        # head counts come from the weights so tensor parallelism can shard heads without touching this code
+        hd = self.head_dim
+        q = self.q_proj(x_BTD).view(B, T, -1, hd).transpose(1, 2)
+        k = self.k_proj(x_BTD).view(B, T, -1, hd).transpose(1, 2)
+        v = self.v_proj(x_BTD).view(B, T, -1, hd).transpose(1, 2)
+        cos, sin = rope_cos_sin(T, hd, self.rope_theta, x_BTD.device, q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        group = q.shape[1] // k.shape[1]
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        self._record(q, k)
+        out = _sdpa(q, k, v, self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def qk_clip_spec(self) -> dict:
+        return {"kind": "mha", "q_weight": self.q_proj.weight, "k_weight": self.k_proj.weight,
+                "n_heads": self.q_proj.weight.shape[0] // self.head_dim,
+                "n_kv_heads": self.k_proj.weight.shape[0] // self.head_dim,
+                "head_dim": self.head_dim, "max_logits": self.max_logits_H}
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        for lin in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.normal_(lin.weight, std=std)
+        nn.init.normal_(self.o_proj.weight, std=out_std)
+        self.reset_step_stats()
+
+
+class MLAttention(_MaxLogitMixin, nn.Module):
+    """DeepSeek-V3 multi-head latent attention: low-rank KV (and optionally Q) with a shared rotary key."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.dn, self.dr, self.dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora_rank, self.rope_theta = cfg.kv_lora_rank, cfg.rope_theta
+        self.scale = (self.dn + self.dr) ** -0.5
+        q_out = cfg.n_heads * (self.dn + self.dr)
+        if cfg.q_lora_rank > 0:
+            self.q_a_proj = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, q_out, bias=False)
+        else:
+            self.q_proj = nn.Linear(cfg.dim, q_out, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.dim, cfg.kv_lora_rank + self.dr, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (self.dn + self.dv), bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * self.dv, cfg.dim, bias=False)
+        self._init_stats(cfg.n_heads)
+
+    @property
+    def _q_weight(self) -> torch.Tensor:
+        return self.q_b_proj.weight if hasattr(self, "q_b_proj") else self.q_proj.weight
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        dn, dr, dv = self.dn, self.dr, self.dv
+        if hasattr(self, "q_b_proj"):
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+        else:
+            q = self.q_proj(x_BTD)
+        q = q.view(B, T, -1, dn + dr).transpose(1, 2)
+        q_nope, q_rope = q.split([dn, dr], dim=-1)
+        kv_c, k_rope = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, dr], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(kv_c)).view(B, T, -1, dn + dv).transpose(1, 2)
+        k_nope, v = kv.split([dn, dv], dim=-1)
+        H = q.shape[1]
+        cos, sin = rope_cos_sin(T, dr, self.rope_theta, x_BTD.device, q.dtype)
+        q_rope = apply_rope(q_rope, cos, sin)
+        k_rope = apply_rope(k_rope.view(B, 1, T, dr), cos, sin).expand(B, H, T, dr)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        k = torch.cat([k_nope, k_rope], dim=-1)
+        self._record(q, k)
+        out = _sdpa(q, k, v, self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * dv))
+
+    def qk_clip_spec(self) -> dict:
+        return {"kind": "mla", "q_weight": self._q_weight, "kv_b_weight": self.kv_b_proj.weight,
+                "n_heads": self.kv_b_proj.weight.shape[0] // (self.dn + self.dv),
+                "qk_nope_head_dim": self.dn, "qk_rope_head_dim": self.dr, "v_head_dim": self.dv,
+                "max_logits": self.max_logits_H}
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        for name in ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj"):
+            if hasattr(self, name):
+                nn.init.normal_(getattr(self, name).weight, std=std)
+        for name in ("q_a_layernorm", "kv_a_layernorm"):
+            if hasattr(self, name):
+                getattr(self, name).init_weights()
+        nn.init.normal_(self.o_proj.weight, std=out_std)
+        self.reset_step_stats()
+
+
+def build_attention(cfg: ModelConfig) -> nn.Module:
+    return MLAttention(cfg) if cfg.attn_type == "mla" else Attention(cfg)
+
+
+__all__ = ["Attention", "MLAttention", "build_attention"]

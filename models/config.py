@@ -1,0 +1,73 @@
+"""Model hyper-parameters (DeepSeek-V3 / Kimi-K2 style MoE decoder)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192
+    dim: int = 256
+    n_layers: int = 4
+    # attention
+    attn_type: str = "mla"  # "mha" (covers GQA via n_kv_heads) or "mla"
+    n_heads: int = 4
+    n_kv_heads: int = 4  # mha only
+    head_dim: int = 64  # mha only
+    q_lora_rank: int = 0  # mla: 0 = plain q_proj, >0 = q_a_proj/q_b_proj
+    kv_lora_rank: int = 64  # mla
+    qk_nope_head_dim: int = 32  # mla
+    qk_rope_head_dim: int = 16  # mla (shared rotary key)
+    v_head_dim: int = 32  # mla
+    rope_theta: float = 10000.0
+    max_seq_len: int = 512
+    norm_eps: float = 1e-6
+    # feed-forward
+    inter_dim: int = 512  # dense SwiGLU layers (first_k_dense)
+    first_k_dense: int = 1
+    moe_inter_dim: int = 128
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    n_activated_experts: int = 2  # top-k
+    n_expert_groups: int = 1
+    n_limited_groups: int = 1
+    route_scale: float = 1.0
+    bias_update_speed: float = 1e-3  # aux-loss-free balancing step (gamma in DeepSeek-V3)
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"model config: {msg}")
+
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "inter_dim", "moe_inter_dim"):
+            need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        need(self.attn_type in ("mha", "mla"), f"attn_type must be 'mha' or 'mla', got {self.attn_type!r}")
+        if self.attn_type == "mha":
+            need(self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0,
+                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+            need(self.head_dim > 0 and self.head_dim % 2 == 0, f"head_dim must be even and > 0, got {self.head_dim}")
+        else:
+            need(self.q_lora_rank >= 0, "q_lora_rank must be >= 0 (0 disables q compression)")
+            need(self.kv_lora_rank > 0, "kv_lora_rank must be > 0 for mla")
+            need(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
+                 f"qk_rope_head_dim must be even and > 0, got {self.qk_rope_head_dim}")
+            need(self.qk_nope_head_dim > 0 and self.v_head_dim > 0, "qk_nope_head_dim and v_head_dim must be > 0")
+        need(0 <= self.first_k_dense <= self.n_layers,
+             f"first_k_dense ({self.first_k_dense}) must be in [0, n_layers={self.n_layers}]")
+        if self.first_k_dense < self.n_layers:
+            e, g = self.n_routed_experts, self.n_expert_groups
+            need(e > 0, "n_routed_experts must be > 0 when any layer is MoE")
+            need(0 < self.n_activated_experts <= e,
+                 f"n_activated_experts ({self.n_activated_experts}) must be in [1, n_routed_experts={e}]")
+            need(g > 0 and e % g == 0, f"n_routed_experts ({e}) must be divisible by n_expert_groups ({g})")
+            need(0 < self.n_limited_groups <= g, f"n_limited_groups must be in [1, n_expert_groups={g}]")
+            need(g == 1 or e // g >= 2, "group-limited routing scores groups by their top-2 experts: need >= 2 per group")
+            need(self.n_limited_groups * (e // g) >= self.n_activated_experts,
+                 "n_limited_groups * experts_per_group must be >= n_activated_experts")
+            need(self.n_shared_experts >= 0, "n_shared_experts must be >= 0")
+        need(self.bias_update_speed >= 0, "bias_update_speed must be >= 0")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.attn_type == "mla" else self.head_dim

@@ -1,0 +1,72 @@
+"""Building blocks: RMSNorm, interleaved RoPE, SwiGLU FFN, causal max-logit probe."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+    def init_weights(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_cos_sin(seq_len: int, dim: int, theta: float, device, dtype=torch.float32):
+    """cos/sin of shape [T, dim/2] for rotating adjacent pairs (x[2i], x[2i+1])."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+    angles_TF = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles_TF.cos().to(dtype), angles_TF.sin().to(dtype)
+
+
+def apply_rope(x_BHTd: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of the last dim (DeepSeek layout; HF ``rope_interleave=True``)."""
+    x_even, x_odd = x_BHTd[..., 0::2], x_BHTd[..., 1::2]
+    out_even = x_even * cos_TF - x_odd * sin_TF
+    out_odd = x_even * sin_TF + x_odd * cos_TF
+    return torch.stack((out_even, out_odd), dim=-1).flatten(-2)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.up_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.down_proj = nn.Linear(inter_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.gate_proj.weight, std=std)
+        nn.init.normal_(self.up_proj.weight, std=std)
+        nn.init.normal_(self.down_proj.weight, std=out_std)
+
+
+@torch.no_grad()
+def causal_max_logits(q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, scale: float, chunk: int = 512) -> torch.Tensor:
+    """Per-head max over batch and causal (query, key) pairs of scale * q.k, shape [H], float32.
+
+    Computed in query chunks so memory stays O(chunk * T) whatever kernel the attention itself uses.
+    """
+    B, H, T, _ = q_BHTd.shape
+    out_H = torch.full((H,), float("-inf"), device=q_BHTd.device, dtype=torch.float32)
+    key_pos = torch.arange(T, device=q_BHTd.device)
+    for start in range(0, T, chunk):
+        q_chunk = q_BHTd[:, :, start:start + chunk].float()
+        s_BHCT = torch.matmul(q_chunk, k_BHTd.float().transpose(-1, -2)) * scale
+        q_pos = torch.arange(start, start + q_chunk.shape[2], device=q_BHTd.device)
+        s_BHCT = s_BHCT.masked_fill(key_pos[None, :] > q_pos[:, None], float("-inf"))
+        out_H = torch.maximum(out_H, s_BHCT.amax(dim=(0, 2, 3)))
+    return out_H

@@ -1,0 +1,138 @@
+"""Mixture of experts: sigmoid top-k router with aux-loss-free bias, stacked routed experts, shared experts."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import FeedForward
+
+
+class Router(nn.Module):
+    """DeepSeek-V3 routing: sigmoid scores, bias only for selection, optional group-limited top-k.
+
+    ``e_score_correction_bias`` is a parameter without gradient: it is moved only by ``update_bias`` (the
+    aux-loss-free rule), from loads summed over every rank that saw different tokens.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.n_activated_experts
+        self.n_groups, self.n_limited_groups = cfg.n_expert_groups, cfg.n_limited_groups
+        self.route_scale, self.bias_update_speed = cfg.route_scale, cfg.bias_update_speed
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts), requires_grad=False)
+        self.register_buffer("expert_load_E", torch.zeros(cfg.n_routed_experts), persistent=False)
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (expert ids [T, K] int64, combine weights [T, K] float32)."""
+        scores_TE = torch.sigmoid(F.linear(x_TD.float(), self.weight.float()))
+        choice_TE = scores_TE.detach() + self.e_score_correction_bias.float()
+        if self.n_groups > 1:
+            T = x_TD.shape[0]
+            group_TG = choice_TE.view(T, self.n_groups, -1).topk(2, dim=-1).values.sum(-1)
+            keep_TG = torch.zeros_like(group_TG, dtype=torch.bool)
+            keep_TG.scatter_(1, group_TG.topk(self.n_limited_groups, dim=-1).indices, True)
+            keep_TE = keep_TG.repeat_interleave(self.n_experts // self.n_groups, dim=1)
+            # -inf (as DeepSeek-V3's reference), not 0.0: biased scores can be negative
+            choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
+        idx_TK = choice_TE.topk(self.top_k, dim=-1).indices
+        w_TK = scores_TE.gather(1, idx_TK)
+        w_TK = w_TK / (w_TK.sum(-1, keepdim=True) + 1e-20) * self.route_scale
+        with torch.no_grad():
+            self.expert_load_E += torch.bincount(idx_TK.flatten(), minlength=self.n_experts).float()
+        return idx_TK, w_TK
+
+    @torch.no_grad()
+    def update_bias(self, load_E: torch.Tensor) -> None:
+        """Aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones."""
+        load_E = load_E.to(self.e_score_correction_bias)
+        self.e_score_correction_bias.add_(self.bias_update_speed * torch.sign(load_E.mean() - load_E))
+
+    def reset_step_stats(self) -> None:
+        self.expert_load_E.zero_()
+
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.weight, std=std)
+        with torch.no_grad():
+            self.e_score_correction_bias.zero_()
+        self.reset_step_stats()
+
+
+class GroupedExperts(nn.Module):
+    """Routed experts as stacked [E, ...] SwiGLU weights.
+
+    ``forward(x_TD, counts_E)`` takes token rows sorted by expert id with ``counts_E`` tokens per expert.
+    The grouped path runs all experts as one padded batched matmul; the loop path runs them one by one
+    (reference for tests). Expert parallelism wraps this module and changes which experts it holds.
+    """
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, use_grouped: bool = True):
+        super().__init__()
+        self.use_grouped = use_grouped
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+
+    def forward(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        if self.use_grouped:
+            return self._grouped(x_TD, counts_E)
+        return self._loop(x_TD, counts_E)
+
+    def _loop(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for e, x_e in enumerate(torch.split(x_TD, counts_E.tolist())):
+            h = F.silu(x_e @ self.gate_proj[e].T) * (x_e @ self.up_proj[e].T)
+            outs.append(h @ self.down_proj[e].T)
+        return torch.cat(outs) if outs else x_TD.new_zeros(0, self.down_proj.shape[1])
+
+    def _grouped(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        E, T = counts_E.numel(), x_TD.shape[0]
+        if T == 0:
+            return x_TD.new_zeros(0, self.down_proj.shape[1])
+        capacity = int(counts_E.max())
+        expert_of_T = torch.repeat_interleave(torch.arange(E, device=x_TD.device), counts_E)
+        starts_E = torch.cumsum(counts_E, 0) - counts_E
+        slot_of_T = torch.arange(T, device=x_TD.device) - starts_E[expert_of_T]
+        x_ECD = x_TD.new_zeros(E, capacity, x_TD.shape[1])
+        x_ECD[expert_of_T, slot_of_T] = x_TD
+        h_ECI = F.silu(torch.bmm(x_ECD, self.gate_proj.transpose(1, 2))) * torch.bmm(x_ECD, self.up_proj.transpose(1, 2))
+        y_ECD = torch.bmm(h_ECI, self.down_proj.transpose(1, 2))
+        return y_ECD[expert_of_T, slot_of_T]
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.gate_proj, std=std)
+        nn.init.normal_(self.up_proj, std=std)
+        nn.init.normal_(self.down_proj, std=out_std)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.n_activated_experts
+        self.gate = Router(cfg)
+        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim)
+        self.shared_experts = (FeedForward(cfg.dim, cfg.moe_inter_dim * cfg.n_shared_experts)
+                               if cfg.n_shared_experts > 0 else None)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        x_TD = x_BTD.reshape(-1, D)
+        idx_TK, w_TK = self.gate(x_TD)
+        flat_expert = idx_TK.flatten()
+        order = torch.argsort(flat_expert, stable=True)
+        token_of = order // self.top_k
+        counts_E = torch.bincount(flat_expert, minlength=self.gate.n_experts)
+        y_sorted = self.experts(x_TD[token_of], counts_E)
+        y_sorted = (y_sorted.float() * w_TK.flatten()[order, None]).to(x_TD.dtype)
+        out_TD = torch.zeros_like(x_TD).index_add_(0, token_of, y_sorted)
+        if self.shared_experts is not None:
+            out_TD = out_TD + self.shared_experts(x_TD)
+        return out_TD.view(B, T, D)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.gate.init_weights(std)
+        self.experts.init_weights(std, out_std)
+        if self.shared_experts is not None:
+            self.shared_experts.init_weights(std, out_std)

@@ -1,0 +1,78 @@
+"""The decoder: embeddings, pre-norm blocks (attention + dense FFN or MoE), final norm, LM head."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .attention import build_attention
+from .config import ModelConfig
+from .layers import FeedForward, RMSNorm
+from .moe import MoE, Router
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = build_attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = FeedForward(cfg.dim, cfg.inter_dim) if layer_id < cfg.first_k_dense else MoE(cfg)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD))
+        return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.input_layernorm.init_weights()
+        self.post_attention_layernorm.init_weights()
+        self.self_attn.init_weights(std, out_std)
+        self.mlp.init_weights(std, out_std)
+
+
+class Transformer(nn.Module):
+    """DeepSeek-V3 / Kimi-K2 style MoE decoder in plain PyTorch (no parallelism inside).
+
+    Build on any device (including ``meta``), then call ``init_weights()`` after allocation.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        if tokens_BT.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {tokens_BT.shape[1]} exceeds max_seq_len {self.cfg.max_seq_len}")
+        h_BTD = self.embed_tokens(tokens_BT)
+        for layer in self.layers:
+            h_BTD = layer(h_BTD)
+        return self.lm_head(self.norm(h_BTD)).float()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.embed_tokens.weight, std=std)
+        for layer in self.layers:
+            layer.init_weights(std, out_std)
+        self.norm.init_weights()
+        nn.init.normal_(self.lm_head.weight, std=std)
+
+    def reset_step_stats(self) -> None:
+        """Clear per-step statistics (attention max logits, expert loads); call before each step."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_step_stats"):
+                m.reset_step_stats()
+
+    def qk_clip_specs(self) -> list[dict]:
+        return [layer.self_attn.qk_clip_spec() for layer in self.layers]
+
+    def moe_routers(self) -> list[Router]:
+        return [m for m in self.modules() if isinstance(m, Router)]

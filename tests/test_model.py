@@ -1,0 +1,203 @@
+"""Model behaviour: causal masking, expert paths, routing rules, max-logit probe, init, config checks."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import GroupedExperts, ModelConfig, Router, Transformer
+
+TINY = dict(vocab_size=97, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8, kv_lora_rank=16,
+            qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, inter_dim=64, moe_inter_dim=16,
+            n_routed_experts=8, n_activated_experts=2, first_k_dense=1, max_seq_len=64)
+
+VARIANTS = [dict(attn_type="mha", n_kv_heads=4), dict(attn_type="mha", n_kv_heads=2),
+            dict(attn_type="mla", q_lora_rank=0), dict(attn_type="mla", q_lora_rank=12, n_expert_groups=4,
+                                                        n_limited_groups=2, n_shared_experts=2, route_scale=2.5)]
+
+
+def make(seed=0, dtype=torch.float64, **kw):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(**{**TINY, **kw})).to(dtype)
+
+
+def eager_attention_logits(attn, x_BTD):
+    """Recompute pre-softmax logits with explicit matmuls, capturing q/k through the SDPA call."""
+    captured = {}
+    orig = F.scaled_dot_product_attention
+
+    def spy(q, k, v, is_causal, scale):
+        captured["s"] = (q @ k.transpose(-1, -2)) * scale
+        T = q.shape[2]
+        mask = torch.ones(T, T, dtype=torch.bool).tril()
+        captured["out"] = torch.softmax(captured["s"].masked_fill(~mask, float("-inf")), -1) @ v
+        captured["mask"] = mask
+        return orig(q, k, v, is_causal=is_causal, scale=scale)
+
+    F.scaled_dot_product_attention = spy
+    try:
+        y = attn(x_BTD)
+    finally:
+        F.scaled_dot_product_attention = orig
+    return captured, y
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_causal_and_max_logits(variant):
+    model = make(**variant).train()
+    tokens = torch.randint(0, 97, (2, 24))
+    logits = model(tokens)
+    changed = tokens.clone()
+    changed[:, 15:] = (changed[:, 15:] + 1) % 97
+    logits2 = model(changed)
+    assert torch.equal(logits[:, :15], logits2[:, :15])  # future tokens never leak into the past
+    assert not torch.allclose(logits[:, 15:], logits2[:, 15:])
+
+    attn = model.layers[1].self_attn
+    attn.reset_step_stats()
+    x = torch.randn(2, 24, 32, dtype=torch.float64)
+    cap, y = eager_attention_logits(attn, x)
+    s = cap["s"].masked_fill(~cap["mask"], float("-inf"))
+    expected_H = s.amax(dim=(0, 2, 3)).to(attn.max_logits_H.dtype)
+    torch.testing.assert_close(attn.max_logits_H, expected_H, rtol=1e-6, atol=1e-6)
+    assert attn.max_logits_H is attn.qk_clip_spec()["max_logits"]
+    # SDPA output equals explicit softmax attention
+    B, H, T, dv = cap["out"].shape
+    torch.testing.assert_close(attn.o_proj(cap["out"].transpose(1, 2).reshape(B, T, H * dv)), y)
+    # running max over calls; eval mode records nothing
+    attn.eval()
+    before = attn.max_logits_H.clone()
+    attn(x * 3)
+    assert torch.equal(attn.max_logits_H, before)
+
+
+def test_grouped_experts_match_loop():
+    torch.manual_seed(0)
+    ex = GroupedExperts(6, 16, 24).double()
+    ex.init_weights(0.1, 0.1)
+    counts = torch.tensor([3, 0, 5, 1, 0, 7])
+    x = torch.randn(int(counts.sum()), 16, dtype=torch.float64, requires_grad=True)
+    ex.use_grouped = True
+    y_g = ex(x, counts)
+    g_grouped = torch.autograd.grad(y_g.square().sum(), [x, *ex.parameters()])
+    ex.use_grouped = False
+    y_l = ex(x, counts)
+    g_loop = torch.autograd.grad(y_l.square().sum(), [x, *ex.parameters()])
+    torch.testing.assert_close(y_g, y_l, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g_grouped, g_loop):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_moe_matches_dense_reference():
+    """Routed output equals sum_k w_k * expert_k(x) computed token by token, plus shared experts."""
+    model = make(attn_type="mla", n_expert_groups=4, n_limited_groups=2, n_shared_experts=1, route_scale=1.7)
+    moe = model.layers[2].mlp
+    with torch.no_grad():
+        moe.gate.e_score_correction_bias.copy_(torch.randn(8) * 0.1)
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    out = moe(x)
+    x_TD = x.reshape(-1, 32)
+    idx, w = moe.gate(x_TD)
+    ref = moe.shared_experts(x_TD).clone()
+    ex = moe.experts
+    for t in range(x_TD.shape[0]):
+        for k in range(idx.shape[1]):
+            e = idx[t, k]
+            h = F.silu(ex.gate_proj[e] @ x_TD[t]) * (ex.up_proj[e] @ x_TD[t])
+            ref[t] += w[t, k].double() * (ex.down_proj[e] @ h)
+    torch.testing.assert_close(out.reshape(-1, 32), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_router_group_limit_bias_and_weights():
+    cfg = ModelConfig(**{**TINY, "n_expert_groups": 4, "n_limited_groups": 2, "n_activated_experts": 3,
+                         "route_scale": 2.0})
+    torch.manual_seed(1)
+    r = Router(cfg)
+    r.init_weights(1.0)
+    x = torch.randn(64, 32)
+    with torch.no_grad():
+        r.e_score_correction_bias.copy_(torch.randn(8))
+    idx, w = r(x)
+    scores = torch.sigmoid(x @ r.weight.T)
+    choice = scores + r.e_score_correction_bias
+    groups = choice.view(64, 4, 2).topk(2, -1).values.sum(-1).topk(2, -1).indices
+    assert all(set((idx[t] // 2).tolist()) <= set(groups[t].tolist()) for t in range(64))
+    # weights come from unbiased scores, normalised then scaled
+    torch.testing.assert_close(w, scores.gather(1, idx) / scores.gather(1, idx).sum(-1, keepdim=True) * 2.0)
+    assert torch.equal(r.expert_load_E, torch.bincount(idx.flatten(), minlength=8).float())
+
+
+def test_bias_update_rule():
+    cfg = ModelConfig(**{**TINY, "bias_update_speed": 0.01})
+    r = Router(cfg)
+    load = torch.tensor([10.0, 0, 5, 5, 5, 5, 5, 5])
+    r.update_bias(load)
+    expected = 0.01 * torch.sign(load.mean() - load)
+    assert torch.equal(r.e_score_correction_bias.data, expected)
+    assert not r.e_score_correction_bias.requires_grad
+
+
+def test_bias_balances_a_skewed_router():
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**TINY, "bias_update_speed": 0.05})
+    r = Router(cfg)
+    r.init_weights(0.5)
+    with torch.no_grad():
+        r.weight[0] += 2.0  # expert 0 wins almost everywhere
+    x = torch.randn(512, 32).abs()
+    def imbalance():
+        r.reset_step_stats()
+        r(x)
+        return (r.expert_load_E.max() / r.expert_load_E.mean()).item()
+    start = imbalance()
+    for _ in range(100):
+        imbalance()
+        r.update_bias(r.expert_load_E)
+    assert imbalance() < 0.5 * start
+
+
+def test_meta_init_matches_eager_init():
+    cfg = ModelConfig(**TINY)
+    eager = Transformer(cfg)
+    torch.manual_seed(3)
+    eager.init_weights()  # init_weights() alone defines the initial state, whatever ran before it
+    with torch.device("meta"):
+        meta = Transformer(cfg)
+    meta.to_empty(device="cpu")
+    torch.manual_seed(3)
+    meta.init_weights()
+    for (n, a), (_, b) in zip(eager.state_dict().items(), meta.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert all(torch.isinf(s["max_logits"]).all() for s in meta.qk_clip_specs())
+
+
+def test_param_names_and_shapes():
+    model = make(attn_type="mla", q_lora_rank=12, dtype=torch.float32)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    H, dn, dr, dv = 4, 8, 4, 8
+    assert shapes["layers.0.self_attn.q_b_proj.weight"] == (H * (dn + dr), 12)
+    assert shapes["layers.0.self_attn.kv_a_proj_with_mqa.weight"] == (16 + dr, 32)
+    assert shapes["layers.0.self_attn.kv_b_proj.weight"] == (H * (dn + dv), 16)
+    assert shapes["layers.0.mlp.gate_proj.weight"] == (64, 32)
+    assert shapes["layers.1.mlp.experts.gate_proj"] == (8, 16, 32)
+    assert shapes["layers.1.mlp.experts.down_proj"] == (8, 32, 16)
+    assert shapes["layers.1.mlp.gate.e_score_correction_bias"] == (8,)
+    assert len(model.moe_routers()) == 2 and len(model.qk_clip_specs()) == 3
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (dict(attn_type="gqa"), "attn_type"), (dict(attn_type="mha", n_heads=4, n_kv_heads=3), "multiple of n_kv_heads"),
+    (dict(n_routed_experts=8, n_expert_groups=3), "divisible"), (dict(n_activated_experts=9), "n_activated_experts"),
+    (dict(first_k_dense=5), "first_k_dense"), (dict(qk_rope_head_dim=5), "even"),
+    (dict(n_expert_groups=4, n_limited_groups=1, n_activated_experts=3), "n_limited_groups"),
+])
+def test_config_validation(bad, msg):
+    with pytest.raises(ValueError, match=msg):
+        ModelConfig(**{**TINY, **bad})
+
+
+def test_sequence_too_long():
+    model = make(dtype=torch.float32)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    assert math.isfinite(model(torch.zeros(1, 64, dtype=torch.long)).sum().item())

@@ -125,7 +125,8 @@ class MoE(nn.Module):
         token_of = order // self.top_k
         counts_E = torch.bincount(flat_expert, minlength=self.gate.n_experts)
         y_sorted = self.experts(x_TD[token_of], counts_E)
-        y_sorted = (y_sorted.float() * w_TK.flatten()[order, None]).to(x_TD.dtype)
+        acc = torch.promote_types(y_sorted.dtype, torch.float32)  # bf16 -> float32; float64 stays
+        y_sorted = (y_sorted.to(acc) * w_TK.flatten()[order, None].to(acc)).to(x_TD.dtype)
         out_TD = torch.zeros_like(x_TD).index_add_(0, token_of, y_sorted)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)

@@ -53,7 +53,8 @@ class Transformer(nn.Module):
         h_BTD = self.embed_tokens(tokens_BT)
         for layer in self.layers:
             h_BTD = layer(h_BTD)
-        return self.lm_head(self.norm(h_BTD)).float()
+        logits_BTV = self.lm_head(self.norm(h_BTD))
+        return logits_BTV.to(torch.promote_types(logits_BTV.dtype, torch.float32))  # bf16 -> float32
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -1,0 +1,296 @@
+"""Hugging Face interop: our ``Transformer`` <-> a transformers ``DeepseekV3ForCausalLM`` directory.
+
+The directory holds ``config.json`` and ``model.safetensors`` in the layout ``save_pretrained`` writes:
+``model.`` prefix on the decoder, ``lm_head.weight`` at top level, routed experts split per expert
+(``model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight``). Reading also accepts a sharded
+checkpoint (``model.safetensors.index.json``) and the fused in-memory expert layout
+(``mlp.experts.gate_up_proj [E, 2I, D]`` with gate rows first, ``mlp.experts.down_proj [E, D, I]``).
+
+Our parameter names already mirror DeepseekV3, so the mapping is a prefix plus the expert split.
+transformers is imported lazily: importing ``models`` stays cheap.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import fields
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from .config import ModelConfig
+from .transformer import Transformer
+
+# HF DeepseekV3 (like the DeepSeek-V3 reference) builds q_a_layernorm/kv_a_layernorm with a fixed eps of 1e-6,
+# while our model uses cfg.norm_eps for them: the two agree only when norm_eps == 1e-6.
+HF_LATENT_NORM_EPS = 1e-6
+_EXPERT_RE = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)")
+_MTP_KEY_RE = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def to_hf_config(cfg: ModelConfig, **overrides):
+    """``transformers.DeepseekV3Config`` equivalent to ``cfg``; ValueError for what DeepseekV3 cannot express.
+
+    ``overrides`` are passed to the HF config (e.g. ``bos_token_id``, ``eos_token_id``; they default to None
+    because the model config does not know the tokenizer).
+    """
+    from transformers import DeepseekV3Config
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ValueError(f"to_hf_config: {msg}")
+
+    need(cfg.attn_type == "mla", f"attn_type {cfg.attn_type!r} cannot be exported: transformers DeepseekV3 only "
+         "implements MLA (set attn_type: mla)")
+    need(cfg.norm_eps == HF_LATENT_NORM_EPS, f"norm_eps={cfg.norm_eps} cannot be exported: DeepseekV3 hard-codes eps "
+         f"{HF_LATENT_NORM_EPS} for q_a_layernorm/kv_a_layernorm while our model uses norm_eps for them")
+    need(not getattr(cfg, "tie_embeddings", False), "tied embeddings are not supported by this exporter")
+    kwargs = dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.inter_dim,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
+        q_lora_rank=cfg.q_lora_rank if cfg.q_lora_rank > 0 else None, kv_lora_rank=cfg.kv_lora_rank,
+        qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
+        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)}, rope_interleave=True,
+        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, initializer_range=cfg.init_std,
+        first_k_dense_replace=cfg.first_k_dense, moe_intermediate_size=cfg.moe_inter_dim,
+        # HF sizes the shared-expert MLP as moe_intermediate_size * n_shared_experts, like our MoE
+        n_routed_experts=cfg.n_routed_experts, n_shared_experts=cfg.n_shared_experts,
+        num_experts_per_tok=cfg.n_activated_experts, n_group=cfg.n_expert_groups, topk_group=cfg.n_limited_groups,
+        norm_topk_prob=True, routed_scaling_factor=float(cfg.route_scale), hidden_act="silu",
+        attention_bias=False, tie_word_embeddings=False, num_mtp_layers=0,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None, architectures=["DeepseekV3ForCausalLM"],
+    )
+    kwargs.update(overrides)
+    return DeepseekV3Config(**kwargs)
+
+
+def from_hf_config(hf_cfg, **overrides) -> ModelConfig:
+    """``ModelConfig`` for a DeepseekV3 config (object or dict); ValueError for features our model lacks.
+
+    ``overrides`` set fields HF does not store (e.g. ``bias_update_speed``) or replace mapped ones.
+    """
+    if isinstance(hf_cfg, Mapping):
+        from transformers import DeepseekV3Config
+        hf_cfg = DeepseekV3Config.from_dict(dict(hf_cfg))
+
+    def get(name, default=None):
+        return getattr(hf_cfg, name, default)
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ValueError(f"from_hf_config: {msg}")
+
+    rope = dict(get("rope_parameters") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    need(rope_type == "default", f"rope_parameters type {rope_type!r} (e.g. YaRN scaling) is not supported: our model "
+         "implements plain RoPE only")
+    need(get("rope_interleave", True), "rope_interleave=False is not supported (our RoPE rotates interleaved pairs)")
+    need(get("norm_topk_prob", True), "norm_topk_prob=False is not supported (our router normalises top-k weights)")
+    need(get("hidden_act", "silu") == "silu", f"hidden_act {get('hidden_act')!r} is not supported (SwiGLU only)")
+    need(not get("attention_bias", False), "attention_bias=True is not supported (our projections have no bias)")
+    need(not get("tie_word_embeddings", False), "tie_word_embeddings=True is not supported")
+    n_heads = get("num_attention_heads")
+    need(get("num_key_value_heads") in (None, n_heads),
+         f"num_key_value_heads ({get('num_key_value_heads')}) must equal num_attention_heads ({n_heads}) for MLA")
+    eps = get("rms_norm_eps", 1e-6)
+    need(eps == HF_LATENT_NORM_EPS, f"rms_norm_eps={eps} is not supported: HF uses {HF_LATENT_NORM_EPS} for the MLA "
+         "latent norms and our model uses rms_norm_eps for them, so only 1e-6 gives the same function")
+    kwargs = dict(
+        vocab_size=get("vocab_size"), dim=get("hidden_size"), n_layers=get("num_hidden_layers"), attn_type="mla",
+        n_heads=n_heads, n_kv_heads=n_heads, q_lora_rank=get("q_lora_rank") or 0, kv_lora_rank=get("kv_lora_rank"),
+        qk_nope_head_dim=get("qk_nope_head_dim"), qk_rope_head_dim=get("qk_rope_head_dim"),
+        v_head_dim=get("v_head_dim"), rope_theta=float(rope.get("rope_theta", get("rope_theta", 10000.0))),
+        max_seq_len=get("max_position_embeddings"), norm_eps=eps, inter_dim=get("intermediate_size"),
+        # first_k_dense_replace >= num_hidden_layers means all layers dense in HF; we require <= n_layers
+        first_k_dense=min(get("first_k_dense_replace") or 0, get("num_hidden_layers")),
+        moe_inter_dim=get("moe_intermediate_size"),
+        n_routed_experts=get("n_routed_experts"), n_shared_experts=get("n_shared_experts") or 0,
+        n_activated_experts=get("num_experts_per_tok"), n_expert_groups=get("n_group") or 1,
+        n_limited_groups=get("topk_group") or 1, route_scale=float(get("routed_scaling_factor", 1.0)),
+        init_std=get("initializer_range", 0.02),
+    )
+    known = {f.name for f in fields(ModelConfig)}
+    bad = sorted(set(overrides) - known)
+    need(not bad, f"unknown ModelConfig fields in overrides: {bad}")
+    kwargs.update(overrides)
+    return ModelConfig(**kwargs)
+
+
+# ---------------------------------------------------------------- state dict mapping (pure functions)
+
+def _hf_name(key: str) -> str:
+    return key if key == "lm_head.weight" else f"model.{key}"
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    """Our state-dict keys and shapes for ``cfg`` (built on the meta device: no memory, no init)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def _zero_shared_keys(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF always builds shared experts; with n_shared_experts=0 they are empty [0, D] / [D, 0] tensors."""
+    if cfg.n_shared_experts > 0:
+        return {}
+    out = {}
+    for i in range(cfg.first_k_dense, cfg.n_layers):
+        base = f"model.layers.{i}.mlp.shared_experts"
+        out.update({f"{base}.gate_proj.weight": (0, cfg.dim), f"{base}.up_proj.weight": (0, cfg.dim),
+                    f"{base}.down_proj.weight": (cfg.dim, 0)})
+    return out
+
+
+def to_hf_state_dict(state: Mapping[str, torch.Tensor], cfg: ModelConfig,
+                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Our state dict -> on-disk HF keys (per-expert split). ValueError when keys/shapes don't match ``cfg``."""
+    expected = expected_shapes(cfg)
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        raise ValueError(f"export: model state does not match its config: missing {missing[:5]}, unexpected "
+                         f"{extra[:5]} (export the plain model, not a compiled/DDP/parallelized wrapper)")
+    out: dict[str, torch.Tensor] = {}
+
+    def put(name: str, t: torch.Tensor) -> None:
+        # the router bias stays float32, as transformers keeps it (_keep_in_fp32_modules_strict)
+        target = torch.float32 if name.endswith("e_score_correction_bias") else dtype
+        t = t.detach()
+        out[name] = (t.to(target) if target is not None else t).contiguous().clone()
+
+    for key, shape in expected.items():
+        t = state[key]
+        if t.shape != shape:
+            raise ValueError(f"export: {key} has shape {list(t.shape)}, config expects {list(shape)} "
+                             "(export the plain, unsharded model)")
+        m = _EXPERT_RE.fullmatch(key)
+        if m:
+            for e in range(t.shape[0]):
+                put(f"model.layers.{m[1]}.mlp.experts.{e}.{m[2]}.weight", t[e])
+        else:
+            put(_hf_name(key), t)
+    for name, shape in _zero_shared_keys(cfg).items():
+        out[name] = torch.zeros(shape, dtype=dtype or state["embed_tokens.weight"].dtype)
+    return out
+
+
+class _Reader:
+    """Tracks which HF keys were used, checks shapes, and names the offending key in every error."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], where: str):
+        self.tensors, self.where, self.used = tensors, where, set()
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name not in self.tensors:
+            raise ValueError(f"{self.where}: missing key {name!r} (expected shape {list(shape)}); the checkpoint "
+                             "does not match its config.json")
+        t = self.tensors[name]
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{self.where}: key {name!r} has shape {list(t.shape)}, config.json implies "
+                             f"{list(shape)}")
+        self.used.add(name)
+        return t
+
+
+def from_hf_state_dict(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig, where: str = "HF checkpoint",
+                       n_mtp_layers: int = 0) -> dict[str, torch.Tensor]:
+    """HF keys (per-expert or fused experts) -> our state dict; ValueError naming any missing/unexpected/bad key.
+
+    Keys of the ``n_mtp_layers`` multi-token-prediction layers after the last decoder layer are ignored
+    (transformers ignores them too).
+    """
+    r = _Reader(tensors, where)
+    out: dict[str, torch.Tensor] = {}
+    for key, shape in expected_shapes(cfg).items():
+        m = _EXPERT_RE.fullmatch(key)
+        if not m:
+            out[key] = r.take(_hf_name(key), tuple(shape))
+            continue
+        base, proj = f"model.layers.{m[1]}.mlp.experts", m[2]
+        E, rows, cols = shape
+        if proj != "down_proj" and r.has(f"{base}.gate_up_proj"):
+            fused = r.take(f"{base}.gate_up_proj", (E, 2 * rows, cols))
+            out[key] = fused[:, :rows] if proj == "gate_proj" else fused[:, rows:]
+        elif proj == "down_proj" and r.has(f"{base}.down_proj"):
+            out[key] = r.take(f"{base}.down_proj", (E, rows, cols))
+        else:
+            out[key] = torch.stack([r.take(f"{base}.{e}.{proj}.weight", (rows, cols)) for e in range(E)])
+    for name, shape in _zero_shared_keys(cfg).items():
+        if r.has(name):
+            r.take(name, shape)
+    unexpected = []
+    for name in sorted(set(tensors) - r.used):
+        m = _MTP_KEY_RE.match(name)
+        if m and cfg.n_layers <= int(m[1]) < cfg.n_layers + n_mtp_layers:
+            continue
+        if name.endswith("rotary_emb.inv_freq"):  # old checkpoints saved this buffer; recomputed from rope_theta
+            continue
+        unexpected.append(name)
+    if unexpected:
+        raise ValueError(f"{where}: unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} "
+                         f"({len(unexpected)} in all): the checkpoint does not match its config.json")
+    return out
+
+
+# ---------------------------------------------------------------- files
+
+def export_hf(model: Transformer, out_dir: str | Path, dtype: torch.dtype | None = None, **config_overrides) -> Path:
+    """Write ``model`` (plain, unparallelized) as a DeepseekV3ForCausalLM directory; returns ``out_dir``.
+
+    ``dtype`` casts the weights (default: as they are); ``config_overrides`` go to ``to_hf_config``.
+    """
+    from safetensors.torch import save_file
+
+    cfg: ModelConfig = model.cfg
+    hf_cfg = to_hf_config(cfg, **config_overrides)
+    tensors = to_hf_state_dict(model.state_dict(), cfg, dtype)
+    hf_cfg.dtype = dtype or next(model.parameters()).dtype
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_cfg.save_pretrained(out)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def load_hf_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF directory: ``model.safetensors`` or the shards named by its index file."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(str(single))
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            tensors.update(load_file(str(path / shard)))
+        return tensors
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json (an HF model directory "
+                            "written by save_pretrained or export_hf is expected)")
+
+
+def import_hf(path: str | Path, dtype: torch.dtype | None = None, **config_overrides) -> Transformer:
+    """Build our ``Transformer`` from a DeepseekV3 directory (config.json + safetensors).
+
+    ``config_overrides`` set ModelConfig fields HF does not store (e.g. ``bias_update_speed``).
+    """
+    from transformers import DeepseekV3Config
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json (expected an HF DeepseekV3 model directory)")
+    hf_cfg = DeepseekV3Config.from_pretrained(str(path))
+    cfg = from_hf_config(hf_cfg, **config_overrides)
+    state = from_hf_state_dict(load_hf_tensors(path), cfg, where=str(path),
+                               n_mtp_layers=getattr(hf_cfg, "num_nextn_predict_layers", 0) or 0)
+    model = Transformer(cfg)  # real construction, so every non-persistent buffer is set up as usual
+    model.load_state_dict(state, strict=True)  # copies (and casts from the file's dtype) into float32 params
+    return model if dtype is None else model.to(dtype)
+
+
+__all__ = ["to_hf_config", "from_hf_config", "to_hf_state_dict", "from_hf_state_dict", "expected_shapes",
+           "export_hf", "import_hf", "load_hf_tensors", "HF_LATENT_NORM_EPS"]

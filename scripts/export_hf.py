@@ -1,0 +1,108 @@
+"""Convert a training checkpoint to a Hugging Face DeepseekV3 directory, or (``--import``) back to a .pt.
+
+    # torch.distributed.checkpoint directory (the trainer's format) or a plain state_dict .pt -> HF directory
+    python scripts/export_hf.py CHECKPOINT --config run/config.yaml --out hf_model [--dtype bfloat16]
+    # HF directory -> plain state_dict .pt (+ model.yaml beside it, usable as --config)
+    python scripts/export_hf.py --import hf_model --out model.pt
+
+``--config`` is the run's YAML (its ``model`` section is used); by default the ``config.yaml`` that
+launch/checkpoint.py writes into each step directory (or one in the parent) is used. The model weights are the
+keys of ``model.state_dict()``, stored at top level (launch/checkpoint.py) or under a ``model.`` / ``model/``
+prefix; every other key (optimizer state, meta, extra) is ignored.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from configs import DataConfig, JobConfig, dump_config, load_config  # noqa: E402
+from models import ModelConfig, Transformer  # noqa: E402
+from models.hf_interop import export_hf, import_hf  # noqa: E402
+
+_PREFIXES = ("", "model.", "model/")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def find_config(ckpt: Path) -> Path:
+    base = ckpt if ckpt.is_dir() else ckpt.parent
+    for cand in (base / "config.yaml", base.parent / "config.yaml"):
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(f"no config.yaml next to {ckpt} or in its parent: pass --config RUN/config.yaml")
+
+
+def _pick_prefix(names: set[str], wanted: list[str], where: Path) -> str:
+    for prefix in _PREFIXES:
+        if all(prefix + k in names for k in wanted):
+            return prefix
+    missing = [k for k in wanted if k not in names][:5]
+    raise ValueError(f"{where}: model weights not found (tried prefixes {list(_PREFIXES)}; e.g. missing {missing}); "
+                     "does --config match the checkpoint?")
+
+
+def load_training_weights(ckpt: Path, cfg: ModelConfig) -> Transformer:
+    """Our model with the weights of a DCP directory or a .pt state dict (shapes checked against ``cfg``)."""
+    model = Transformer(cfg)
+    state = model.state_dict()
+    if ckpt.is_dir():
+        import torch.distributed.checkpoint as dcp
+
+        from launch.checkpoint import read_metadata  # clear errors for unfinished/damaged checkpoints
+
+        meta = read_metadata(ckpt).state_dict_metadata
+        prefix = _pick_prefix(set(meta), list(state), ckpt)
+        for k, t in state.items():
+            saved = tuple(getattr(meta[prefix + k], "size", ()))
+            if saved != tuple(t.shape):
+                raise ValueError(f"{ckpt}: {prefix + k} has shape {list(saved)}, config expects {list(t.shape)}")
+        dcp.load({prefix + k: t for k, t in state.items()}, checkpoint_id=str(ckpt), no_dist=True)  # in place
+    elif ckpt.is_file():
+        raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+        raw = raw.get("model", raw) if isinstance(raw, dict) else raw
+        prefix = _pick_prefix(set(raw), list(state), ckpt)
+        loaded = {k: raw[prefix + k] for k in state}
+        for k, t in loaded.items():
+            if t.shape != state[k].shape:
+                raise ValueError(f"{ckpt}: {prefix + k} has shape {list(t.shape)}, config expects "
+                                 f"{list(state[k].shape)}")
+        model.load_state_dict(loaded, strict=True)
+    else:
+        raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
+    return model
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("src", help="training checkpoint (DCP dir or .pt), or with --import an HF directory")
+    p.add_argument("--out", required=True, help="HF directory to write, or with --import the .pt file")
+    p.add_argument("--config", help="run config.yaml (default: next to the checkpoint)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), help="weight dtype in the HF files (default: as saved)")
+    p.add_argument("--import", dest="do_import", action="store_true", help="HF directory -> .pt")
+    args = p.parse_args(argv)
+    src, out = Path(args.src), Path(args.out)
+    if args.do_import:
+        model = import_hf(src)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), out)
+        # a loadable job config: this model, every other section at its defaults (seq_len capped to the model)
+        data = DataConfig(seq_len=min(DataConfig.seq_len, model.cfg.max_seq_len))
+        cfg_path = out.with_suffix(".yaml")
+        cfg_path.write_text(dump_config(JobConfig(model=model.cfg, data=data), header=f"model imported from {src}"))
+        print(f"wrote {out} and {cfg_path}")
+        return out
+    cfg = load_config(args.config or find_config(src)).model
+    model = load_training_weights(src, cfg)
+    export_hf(model, out, dtype=_DTYPES.get(args.dtype))
+    print(f"wrote {out}/config.json and {out}/model.safetensors")
+    return out
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()

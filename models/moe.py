@@ -27,8 +27,9 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (expert ids [T, K] int64, combine weights [T, K] float32)."""
-        scores_TE = torch.sigmoid(F.linear(x_TD.float(), self.weight.float()))
-        choice_TE = scores_TE.detach() + self.e_score_correction_bias.float()
+        ct = torch.promote_types(x_TD.dtype, torch.float32)  # routing in >= float32
+        scores_TE = torch.sigmoid(F.linear(x_TD.to(ct), self.weight.to(ct)))
+        choice_TE = scores_TE.detach() + self.e_score_correction_bias.to(ct)
         if self.n_groups > 1:
             T = x_TD.shape[0]
             group_TG = choice_TE.view(T, self.n_groups, -1).topk(2, dim=-1).values.sum(-1)

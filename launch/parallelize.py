@@ -1,0 +1,77 @@
+"""One place that turns the plain model into the parallel one, in a fixed order: EP, TP, activation checkpointing.
+
+Data-parallel gradient synchronisation is not applied here: ``DistributedMuonClip`` (ZeRO-1) reduces
+gradients itself (or the trainer wraps with DDP). The returned placements tell the optimizer how each
+parameter is laid out.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import torch
+from torch import nn
+from torch.distributed._composable import checkpoint as composable_checkpoint
+
+from muonclip.placement import Placement
+
+from launch.expert_parallel import apply_expert_parallel, expert_placements
+from launch.parallel_dims import ParallelDims, ParallelGroups
+from launch.tensor_parallel import apply_tensor_parallel, tp_placements
+
+
+class _ParallelizeOptions(Protocol):
+    activation_checkpointing: bool
+
+
+@dataclass(frozen=True)
+class ParallelizeConfig:
+    """Options of the parallelize step (any object with these attributes is accepted)."""
+
+    activation_checkpointing: bool = False
+
+
+_STEP_STATS = ("max_logits_H", "expert_load_E")
+
+
+@contextmanager
+def _keep_step_stats(module: nn.Module) -> Iterator[None]:
+    """Restores the per-step statistic buffers after a recomputation, so they count each forward once."""
+    saved = [(m, name, getattr(m, name).clone()) for m in module.modules() for name in _STEP_STATS
+             if isinstance(getattr(m, name, None), torch.Tensor)]
+    try:
+        yield
+    finally:
+        for m, name, value in saved:
+            getattr(m, name).copy_(value)
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block in backward (composable API: parameter names unchanged)."""
+    for block in model.layers:
+        composable_checkpoint(block, context_fn=lambda b=block: (nullcontext(), _keep_step_stats(b)))
+
+
+def parallelize(model: nn.Module, pdims: ParallelDims, groups: ParallelGroups,
+                cfg: _ParallelizeOptions = ParallelizeConfig()) -> dict[str, Placement]:
+    """Apply EP, then TP, then activation checkpointing to ``model`` in place; return a placement per param.
+
+    ``model``: a ``models.Transformer`` built and initialised identically on every rank (or on meta; then
+    allocate + init after this call, accepting EP/TP-size-dependent initial values). Build the optimizer and
+    ``model.qk_clip_specs()`` after this call (parameters and max-logit buffers are replaced).
+    """
+    if groups.dims != pdims:
+        raise ValueError(f"parallelize: groups were built for {groups.dims}, not {pdims}")
+    pdims.check_model(model.cfg)
+    apply_expert_parallel(model, groups.ep_rank, groups.ep_size, groups.ep_group)
+    apply_tensor_parallel(model, groups.tp_rank, groups.tp_size, groups.tp_group)
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    placements = {name: Placement("replicated") for name, _ in model.named_parameters()}
+    placements.update(expert_placements(model))
+    placements.update(tp_placements(model, groups.tp_group))
+    return placements
+
+
+__all__ = ["ParallelizeConfig", "parallelize", "apply_activation_checkpointing"]

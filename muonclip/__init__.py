@@ -1,0 +1,21 @@
+"""MuonClip: the optimizer of Kimi K2 (Muon for hidden matrices + AdamW for the rest, and QK-Clip).
+
+Usable on its own with any model::
+
+    import muonclip
+    groups = muonclip.build_param_groups(model.named_parameters(), weight_decay=0.1)
+    opt = muonclip.MuonClip(groups, lr=2e-3)
+    clip = muonclip.QKClip(model.qk_clip_specs(), tau=100.0)  # needs per-head max logits from the model
+    clip.register(opt)  # runs after every opt.step()
+"""
+from muonclip.muon import adamw_step_, apply_muon_update_, muon_momentum_, muon_scale, muon_update, orthogonalize
+from muonclip.newton_schulz import NS_COEFFICIENTS, newton_schulz
+from muonclip.optimizer import MuonClip
+from muonclip.param_groups import DEFAULT_GROUP_OPTIONS, DEFAULT_RULES, assign_params, build_param_groups
+from muonclip.qk_clip import QKClip
+
+__all__ = [
+    "DEFAULT_GROUP_OPTIONS", "DEFAULT_RULES", "MuonClip", "NS_COEFFICIENTS", "QKClip", "adamw_step_",
+    "apply_muon_update_", "assign_params", "build_param_groups", "muon_momentum_", "muon_scale", "muon_update",
+    "newton_schulz", "orthogonalize",
+]

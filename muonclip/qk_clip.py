@@ -1,0 +1,154 @@
+"""QK-Clip (Kimi K2): after each optimizer step, rescale query/key weights of heads whose max logit exceeded tau.
+
+Per head h with S_max(h) > tau: gamma_h = tau / S_max(h) (else gamma_h = 1, and the head's weights are left
+bit-identical). The logit of head h is bilinear in its query and key weights, so scaling them as below
+multiplies the head's future logits (on the same inputs) by exactly gamma_h, bringing S_max(h) down to tau:
+
+* MHA (n_kv_heads == n_heads): q rows and k rows of head h * sqrt(gamma_h).
+* GQA (n_kv_heads < n_heads): q rows of head h * gamma_h; the shared k heads are untouched.
+* MLA: q_nope rows * sqrt(gamma_h), q_rope rows * gamma_h, kv_b k_nope rows * sqrt(gamma_h); v rows and the
+  shared rotary key (last rows of kv_a_proj_with_mqa) are never touched.
+
+The specs come from the model (``model.qk_clip_specs()``, see CONTRACTS); the max logits of all layers are
+concatenated into one tensor and reduced with a single MAX all-reduce over ``process_group`` (the ranks that
+hold the same heads but see different data: data/FSDP/context parallel, never the tensor-parallel group).
+No ``.item()``: gammas stay tensors, so the hook does not synchronise a GPU stream.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+try:
+    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+except ImportError:  # torch built without distributed support: no DTensor can reach us
+    DTensor = ()  # isinstance(x, ()) is always False
+
+Spec = dict[str, Any]
+_KEYS = {
+    "mha": ("q_weight", "k_weight", "n_heads", "n_kv_heads", "head_dim", "max_logits"),
+    "mla": ("q_weight", "kv_b_weight", "n_heads", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_logits"),
+}
+
+
+def check_spec(spec: Spec, layer: int) -> None:
+    """Raise ValueError if a QK-Clip spec is malformed or its weights do not have the rows it describes."""
+    kind = spec.get("kind")
+    if kind not in _KEYS:
+        raise ValueError(f"qk-clip spec {layer}: kind must be 'mha' or 'mla', got {kind!r}")
+    missing = [k for k in _KEYS[kind] if k not in spec]
+    if missing:
+        raise ValueError(f"qk-clip spec {layer} ({kind}) misses keys {missing}")
+    H = spec["n_heads"]
+    if spec["max_logits"].numel() != H:
+        raise ValueError(f"qk-clip spec {layer}: max_logits has {spec['max_logits'].numel()} entries, n_heads={H}")
+    if kind == "mha":
+        hd, Hkv = spec["head_dim"], spec["n_kv_heads"]
+        if Hkv <= 0 or H % Hkv:
+            raise ValueError(f"qk-clip spec {layer}: n_heads={H} is not a multiple of n_kv_heads={Hkv}")
+        rows = {"q_weight": H * hd, "k_weight": Hkv * hd}
+    else:
+        dn, dr, dv = spec["qk_nope_head_dim"], spec["qk_rope_head_dim"], spec["v_head_dim"]
+        rows = {"q_weight": H * (dn + dr), "kv_b_weight": H * (dn + dv)}
+    for key, n in rows.items():
+        if spec[key].shape[0] != n:
+            raise ValueError(f"qk-clip spec {layer} ({kind}): {key} has {spec[key].shape[0]} rows, expected {n} "
+                             "(rows must be the local heads' rows)")
+
+
+def head_gammas(max_logits: Tensor, tau: float) -> Tensor:
+    """gamma = tau / S_max where S_max > tau, else exactly 1 (also for -inf/NaN: heads never recorded)."""
+    return torch.where(max_logits > tau, tau / max_logits, torch.ones_like(max_logits))
+
+
+def row_scales(spec: Spec, gamma_H: Tensor) -> dict[str, Tensor]:
+    """Per-row multipliers {weight key: scale_R} for one layer, from its per-head gammas."""
+    H = spec["n_heads"]
+    sqrt_H1 = gamma_H.sqrt().unsqueeze(1)
+    if spec["kind"] == "mha":
+        hd = spec["head_dim"]
+        if spec["n_kv_heads"] == H:
+            scale_R = sqrt_H1.expand(H, hd).reshape(-1)
+            return {"q_weight": scale_R, "k_weight": scale_R}
+        return {"q_weight": gamma_H.unsqueeze(1).expand(H, hd).reshape(-1)}
+    dn, dr, dv = spec["qk_nope_head_dim"], spec["qk_rope_head_dim"], spec["v_head_dim"]
+    q_R = torch.cat([sqrt_H1.expand(H, dn), gamma_H.unsqueeze(1).expand(H, dr)], dim=1).reshape(-1)
+    kv_R = torch.cat([sqrt_H1.expand(H, dn), torch.ones_like(sqrt_H1).expand(H, dv)], dim=1).reshape(-1)
+    return {"q_weight": q_R, "kv_b_weight": kv_R}
+
+
+def scale_rows_(weight: Tensor, scale_R: Tensor) -> None:
+    """weight[r, :] *= scale_R[r] in place (a DTensor weight scales its local shard)."""
+    scale_R1 = scale_R.to(weight.device).unsqueeze(1)
+    if isinstance(weight, DTensor):
+        placements = [pl if pl.is_shard(0) else Replicate() for pl in weight.placements]
+        scale_R1 = distribute_tensor(scale_R1, weight.device_mesh, placements, src_data_rank=None).to_local()
+        weight = weight.to_local()
+    weight.mul_(scale_R1)  # float32 scale; bf16 weights are multiplied in float32, then rounded
+
+
+class QKClip:
+    """Clip query/key weights after each optimizer step (see module docstring).
+
+    Args:
+        specs: the list from ``model.qk_clip_specs()``, or a callable returning it (re-read on every call).
+        tau: logit threshold (Kimi K2 uses 100); ``math.inf`` only measures and reduces, never touching weights.
+        process_group: group over which to MAX-reduce max logits (None: no communication).
+
+    After a call, ``last_max_logits`` is the reduced [L, H] float32 tensor (rows padded with -inf if layers have
+    different head counts) and ``last_clipped`` a 0-dim int64 tensor counting clipped heads.
+    """
+
+    def __init__(self, specs: Sequence[Spec] | Callable[[], Sequence[Spec]], tau: float = 100.0,
+                 process_group: dist.ProcessGroup | None = None) -> None:
+        if not tau > 0:
+            raise ValueError(f"QKClip tau must be > 0, got {tau}")
+        self._specs = specs
+        self.tau = float(tau)
+        self.process_group = process_group
+        self.last_max_logits: Tensor | None = None
+        self.last_clipped: Tensor | None = None
+        for i, spec in enumerate(self.specs()):
+            check_spec(spec, i)
+
+    def specs(self) -> list[Spec]:
+        return list(self._specs() if callable(self._specs) else self._specs)
+
+    def register(self, optimizer: torch.optim.Optimizer) -> Any:
+        """Run after every ``optimizer.step()``; returns the hook handle (``.remove()`` to undo)."""
+        return optimizer.register_step_post_hook(lambda opt, args, kwargs: self.apply())
+
+    def __call__(self, *_args: Any, **_kwargs: Any) -> None:
+        self.apply()
+
+    def qk_clip(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        self.apply()
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        specs = self.specs()
+        if not specs:
+            return
+        for i, spec in enumerate(specs):
+            check_spec(spec, i)
+        counts = [spec["n_heads"] for spec in specs]
+        flat = torch.cat([spec["max_logits"].detach().reshape(-1).float() for spec in specs])
+        if self.process_group is not None:
+            dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=self.process_group)
+        if self.tau != math.inf:  # tau = inf: only measure and reduce (monitoring without clipping)
+            gamma = head_gammas(flat, self.tau)
+            for spec, gamma_H in zip(specs, gamma.split(counts)):
+                for key, scale_R in row_scales(spec, gamma_H).items():
+                    scale_rows_(spec[key], scale_R)
+        self.last_clipped = (flat > self.tau).sum()
+        if len(set(counts)) == 1:
+            self.last_max_logits = flat.view(len(specs), counts[0])
+        else:
+            padded = flat.new_full((len(specs), max(counts)), float("-inf"))
+            for i, row in enumerate(flat.split(counts)):
+                padded[i, : row.numel()] = row
+            self.last_max_logits = padded

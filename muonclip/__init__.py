@@ -8,6 +8,7 @@ Usable on its own with any model::
     clip = muonclip.QKClip(model.qk_clip_specs(), tau=100.0)  # needs per-head max logits from the model
     clip.register(opt)  # runs after every opt.step()
 """
+from muonclip.distributed import DistributedMuonClip, OptimizerGroups
 from muonclip.muon import adamw_step_, apply_muon_update_, muon_momentum_, muon_scale, muon_update, orthogonalize
 from muonclip.newton_schulz import NS_COEFFICIENTS, newton_schulz
 from muonclip.optimizer import MuonClip
@@ -15,7 +16,7 @@ from muonclip.param_groups import DEFAULT_GROUP_OPTIONS, DEFAULT_RULES, assign_p
 from muonclip.qk_clip import QKClip
 
 __all__ = [
-    "DEFAULT_GROUP_OPTIONS", "DEFAULT_RULES", "MuonClip", "NS_COEFFICIENTS", "QKClip", "adamw_step_",
+    "DEFAULT_GROUP_OPTIONS", "DEFAULT_RULES", "DistributedMuonClip", "MuonClip", "OptimizerGroups", "NS_COEFFICIENTS", "QKClip", "adamw_step_",
     "apply_muon_update_", "assign_params", "build_param_groups", "muon_momentum_", "muon_scale", "muon_update",
     "newton_schulz", "orthogonalize",
 ]

@@ -1,0 +1,171 @@
+"""Per-rank optimizer step cost: ZeRO-1 DistributedMuonClip vs naive Muon vs ZeRO-1 AdamW (a script, not a test).
+
+    torchrun --nproc_per_node=2 benchmarks/dist_optimizer.py                 # default models.ModelConfig()
+    torchrun --nproc_per_node=2 benchmarks/dist_optimizer.py --dim 512 --n-layers 6 --iters 5
+
+Pure data parallelism (every parameter "replicated"; expert stacks are owned whole, batched Newton–Schulz).
+Gradients are deterministic random tensors (no forward/backward), so only the optimizer is timed:
+
+- zero1_muonclip: ``reduce_gradients()`` (reduce-scatter) + ``step()`` (Muon/AdamW on owned params, each matrix
+  orthogonalised once in the world, all-gather of params).
+- naive_muonclip: one flat all-reduce of the gradients, then ``MuonClip.step()`` on every rank (every rank
+  orthogonalises every matrix, full optimizer state everywhere) - what DDP + MuonClip does.
+- zero1_adamw: element-sharded ZeRO-1 AdamW baseline: flat reduce-scatter, AdamW on the local 1/dp slice,
+  flat all-gather (the communication pattern of DeepSpeed / Megatron distributed optimizers).
+
+Bytes are what each rank sends per step under ring algorithms (reduce-scatter / all-gather (G-1)/G of the
+buffer, all-reduce 2(G-1)/G). Times are medians over ``--iters`` steps after one warm-up, per rank.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+import muonclip.optimizer as mc_optimizer
+from models import ModelConfig, Transformer
+from muonclip import MuonClip, adamw_step_, build_param_groups
+from muonclip.distributed import DistributedMuonClip, OptimizerGroups
+
+
+def fake_grads(params: list[tuple[str, torch.Tensor]], rank: int, it: int) -> None:
+    for i, (_, p) in enumerate(params):
+        g = torch.Generator().manual_seed(1_000_003 * rank + 1009 * it + i)
+        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.01
+
+
+class NSTimer:
+    """Wraps ``muonclip.optimizer.orthogonalize`` (what MuonClip calls) to time Newton–Schulz."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._orig = mc_optimizer.orthogonalize
+        mc_optimizer.orthogonalize = self
+
+    def __call__(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = self._orig(*args, **kwargs)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def bench_zero1_muonclip(model, rank, world, iters, lr):
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = DistributedMuonClip(build_param_groups(model.named_parameters()), {}, OptimizerGroups(), lr=lr)
+    times, ns = [], []
+    for it in range(iters + 1):
+        fake_grads(named, rank, it)
+        opt.comm.bytes_sent.clear()
+        t0 = time.perf_counter()
+        opt.reduce_gradients()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+        ns.append(opt.last_step_stats["ns_seconds"])
+        opt.zero_grad()
+    return dict(step_s=statistics.median(times[1:]), ns_s=statistics.median(ns[1:]),
+                bytes=sum(opt.comm_bytes.values()), state=opt.state_bytes(),
+                ns_matrices=opt.last_step_stats["ns_matrices"])
+
+
+def bench_naive_muonclip(model, rank, world, iters, lr):
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = MuonClip(build_param_groups(model.named_parameters()), lr=lr)
+    timer = NSTimer()
+    numel = sum(p.numel() for _, p in named)
+    times, ns = [], []
+    for it in range(iters + 1):
+        fake_grads(named, rank, it)
+        timer.seconds = 0.0
+        t0 = time.perf_counter()
+        flat = torch.cat([p.grad.reshape(-1) for _, p in named])
+        dist.all_reduce(flat)
+        flat.div_(world)
+        offset = 0
+        for _, p in named:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+        ns.append(timer.seconds)
+        opt.zero_grad()
+    mc_optimizer.orthogonalize = timer._orig
+    matrices = sum(p.numel() // (p.shape[-1] * p.shape[-2]) for g in opt.param_groups if g["use_muon"]
+                   for p in g["params"] if p.requires_grad)
+    state = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values())
+    return dict(step_s=statistics.median(times[1:]), ns_s=statistics.median(ns[1:]),
+                bytes=2 * (world - 1) * numel * 4 // world, state=state, ns_matrices=matrices)
+
+
+def bench_zero1_adamw(model, rank, world, iters, lr):
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    numel = sum(p.numel() for _, p in named)
+    shard = -(-numel // world)
+    lo = rank * shard
+    flat_params = torch.zeros(shard * world)
+    flat_params[:numel] = torch.cat([p.detach().reshape(-1) for _, p in named])
+    param_shard = flat_params[lo:lo + shard].clone()
+    exp_avg, exp_avg_sq = torch.zeros(shard), torch.zeros(shard)
+    times = []
+    for it in range(iters + 1):
+        fake_grads(named, rank, it)
+        t0 = time.perf_counter()
+        flat = torch.zeros(shard * world)
+        flat[:numel] = torch.cat([p.grad.reshape(-1) for _, p in named])
+        grad_shard = torch.empty(shard)
+        dist.reduce_scatter_single(grad_shard, flat)
+        grad_shard.div_(world)
+        adamw_step_(param_shard, grad_shard, exp_avg, exp_avg_sq, it + 1, lr=lr, betas=(0.9, 0.95), eps=1e-8,
+                    weight_decay=0.1)
+        dist.all_gather_single(flat_params, param_shard)
+        offset = 0
+        with torch.no_grad():
+            for _, p in named:
+                p.copy_(flat_params[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+        times.append(time.perf_counter() - t0)
+    return dict(step_s=statistics.median(times[1:]), ns_s=0.0, bytes=2 * (world - 1) * shard * 4,
+                state=2 * shard * 4, ns_matrices=0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dim", type=int, default=ModelConfig.dim)
+    ap.add_argument("--n-layers", type=int, default=ModelConfig.n_layers)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = ModelConfig(dim=args.dim, n_layers=args.n_layers)
+    rows = []
+    for name, fn in (("zero1_muonclip", bench_zero1_muonclip), ("naive_muonclip", bench_naive_muonclip),
+                     ("zero1_adamw", bench_zero1_adamw)):
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        dist.barrier()
+        res = fn(model, rank, world, args.iters, args.lr)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, res)
+        rows.append((name, gathered))
+    if rank == 0:
+        n_params = sum(p.numel() for p in Transformer(cfg).parameters())
+        print(f"# world={world} (gloo, CPU, {args.threads} thread/rank) model dim={cfg.dim} layers={cfg.n_layers} "
+              f"experts={cfg.n_routed_experts} params={n_params / 1e6:.2f}M fp32, iters={args.iters}")
+        print(f"{'scheme':<16}{'rank':>5}{'step ms':>10}{'NS ms':>9}{'NS mats':>9}{'sent MB':>9}{'state MB':>10}")
+        for name, gathered in rows:
+            for r, res in enumerate(gathered):
+                print(f"{name:<16}{r:>5}{res['step_s'] * 1e3:>10.1f}{res['ns_s'] * 1e3:>9.1f}{res['ns_matrices']:>9}"
+                      f"{res['bytes'] / 2**20:>9.2f}{res['state'] / 2**20:>10.2f}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    main()

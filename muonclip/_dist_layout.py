@@ -1,0 +1,132 @@
+"""Bookkeeping for ``DistributedMuonClip``: which rank owns each parameter and how buffers are packed.
+
+Pure Python, no communication: every rank that sees the same parameter structure computes the same answer,
+which is what lets one reduce-scatter / all-gather per bucket line up across ranks.
+
+Ownership. Every parameter is owned WHOLE (never element-split) by one rank of its sharding group:
+``dp_group`` for "replicated" and "tp_sharded" params, ``edp_group`` for "expert" stacks. A Muon parameter is
+additionally given the tensor-parallel rank (``ns_rank``) that runs its Newton–Schulz, so each matrix is
+orthogonalised exactly once in the world. Assignment is greedy, largest first:
+
+1. dense Muon matrices -> the (dp index, tp rank) cell with the least Newton–Schulz cost so far
+   (cost of the FULL matrix, ``ns_cost``; ties -> least loaded dp column, then lowest index);
+2. dense AdamW params -> the dp index with the fewest optimizer-state bytes so far;
+3. / 4. the same for expert stacks over the (edp index, tp rank) cells, with their own load table.
+
+Assignments depend only on names, full shapes and dtypes, so they agree across the dp and tp groups. Expert
+stacks are balanced among themselves (not against the dense params) so that a given stack name is owned by
+the same edp index on every EP rank: the owners of one stack then form whole EP groups, and a checkpoint can
+shard that stack's state over the EP group.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclass(eq=False)
+class ParamSlot:
+    """One managed parameter (``index``: position over all param groups, in order)."""
+
+    index: int
+    name: str
+    param: Tensor
+    group_index: int
+    use_muon: bool
+    kind: str
+    shard_dim: int | None = None
+    tp_sizes: tuple[int, ...] | None = None  # size along shard_dim on each tp rank (tp_sharded only)
+    owner: int = -1  # index within the sharding group (dp_group, or edp_group for experts)
+    ns_rank: int = 0  # tp rank that runs Newton–Schulz for this matrix (Muon only)
+
+    @property
+    def full_shape(self) -> tuple[int, ...]:
+        shape = list(self.param.shape)
+        if self.kind == "tp_sharded":
+            shape[self.shard_dim] = sum(self.tp_sizes)
+        return tuple(shape)
+
+    @property
+    def sharding(self) -> str:
+        return "edp" if self.kind == "expert" else "dp"
+
+    @property
+    def state_bytes(self) -> int:
+        """Optimizer-state bytes of the FULL tensor (same on every tp rank, so plans agree across TP)."""
+        per_elem = 1 if self.use_muon else 2  # momentum_buffer | exp_avg + exp_avg_sq
+        return per_elem * math.prod(self.full_shape) * self.param.element_size()
+
+
+def ns_cost(shape: Sequence[int]) -> float:
+    """Newton–Schulz flops up to a constant: batch * max(A, B) * min(A, B)^2 for [..., A, B]."""
+    A, B = shape[-2], shape[-1]
+    return float(math.prod(shape[:-2])) * max(A, B) * min(A, B) ** 2
+
+
+@dataclass
+class _Loads:
+    """Running Newton–Schulz cost per (owner, tp rank) cell and state bytes per owner."""
+
+    ns_OT: list[list[float]]
+    mem_O: list[int]
+
+    def muon(self, slots: list[ParamSlot]) -> None:
+        for s in sorted(slots, key=lambda s: (-ns_cost(s.full_shape), s.index)):
+            _, _, o, t = min((load, sum(row), o, t) for o, row in enumerate(self.ns_OT) for t, load in enumerate(row))
+            s.owner, s.ns_rank = o, t
+            self.ns_OT[o][t] += ns_cost(s.full_shape)
+            self.mem_O[o] += s.state_bytes
+
+    def adamw(self, slots: list[ParamSlot]) -> None:
+        for s in sorted(slots, key=lambda s: (-s.state_bytes, s.index)):
+            o = min(range(len(self.mem_O)), key=lambda o: (self.mem_O[o], o))
+            s.owner = o
+            self.mem_O[o] += s.state_bytes
+
+
+def assign_owners(slots: list[ParamSlot], dp_size: int, tp_size: int, edp_size: int) -> None:
+    """Set ``owner`` and ``ns_rank`` of every slot in place (see module docstring)."""
+    for kinds, size in (({"replicated", "tp_sharded"}, dp_size), ({"expert"}, edp_size)):
+        loads = _Loads([[0.0] * tp_size for _ in range(size)], [0] * size)
+        loads.muon([s for s in slots if s.kind in kinds and s.use_muon])
+        loads.adamw([s for s in slots if s.kind in kinds and not s.use_muon])
+
+
+@dataclass(eq=False)
+class Bucket:
+    """Params of one sharding group and dtype, packed owner by owner into ``group_size * shard_numel`` elements.
+
+    Owner o's params occupy ``[o * shard_numel, o * shard_numel + used_o)`` (zero padding after), so a
+    reduce-scatter hands owner o exactly its params' summed gradients and an all-gather returns every param.
+    """
+
+    sharding: str
+    dtype: torch.dtype
+    group_size: int
+    shard_numel: int = 0
+    slots: list[ParamSlot] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)  # flat offset of each slot in the full buffer
+
+
+def build_buckets(slots: list[ParamSlot], group_sizes: dict[str, int]) -> list[Bucket]:
+    """One bucket per (sharding group, dtype), in first-appearance order; slots ordered by (owner, index)."""
+    buckets: dict[tuple[str, torch.dtype], Bucket] = {}
+    for s in slots:
+        key = (s.sharding, s.param.dtype)
+        if key not in buckets:
+            buckets[key] = Bucket(s.sharding, s.param.dtype, group_sizes[s.sharding])
+        buckets[key].slots.append(s)
+    for b in buckets.values():
+        b.slots.sort(key=lambda s: (s.owner, s.index))
+        used = [0] * b.group_size
+        local = []
+        for s in b.slots:
+            local.append(used[s.owner])
+            used[s.owner] += s.param.numel()
+        b.shard_numel = max(used)
+        b.offsets = [s.owner * b.shard_numel + off for s, off in zip(b.slots, local)]
+    return list(buckets.values())

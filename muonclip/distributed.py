@@ -1,0 +1,343 @@
+"""ZeRO-1 MuonClip: optimizer state sharded over data parallelism, each Muon matrix orthogonalised once.
+
+Per step (each rank, after ``loss.backward()``)::
+
+    opt.reduce_gradients()              # one reduce-scatter per (sharding group, dtype) bucket
+    norm = opt.clip_grad_norm_(1.0)     # optional; global norm, one all_reduce of one scalar
+    opt.step()                          # Muon/AdamW on owned params, then one all-gather per bucket
+    opt.zero_grad()
+
+(``step()`` reduces the gradients itself if ``reduce_gradients()`` was not called.) No DDP wrapper: this class
+does the gradient averaging. QK-Clip registers on it unchanged (``QKClip(specs, process_group=dp_group)``):
+its post-step hook runs after the parameter all-gather on every rank, with the same MAX-reduced logits, so
+replicas stay identical; under TP the heads (rows) are local, so each tp rank clips its own rows.
+
+Placement (``muonclip.placement.Placement``, from the parallelize step; names missing from ``placements`` are
+"replicated"):
+
+- "replicated": whole on every rank. Owner = one dp index; its Newton–Schulz runs on one tp rank (``ns_rank``)
+  and the result is sent to the tp peers, so a matrix replicated across TP is still orthogonalised once.
+- "tp_sharded": rank t of ``tp_group`` holds slice t along ``shard_dim``. The owner dp index holds the momentum
+  of its slice on every tp rank; the slices of the momentum-applied update are gathered to ``ns_rank``,
+  orthogonalised as ONE full matrix (exact Muon, not blockwise) and the result's slices sent back.
+- "expert": an [E_local, A, B] stack of whole experts; owner = one rank of ``edp_group`` (the replicas of these
+  experts); batched Newton–Schulz over the stack, no gather. Expert gradients are summed over ``edp_group`` and
+  divided by the dp size (``expert_grad_divisor``): each expert's local gradient already sums the tokens of its
+  EP group, so this gives the same global-mean gradient as the dense params.
+
+Ownership is whole tensors (see ``_dist_layout``), so ``opt.state`` holds whole tensors for owned params only
+(the local TP shard for "tp_sharded"), as the checkpoint contract requires. Parameters with
+``requires_grad=False`` are not managed (never updated, never communicated). A managed parameter without a
+gradient on a rank counts as a zero gradient there (MuonClip would skip it when it has no gradient at all).
+"""
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+
+from muonclip._dist_comm import CountingComm, NSItem, group_size, orthogonalize_once
+from muonclip._dist_layout import ParamSlot, assign_owners, build_buckets
+from muonclip.muon import adamw_step_, apply_muon_update_, muon_momentum_, orthogonalize
+from muonclip.optimizer import MuonClip
+from muonclip.placement import REPLICATED, Placement
+
+
+@dataclass(frozen=True)
+class OptimizerGroups:
+    """The process groups the optimizer needs (any object with these attributes works, e.g. ParallelGroups).
+
+    dp_group: ranks with the same tp rank (ZeRO sharding, dense gradient averaging); None = the world.
+    tp_group: tensor-parallel peers (None = no TP). edp_group: replicas of the same experts (None = dp_group).
+    """
+
+    dp_group: Any = None
+    tp_group: Any = None
+    edp_group: Any = None
+
+
+def _or(group: Any, default: Any) -> Any:
+    return default if group is None else group
+
+
+class DistributedMuonClip(MuonClip):
+    """ZeRO-1 ``MuonClip`` (see module docstring). Same param groups ("names" required) and hyper-parameters.
+
+    Args:
+        params: param groups as for ``MuonClip`` (``build_param_groups``), identical structure on every rank.
+        placements: {param name: Placement}; missing names are "replicated".
+        groups: object with ``dp_group`` and optionally ``tp_group``, ``edp_group`` (``OptimizerGroups``).
+        expert_grad_divisor: divisor of expert gradients after the edp sum (default: dp size).
+        norm_group: group spanning dp x tp for ``clip_grad_norm_`` and the structure check (default: world).
+    """
+
+    def __init__(self, params: Iterable[dict[str, Any]], placements: Mapping[str, Placement] | None, groups: Any,
+                 lr: float, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
+                 weight_decay: float = 0.1, adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8,
+                 *, ns_dtype: torch.dtype = torch.float32, ns_eps: float = 1e-7,
+                 expert_grad_divisor: int | None = None, norm_group: Any = None) -> None:
+        self._frozen = False
+        super().__init__(params, lr, momentum, nesterov, ns_steps, weight_decay, adamw_betas, adamw_eps,
+                         ns_dtype=ns_dtype, ns_eps=ns_eps)
+        if not dist.is_initialized():
+            raise ValueError("DistributedMuonClip needs torch.distributed initialised (use MuonClip for 1 process)")
+        self.comm = CountingComm()
+        self.norm_group = norm_group if norm_group is not None else dist.group.WORLD
+        self.dp_group = _or(getattr(groups, "dp_group", None), dist.group.WORLD)
+        self.edp_group = _or(getattr(groups, "edp_group", None), self.dp_group)
+        placements = dict(placements or {})
+        self.tp_group = self._resolve_tp_group(getattr(groups, "tp_group", None), placements)
+        self.tp_rank = dist.get_rank(self.tp_group) if self.tp_group is not None else 0
+        self.dp_size = dist.get_world_size(self.dp_group)
+        self.expert_grad_divisor = expert_grad_divisor or self.dp_size
+        self.slots = self._make_slots(placements)
+        self._device = self.slots[0].param.device if self.slots else torch.device("cpu")
+        self._check_same_structure()
+        self._gather_tp_sizes()
+        sizes = {"dp": self.dp_size, "edp": dist.get_world_size(self.edp_group)}
+        assign_owners(self.slots, self.dp_size, group_size(self.tp_group), sizes["edp"])
+        self.buckets = build_buckets(self.slots, sizes)
+        self._index = {"dp": dist.get_rank(self.dp_group), "edp": dist.get_rank(self.edp_group)}
+        self._slot = {id(s.param): s for s in self.slots}
+        self._reduced = False
+        self.last_step_stats: dict[str, float] = {"ns_seconds": 0.0, "ns_matrices": 0}
+        self._frozen = True
+
+    # ------------------------------------------------------------------ setup
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if getattr(self, "_frozen", False):
+            raise ValueError("DistributedMuonClip: param groups are fixed at construction (ownership and buffers "
+                             "are planned over all of them); build a new optimizer instead")
+        super().add_param_group(param_group)
+
+    @staticmethod
+    def _resolve_tp_group(tp_group: Any, placements: Mapping[str, Placement]) -> Any:
+        sharded = [(n, pl) for n, pl in placements.items() if pl.kind == "tp_sharded"]
+        if tp_group is None and sharded:
+            tp_group = sharded[0][1].tp_group
+        if tp_group is not None:
+            ranks = dist.get_process_group_ranks(tp_group)
+            for name, pl in sharded:
+                if dist.get_process_group_ranks(pl.tp_group) != ranks:
+                    raise ValueError(f"DistributedMuonClip: placement of {name} uses a tp_group with ranks "
+                                     f"{dist.get_process_group_ranks(pl.tp_group)}, expected {ranks} (one TP group)")
+        return tp_group
+
+    def _make_slots(self, placements: Mapping[str, Placement]) -> list[ParamSlot]:
+        slots = []
+        index = 0
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("names")
+            if names is None:
+                raise ValueError(f"DistributedMuonClip: param group {gi} has no 'names' (needed to look up "
+                                 "placements); build groups with muonclip.build_param_groups(model.named_parameters())")
+            for name, p in zip(names, group["params"]):
+                index += 1
+                if not p.requires_grad:
+                    continue
+                if isinstance(p, DTensor):
+                    raise ValueError(f"DistributedMuonClip: {name} is a DTensor; this optimizer works on plain local "
+                                     "tensors described by placements (use MuonClip for DTensor/FSDP2 models)")
+                pl = placements.get(name, REPLICATED)
+                if pl.kind == "tp_sharded" and not 0 <= pl.shard_dim < p.ndim:
+                    raise ValueError(f"DistributedMuonClip: {name} shard_dim={pl.shard_dim} out of range for local "
+                                     f"shape {tuple(p.shape)}")
+                if pl.kind == "expert" and group["use_muon"] and p.ndim < 3:
+                    raise ValueError(f"DistributedMuonClip: expert param {name} has shape {tuple(p.shape)}; expected "
+                                     "an [E_local, A, B] stack")
+                slots.append(ParamSlot(index - 1, name, p, gi, group["use_muon"], pl.kind,
+                                       pl.shard_dim if pl.kind == "tp_sharded" else None))
+        return slots
+
+    def _check_same_structure(self) -> None:
+        """Every rank must plan over the same names/kinds/dtypes/shapes (else collectives would not line up)."""
+        def shape(s: ParamSlot) -> tuple:
+            return tuple(-1 if d == s.shard_dim else n for d, n in enumerate(s.param.shape))
+        text = "|".join(f"{s.name}:{s.kind}:{s.use_muon}:{s.param.dtype}:{shape(s)}" for s in self.slots)
+        h = zlib.crc32(text.encode())
+        hh = torch.tensor([h, -h], dtype=torch.int64, device=self._device)
+        dist.all_reduce(hh, op=dist.ReduceOp.MAX, group=self.norm_group)
+        if hh[0].item() != -hh[1].item():
+            raise ValueError("DistributedMuonClip: ranks disagree on the parameter structure (names, placements, "
+                             "dtypes or shapes of the param groups); every rank must build the same groups")
+
+    def _gather_tp_sizes(self) -> None:
+        sharded = [s for s in self.slots if s.kind == "tp_sharded"]
+        T = group_size(self.tp_group)
+        local = torch.tensor([s.param.shape[s.shard_dim] for s in sharded], dtype=torch.int64, device=self._device)
+        sizes = torch.empty(T * len(sharded), dtype=torch.int64, device=self._device)
+        if T > 1 and sharded:
+            dist.all_gather_single(sizes, local, group=self.tp_group)
+        else:
+            sizes.copy_(local)
+        for k, s in enumerate(sharded):
+            s.tp_sizes = tuple(int(x) for x in sizes.view(T, len(sharded))[:, k])
+
+    # ------------------------------------------------------------------ ownership / state
+    def owns(self, p: Tensor) -> bool:
+        """True if this rank holds (and updates) the optimizer state of ``p``."""
+        s = self._slot.get(id(p))
+        return s is not None and s.owner == self._index[s.sharding]
+
+    def owned_names(self) -> list[str]:
+        return [s.name for s in self.slots if self.owns(s.param)]
+
+    def _owned(self) -> list[ParamSlot]:
+        return [s for s in self.slots if s.owner == self._index[s.sharding]]
+
+    def init_state(self) -> None:
+        """Create zero state for every owned param (so a checkpoint can be loaded in place)."""
+        for s in self._owned():
+            state = self.state[s.param]
+            if s.use_muon:
+                state.setdefault("momentum_buffer", torch.zeros_like(s.param, memory_format=torch.preserve_format))
+            elif "step" not in state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(s.param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(s.param, memory_format=torch.preserve_format)
+
+    def state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for st in self.state.values() for t in st.values()
+                   if isinstance(t, Tensor))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        params = [p for g in self.param_groups for p in g["params"]]
+        names = [n for g in self.param_groups for n in g["names"]]
+        foreign = [names[i] for i in state_dict.get("state", {}) if isinstance(i, int) and i < len(params)
+                   and not self.owns(params[i])]
+        if foreign:
+            raise ValueError(f"DistributedMuonClip.load_state_dict: state for params this rank does not own "
+                             f"({foreign[:5]}{'...' if len(foreign) > 5 else ''}); optimizer state dicts are per "
+                             "rank: load the one this rank saved under the same layout, or re-shard by name "
+                             "(optim/{fqn}/{key}) with launch/checkpoint")
+        super().load_state_dict(state_dict)
+
+    @property
+    def comm_bytes(self) -> dict[str, int]:
+        """Bytes this rank has sent so far, per collective kind (reset with ``opt.comm.bytes_sent.clear()``)."""
+        return dict(self.comm.bytes_sent)
+
+    # ------------------------------------------------------------------ gradients
+    @torch.no_grad()
+    def reduce_gradients(self) -> None:
+        """Average gradients: each owner receives the full averaged gradient of its params (one reduce-scatter
+        per bucket); ``p.grad`` of owned params becomes a view of it, other params' ``p.grad`` is set to None.
+        No-op if already done since the last ``step()``."""
+        if self._reduced:
+            return
+        for b in self.buckets:
+            S, me = b.shard_numel, self._index[b.sharding]
+            flat = torch.zeros(b.group_size * S, dtype=b.dtype, device=b.slots[0].param.device)
+            for s, off in zip(b.slots, b.offsets):
+                if s.param.grad is not None:
+                    flat[off:off + s.param.numel()].copy_(s.param.grad.reshape(-1))
+            shard = torch.empty(S, dtype=b.dtype, device=flat.device)
+            self.comm.reduce_scatter(shard, flat, self.dp_group if b.sharding == "dp" else self.edp_group)
+            shard.div_(self.dp_size if b.sharding == "dp" else self.expert_grad_divisor)
+            for s, off in zip(b.slots, b.offsets):
+                if s.owner == me:
+                    start = off - me * S
+                    s.param.grad = shard[start:start + s.param.numel()].view_as(s.param)
+                else:
+                    s.param.grad = None
+        self._reduced = True
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
+        """Scale owned gradients so the global L2 norm is at most ``max_norm``; return the norm (pre-clip), the
+        same on every rank. Each element is counted once: tp_sharded params contribute their slice from every
+        tp rank, replicated params and expert stacks only from tp rank 0."""
+        if float(norm_type) != 2.0:
+            raise ValueError(f"DistributedMuonClip.clip_grad_norm_ supports norm_type=2 only, got {norm_type}")
+        self.reduce_gradients()
+        owned = [s for s in self._owned() if s.param.grad is not None]
+        acc = torch.float64 if any(s.param.dtype == torch.float64 for s in owned) else torch.float32
+        sq = torch.zeros(1, dtype=acc, device=self._device)
+        for s in owned:
+            if s.kind == "tp_sharded" or self.tp_rank == 0:
+                sq += torch.linalg.vector_norm(s.param.grad, dtype=acc).square().to(self._device)
+        self.comm.all_reduce(sq, dist.ReduceOp.SUM, self.norm_group)
+        total = sq.sqrt()[0]
+        if math.isinf(max_norm):  # measure only
+            return total
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for s in owned:
+            s.param.grad.mul_(coef.to(device=s.param.grad.device, dtype=s.param.grad.dtype))
+        return total
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.reduce_gradients()
+        self.last_step_stats = {"ns_seconds": 0.0, "ns_matrices": 0}
+        self._muon_step([s for s in self._owned() if s.use_muon])
+        for s in self._owned():
+            if not s.use_muon:
+                self._adamw(s)
+        self._gather_params()
+        self._reduced = False
+        return loss
+
+    def _muon_step(self, owned: list[ParamSlot]) -> None:
+        items = []
+        for s in owned:
+            group = self.param_groups[s.group_index]
+            state = self.state[s.param]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(s.param.grad, memory_format=torch.preserve_format)
+            update = muon_momentum_(s.param.grad, state["momentum_buffer"], group["momentum"], group["nesterov"])
+            items.append(NSItem(update.to(self.ns_dtype), s.ns_rank, s.shard_dim, s.tp_sizes,
+                                group["ns_steps"], group["ns_eps"]))
+        outs = orthogonalize_once(items, self._orthogonalize, self.comm, self.tp_group)
+        for s, out in zip(owned, outs):
+            group = self.param_groups[s.group_index]
+            apply_muon_update_(s.param, out, lr=float(group["lr"]), weight_decay=float(group["weight_decay"]),
+                               shape=s.full_shape)
+
+    def _orthogonalize(self, update: Tensor, item: NSItem) -> Tensor:
+        t0 = time.perf_counter()
+        out = orthogonalize(update, item.ns_steps, eps=item.ns_eps, ns_dtype=self.ns_dtype)
+        self.last_step_stats["ns_seconds"] += time.perf_counter() - t0
+        self.last_step_stats["ns_matrices"] += update.numel() // (update.shape[-2] * update.shape[-1])
+        return out
+
+    def _adamw(self, s: ParamSlot) -> None:
+        group = self.param_groups[s.group_index]
+        state = self.state[s.param]
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(s.param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(s.param, memory_format=torch.preserve_format)
+        state["step"] += 1
+        adamw_step_(s.param, s.param.grad, state["exp_avg"], state["exp_avg_sq"], state["step"].item(),
+                    lr=float(group["lr"]), betas=tuple(float(b) for b in group["adamw_betas"]),
+                    eps=group["adamw_eps"], weight_decay=float(group["weight_decay"]))
+
+    def _gather_params(self) -> None:
+        """Owners broadcast their updated params: one all-gather per bucket."""
+        for b in self.buckets:
+            if b.group_size == 1:
+                continue
+            S, me = b.shard_numel, self._index[b.sharding]
+            device = b.slots[0].param.device
+            shard = torch.zeros(S, dtype=b.dtype, device=device)
+            for s, off in zip(b.slots, b.offsets):
+                if s.owner == me:
+                    start = off - me * S
+                    shard[start:start + s.param.numel()].copy_(s.param.reshape(-1))
+            full = torch.empty(b.group_size * S, dtype=b.dtype, device=device)
+            self.comm.all_gather(full, shard, self.dp_group if b.sharding == "dp" else self.edp_group)
+            for s, off in zip(b.slots, b.offsets):
+                if s.owner != me:
+                    s.param.copy_(full[off:off + s.param.numel()].view_as(s.param))

@@ -1,0 +1,421 @@
+"""DistributedMuonClip (ZeRO-1) vs single-process MuonClip, on gloo/CPU in float64.
+
+Every rank gets different deterministic gradients; the reference is MuonClip on ONE full copy of the params
+with the dp-averaged gradients. Tolerance: TOL = 1e-12 absolute on params of size ~0.2 after 5 steps in
+float64 (the only differences are summation order in the reduce-scatter and the norm), replicas bitwise equal.
+Process groups are built by hand (rank = dp_index * tp + tp_index, EP blocks of consecutive dp indices).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import traceback
+import zlib
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from muonclip import MuonClip, QKClip, build_param_groups
+from muonclip.distributed import DistributedMuonClip, OptimizerGroups
+from muonclip.placement import Placement
+from tests.dist_utils import run_distributed
+
+HP = dict(lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.1, ns_dtype=torch.float64)
+TOL = 1e-12
+MAX_NORM = 8.0  # below the typical global norm here, so clipping is active
+STEPS = 5
+DENSE = {  # name -> full shape (names follow the model so build_param_groups routes them as in training)
+    "layers.0.self_attn.q_proj.weight": (16, 8),
+    "layers.0.self_attn.k_proj.weight": (16, 8),
+    "layers.0.self_attn.o_proj.weight": (8, 16),
+    "layers.0.mlp.up_proj.weight": (24, 8),
+    "layers.0.mlp.down_proj.weight": (8, 24),
+    "layers.0.mlp.stack": (3, 6, 10),  # a replicated 3-D Muon stack
+    "layers.0.input_layernorm.weight": (8,),
+    "embed_tokens.weight": (32, 8),
+    "lm_head.weight": (32, 8),
+}
+FROZEN = "layers.0.mlp.gate.e_score_correction_bias"
+
+
+# ---------------------------------------------------------------- helpers (run inside the workers)
+def _seeded(key: str, shape) -> torch.Tensor:
+    g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+    return torch.randn(shape, generator=g, dtype=torch.float64)
+
+
+def _grad(name: str, dp_index: int, step: int, shape) -> torch.Tensor:
+    return _seeded(f"grad/{name}/{dp_index}/{step}", shape)
+
+
+def _mean_grad(name: str, dp_size: int, step: int, shape) -> torch.Tensor:
+    return sum(_grad(name, d, step, shape) for d in range(dp_size)) / dp_size
+
+
+def _make(shapes: dict, frozen: bool = True) -> dict[str, nn.Parameter]:
+    params = {n: nn.Parameter(0.2 * _seeded("init/" + n, s)) for n, s in shapes.items()}
+    if frozen:
+        params[FROZEN] = nn.Parameter(torch.zeros(4, dtype=torch.float64), requires_grad=False)
+    return params
+
+
+def _clone(params: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+    return {n: nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad) for n, p in params.items()}
+
+
+def _count_ns() -> list[int]:
+    """Count matrices orthogonalised by DistributedMuonClip on this rank (wraps the function it calls)."""
+    import muonclip.distributed as md
+    count, orig = [0], md.orthogonalize
+
+    def counting(u, *args, **kwargs):
+        count[0] += u.numel() // (u.shape[-2] * u.shape[-1])
+        return orig(u, *args, **kwargs)
+
+    md.orthogonalize = counting
+    return count
+
+
+def _world_sum(x: float | int, dtype=torch.float64) -> float:
+    t = torch.tensor([x], dtype=dtype)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def _assert_identical(tensors: list[torch.Tensor], group, what: str) -> None:
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+    out = torch.empty(dist.get_world_size(group) * flat.numel(), dtype=flat.dtype)
+    dist.all_gather_single(out, flat, group=group)
+    for r, chunk in enumerate(out.view(-1, flat.numel())):
+        assert torch.equal(chunk, flat), f"{what}: replica {r} differs from rank {dist.get_rank()}"
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    err = (actual.detach() - expected.detach()).abs().max().item()
+    assert err < TOL, f"{name}: max |dist - single| = {err:.3e} >= {TOL}"
+
+
+def _dense_step(params, ref, opt, ref_opt, dp_index: int, dp_size: int, step: int) -> None:
+    for n, p in params.items():
+        if p.requires_grad:
+            p.grad = _grad(n, dp_index, step, p.shape)
+            ref[n].grad = _mean_grad(n, dp_size, step, p.shape)
+    opt.reduce_gradients()
+    norm = opt.clip_grad_norm_(MAX_NORM)
+    ref_norm = torch.nn.utils.clip_grad_norm_([p for p in ref.values() if p.grad is not None], MAX_NORM)
+    assert abs(norm.item() - ref_norm.item()) < TOL * ref_norm.item(), (norm, ref_norm)
+    opt.step()
+    ref_opt.step()
+    opt.zero_grad()
+    ref_opt.zero_grad()
+
+
+# ---------------------------------------------------------------- (a)(b) replicated params, dp=2
+def _replicated_worker(rank: int, world: int) -> None:
+    dp_group = dist.new_group(list(range(world)))
+    ns_count = _count_ns()
+    params = _make(DENSE)
+    ref = _clone(params)
+    opt = DistributedMuonClip(build_param_groups(list(params.items())), {}, OptimizerGroups(dp_group), **HP)
+    ref_opt = MuonClip(build_param_groups(list(ref.items())), **HP)
+    for step in range(1, STEPS + 1):
+        _dense_step(params, ref, opt, ref_opt, rank, world, step)
+    for n, p in params.items():
+        _assert_close(p, ref[n], n)
+    _assert_identical(list(params.values()), dp_group, "params")
+
+    # each Muon matrix orthogonalised exactly once in the world per step (the 3-D stack counts 3)
+    n_matrices = sum(1 if len(s) == 2 and "proj" in n else 0 for n, s in DENSE.items()) + 3
+    assert _world_sum(ns_count[0]) == n_matrices * STEPS
+    # state: whole tensors, owned params only, every param owned by exactly one rank
+    managed = {n: p for n, p in params.items() if p.requires_grad}
+    for n, p in managed.items():
+        st = opt.state.get(p, {})
+        assert bool(st) == opt.owns(p), n
+        for key, t in st.items():
+            assert key in ("momentum_buffer", "exp_avg", "exp_avg_sq", "step"), key
+            assert t.shape == (p.shape if key != "step" else ()), (n, key)
+    assert _world_sum(len(opt.owned_names())) == len(managed)
+    assert FROZEN not in opt.owned_names() and not opt.state.get(params[FROZEN])
+    # (b) memory: sum over ranks == single process; each rank ~1/dp (whole-tensor granularity)
+    ref_bytes = sum(t.numel() * t.element_size() for st in ref_opt.state.values() for t in st.values())
+    mine = opt.state_bytes()
+    assert _world_sum(mine) == ref_bytes
+    largest = max(t.numel() * t.element_size() for st in ref_opt.state.values() for t in st.values()) * 2
+    assert mine <= ref_bytes / world + largest, (mine, ref_bytes)
+    assert 0 < mine < ref_bytes
+
+    # bad input: groups without names; ranks that disagree on the structure (clear error on every rank)
+    with pytest.raises(ValueError, match="names"):
+        DistributedMuonClip([{"params": [params["lm_head.weight"]], "use_muon": False}], {}, OptimizerGroups(), **HP)
+    extra = {"extra.weight": nn.Parameter(torch.zeros(4, 4, dtype=torch.float64))} if rank == 1 else {}
+    with pytest.raises(ValueError, match="disagree"):
+        DistributedMuonClip(build_param_groups(list({**_make(DENSE), **extra}.items())), {}, OptimizerGroups(), **HP)
+
+
+# ---------------------------------------------------------------- ownership plan (pure, no processes)
+def test_ownership_plan_covers_every_param_once_and_packs_buckets():
+    from muonclip._dist_layout import ParamSlot, assign_owners, build_buckets, ns_cost
+    dp, tp = 3, 2
+    shapes = [((64, 32), True), ((32, 64), True), ((16, 16), True), ((4, 8, 8), True), ((128, 16), False),
+              ((16,), False), ((48, 32), True), ((8, 8), True)]
+    slots = [ParamSlot(i, f"p{i}", torch.zeros(s), 0, muon, "replicated") for i, (s, muon) in enumerate(shapes)]
+    slots.append(ParamSlot(len(slots), "sharded", torch.zeros(32, 16), 0, True, "tp_sharded", 0, (32, 32)))
+    assign_owners(slots, dp, tp, edp_size=dp)
+    assert all(0 <= s.owner < dp and 0 <= s.ns_rank < tp for s in slots)
+    again = [ParamSlot(s.index, s.name, s.param, 0, s.use_muon, s.kind, s.shard_dim, s.tp_sizes) for s in slots]
+    assign_owners(again, dp, tp, edp_size=dp)
+    assert [(s.owner, s.ns_rank) for s in again] == [(s.owner, s.ns_rank) for s in slots]  # deterministic
+    # greedy NS balance: no (dp, tp) cell carries more than the average plus the largest single matrix
+    cells = {}
+    for s in slots:
+        if s.use_muon:
+            cells[(s.owner, s.ns_rank)] = cells.get((s.owner, s.ns_rank), 0) + ns_cost(s.full_shape)
+    costs = [ns_cost(s.full_shape) for s in slots if s.use_muon]
+    assert max(cells.values()) <= sum(costs) / (dp * tp) + max(costs)
+    assert slots[-1].full_shape == (64, 16)
+    (bucket,) = build_buckets(slots, {"dp": dp, "edp": dp})
+    covered = torch.zeros(dp * bucket.shard_numel, dtype=torch.int64)
+    for s, off in zip(bucket.slots, bucket.offsets):
+        assert s.owner * bucket.shard_numel <= off and off + s.param.numel() <= (s.owner + 1) * bucket.shard_numel
+        covered[off:off + s.param.numel()] += 1
+    assert covered.max() == 1 and covered.sum() == sum(s.param.numel() for s in slots)
+
+
+# ---------------------------------------------------------------- (e) state_dict round trip, (f) QK-Clip
+def _resume_and_qkclip_worker(rank: int, world: int) -> None:
+    dp_group = dist.new_group(list(range(world)))
+    params = _make(DENSE)
+    ref = _clone(params)
+    opt = DistributedMuonClip(build_param_groups(list(params.items())), {}, OptimizerGroups(dp_group), **HP)
+    ref_opt = MuonClip(build_param_groups(list(ref.items())), **HP)
+    opt.init_state()
+    assert {n for n, p in params.items() if p in opt.state} == set(opt.owned_names())
+
+    # QK-Clip as a post-step hook: per-rank max logits MAX-reduced over dp; reference sees the global max
+    q, k = "layers.0.self_attn.q_proj.weight", "layers.0.self_attn.k_proj.weight"
+    logits, ref_logits = torch.zeros(2), torch.zeros(2)
+    spec = dict(kind="mha", n_heads=2, n_kv_heads=2, head_dim=8, max_logits=logits)
+    clip = QKClip([dict(spec, q_weight=params[q], k_weight=params[k])], tau=100.0, process_group=dp_group)
+    ref_clip = QKClip([dict(spec, q_weight=ref[q], k_weight=ref[k], max_logits=ref_logits)], tau=100.0)
+    clip.register(opt)
+    ref_clip.register(ref_opt)
+
+    for step in range(1, STEPS + 1):
+        per_rank = torch.tensor([[150.0, 60.0], [90.0, 130.0 + step]], dtype=torch.float32)  # [rank, head]
+        logits.copy_(per_rank[rank % 2])
+        ref_logits.copy_(per_rank.max(0).values)
+        _dense_step(params, ref, opt, ref_opt, rank, world, step)
+    assert clip.last_clipped.item() == 2 and torch.equal(clip.last_max_logits, ref_clip.last_max_logits)
+    for n, p in params.items():
+        _assert_close(p, ref[n], n)
+    _assert_identical(list(params.values()), dp_group, "params after QK-Clip")
+
+    # (e) resume: state_dict after step 3 + the params then, continued to step 5 == uninterrupted run
+    def run(ps, o, steps):
+        for step in steps:
+            for n, p in ps.items():
+                if p.requires_grad:
+                    p.grad = _grad(n, rank, step, p.shape)
+            o.step()
+            o.zero_grad()
+
+    full = _make(DENSE)
+    opt_full = DistributedMuonClip(build_param_groups(list(full.items())), {}, OptimizerGroups(dp_group), **HP)
+    run(full, opt_full, range(1, 4))
+    resumed, saved = _clone(full), copy.deepcopy(opt_full.state_dict())
+    run(full, opt_full, range(4, STEPS + 1))
+    opt2 = DistributedMuonClip(build_param_groups(list(resumed.items())), {}, OptimizerGroups(dp_group), **HP)
+    opt2.init_state()
+    opt2.load_state_dict(saved)
+    run(resumed, opt2, range(4, STEPS + 1))
+    for n in full:
+        assert torch.equal(resumed[n], full[n]), n
+    # another rank's state dict is rejected with a clear error
+    others = [None] * world
+    dist.all_gather_object(others, opt_full.state_dict())
+    with pytest.raises(ValueError, match="does not own"):
+        opt2.load_state_dict(others[(rank + 1) % world])
+
+
+# ---------------------------------------------------------------- (c) tensor parallel, dp=2 x tp=2
+TP = {  # name -> (full shape, placement: shard dim | "rep" | "expert")
+    "layers.0.self_attn.q_b_proj.weight": ((16, 8), 0),  # column split (heads)
+    "layers.0.self_attn.o_proj.weight": ((8, 16), 1),  # row split
+    "layers.0.mlp.up_proj.weight": ((24, 8), 0),
+    "layers.0.mlp.down_proj.weight": ((8, 24), 1),
+    "layers.0.self_attn.q_a_proj.weight": ((12, 8), "rep"),
+    "layers.1.mlp.gate.weight": ((6, 8), "rep"),
+    "layers.1.mlp.experts.gate_proj": ((4, 6, 8), "expert"),  # ep=1: whole stack, replicated across tp
+    "layers.0.shared.bias": ((16,), 0),  # a tp-sharded AdamW param
+    "embed_tokens.weight": ((32, 8), "rep"),
+    "norm.weight": ((8,), "rep"),
+}
+
+
+def _tp_slice(x: torch.Tensor, dim, t: int, tp: int) -> torch.Tensor:
+    return x.chunk(tp, dim)[t] if isinstance(dim, int) else x
+
+
+def _tp_worker(rank: int, world: int) -> None:
+    from muonclip.muon import orthogonalize
+    tp, dp = 2, world // 2
+    d, t = divmod(rank, tp)
+    dp_groups = [dist.new_group(list(range(j, world, tp))) for j in range(tp)]
+    tp_groups = [dist.new_group(list(range(i * tp, (i + 1) * tp))) for i in range(dp)]
+    dp_group, tp_group = dp_groups[t], tp_groups[d]
+    ns_count = _count_ns()
+    full = _make({n: s for n, (s, _) in TP.items()}, frozen=False)
+    ref = _clone(full)
+    params = {n: nn.Parameter(_tp_slice(p.detach(), TP[n][1], t, tp).clone()) for n, p in full.items()}
+    placements = {n: Placement("tp_sharded", dim, tp_group) if isinstance(dim, int) else
+                  Placement("expert") if dim == "expert" else Placement() for n, (_, dim) in TP.items()}
+    groups = OptimizerGroups(dp_group=dp_group, tp_group=tp_group, edp_group=dp_group)
+    opt = DistributedMuonClip(build_param_groups(list(params.items())), placements, groups, **HP)
+    ref_opt = MuonClip(build_param_groups(list(ref.items())), **HP)
+    for step in range(1, STEPS + 1):
+        for n, p in params.items():
+            p.grad = _tp_slice(_grad(n, d, step, TP[n][0]), TP[n][1], t, tp)
+            ref[n].grad = _mean_grad(n, dp, step, TP[n][0])
+        opt.reduce_gradients()
+        norm = opt.clip_grad_norm_(MAX_NORM)
+        ref_norm = torch.nn.utils.clip_grad_norm_(list(ref.values()), MAX_NORM)
+        assert abs(norm.item() - ref_norm.item()) < TOL * ref_norm.item(), (norm, ref_norm)
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    for n, p in params.items():
+        _assert_close(p, _tp_slice(ref[n], TP[n][1], t, tp), n)
+    _assert_identical(list(params.values()), dp_group, "dp replicas")
+    _assert_identical([p for n, p in params.items() if not isinstance(TP[n][1], int)], tp_group, "tp replicated")
+    muon = sum(s[0] if len(s) == 3 else 1 for n, (s, _) in TP.items() if len(s) >= 2 and "embed" not in n)
+    assert _world_sum(ns_count[0]) == muon * STEPS  # once in the world, not once per tp rank
+    # the test can tell exact Muon from blockwise: orthogonalising a shard alone gives something else
+    g = _mean_grad("layers.0.mlp.up_proj.weight", dp, 1, (24, 8))
+    exact = orthogonalize(g, ns_dtype=torch.float64).chunk(tp, 0)[t]
+    assert (orthogonalize(g.chunk(tp, 0)[t], ns_dtype=torch.float64) - exact).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------- (d) experts, dp=4 with ep=2 (edp=2)
+EXPERTS = {"layers.1.mlp.experts.gate_proj": (8, 6, 4), "layers.1.mlp.experts.down_proj": (8, 4, 6)}
+
+
+def _expert_worker(rank: int, world: int) -> None:
+    ep = 2
+    ep_rank, E_local = rank % ep, 8 // ep
+    edp_groups = [dist.new_group(list(range(r, world, ep))) for r in range(ep)]
+    dp_group, edp_group = dist.new_group(list(range(world))), edp_groups[ep_rank]
+    ns_count = _count_ns()
+    params = _make(DENSE)
+    ref = _clone(params)
+    for n, shape in EXPERTS.items():
+        stack = 0.2 * _seeded("init/" + n, shape)
+        params[n] = nn.Parameter(stack[ep_rank * E_local:(ep_rank + 1) * E_local].clone())
+        for e in range(shape[0]):  # the reference holds every expert as its own 2-D Muon matrix
+            ref[f"{n}.{e}"] = nn.Parameter(stack[e].clone())
+    placements = {n: Placement("expert") for n in EXPERTS}
+    opt = DistributedMuonClip(build_param_groups(list(params.items())), placements,
+                              OptimizerGroups(dp_group=dp_group, edp_group=edp_group), **HP)
+    ref_opt = MuonClip(build_param_groups(list(ref.items())), **HP)
+    for step in range(1, STEPS + 1):
+        for n, shape in EXPERTS.items():
+            local = (E_local, *shape[1:])
+            params[n].grad = _grad(n, rank, step, local)  # this rank's contribution for its ep block
+            for e in range(shape[0]):  # sum over the edp replicas of the block, / dp size
+                r, i = divmod(e, E_local)
+                ref[f"{n}.{e}"].grad = sum(_grad(n, d, step, local)[i] for d in range(r, world, ep)) / world
+        for n, p in params.items():
+            if n not in EXPERTS and p.requires_grad:
+                p.grad = _grad(n, rank, step, p.shape)
+                ref[n].grad = _mean_grad(n, world, step, p.shape)
+        opt.reduce_gradients()
+        norm = opt.clip_grad_norm_(MAX_NORM)
+        ref_norm = torch.nn.utils.clip_grad_norm_([p for p in ref.values() if p.grad is not None], MAX_NORM)
+        assert abs(norm.item() - ref_norm.item()) < TOL * ref_norm.item(), (norm, ref_norm)
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    for n, p in params.items():
+        if n in EXPERTS:
+            for i in range(E_local):
+                _assert_close(p[i], ref[f"{n}.{ep_rank * E_local + i}"], f"{n}[{i}]")
+        else:
+            _assert_close(p, ref[n], n)
+    _assert_identical([p for n, p in params.items() if n not in EXPERTS], dp_group, "dense params")
+    _assert_identical([params[n] for n in EXPERTS], edp_group, "expert replicas")
+    n_dense = sum(1 for n, s in DENSE.items() if len(s) == 2 and "proj" in n) + 3
+    assert _world_sum(ns_count[0]) == (n_dense + 16) * STEPS
+    owned_experts = [n for n in opt.owned_names() if n in EXPERTS]
+    assert _world_sum(len(owned_experts)) == 2 * ep  # each (stack, ep block) owned by one edp replica
+    # a stack name is owned by the same edp index on every EP rank: its owners form whole EP groups
+    flags = torch.tensor([float(opt.owns(params[n])) for n in EXPERTS], dtype=torch.float64)
+    table = torch.empty(world * len(EXPERTS), dtype=torch.float64)
+    dist.all_gather_single(table, flags)
+    for block in table.view(world // ep, ep, len(EXPERTS)):
+        assert (block == block[0]).all(), table
+
+
+# ---------------------------------------------------------------- one spawn per world size (startup dominates)
+CHECKS = {"replicated": _replicated_worker, "resume_qkclip": _resume_and_qkclip_worker, "tp": _tp_worker,
+          "experts": _expert_worker}
+
+
+def _suite_worker(rank: int, world: int, out_dir: str, names: list[str]) -> None:
+    for name in names:
+        try:
+            CHECKS[name](rank, world)
+        except BaseException:
+            with open(os.path.join(out_dir, f"{name}.{rank}.txt"), "w") as f:
+                f.write(traceback.format_exc())
+            raise  # later checks are not run (their collectives could not line up)
+        with open(os.path.join(out_dir, f"{name}.{rank}.txt"), "w") as f:
+            f.write("ok")
+
+
+class _Suite:
+    def __init__(self, world: int, names: list[str], out_dir: str) -> None:
+        self.world, self.out_dir, self.error = world, out_dir, None
+        try:
+            run_distributed(_suite_worker, world, out_dir, names)
+        except RuntimeError as e:
+            self.error = str(e)
+
+    def check(self, name: str) -> None:
+        results = []
+        for r in range(self.world):
+            path = os.path.join(self.out_dir, f"{name}.{r}.txt")
+            results.append(open(path).read() if os.path.exists(path) else None)
+        if all(x == "ok" for x in results):
+            return
+        failed = [x for x in results if x not in (None, "ok")]
+        pytest.fail(failed[0] if failed else f"check {name} did not run: {self.error}", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def world2(tmp_path_factory) -> _Suite:
+    return _Suite(2, ["replicated", "resume_qkclip"], str(tmp_path_factory.mktemp("dist2")))
+
+
+@pytest.fixture(scope="module")
+def world4(tmp_path_factory) -> _Suite:
+    return _Suite(4, ["tp", "experts"], str(tmp_path_factory.mktemp("dist4")))
+
+
+def test_replicated_params_match_single_process_dp2(world2):
+    world2.check("replicated")
+
+
+def test_state_dict_resume_and_qkclip_dp2(world2):
+    world2.check("resume_qkclip")
+
+
+def test_tensor_parallel_exact_muon_dp2_tp2(world4):
+    world4.check("tp")
+
+
+def test_experts_batched_on_ep_rank_dp4_ep2(world4):
+    world4.check("experts")

@@ -1,0 +1,193 @@
+"""Typed job configuration: one dataclass per YAML section, validated in ``__post_init__``.
+
+The YAML file has the sections ``model`` (``models.ModelConfig``), ``optim``, ``schedule``, ``data``,
+``train``, ``parallel``, ``logging`` and ``monitor``. Every section is optional (defaults below). Loading,
+type checking and dotted CLI overrides live in ``configs/loader.py``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from models import ModelConfig
+
+
+def _need(section: str, cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{section} config: {msg}")
+
+
+def _one_of(section: str, name: str, value: str, allowed: tuple[str, ...]) -> None:
+    _need(section, value in allowed, f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+@dataclass
+class OptimConfig:
+    """MuonClip: Muon for hidden matrices, AdamW for embeddings/head/norms, QK-Clip after each step."""
+
+    lr: float = 3e-3  # shared by Muon (RMS-matched update) and AdamW
+    momentum: float = 0.95  # Muon momentum
+    nesterov: bool = True
+    ns_steps: int = 5  # Newton–Schulz iterations
+    weight_decay: float = 0.1  # decoupled, for Muon and AdamW(decay) groups
+    adamw_betas: tuple[float, float] = (0.9, 0.95)
+    adamw_eps: float = 1e-8
+    adamw_lr_scale: float = 1.0  # AdamW groups use lr * adamw_lr_scale
+    qk_clip: bool = True  # enable QK-Clip
+    qk_clip_tau: float = 100.0  # max attention logit allowed per head
+    grad_clip: float = 1.0  # global grad-norm clip before Muon; 0 disables
+
+    def __post_init__(self) -> None:
+        s = "optim"
+        _need(s, self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _need(s, 0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
+        _need(s, self.ns_steps >= 1, f"ns_steps must be >= 1, got {self.ns_steps}")
+        _need(s, self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _need(s, len(self.adamw_betas) == 2 and all(0 <= b < 1 for b in self.adamw_betas),
+              f"adamw_betas must be two numbers in [0, 1), got {list(self.adamw_betas)}")
+        _need(s, self.adamw_eps > 0, f"adamw_eps must be > 0, got {self.adamw_eps}")
+        _need(s, self.adamw_lr_scale > 0, f"adamw_lr_scale must be > 0, got {self.adamw_lr_scale}")
+        _need(s, self.qk_clip_tau > 0, f"qk_clip_tau must be > 0, got {self.qk_clip_tau}")
+        _need(s, self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+
+
+DECAYS = ("cosine", "wsd", "constant")
+
+
+@dataclass
+class ScheduleConfig:
+    """Linear warmup, then cosine to min_lr_ratio, WSD (stable then linear decay) or constant."""
+
+    warmup_steps: int = 100
+    decay: str = "cosine"
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine, wsd)
+    wsd_decay_fraction: float = 0.2  # wsd: the last fraction of train.steps decays linearly
+
+    def __post_init__(self) -> None:
+        s = "schedule"
+        _need(s, self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        _one_of(s, "decay", self.decay, DECAYS)
+        _need(s, 0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _need(s, 0 < self.wsd_decay_fraction <= 1, f"wsd_decay_fraction must be in (0, 1], got {self.wsd_decay_fraction}")
+
+
+@dataclass
+class DataConfig:
+    """Token shards built by ``data.prepare`` from the embedded corpus; batches from ``data.BatchLoader``."""
+
+    tokenizer: str = "bpe8k"
+    data_dir: str = "data/cache"  # where data.prepare writes the tokenizer and .bin/.idx shards
+    seq_len: int = 256
+    micro_batch_size: int = 8  # sequences per rank per micro step
+    grad_accum: int = 1  # micro steps per optimizer step
+    val_fraction: float = 0.01  # share of the corpus held out for validation (data.prepare)
+    val_batches: int = 8  # micro batches per validation pass
+    seed: int = 1234  # data order
+
+    def __post_init__(self) -> None:
+        s = "data"
+        _need(s, bool(self.tokenizer), "tokenizer must be a non-empty name (e.g. 'bpe8k')")
+        _need(s, bool(self.data_dir), "data_dir must be a non-empty path")
+        for name in ("seq_len", "micro_batch_size", "grad_accum", "val_batches"):
+            _need(s, getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _need(s, 0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps in the whole run (the schedule spans them)
+    seed: int = 0  # model init (identical on all ranks)
+    device: str = "auto"  # "auto" (cuda if available), "cpu" or "cuda"
+    dtype: str = "float32"  # compute dtype: "float32" or "bfloat16" (autocast, float32 master weights)
+    log_interval: int = 10
+    eval_interval: int = 100  # validation every N steps and at the end; 0 disables
+    ckpt_interval: int = 0  # checkpoint every N steps and at the end; 0 disables
+    ckpt_keep: int = 3  # keep the last K checkpoints
+    output_dir: str = "outputs/run"  # config.yaml, metrics.jsonl, checkpoints/, wandb/
+    resume: str = "auto"  # "auto" (latest checkpoint in output_dir if any), "none", or a checkpoint path
+
+    def __post_init__(self) -> None:
+        s = "train"
+        _need(s, self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        _one_of(s, "device", self.device, ("auto", "cpu", "cuda"))
+        _one_of(s, "dtype", self.dtype, ("float32", "bfloat16"))
+        _need(s, self.log_interval >= 1, f"log_interval must be >= 1, got {self.log_interval}")
+        for name in ("eval_interval", "ckpt_interval"):
+            _need(s, getattr(self, name) >= 0, f"{name} must be >= 0 (0 disables), got {getattr(self, name)}")
+        _need(s, self.ckpt_keep >= 1, f"ckpt_keep must be >= 1, got {self.ckpt_keep}")
+        _need(s, bool(self.output_dir), "output_dir must be a non-empty path")
+        _need(s, bool(self.resume), "resume must be 'auto', 'none' or a checkpoint directory")
+
+
+@dataclass
+class ParallelConfig:
+    """world size = dp * tp; ep splits the experts over ep of the dp ranks (EP borrows from DP)."""
+
+    dp: int = 0  # 0 = world_size // tp
+    tp: int = 1
+    ep: int = 1
+    optimizer: str = "zero1"  # "zero1" (sharded optimizer state when dp > 1) or "replicated" (DDP)
+    activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        s = "parallel"
+        _need(s, self.dp >= 0, f"dp must be >= 0 (0 = infer from the world size), got {self.dp}")
+        _need(s, self.tp >= 1 and self.ep >= 1, f"tp and ep must be >= 1, got tp={self.tp} ep={self.ep}")
+        _one_of(s, "optimizer", self.optimizer, ("zero1", "replicated"))
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: str = "offline"  # "online", "offline" or "disabled"; the WANDB_MODE env variable wins
+    project: str = "muonclip-moe"
+    run_name: str = ""  # default: the output_dir's name
+    progress_bar: bool = True  # tqdm bar on rank 0
+
+    def __post_init__(self) -> None:
+        _one_of("logging", "wandb_mode", self.wandb_mode, ("online", "offline", "disabled"))
+        _need("logging", bool(self.project), "project must be a non-empty name")
+
+
+@dataclass
+class MonitorConfig:
+    """Loss-spike detection (robust z-score over a window of recent losses), see launch/monitor.py."""
+
+    spike_window: int = 100
+    spike_threshold: float = 6.0
+    spike_min_history: int = 20
+    rollback: bool = False  # handled by launch/monitor.py when it provides a rollback
+
+    def __post_init__(self) -> None:
+        s = "monitor"
+        _need(s, self.spike_window >= 2, f"spike_window must be >= 2, got {self.spike_window}")
+        _need(s, self.spike_threshold > 0, f"spike_threshold must be > 0, got {self.spike_threshold}")
+        _need(s, 1 <= self.spike_min_history <= self.spike_window,
+              f"spike_min_history must be in [1, spike_window={self.spike_window}], got {self.spike_min_history}")
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+    def __post_init__(self) -> None:
+        m, d, p = self.model, self.data, self.parallel
+        _need("data", d.seq_len <= m.max_seq_len,
+              f"seq_len ({d.seq_len}) must be <= model.max_seq_len ({m.max_seq_len})")
+        _need("parallel", m.n_heads % p.tp == 0, f"tp ({p.tp}) must divide model.n_heads ({m.n_heads})")
+        if m.first_k_dense < m.n_layers:
+            _need("parallel", m.n_routed_experts % p.ep == 0,
+                  f"ep ({p.ep}) must divide model.n_routed_experts ({m.n_routed_experts})")
+        _need("schedule", self.schedule.warmup_steps <= self.train.steps,
+              f"warmup_steps ({self.schedule.warmup_steps}) must be <= train.steps ({self.train.steps})")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "optim": OptimConfig, "schedule": ScheduleConfig, "data": DataConfig,
+    "train": TrainConfig, "parallel": ParallelConfig, "logging": LoggingConfig, "monitor": MonitorConfig,
+}

@@ -1,0 +1,131 @@
+"""Rank-0 reporting: resolved config + environment, console (tqdm), metrics.jsonl and Weights & Biases.
+
+W&B mode comes from ``logging.wandb_mode`` (default "offline": runs land in ``<output_dir>/wandb`` and can be
+uploaded later with ``wandb sync``); the ``WANDB_MODE`` environment variable overrides it (tests set
+"disabled"). A resumed job reuses the W&B run id stored in ``<output_dir>/wandb_run_id``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from configs import JobConfig, config_to_dict, dump_config
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_commit(root: Path = REPO_ROOT) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment_info(world_size: int, device: torch.device) -> dict[str, Any]:
+    info = {
+        "torch": torch.__version__, "python": platform.python_version(), "world_size": world_size,
+        "device": str(device), "host": socket.gethostname(), "git_commit": git_commit(),
+        "command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        info.update(cuda=torch.version.cuda, gpu=torch.cuda.get_device_name(device))
+    return info
+
+
+def format_line(step: int, total: int, m: dict[str, float]) -> str:
+    parts = [f"step {step}/{total}"]
+    for key, fmt in (("loss", "loss {:.4f}"), ("val_loss", "val {:.4f}"), ("lr", "lr {:.2e}"),
+                     ("grad_norm", "gnorm {:.3f}"), ("tokens_per_s", "tok/s {:,.0f}"),
+                     ("max_logit/max", "max_logit {:.1f}"), ("qk_clip/clipped_heads", "clipped {:.0f}")):
+        if key in m:
+            parts.append(fmt.format(m[key]))
+    return " | ".join(parts)
+
+
+class MetricsLogger:
+    """Everything is a no-op on ranks other than 0 (``enabled=False``)."""
+
+    def __init__(self, cfg: JobConfig, env: dict[str, Any], enabled: bool = True):
+        self.cfg, self.enabled = cfg, enabled
+        self.out_dir = Path(cfg.train.output_dir)
+        self._bar = None
+        self._wandb = None
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        header = "resolved config of this run\n" + "\n".join(f"{k}: {v}" for k, v in env.items())
+        (self.out_dir / "config.yaml").write_text(dump_config(cfg, header))
+        self._jsonl = open(self.out_dir / "metrics.jsonl", "a")
+        self._init_wandb(env)
+
+    def _init_wandb(self, env: dict[str, Any]) -> None:
+        mode = os.environ.get("WANDB_MODE", self.cfg.logging.wandb_mode)
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+        except ImportError:
+            self.write("wandb is not installed: metrics go to metrics.jsonl only")
+            return
+        id_file = self.out_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+        id_file.write_text(run_id)
+        name = self.cfg.logging.run_name or self.out_dir.name
+        self._wandb = wandb.init(project=self.cfg.logging.project, name=name, id=run_id, resume="allow",
+                                 mode=mode, dir=str(self.out_dir), config={**config_to_dict(self.cfg), "env": env})
+
+    def start_progress(self, initial: int, total: int) -> None:
+        if self.enabled and self.cfg.logging.progress_bar:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                             file=sys.stderr)
+
+    def advance(self, loss: float) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def write(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    def log(self, step: int, metrics: dict[str, float], console: bool = True) -> None:
+        """Record ``metrics`` at ``step`` (completed optimizer steps) to jsonl, W&B and the console."""
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._jsonl.flush()
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+        if console:
+            self.write(format_line(step, self.cfg.train.steps, metrics))
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        self._jsonl.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        self.enabled = False  # closing twice is harmless

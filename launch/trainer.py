@@ -1,0 +1,381 @@
+"""The training loop: build data, model, optimizer and hooks from a ``JobConfig``, then step, log, evaluate,
+checkpoint and resume. ``run(cfg)`` is what ``train.py`` calls (also usable in-process by tests).
+
+One optimizer step = ``data.grad_accum`` micro batches per data-parallel rank:
+reset per-step stats -> set lr -> forward/backward (loss in float32) -> clip the global grad norm -> optimizer
+step (MuonClip / ZeRO-1 DistributedMuonClip) -> post-step hooks (QK-Clip, then router bias update) -> log.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import data as data_lib
+import muonclip
+from configs import JobConfig, config_to_dict, dump_config
+from launch import checkpoint as ckpt
+from launch.checkpoint import shard_views
+from launch.hooks import RouterBiasUpdate, register_post_step
+from launch.metrics import MetricsLogger, environment_info
+from launch.parallel_dims import ParallelDims, ParallelGroups
+from muonclip.placement import REPLICATED
+from launch.schedule import schedule_fn
+from models import Transformer
+
+try:  # optional pieces owned by other modules
+    from launch import monitor as monitor_lib
+except ImportError:  # pragma: no cover
+    monitor_lib = None
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float
+
+
+@dataclass
+class RunResult:
+    losses: dict[int, float] = field(default_factory=dict)  # completed step -> training loss of that step
+    val_losses: dict[int, float] = field(default_factory=dict)
+    final_step: int = 0
+
+
+# ------------------------------------------------------------------------------------------------ runtime
+@dataclass
+class Runtime:
+    """Where this process runs: device, rank, world and the parallel groups (``ParallelDims.build``)."""
+
+    device: torch.device
+    rank: int
+    world_size: int
+    pdims: ParallelDims
+    groups: ParallelGroups
+    owns_process_group: bool = False  # we initialised torch.distributed, so we tear it down
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def mean_over_dp(self, value: torch.Tensor) -> torch.Tensor:
+        if self.groups.dp_size == 1:
+            return value
+        value = value.detach().clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=self.groups.dp_group)
+        return value / self.groups.dp_size
+
+    def shutdown(self) -> None:
+        if self.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("train.device is 'cuda' but no CUDA device is available; use --train.device=cpu")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_runtime(cfg: JobConfig) -> Runtime:
+    """Join torchrun's process group (gloo on CPU, nccl on GPU) unless one exists; build parallel groups."""
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
+    owns = False
+    if env_world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        owns = True
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    p = cfg.parallel
+    if world % p.tp:
+        raise ValueError(f"parallel.tp ({p.tp}) must divide the world size ({world})")
+    pdims = ParallelDims(dp=p.dp or world // p.tp, tp=p.tp, ep=p.ep)
+    pdims.check_world(world)
+    if (p.ep > 1 or p.tp > 1) and p.optimizer != "zero1":
+        raise ValueError("parallel.ep > 1 or parallel.tp > 1 needs parallel.optimizer: zero1 (DistributedMuonClip "
+                         "reduces expert/sharded gradients over the right groups; DDP cannot)")
+    groups = pdims.build(device.type)
+    return Runtime(device, dist.get_rank() if world > 1 else 0, world, pdims, groups, owns)
+
+
+# ------------------------------------------------------------------------------------------------ builders
+def build_model(cfg: JobConfig, rt: Runtime) -> tuple[Transformer, dict[str, Any]]:
+    """Meta init -> allocate -> init_weights(seed) (identical on all ranks) -> parallelize (EP/TP/AC)."""
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    model.to_empty(device=rt.device)
+    torch.manual_seed(cfg.train.seed)
+    model.init_weights()
+    p = cfg.parallel
+    if rt.groups.tp_size > 1 or rt.groups.ep_size > 1 or p.activation_checkpointing:
+        from launch.parallelize import parallelize
+        return model, parallelize(model, rt.pdims, rt.groups, p)
+    return model, {name: REPLICATED for name, _ in model.named_parameters()}
+
+
+def use_zero1(cfg: JobConfig, rt: Runtime) -> bool:
+    if cfg.parallel.optimizer != "zero1" or rt.world_size == 1:
+        return False
+    try:
+        import muonclip.distributed  # noqa: F401
+        return True
+    except ImportError:
+        if rt.groups.ep_size > 1:
+            raise
+        return False
+
+
+def build_optimizer(cfg: JobConfig, model: Transformer, placements: dict, rt: Runtime, zero1: bool):
+    o = cfg.optim
+    adamw_lr = {"lr": o.lr * o.adamw_lr_scale}
+    groups = muonclip.build_param_groups(model.named_parameters(), weight_decay=o.weight_decay,
+                                         group_options={"adamw": adamw_lr, "adamw_no_decay": adamw_lr})
+    kwargs = dict(lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, ns_steps=o.ns_steps,
+                  weight_decay=o.weight_decay, adamw_betas=o.adamw_betas, adamw_eps=o.adamw_eps)
+    if zero1:
+        from muonclip.distributed import DistributedMuonClip
+        opt = DistributedMuonClip(groups, placements, rt.groups, **kwargs)
+    else:
+        opt = muonclip.MuonClip(groups, **kwargs)
+    opt.init_state()  # zero state for every owned trainable param now: checkpoints always hold the same keys
+    return opt
+
+
+def build_data(cfg: JobConfig, rt: Runtime) -> tuple[Any, Any]:
+    """Rank 0 prepares the token shards (others wait), then every rank opens them."""
+    d = cfg.data
+    prepared = None
+    if rt.rank == 0:
+        prepared = data_lib.prepare(d.data_dir, tokenizer=d.tokenizer, val_fraction=d.val_fraction)
+    rt.barrier()
+    if prepared is None:  # built by rank 0 by now: this only opens it
+        prepared = data_lib.prepare(d.data_dir, tokenizer=d.tokenizer, val_fraction=d.val_fraction)
+    if prepared.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the {d.tokenizer!r} "
+                         f"tokenizer's vocabulary ({prepared.vocab_size}); set --model.vocab_size={prepared.vocab_size}")
+    loader = data_lib.BatchLoader(data_lib.TokenShards(prepared.train_prefix), d.seq_len, d.micro_batch_size,
+                                  d.seed, dp_rank=rt.groups.data_rank, dp_size=rt.groups.data_size)
+    return loader, data_lib.TokenShards(prepared.val_prefix)
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+class Trainer:
+    def __init__(self, cfg: JobConfig, rt: Runtime):
+        self.cfg, self.rt = cfg, rt
+        self.step = 0  # completed optimizer steps
+        self.loader, self.val_shards = build_data(cfg, rt)
+        self.model, self.placements = build_model(cfg, rt)
+        self.zero1 = use_zero1(cfg, rt)
+        dp_group = rt.groups.dp_group if rt.groups.dp_size > 1 else None
+        self.train_model = self.model
+        if rt.groups.dp_size > 1 and not self.zero1:
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, process_group=dp_group, broadcast_buffers=False,  # buffers = per-rank step stats
+                device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        self.optimizer = build_optimizer(cfg, self.model, self.placements, rt, self.zero1)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.lr_factor = schedule_fn(cfg.schedule, cfg.train.steps)
+        tau = cfg.optim.qk_clip_tau if cfg.optim.qk_clip else math.inf  # inf: measure + reduce, never clip
+        self.qkclip = muonclip.QKClip(self.model.qk_clip_specs(), tau=tau, process_group=dp_group)
+        self.router_hook = RouterBiasUpdate(self.model.moe_routers(), process_group=dp_group)
+        self.manual_hooks = [h for h in (register_post_step(self.optimizer, self.qkclip),
+                                         register_post_step(self.optimizer, self.router_hook)) if h is not None]
+        m = cfg.monitor
+        self.detector = (monitor_lib.SpikeDetector(m.spike_window, m.spike_threshold, m.spike_min_history)
+                         if monitor_lib is not None else None)
+        self.rollbacks = (monitor_lib.RollbackPolicy(batches_per_step=cfg.data.grad_accum)
+                          if monitor_lib is not None and m.rollback else None)
+        self.autocast = (torch.autocast(rt.device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bfloat16"
+                         else nullcontext())
+        self.metrics = MetricsLogger(cfg, environment_info(rt.world_size, rt.device), enabled=rt.rank == 0)
+        self.ckpt_root = ckpt.checkpoint_root(cfg.train.output_dir)
+        self.last_ckpt_step: int | None = None
+        try:
+            self._resume()
+        except BaseException:
+            self.metrics.close()
+            raise
+
+    # ---------------------------------------------------------------- one step
+    def train_step(self) -> StepResult:
+        cfg, device = self.cfg, self.rt.device
+        self.model.reset_step_stats()
+        lr_scale = self.lr_factor(self.step)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * lr_scale
+        accum = cfg.data.grad_accum
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            inputs_BT, targets_BT = (t.to(device, non_blocking=True) for t in self.loader.next_batch())
+            sync = micro == accum - 1 or not hasattr(self.train_model, "no_sync")
+            with (nullcontext() if sync else self.train_model.no_sync()):
+                with self.autocast:
+                    logits_BTV = self.train_model(inputs_BT)
+                loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten())
+                (loss / accum).backward()
+            loss_sum += loss.detach()
+        grad_norm = self._clip_gradients()
+        self.optimizer.step()
+        for hook in self.manual_hooks:
+            hook()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_avg = self.rt.mean_over_dp(loss_sum / accum)
+        self.step += 1
+        return StepResult(loss=float(loss_avg), grad_norm=float(grad_norm), lr=cfg.optim.lr * lr_scale)
+
+    def _clip_gradients(self) -> torch.Tensor:
+        max_norm = self.cfg.optim.grad_clip or math.inf  # inf: measure only
+        if self.zero1:
+            self.optimizer.reduce_gradients()
+            return self.optimizer.clip_grad_norm_(max_norm)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        d, g = self.cfg.data, self.rt.groups
+        self.model.eval()
+        total, n = torch.zeros((), device=self.rt.device), 0
+        for inputs_BT, targets_BT in data_lib.val_batches(self.val_shards, d.seq_len, d.micro_batch_size,
+                                                          d.val_batches, g.data_rank, g.data_size):
+            with self.autocast:
+                logits_BTV = self.model(inputs_BT.to(self.rt.device))
+            total += F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.to(self.rt.device).flatten())
+            n += 1
+        self.model.train()
+        return float(self.rt.mean_over_dp(total / max(n, 1)))
+
+    # ---------------------------------------------------------------- loop
+    def fit(self) -> RunResult:
+        try:
+            return self._loop()
+        finally:
+            self.metrics.close()
+
+    def _loop(self) -> RunResult:
+        cfg, result = self.cfg.train, RunResult()
+        if self.step >= cfg.steps:
+            self.metrics.write(f"already at step {self.step} of {cfg.steps}: nothing to do")
+        self.metrics.start_progress(self.step, cfg.steps)
+        window: list[float] = []
+        t_last, tokens_per_step = time.perf_counter(), self.tokens_per_step()
+        while self.step < cfg.steps:
+            out = self.train_step()
+            event = self.detector.update(self.step - 1, out.loss) if self.detector is not None else None
+            if event is not None and self.on_spike(event):
+                window.clear()
+                continue
+            if not math.isfinite(out.loss):
+                raise FloatingPointError(f"loss is {out.loss} at step {self.step}: lower optim.lr or qk_clip_tau, "
+                                         "or enable monitor.rollback with checkpoints")
+            result.losses[self.step] = out.loss
+            window.append(out.loss)
+            self.metrics.advance(out.loss)
+            last = self.step == cfg.steps
+            if self.step % cfg.log_interval == 0 or last:
+                now = time.perf_counter()
+                self._log(out, window, len(window) * tokens_per_step / (now - t_last))
+                window.clear()
+                t_last = now
+            if cfg.eval_interval and (self.step % cfg.eval_interval == 0 or last):
+                result.val_losses[self.step] = val = self.evaluate()
+                self.metrics.log(self.step, {"val_loss": val})
+                t_last = time.perf_counter()
+            if cfg.ckpt_interval and (self.step % cfg.ckpt_interval == 0 or last):
+                self.save()
+                t_last = time.perf_counter()
+        result.final_step = self.step
+        return result
+
+    def tokens_per_step(self) -> int:
+        d = self.cfg.data
+        return d.seq_len * d.micro_batch_size * d.grad_accum * self.rt.groups.data_size
+
+    def _log(self, out: StepResult, window: list[float], tokens_per_s: float) -> None:
+        metrics = {"loss": out.loss, "loss_avg": sum(window) / len(window), "lr": out.lr,
+                   "grad_norm": out.grad_norm, "tokens_per_s": tokens_per_s,
+                   "tokens": self.step * self.tokens_per_step()}
+        if monitor_lib is not None:
+            metrics.update(monitor_lib.step_stats(self.model, self.qkclip, self.router_hook.loads_list()))
+        elif self.qkclip.last_max_logits is not None:
+            per_layer = self.qkclip.last_max_logits.amax(dim=1).tolist()
+            metrics.update({f"max_logit/l{i}": v for i, v in enumerate(per_layer)})
+            metrics["max_logit/max"] = max(per_layer)
+            metrics["qk_clip/clipped_heads"] = float(self.qkclip.last_clipped)
+        self.metrics.log(self.step, metrics)
+
+    # ---------------------------------------------------------------- spikes
+    def on_spike(self, event: dict[str, Any]) -> bool:
+        """Hook point for loss spikes (from ``launch.monitor.SpikeDetector``). Logs the event; with
+        ``monitor.rollback`` it restores the last checkpoint and skips the offending batches
+        (``monitor.RollbackPolicy`` decides). Returns True when the state was rolled back."""
+        self.metrics.log(self.step, {"spike/loss": event["loss"], "spike/z": event["z"]}, console=False)
+        self.metrics.write(f"loss spike at step {event['step']}: loss {event['loss']:.4f} "
+                           f"(median {event['median']:.4f}, z {event['z']:.1f}, {event['reason']})")
+        if self.rollbacks is None:
+            return False
+        plan = self.rollbacks.plan(event, self.last_ckpt_step)
+        self.load(ckpt.step_dir(self.ckpt_root, plan.restore_step), restore_monitor=False)
+        self.loader.skip(plan.skip_batches)
+        self.metrics.write(f"rolled back to step {plan.restore_step}, skipped {plan.skip_batches} batches")
+        self.metrics.log(self.step, self.rollbacks.metrics(), console=False)
+        return True
+
+    # ---------------------------------------------------------------- checkpoints
+    def checkpoint_tensors(self) -> dict[str, Any]:
+        tensors = {**self.model.state_dict(), **ckpt.optimizer_state(self.optimizer)}
+        return shard_views(tensors, self.placements, self.rt.groups)
+
+    def save(self) -> None:
+        extra = {"step": self.step, "loader": self.loader.state_dict(), "rng": ckpt.rng_state(self.rt.device),
+                 "detector": self.detector.state_dict() if self.detector is not None else None,
+                 "rollbacks": self.rollbacks.state_dict() if self.rollbacks is not None else None}
+        meta = {"config": config_to_dict(self.cfg), "world_size": self.rt.world_size}
+        path = ckpt.save_checkpoint(self.ckpt_root, self.step, self.checkpoint_tensors(), meta, extra,
+                                    keep=self.cfg.train.ckpt_keep, config_text=dump_config(self.cfg))
+        self.last_ckpt_step = self.step
+        self.metrics.write(f"saved checkpoint {path}")
+
+    def load(self, path, restore_monitor: bool = True) -> None:
+        _, extra = ckpt.load_checkpoint(path, self.checkpoint_tensors(), config_to_dict(self.cfg)["model"])
+        self.step = int(extra["step"])
+        self.loader.load_state_dict(extra["loader"])
+        ckpt.set_rng_state(extra["rng"], self.rt.device)
+        if restore_monitor and self.detector is not None and extra.get("detector"):
+            self.detector.load_state_dict(extra["detector"])
+        if restore_monitor and self.rollbacks is not None and extra.get("rollbacks"):
+            self.rollbacks.load_state_dict(extra["rollbacks"])
+        self.last_ckpt_step = self.step
+
+    def _resume(self) -> None:
+        path = ckpt.resolve_resume(self.cfg.train.resume, self.cfg.train.output_dir)
+        if path is None:
+            existing = ckpt.list_checkpoints(self.ckpt_root)
+            if existing and self.cfg.train.resume == "none":
+                raise ValueError(f"{self.ckpt_root} already holds checkpoints (last: {existing[-1][1].name}) and "
+                                 "train.resume is 'none': use --train.resume=auto to continue, or another "
+                                 "--train.output_dir, or delete them")
+            return
+        self.load(path)
+        self.metrics.write(f"resumed from {path} at step {self.step}")
+
+
+def run(cfg: JobConfig) -> RunResult:
+    """Train according to ``cfg`` (initialises torch.distributed when launched by torchrun)."""
+    rt = init_runtime(cfg)
+    try:
+        return Trainer(cfg, rt).fit()
+    finally:
+        rt.shutdown()

@@ -1,0 +1,185 @@
+"""Checkpoints: bitwise resume in a fresh process, atomic layout, latest/keep-k, clear errors on bad input."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from launch import checkpoint as ckpt
+from launch.trainer import Trainer, init_runtime
+from tests.dist_utils import run_distributed
+from tests.test_train import DATA_DIR, DEBUG, ROOT, debug_cfg
+
+COMMON = ["--train.steps=8", "--schedule.warmup_steps=2", "--train.eval_interval=4", "--train.ckpt_interval=4"]
+
+
+def train(out_dir, *overrides):
+    cfg = debug_cfg(out_dir, *COMMON, *overrides)
+    trainer = Trainer(cfg, init_runtime(cfg))
+    return trainer, trainer.fit()
+
+
+def logged_losses(out_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def checkpoint_tensors(path: Path, flat_file: Path) -> dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        dcp_to_torch_save(path, flat_file)
+    return {k: v for k, v in torch.load(flat_file, weights_only=False).items() if isinstance(v, torch.Tensor)}
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """8 steps in one go, checkpoints at steps 4 and 8."""
+    out = tmp_path_factory.mktemp("straight")
+    trainer, result = train(out)
+    return out, trainer, result
+
+
+def test_resume_in_a_fresh_process_is_bitwise_identical(straight_run, tmp_path):
+    out, trainer, result = straight_run
+    resumed = tmp_path / "resumed"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(DEBUG), f"--data.data_dir={DATA_DIR}",
+           f"--train.output_dir={resumed}", f"--train.resume={out / 'checkpoints' / 'step_00000004'}", *COMMON]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr
+
+    straight, again = logged_losses(out), logged_losses(resumed)
+    assert sorted(again) == [5, 6, 7, 8]
+    assert [again[s] for s in range(5, 9)] == [straight[s] for s in range(5, 9)]  # exact
+    a = checkpoint_tensors(out / "checkpoints" / "step_00000008", tmp_path / "a.pt")
+    b = checkpoint_tensors(resumed / "checkpoints" / "step_00000008", tmp_path / "b.pt")
+    assert a.keys() == b.keys() and any(k.startswith("optim/") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    # and the checkpoint holds exactly the live model of the straight run
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(a[k], v), k
+
+
+def test_layout_latest_pointer_and_auto_resume(straight_run, tmp_path):
+    out, _, _ = straight_run
+    root = out / "checkpoints"
+    assert [s for s, _ in ckpt.list_checkpoints(root)] == [4, 8]
+    assert (root / "latest").read_text().strip() == "step_00000008"
+    assert (root / "step_00000008" / "config.yaml").is_file()
+    assert not list(root.glob("*.tmp"))
+    assert ckpt.resolve_resume("auto", out) == root / "step_00000008"
+    assert ckpt.resolve_resume("none", out) is None
+    # an unfinished save (.tmp) and a stale pointer are ignored by "auto"
+    fake = tmp_path / "checkpoints"
+    for name in ("step_00000002", "step_00000004"):
+        (fake / name).mkdir(parents=True)
+        (fake / name / ".metadata").write_bytes(b"x")
+    (fake / "step_00000006.tmp").mkdir()
+    (fake / "latest").write_text("step_00000009\n")
+    assert ckpt.latest_checkpoint(fake) == fake / "step_00000004"
+
+
+def test_auto_resume_continues_and_keeps_last_k(straight_run, tmp_path):
+    out, _, _ = straight_run
+    first, _ = train(tmp_path, "--train.steps=4", "--train.ckpt_interval=2", "--train.ckpt_keep=1")
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [4]
+    # same output dir, longer run, resume: auto (default) -> continues at step 4
+    trainer, result = train(tmp_path, "--train.steps=8", "--train.ckpt_interval=2", "--train.ckpt_keep=2")
+    assert sorted(result.losses) == [5, 6, 7, 8]
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [6, 8]
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train(tmp_path, "--train.resume=none")
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    missing = tmp_path / "nope" / "step_00000004"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        train(tmp_path / "run", f"--train.resume={missing}")
+
+
+def test_truncated_metadata_is_a_clear_error_and_nothing_is_touched(straight_run, tmp_path):
+    out, _, _ = straight_run
+    bad = tmp_path / "run" / "checkpoints" / "step_00000004"  # also what resume "auto" picks in run/
+    shutil.copytree(out / "checkpoints" / "step_00000004", bad)
+    meta = bad / ".metadata"
+    meta.write_bytes(meta.read_bytes()[:40])
+    before = tree_digest(bad.parent)
+    for resume in (str(bad), "auto"):
+        with pytest.raises(ValueError, match=rf"{bad}.*unreadable \(truncated or corrupt\)"):
+            train(tmp_path / "run", f"--train.resume={resume}")
+        assert tree_digest(bad.parent) == before
+    incomplete = tmp_path / "step_00000005"
+    incomplete.mkdir()
+    with pytest.raises(ValueError, match=rf"{incomplete} is incomplete: it has no .metadata"):
+        train(tmp_path / "run2", f"--train.resume={incomplete}")
+
+
+def test_model_shape_mismatch_is_a_clear_error(straight_run, tmp_path):
+    out, _, _ = straight_run
+    path = out / "checkpoints" / "step_00000004"
+    before = tree_digest(out)
+    with pytest.raises(ValueError, match=rf"{path} was saved with a different model config \(dim: checkpoint 64 vs config 32"):
+        train(tmp_path, f"--train.resume={path}", "--model.dim=32")
+    assert tree_digest(out) == before
+
+
+def test_shape_check_names_the_tensor(straight_run):
+    out, trainer, _ = straight_run
+    path = out / "checkpoints" / "step_00000004"
+    tensors = dict(trainer.checkpoint_tensors())
+    tensors["norm.weight"] = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"norm.weight: checkpoint \(64,\) vs model \(3,\)"):
+        ckpt.load_checkpoint(path, tensors)
+
+
+def _ep_worker(rank: int, world: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    train(out_dir, "--parallel.ep=2", "--train.eval_interval=0")
+
+
+def test_expert_parallel_checkpoint_resumes_on_one_process(tmp_path):
+    """EP=2 over 2 ranks saves each rank's experts as shards of the global [E, ...] stacks (and their ZeRO-1
+    optimizer state); one process without EP resumes from it and continues like the EP run."""
+    ep_out = tmp_path / "ep"
+    run_distributed(_ep_worker, 2, str(ep_out))
+    ep_losses = logged_losses(ep_out)
+    assert sorted(ep_losses) == list(range(1, 9))
+    _, result = train(tmp_path / "single", f"--train.resume={ep_out / 'checkpoints' / 'step_00000004'}",
+                      "--data.micro_batch_size=8", "--train.eval_interval=0")
+    assert sorted(result.losses) == [5, 6, 7, 8]
+    assert [result.losses[s] for s in range(5, 9)] == pytest.approx([ep_losses[s] for s in range(5, 9)], rel=1e-4)
+    a = checkpoint_tensors(ep_out / "checkpoints" / "step_00000008", tmp_path / "a.pt")
+    b = checkpoint_tensors(tmp_path / "single" / "checkpoints" / "step_00000008", tmp_path / "b.pt")
+    assert a["layers.1.mlp.experts.gate_proj"].shape[0] == 4  # the global stack, not a local shard
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=2e-3, atol=2e-4, msg=f"{k} differs")
+
+
+def test_on_spike_rolls_back_to_the_last_checkpoint_and_skips_the_batches(tmp_path):
+    cfg = debug_cfg(tmp_path, *COMMON, "--monitor.rollback=true")
+    trainer = Trainer(cfg, init_runtime(cfg))
+    trainer.train_step(), trainer.train_step()
+    trainer.save()
+    saved = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train_step(), trainer.train_step()
+    event = {"step": 3, "loss": 50.0, "reason": "z_score", "z": 99.0, "median": 8.0, "scale": 0.1}
+    assert trainer.on_spike(event) is True
+    assert trainer.step == 2 and trainer.loader.global_batches == 2 + 2  # data of steps 2 and 3 skipped
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, saved[k]), k

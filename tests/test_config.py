@@ -1,0 +1,119 @@
+"""Typed config: YAML files, unknown keys, type errors, dotted overrides, validation."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from configs import JobConfig, build_config, dump_config, load_config, parse_override
+from train import normalize_overrides
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "small_gpu.yaml", "debug.yaml"])
+def test_shipped_configs_load_and_round_trip(name):
+    cfg = load_config(CONFIGS / name)
+    assert isinstance(cfg, JobConfig)
+    again = build_config(yaml.safe_load(dump_config(cfg, header="env: test")))
+    assert again == cfg
+
+
+def test_tiny_is_the_documented_cpu_default():
+    cfg = load_config(CONFIGS / "tiny.yaml")
+    m = cfg.model
+    assert (m.dim, m.n_layers, m.first_k_dense, m.attn_type) == (256, 4, 1, "mla")
+    assert (m.n_routed_experts, m.n_activated_experts, m.n_shared_experts) == (8, 2, 1)
+    assert cfg.data.seq_len == 256 and cfg.data.tokenizer == "bpe8k"
+    assert cfg.logging.wandb_mode == "offline"
+
+
+def test_unknown_key_names_key_section_source_and_close_match(tmp_path):
+    path = write(tmp_path, "optim:\n  lrr: 0.1\n")
+    with pytest.raises(ValueError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert "'lrr'" in msg and "'optim'" in msg and str(path) in msg
+    assert "Did you mean 'lr'" in msg
+
+
+def test_unknown_section_suggests_the_right_one(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown section 'optimizer'.*Did you mean 'optim'"):
+        load_config(write(tmp_path, "optimizer:\n  lr: 0.1\n"))
+
+
+def test_unknown_override_key_is_rejected():
+    with pytest.raises(ValueError, match=r"unknown key 'n_layer' in section 'model'.*Did you mean 'n_layers'"):
+        load_config(None, ["--model.n_layer=2"])
+
+
+@pytest.mark.parametrize("text, where, bad", [
+    ("optim:\n  lr: abc\n", "optim.lr", "'abc'"),
+    ("model:\n  n_layers: 2.5\n", "model.n_layers", "2.5"),
+    ("optim:\n  nesterov: 3\n", "optim.nesterov", "3"),
+    ("train:\n  output_dir: 5\n", "train.output_dir", "5"),
+    ("optim:\n  adamw_betas: [0.9]\n", "optim.adamw_betas", "[0.9]"),
+    ("model:\n  dim: true\n", "model.dim", "True"),
+])
+def test_wrong_types_are_rejected(tmp_path, text, where, bad):
+    with pytest.raises(ValueError) as e:
+        load_config(write(tmp_path, text))
+    assert where in str(e.value) and bad in str(e.value)
+
+
+def test_overrides_follow_yaml_scalar_rules(tmp_path):
+    path = write(tmp_path, "optim:\n  lr: 0.1\nmodel:\n  n_layers: 4\n")
+    cfg = load_config(path, ["--optim.lr=3e-4", "--model.n_layers=2", "--optim.nesterov=false",
+                             "--optim.adamw_betas=[0.8, 0.99]", "--train.resume=none", "--schedule.decay=wsd"])
+    assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.model.n_layers == 2 and cfg.optim.nesterov is False
+    assert cfg.optim.adamw_betas == (0.8, 0.99)
+    assert cfg.train.resume == "none" and cfg.schedule.decay == "wsd"
+
+
+def test_override_forms():
+    assert normalize_overrides(["--optim.lr", "3e-4", "--model.dim=32"]) == ["--optim.lr=3e-4", "--model.dim=32"]
+    assert parse_override("--data.seq_len=128") == ("data", "seq_len", 128)
+    for bad in ["optim.lr", "--lr=3", "--a.b.c=1"]:
+        with pytest.raises(ValueError, match="expected --section.key=value|unknown"):
+            parse_override(bad)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["--optim.lr=-1"], r"optim config: lr must be > 0"),
+    (["--schedule.decay=linear"], r"decay must be one of \['cosine', 'wsd', 'constant'\]"),
+    (["--data.seq_len=1024", "--model.max_seq_len=512"], r"seq_len \(1024\) must be <= model.max_seq_len"),
+    (["--schedule.warmup_steps=50", "--train.steps=10"], r"warmup_steps \(50\) must be <= train.steps"),
+    (["--train.device=tpu"], r"device must be one of"),
+    (["--parallel.optimizer=zero3"], r"optimizer must be one of"),
+    (["--model.n_activated_experts=9"], r"n_activated_experts \(9\) must be in \[1, n_routed_experts=8\]"),
+    (["--parallel.tp=3"], r"tp \(3\) must divide model.n_heads"),
+    (["--logging.wandb_mode=cloud"], r"wandb_mode must be one of"),
+])
+def test_validation_errors(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, overrides)
+
+
+def test_empty_sections_and_missing_file(tmp_path):
+    cfg = load_config(write(tmp_path, "optim:\n"))
+    assert cfg.optim == JobConfig().optim
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ValueError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_print_config_outputs_a_loadable_resolved_config(tmp_path, capsys):
+    from train import main
+    assert main(["--config", str(CONFIGS / "debug.yaml"), "--optim.lr", "0.02", "--print-config"]) == 0
+    path = tmp_path / "resolved.yaml"
+    path.write_text(capsys.readouterr().out)
+    assert load_config(path) == load_config(CONFIGS / "debug.yaml", ["--optim.lr=0.02"])

@@ -1,0 +1,133 @@
+"""Training loop: LR schedule, learning on the embedded corpus, hooks, 2-process data parallel parity."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from configs import load_config
+from launch.hooks import RouterBiasUpdate
+from launch.schedule import lr_at, lr_factor
+from launch.trainer import Trainer, init_runtime
+from tests.dist_utils import run_distributed
+
+ROOT = Path(__file__).resolve().parent.parent
+DEBUG = ROOT / "configs" / "debug.yaml"
+DATA_DIR = str(ROOT / "data" / "cache")
+
+
+def debug_cfg(out_dir, *overrides: str):
+    return load_config(DEBUG, [f"--train.output_dir={out_dir}", f"--data.data_dir={DATA_DIR}", *overrides])
+
+
+# ------------------------------------------------------------------------------------------------ schedule
+def test_warmup_is_linear_from_the_first_step():
+    assert [lr_factor(s, 100, warmup_steps=4, decay="constant") for s in range(6)] == [0.25, 0.5, 0.75, 1, 1, 1]
+
+
+def test_cosine_goes_from_peak_to_min_at_the_last_step():
+    f = [lr_factor(s, 14, warmup_steps=4, decay="cosine", min_lr_ratio=0.1) for s in range(14)]
+    assert f[3] == 1.0 and f[4] == 1.0
+    assert f[-1] == pytest.approx(0.1)
+    assert f[9] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 5 / 9)))
+    assert all(a >= b for a, b in zip(f[4:], f[5:]))
+
+
+def test_wsd_is_stable_then_decays_linearly_over_the_last_fraction():
+    f = [lr_factor(s, 20, warmup_steps=2, decay="wsd", min_lr_ratio=0.0, wsd_decay_fraction=0.25) for s in range(20)]
+    assert f[:2] == [0.5, 1.0] and f[2:15] == [1.0] * 13
+    assert f[15:] == pytest.approx([0.8, 0.6, 0.4, 0.2, 0.0])
+    assert lr_at(17, 3e-3, 20, 2, "wsd", 0.0, 0.25) == pytest.approx(3e-3 * 0.4)
+
+
+def test_schedule_rejects_bad_steps_and_decays():
+    with pytest.raises(ValueError, match="outside"):
+        lr_factor(10, 10)
+    with pytest.raises(ValueError, match="unknown decay"):
+        lr_factor(0, 10, decay="linear")
+
+
+# ------------------------------------------------------------------------------------------------ hooks
+class _FakeRouter:
+    def __init__(self, load):
+        self.expert_load_E = torch.tensor(load)
+        self.seen = None
+
+    def update_bias(self, load_E):
+        self.seen = load_E.clone()
+
+
+def test_router_bias_hook_updates_every_router_from_one_stacked_tensor():
+    routers = [_FakeRouter([1.0, 3.0]), _FakeRouter([2.0, 2.0])]
+    hook = RouterBiasUpdate(routers)
+    hook()
+    assert torch.equal(routers[0].seen, torch.tensor([1.0, 3.0])) and torch.equal(hook.last_loads[1], torch.tensor([2.0, 2.0]))
+
+
+# ------------------------------------------------------------------------------------------------ training
+def test_loss_decreases_on_the_embedded_corpus(tmp_path):
+    cfg = debug_cfg(tmp_path, "--train.steps=30", "--train.eval_interval=30")
+    trainer = Trainer(cfg, init_runtime(cfg))
+    biases_before = [r.e_score_correction_bias.clone() for r in trainer.model.moe_routers()]
+    result = trainer.fit()
+    losses = [result.losses[s] for s in sorted(result.losses)]
+    assert len(losses) == 30 and losses[0] > math.log(8192) - 0.5  # starts near uniform
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.5, losses
+    assert result.val_losses[30] < losses[0] - 1.0
+    # aux-loss-free balancing moved the router biases; QK-Clip stats and lr were logged
+    assert any(not torch.equal(b, r.e_score_correction_bias) for b, r in zip(biases_before, trainer.model.moe_routers()))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = {k for r in records for k in r}
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "max_logit/l0", "qk_clip/clipped_heads", "val_loss"} <= logged
+    assert (tmp_path / "config.yaml").read_text().count("torch:") == 1  # environment in the header
+
+
+def test_qk_clip_hook_rescales_attention_weights(tmp_path):
+    """Same seed and data with and without clipping: a tiny tau clips heads after each step and keeps the
+    next step's max logits below the unclipped run's."""
+    def run(tau_override: str):
+        cfg = debug_cfg(tmp_path / tau_override, "--train.steps=5", "--train.eval_interval=0", tau_override)
+        trainer = Trainer(cfg, init_runtime(cfg))
+        trainer.train_step()
+        clipped = int(trainer.qkclip.last_clipped)
+        trainer.train_step()
+        return clipped, float(trainer.qkclip.last_max_logits.max())
+
+    clipped_on, max_on = run("--optim.qk_clip_tau=0.01")
+    clipped_off, max_off = run("--optim.qk_clip=false")
+    assert clipped_on > 0 and clipped_off == 0
+    assert max_on < 0.5 * max_off
+
+
+def _dp_worker(rank: int, world: int, out_dir: str, overrides: list[str]) -> None:
+    torch.set_num_threads(1)
+    cfg = debug_cfg(out_dir, *overrides)
+    trainer = Trainer(cfg, init_runtime(cfg))
+    result = trainer.fit()
+    torch.save({"losses": result.losses, "val": result.val_losses,
+                "params": {k: v.clone() for k, v in trainer.model.state_dict().items()}},
+               Path(out_dir) / f"rank{rank}.pt")
+
+
+@pytest.mark.parametrize("optimizer", ["replicated", "zero1"])
+def test_two_process_data_parallel_matches_single_process(tmp_path, optimizer):
+    common = ["--train.steps=6", "--train.eval_interval=6", "--schedule.warmup_steps=2", "--data.grad_accum=2",
+              f"--parallel.optimizer={optimizer}"]
+    run_distributed(_dp_worker, 2, str(tmp_path / "dp"), [*common, "--data.micro_batch_size=2"])
+    r0, r1 = (torch.load(tmp_path / "dp" / f"rank{r}.pt") for r in range(2))
+    for k, v in r0["params"].items():
+        assert torch.equal(v, r1["params"][k]), f"ranks diverged on {k}"
+    assert r0["losses"] == r1["losses"]
+
+    cfg = debug_cfg(tmp_path / "single", *common, "--data.micro_batch_size=4")
+    trainer = Trainer(cfg, init_runtime(cfg))
+    single = trainer.fit()
+    steps = sorted(single.losses)
+    assert steps == sorted(r0["losses"]) == list(range(1, 7))
+    assert [r0["losses"][s] for s in steps] == pytest.approx([single.losses[s] for s in steps], rel=1e-4, abs=1e-4)
+    assert r0["val"][6] == pytest.approx(single.val_losses[6], rel=1e-4)
+    for k, v in trainer.model.state_dict().items():
+        torch.testing.assert_close(r0["params"][k], v, rtol=2e-3, atol=2e-4, msg=f"param {k} differs")

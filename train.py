@@ -1,0 +1,72 @@
+"""Pretrain a DeepSeek-V3 / Kimi-K2 style MoE with the MuonClip optimizer.
+
+Launch commands (run from the repository root):
+
+    # one process (CPU or one GPU); default job on the embedded corpus
+    python train.py --config configs/tiny.yaml
+
+    # override any config key with --section.key=value (YAML scalar rules)
+    python train.py --config configs/tiny.yaml --optim.lr=3e-4 --model.n_layers=2 --train.steps=100
+
+    # one node, 8 GPUs (data parallel, ZeRO-1 MuonClip); add --parallel.tp=2 / --parallel.ep=4 for TP / EP
+    torchrun --standalone --nproc_per_node=8 train.py --config configs/small_gpu.yaml
+
+    # CPU, 2 processes (gloo)
+    torchrun --standalone --nproc_per_node=2 train.py --config configs/tiny.yaml --train.device=cpu
+
+    # several nodes: run on every node (same rendezvous endpoint), or use the scripts under launch/
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:29500 \\
+        train.py --config configs/small_gpu.yaml
+
+    # resume: automatic from <train.output_dir>/checkpoints/latest (train.resume: auto, the default),
+    # or from a given checkpoint directory
+    python train.py --config configs/tiny.yaml --train.resume=outputs/tiny/checkpoints/step_00000200
+
+    # print the resolved config and exit
+    python train.py --config configs/tiny.yaml --print-config
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from configs import dump_config, load_config
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        description="MuonClip MoE pretraining. Extra arguments --section.key=value override the YAML config.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--config", default="configs/tiny.yaml", help="YAML job config (default: %(default)s)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args, rest = parser.parse_known_args(argv)
+    return args, normalize_overrides(rest)
+
+
+def normalize_overrides(items: list[str]) -> list[str]:
+    """Accept both ``--optim.lr=3e-4`` and ``--optim.lr 3e-4``."""
+    out, i = [], 0
+    while i < len(items):
+        item = items[i]
+        if item.startswith("--") and "=" not in item and "." in item and i + 1 < len(items):
+            out.append(f"{item}={items[i + 1]}")
+            i += 2
+        else:
+            out.append(item)
+            i += 1
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+    cfg = load_config(args.config, overrides)
+    if args.print_config:
+        print(dump_config(cfg))
+        return 0
+    from launch.trainer import run  # heavy imports only when training
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

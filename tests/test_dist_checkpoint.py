@@ -1,0 +1,149 @@
+"""Distributed checkpoints (2 gloo processes, ZeRO-1): bitwise resume at the same DP size, and re-sharding to a
+different DP size (dp=2 -> dp=1 and dp=1 -> dp=2) with the same global batch."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch import checkpoint as ckpt
+from launch.trainer import Trainer, init_runtime
+from tests.dist_utils import run_distributed
+from tests.test_checkpoint import checkpoint_tensors
+from tests.test_train import debug_cfg
+
+N, HALF = 6, 3
+COMMON = [f"--train.steps={N}", "--schedule.warmup_steps=2", "--train.eval_interval=0", "--train.ckpt_interval=0",
+          "--parallel.optimizer=zero1", "--data.grad_accum=1"]
+DP2 = [*COMMON, "--data.micro_batch_size=2"]  # global batch 2 x 2 = 4
+DP1 = [*COMMON, "--data.micro_batch_size=4"]  # global batch 4
+LOSS_TOL = dict(rel=1e-5, abs=1e-5)  # dp=1 vs dp=2: different reduction order only
+
+
+def _snapshot(trainer: Trainer) -> dict:
+    """Live model params, this rank's optimizer state (optim/{fqn}/{key}), the next micro-batch (not consumed)."""
+    nxt = copy.copy(trainer.loader).next_batch()
+    return {"step": trainer.step, "global_batches": trainer.loader.global_batches,
+            "params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+            "optim": {k: v.detach().clone() for k, v in ckpt.optimizer_state(trainer.optimizer).items()},
+            "next": nxt}
+
+
+def _phase1(rank: int, world: int, root: str) -> None:
+    """Uninterrupted N steps (a/), and a run interrupted after N/2 steps with a checkpoint (b/)."""
+    torch.set_num_threads(1)
+    root = Path(root)
+    cfg = debug_cfg(root / "a", *DP2)
+    trainer = Trainer(cfg, init_runtime(cfg))
+    assert trainer.zero1
+    result = trainer.fit()
+    torch.save({"losses": result.losses, "params": _snapshot(trainer)["params"]}, root / f"a_rank{rank}.pt")
+
+    cfg = debug_cfg(root / "b", *DP2)
+    trainer = Trainer(cfg, init_runtime(cfg))
+    losses = {}
+    for _ in range(HALF):
+        loss = trainer.train_step().loss
+        losses[trainer.step] = loss
+    trainer.save()
+    torch.save({"losses": losses, **_snapshot(trainer)}, root / f"b1_rank{rank}.pt")
+
+
+def _phase2(rank: int, world: int, root: str, single_ckpt: str) -> None:
+    """New processes: resume b/ (auto) to step N; resume the dp=1 checkpoint at dp=2 (rev/) to step N."""
+    torch.set_num_threads(1)
+    root = Path(root)
+    cfg = debug_cfg(root / "b", *DP2)
+    trainer = Trainer(cfg, init_runtime(cfg))
+    assert trainer.step == HALF
+    result = trainer.fit()
+    torch.save({"losses": result.losses, "params": _snapshot(trainer)["params"]}, root / f"b2_rank{rank}.pt")
+
+    cfg = debug_cfg(root / "rev", *DP2, f"--train.resume={single_ckpt}")
+    trainer = Trainer(cfg, init_runtime(cfg))
+    loaded = _snapshot(trainer)
+    result = trainer.fit()
+    torch.save({"loaded": loaded, "losses": result.losses}, root / f"rev_rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distckpt")
+    # dp=1 straight run with a checkpoint at N/2 (for dp=1 -> dp=2)
+    cfg = debug_cfg(root / "single", *DP1, f"--train.ckpt_interval={HALF}")
+    single = Trainer(cfg, init_runtime(cfg))
+    assert not single.zero1
+    single_losses = single.fit().losses
+    peek = copy.copy(single.loader)
+    peek.global_batches = HALF
+    single_next = peek.next_batch()  # what the dp=1 run consumed in step HALF + 1
+    single_ckpt = root / "single" / "checkpoints" / f"step_{HALF:08d}"
+    run_distributed(_phase1, 2, str(root))
+    run_distributed(_phase2, 2, str(root), str(single_ckpt))
+    load = lambda name: [torch.load(root / f"{name}_rank{r}.pt", weights_only=False) for r in range(2)]  # noqa: E731
+    return {"root": root, "single_losses": single_losses, "single_ckpt": single_ckpt, "single_next": single_next,
+            "a": load("a"), "b1": load("b1"), "b2": load("b2"), "rev": load("rev")}
+
+
+def test_zero1_dp2_resume_in_new_processes_is_bitwise(runs):
+    for rank in range(2):
+        a, b1, b2 = runs["a"][rank], runs["b1"][rank], runs["b2"][rank]
+        assert sorted(a["losses"]) == list(range(1, N + 1))
+        assert sorted(b1["losses"]) == list(range(1, HALF + 1)) and sorted(b2["losses"]) == list(range(HALF + 1, N + 1))
+        assert {**b1["losses"], **b2["losses"]} == a["losses"]  # exact, every step
+        assert a["params"].keys() == b2["params"].keys()
+        for k, v in a["params"].items():
+            assert torch.equal(v, b2["params"][k]), f"rank {rank}: {k} differs after resume"
+    # ZeRO-1 really sharded the optimizer state: each rank owns a disjoint, non-empty part
+    o0, o1 = runs["b1"][0]["optim"], runs["b1"][1]["optim"]
+    assert o0 and o1 and not (o0.keys() & o1.keys())
+
+
+def test_zero1_dp2_checkpoint_loads_in_one_process(runs, tmp_path):
+    b1 = runs["b1"]
+    path = runs["root"] / "b" / "checkpoints" / f"step_{HALF:08d}"
+    cfg = debug_cfg(tmp_path, *DP1, f"--train.resume={path}")
+    trainer = Trainer(cfg, init_runtime(cfg))
+    assert trainer.step == HALF and not trainer.zero1
+    loaded = _snapshot(trainer)
+    for k, v in b1[0]["params"].items():
+        assert torch.equal(loaded["params"][k], v), f"param {k} differs"
+    full_optim = {**b1[0]["optim"], **b1[1]["optim"]}
+    assert loaded["optim"].keys() == full_optim.keys()
+    assert {k.rsplit("/", 1)[1] for k in full_optim} == {"momentum_buffer", "exp_avg", "exp_avg_sq", "step"}
+    for k, v in full_optim.items():
+        assert torch.equal(loaded["optim"][k], v), f"optimizer state {k} differs"
+    # the data continues at the same global sample: dp=1's next batch = rank 0's + rank 1's next micro-batches
+    assert loaded["global_batches"] == b1[0]["global_batches"] == HALF
+    for i in range(2):
+        assert torch.equal(loaded["next"][i], torch.cat([b1[0]["next"][i], b1[1]["next"][i]]))
+    result = trainer.fit()
+    ref = runs["b2"][0]["losses"]
+    assert sorted(result.losses) == sorted(ref) == list(range(HALF + 1, N + 1))
+    assert [result.losses[s] for s in sorted(ref)] == pytest.approx([ref[s] for s in sorted(ref)], **LOSS_TOL)
+
+
+def test_dp1_checkpoint_loads_at_dp2_with_zero1(runs):
+    rev = runs["rev"]
+    saved = checkpoint_tensors(runs["single_ckpt"], runs["root"] / "single_flat.pt")
+    owned = set()
+    for rank in range(2):
+        loaded = rev[rank]["loaded"]
+        assert loaded["step"] == HALF and loaded["global_batches"] == HALF
+        for k, v in loaded["params"].items():
+            assert torch.equal(v, saved[k]), f"rank {rank}: param {k} differs"
+        for k, v in loaded["optim"].items():
+            assert torch.equal(v, saved[k]), f"rank {rank}: optimizer state {k} differs"
+        assert not (owned & loaded["optim"].keys())
+        owned |= loaded["optim"].keys()
+    assert owned == {k for k in saved if k.startswith("optim/")}  # every state tensor landed on its owner
+    # ranks 0 and 1 read the two halves of the dp=1 run's next global batch; continuation matches dp=1
+    for i in range(2):
+        assert torch.equal(torch.cat([rev[0]["loaded"]["next"][i], rev[1]["loaded"]["next"][i]]), runs["single_next"][i])
+    losses = runs["single_losses"]
+    for rank in range(2):
+        got = rev[rank]["losses"]
+        assert sorted(got) == list(range(HALF + 1, N + 1))
+        assert [got[s] for s in sorted(got)] == pytest.approx([losses[s] for s in sorted(got)], **LOSS_TOL)

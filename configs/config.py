@@ -154,7 +154,9 @@ class MonitorConfig:
     spike_window: int = 100
     spike_threshold: float = 6.0
     spike_min_history: int = 20
-    rollback: bool = False  # handled by launch/monitor.py when it provides a rollback
+    rollback: bool = False  # on a spike: restore the last checkpoint, skip the data since it (launch/monitor.py)
+    max_rollbacks: int = 3  # consecutive rollbacks allowed before training stops with an error
+    rollback_reset_after: int = 100  # a spike more than this many steps after the previous one is not consecutive
 
     def __post_init__(self) -> None:
         s = "monitor"
@@ -162,6 +164,8 @@ class MonitorConfig:
         _need(s, self.spike_threshold > 0, f"spike_threshold must be > 0, got {self.spike_threshold}")
         _need(s, 1 <= self.spike_min_history <= self.spike_window,
               f"spike_min_history must be in [1, spike_window={self.spike_window}], got {self.spike_min_history}")
+        _need(s, self.max_rollbacks >= 0, f"max_rollbacks must be >= 0, got {self.max_rollbacks}")
+        _need(s, self.rollback_reset_after >= 0, f"rollback_reset_after must be >= 0, got {self.rollback_reset_after}")
 
 
 @dataclass
@@ -177,6 +181,8 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         m, d, p = self.model, self.data, self.parallel
+        _need("monitor", not self.monitor.rollback or self.train.ckpt_interval > 0,
+              "rollback: true needs checkpoints to roll back to: set train.ckpt_interval > 0")
         _need("data", d.seq_len <= m.max_seq_len,
               f"seq_len ({d.seq_len}) must be <= model.max_seq_len ({m.max_seq_len})")
         _need("parallel", m.n_heads % p.tp == 0, f"tp ({p.tp}) must divide model.n_heads ({m.n_heads})")

@@ -30,10 +30,7 @@ from muonclip.placement import REPLICATED
 from launch.schedule import schedule_fn
 from models import Transformer
 
-try:  # optional pieces owned by other modules
-    from launch import monitor as monitor_lib
-except ImportError:  # pragma: no cover
-    monitor_lib = None
+from launch import monitor as monitor_lib
 
 
 @dataclass
@@ -193,10 +190,11 @@ class Trainer:
         self.manual_hooks = [h for h in (register_post_step(self.optimizer, self.qkclip),
                                          register_post_step(self.optimizer, self.router_hook)) if h is not None]
         m = cfg.monitor
-        self.detector = (monitor_lib.SpikeDetector(m.spike_window, m.spike_threshold, m.spike_min_history)
-                         if monitor_lib is not None else None)
-        self.rollbacks = (monitor_lib.RollbackPolicy(batches_per_step=cfg.data.grad_accum)
-                          if monitor_lib is not None and m.rollback else None)
+        self.detector = monitor_lib.SpikeDetector(m.spike_window, m.spike_threshold, m.spike_min_history)
+        self.rollbacks = (monitor_lib.RollbackPolicy(max_rollbacks=m.max_rollbacks, reset_after=m.rollback_reset_after,
+                                                     batches_per_step=cfg.data.grad_accum) if m.rollback else None)
+        # max logits / router loads over the whole logging interval, not just the logged step
+        self.interval_stats = monitor_lib.IntervalStats()
         self.autocast = (torch.autocast(rt.device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bfloat16"
                          else nullcontext())
         self.metrics = MetricsLogger(cfg, environment_info(rt.world_size, rt.device), enabled=rt.rank == 0)
@@ -273,10 +271,12 @@ class Trainer:
         t_last, tokens_per_step = time.perf_counter(), self.tokens_per_step()
         while self.step < cfg.steps:
             out = self.train_step()
-            event = self.detector.update(self.step - 1, out.loss) if self.detector is not None else None
+            event = self.detector.update(self.step - 1, out.loss)
             if event is not None and self.on_spike(event):
                 window.clear()
+                self.interval_stats.reset()  # drop the statistics of the rolled-back steps
                 continue
+            self.interval_stats.update(self.model, self.qkclip, self.router_hook.loads_list())
             if not math.isfinite(out.loss):
                 raise FloatingPointError(f"loss is {out.loss} at step {self.step}: lower optim.lr or qk_clip_tau, "
                                          "or enable monitor.rollback with checkpoints")
@@ -307,13 +307,7 @@ class Trainer:
         metrics = {"loss": out.loss, "loss_avg": sum(window) / len(window), "lr": out.lr,
                    "grad_norm": out.grad_norm, "tokens_per_s": tokens_per_s,
                    "tokens": self.step * self.tokens_per_step()}
-        if monitor_lib is not None:
-            metrics.update(monitor_lib.step_stats(self.model, self.qkclip, self.router_hook.loads_list()))
-        elif self.qkclip.last_max_logits is not None:
-            per_layer = self.qkclip.last_max_logits.amax(dim=1).tolist()
-            metrics.update({f"max_logit/l{i}": v for i, v in enumerate(per_layer)})
-            metrics["max_logit/max"] = max(per_layer)
-            metrics["qk_clip/clipped_heads"] = float(self.qkclip.last_clipped)
+        metrics.update(self.interval_stats.flush())
         self.metrics.log(self.step, metrics)
 
     # ---------------------------------------------------------------- spikes
@@ -340,7 +334,7 @@ class Trainer:
 
     def save(self) -> None:
         extra = {"step": self.step, "loader": self.loader.state_dict(), "rng": ckpt.rng_state(self.rt.device),
-                 "detector": self.detector.state_dict() if self.detector is not None else None,
+                 "detector": self.detector.state_dict(),
                  "rollbacks": self.rollbacks.state_dict() if self.rollbacks is not None else None}
         meta = {"config": config_to_dict(self.cfg), "world_size": self.rt.world_size}
         path = ckpt.save_checkpoint(self.ckpt_root, self.step, self.checkpoint_tensors(), meta, extra,
@@ -353,7 +347,7 @@ class Trainer:
         self.step = int(extra["step"])
         self.loader.load_state_dict(extra["loader"])
         ckpt.set_rng_state(extra["rng"], self.rt.device)
-        if restore_monitor and self.detector is not None and extra.get("detector"):
+        if restore_monitor and extra.get("detector"):
             self.detector.load_state_dict(extra["detector"])
         if restore_monitor and self.rollbacks is not None and extra.get("rollbacks"):
             self.rollbacks.load_state_dict(extra["rollbacks"])

@@ -183,3 +183,34 @@ def test_on_spike_rolls_back_to_the_last_checkpoint_and_skips_the_batches(tmp_pa
     assert trainer.step == 2 and trainer.loader.global_batches == 2 + 2  # data of steps 2 and 3 skipped
     for k, v in trainer.model.state_dict().items():
         assert torch.equal(v, saved[k]), k
+
+
+class _SpikeOnce(Trainer):
+    """Blows up the final norm right before step ``at`` (once), as a corrupted update would."""
+
+    at = 25
+
+    def train_step(self):
+        if self.step == self.at - 1 and not getattr(self, "_spiked", False):
+            self._spiked = True
+            with torch.no_grad():
+                self.model.norm.weight.mul_(30.0)
+        return super().train_step()
+
+
+def test_injected_spike_is_detected_and_rolled_back_end_to_end(tmp_path):
+    overrides = ["--train.steps=40", "--train.ckpt_interval=10", "--train.eval_interval=0", "--monitor.rollback=true"]
+    cfg = debug_cfg(tmp_path / "spiky", *overrides)
+    trainer = _SpikeOnce(cfg, init_runtime(cfg))
+    result = trainer.fit()
+    assert result.final_step == 40 and trainer.rollbacks.metrics()["rollback/count"] == 1
+    # spike in 0-based step 24: restored the step-20 checkpoint and skipped the 5 batches of steps 20..24,
+    # so the loader is exactly where a spike-free run that never saw those batches would be
+    assert trainer.loader.global_batches == 40 + 5
+    lines = (tmp_path / "spiky" / "metrics.jsonl").read_text()
+    assert '"spike/z"' in lines
+    clean_cfg = debug_cfg(tmp_path / "clean", *overrides)
+    clean = Trainer(clean_cfg, init_runtime(clean_cfg))
+    clean.fit()
+    assert clean.rollbacks.metrics()["rollback/count"] == 0  # a clean run raises no alert
+    assert "spike/z" not in (tmp_path / "clean" / "metrics.jsonl").read_text()

@@ -40,6 +40,15 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _params_with_grad(group: dict[str, Any]) -> Iterable[Tensor]:
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise RuntimeError("MuonClip does not support sparse gradients")
+        yield p
+
+
 class MuonClip(torch.optim.Optimizer):
     """Muon (groups with ``use_muon=True``) + AdamW (``use_muon=False``).
 
@@ -146,11 +155,7 @@ class MuonClip(torch.optim.Optimizer):
 
     def _muon_group(self, group: dict[str, Any]) -> None:
         lr, wd = _scalar(group["lr"]), _scalar(group["weight_decay"])
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("MuonClip does not support sparse gradients")
+        for p in _params_with_grad(group):
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
@@ -178,11 +183,7 @@ class MuonClip(torch.optim.Optimizer):
     def _adamw_group(self, group: dict[str, Any]) -> None:
         lr, wd = _scalar(group["lr"]), _scalar(group["weight_decay"])
         betas = tuple(_scalar(b) for b in group["adamw_betas"])
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("MuonClip does not support sparse gradients")
+        for p in _params_with_grad(group):
             state = self.state[p]
             if "step" not in state:
                 self._init_adamw_state(p, state)

@@ -27,7 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import muonclip  # noqa: E402
-from models import ModelConfig, Transformer  # noqa: E402
+from benchmarks.muon_vs_adamw import model_config  # noqa: E402  (same model as the benchmark)
+from models import Transformer  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -45,13 +46,6 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=os.path.join(ROOT, "data", "cache"))
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     return p.parse_args(argv)
-
-
-def model_config(a, vocab_size: int) -> ModelConfig:
-    return ModelConfig(vocab_size=vocab_size, dim=a.dim, n_layers=a.layers, attn_type="mla", n_heads=4,
-                       q_lora_rank=0, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-                       inter_dim=2 * a.dim, moe_inter_dim=a.dim // 2, n_routed_experts=8, n_activated_experts=2,
-                       first_k_dense=1, max_seq_len=a.seq)
 
 
 @torch.no_grad()

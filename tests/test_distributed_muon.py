@@ -102,6 +102,11 @@ def _dense_step(params, ref, opt, ref_opt, dp_index: int, dp_size: int, step: in
         if p.requires_grad:
             p.grad = _grad(n, dp_index, step, p.shape)
             ref[n].grad = _mean_grad(n, dp_size, step, p.shape)
+    _step_both(opt, ref, ref_opt)
+
+
+def _step_both(opt, ref, ref_opt) -> None:
+    """Reduce + clip + step the distributed optimizer and the single-process reference; norms must agree."""
     opt.reduce_gradients()
     norm = opt.clip_grad_norm_(MAX_NORM)
     ref_norm = torch.nn.utils.clip_grad_norm_([p for p in ref.values() if p.grad is not None], MAX_NORM)
@@ -331,14 +336,7 @@ def _expert_worker(rank: int, world: int) -> None:
             if n not in EXPERTS and p.requires_grad:
                 p.grad = _grad(n, rank, step, p.shape)
                 ref[n].grad = _mean_grad(n, world, step, p.shape)
-        opt.reduce_gradients()
-        norm = opt.clip_grad_norm_(MAX_NORM)
-        ref_norm = torch.nn.utils.clip_grad_norm_([p for p in ref.values() if p.grad is not None], MAX_NORM)
-        assert abs(norm.item() - ref_norm.item()) < TOL * ref_norm.item(), (norm, ref_norm)
-        opt.step()
-        ref_opt.step()
-        opt.zero_grad()
-        ref_opt.zero_grad()
+        _step_both(opt, ref, ref_opt)
     for n, p in params.items():
         if n in EXPERTS:
             for i in range(E_local):

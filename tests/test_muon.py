@@ -105,6 +105,16 @@ def test_muon_scale_and_pure_update():
 # ---------------------------------------------------------------- optimizer vs torch.optim / reference
 
 
+def _step_both(ours, ref, ours_p, ref_p, gen, steps: int) -> None:
+    """Step our optimizer and the torch reference with the same random gradients."""
+    for _ in range(steps):
+        for a, b in zip(ours_p, ref_p):
+            a.grad = torch.randn(a.shape, generator=gen)
+            b.grad = a.grad.clone()
+        ours.step()
+        ref.step()
+
+
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_muon_2d_bit_identical_to_torch_muon(nesterov):
     """In bf16 NS (what torch.optim.Muon always uses) our 2-D step equals torch's bit for bit, with decay."""
@@ -115,12 +125,7 @@ def test_muon_2d_bit_identical_to_torch_muon(nesterov):
                              nesterov=nesterov, ns_dtype=torch.bfloat16)
     ref = torch.optim.Muon(ref_p, lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=nesterov,
                            adjust_lr_fn="match_rms_adamw")
-    for _ in range(6):
-        for a, b in zip(ours_p, ref_p):
-            a.grad = torch.randn(a.shape, generator=gen)
-            b.grad = a.grad.clone()
-        ours.step()
-        ref.step()
+    _step_both(ours, ref, ours_p, ref_p, gen, steps=6)
     for a, b in zip(ours_p, ref_p):
         assert torch.equal(a, b)
         assert torch.equal(ours.state[a]["momentum_buffer"], ref.state[b]["momentum_buffer"])
@@ -136,12 +141,7 @@ def test_adamw_groups_bit_identical_to_torch_adamw():
                              lr=1e-2, weight_decay=0.1, adamw_betas=(0.9, 0.95), adamw_eps=1e-8)
     ref = torch.optim.AdamW([{"params": ref_p[:2], "lr": 3e-2}, {"params": ref_p[2:], "weight_decay": 0.0}],
                             lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=False)
-    for _ in range(6):
-        for a, b in zip(ours_p, ref_p):
-            a.grad = torch.randn(a.shape, generator=gen)
-            b.grad = a.grad.clone()
-        ours.step()
-        ref.step()
+    _step_both(ours, ref, ours_p, ref_p, gen, steps=6)
     for a, b in zip(ours_p, ref_p):
         assert torch.equal(a, b)
         assert torch.equal(ours.state[a]["exp_avg_sq"], ref.state[b]["exp_avg_sq"])

@@ -20,6 +20,9 @@ def _one_of(section: str, name: str, value: str, allowed: tuple[str, ...]) -> No
     _need(section, value in allowed, f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
+QK_CLIP_MODES = ("forward", "post_step")
+
+
 @dataclass
 class OptimConfig:
     """MuonClip: Muon for hidden matrices, AdamW for embeddings/head/norms, QK-Clip after each step."""
@@ -34,6 +37,10 @@ class OptimConfig:
     adamw_lr_scale: float = 1.0  # AdamW groups use lr * adamw_lr_scale
     qk_clip: bool = True  # enable QK-Clip
     qk_clip_tau: float = 100.0  # max attention logit allowed per head
+    # "forward": clip with the max logits of the step's own forward (Kimi K2; free, but a step's update can leave a
+    # head above tau until the next clip). "post_step": after the update, re-run a no-grad forward on the step's
+    # batch and clip layer by layer, so every head is <= tau on that batch after every step (one extra forward).
+    qk_clip_mode: str = "forward"
     grad_clip: float = 1.0  # global grad-norm clip before Muon; 0 disables
 
     def __post_init__(self) -> None:
@@ -47,6 +54,8 @@ class OptimConfig:
         _need(s, self.adamw_eps > 0, f"adamw_eps must be > 0, got {self.adamw_eps}")
         _need(s, self.adamw_lr_scale > 0, f"adamw_lr_scale must be > 0, got {self.adamw_lr_scale}")
         _need(s, self.qk_clip_tau > 0, f"qk_clip_tau must be > 0, got {self.qk_clip_tau}")
+        _need(s, self.qk_clip_mode in QK_CLIP_MODES,
+              f"qk_clip_mode must be one of {list(QK_CLIP_MODES)}, got {self.qk_clip_mode!r}")
         _need(s, self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
 
 

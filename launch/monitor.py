@@ -3,7 +3,8 @@
 Three independent pieces, all free of torch.distributed:
 
 * ``step_stats(model, qkclip)``: per-layer and per-head attention max logits and per-expert router load, read
-  from the model's per-step buffers (see CONTRACTS, models/) with ONE device->host transfer.
+  from the model's per-step buffers (``max_logits_H`` of the attention modules, ``expert_load_E`` of the
+  routers) with ONE device->host transfer.
 * ``SpikeDetector``: robust z-score of each loss against the median/MAD of a moving window of accepted losses;
   non-finite losses are always spikes; spikes never enter the window.
 * ``plan_rollback`` / ``RollbackPolicy``: pure decision logic. On a spike at step ``s`` with the last checkpoint
@@ -80,7 +81,7 @@ def step_stats(model: nn.Module, qkclip: Any | None = None,
 
 
 def _format_stats(attn: list[tuple[int, torch.Tensor]], routers: list[tuple[int, torch.Tensor]],
-                  clipped: torch.Tensor | None) -> dict[str, float]:
+                  clipped: torch.Tensor | None, post_max: torch.Tensor | None = None) -> dict[str, float]:
     pieces: list[torch.Tensor] = []
     for _, max_H in attn:
         pieces += [max_H.detach().float().reshape(-1), max_H.detach().float().max().reshape(1)]
@@ -91,6 +92,8 @@ def _format_stats(attn: list[tuple[int, torch.Tensor]], routers: list[tuple[int,
         pieces += [share_E, (load_E.max() / load_E.mean().clamp_min(1e-12)).reshape(1), total.reshape(1)]
     if clipped is not None:
         pieces.append(clipped.detach().float().reshape(1))
+    if post_max is not None:
+        pieces.append(post_max.detach().float().reshape(1))
     if not pieces:
         return {}
     device = pieces[0].device
@@ -123,6 +126,9 @@ def _format_stats(attn: list[tuple[int, torch.Tensor]], routers: list[tuple[int,
         out[f"router/l{i}/max_over_mean"] = ratio
     if clipped is not None:
         out["qk_clip/clipped_heads"] = values[pos]
+        pos += 1
+    if post_max is not None:
+        out["qk_clip/post_step_max_logit"] = values[pos]
     return out
 
 
@@ -130,42 +136,50 @@ class IntervalStats:
     """``step_stats`` over a logging interval instead of the last step only: call ``update`` after EVERY step
     (device ops only, no host sync) and ``flush()`` at log time (one host transfer; then it starts over).
     Max logits are the running max over the interval, router loads are summed, ``qk_clip/clipped_heads`` is
-    the number of (step, head) clips in the interval."""
+    the number of (step, head) clips in the interval. With ``post_clip`` (the ``QKClip`` that ran
+    ``apply_post_step``) the clip count is its own and ``qk_clip/post_step_max_logit`` is the interval's max of
+    the logits re-measured after the update, before that clip."""
 
     def __init__(self) -> None:
-        self._attn: list[tuple[int, torch.Tensor]] | None = None
-        self._loads: list[tuple[int, torch.Tensor]] | None = None
-        self._clipped: torch.Tensor | None = None
+        self.reset()
 
     @torch.no_grad()
     def update(self, model: nn.Module, qkclip: Any | None = None,
-               expert_loads: list[torch.Tensor] | None = None) -> None:
+               expert_loads: list[torch.Tensor] | None = None, post_clip: Any | None = None) -> None:
         attn = _attention_max_logits(model, qkclip)
         loads = _router_loads(model, expert_loads)
-        clipped = getattr(qkclip, "last_clipped", None) if qkclip is not None else None
+        source = post_clip if post_clip is not None else qkclip
+        clipped = getattr(source, "last_clipped", None) if source is not None else None
+        post = getattr(post_clip, "last_max_logits", None) if post_clip is not None else None
         if self._attn is None:
             self._attn = [(i, t.detach().float().clone()) for i, t in attn]
             self._loads = [(i, t.detach().float().clone()) for i, t in loads]
-            self._clipped = None if clipped is None else clipped.detach().float().clone()
-            return
-        for (_, acc), (_, t) in zip(self._attn, attn):
-            torch.maximum(acc, t.detach().float(), out=acc)
-        for (_, acc), (_, t) in zip(self._loads, loads):
-            acc.add_(t.detach().float())
+        else:
+            for (_, acc), (_, t) in zip(self._attn, attn):
+                torch.maximum(acc, t.detach().float(), out=acc)
+            for (_, acc), (_, t) in zip(self._loads, loads):
+                acc.add_(t.detach().float())
         if clipped is not None:
-            self._clipped = clipped.detach().float().clone() if self._clipped is None else self._clipped + clipped
+            clipped = clipped.detach().float()
+            self._clipped = clipped.clone() if self._clipped is None else self._clipped + clipped
+        if post is not None:
+            post = post.detach().float().max()
+            self._post_max = post.clone() if self._post_max is None else torch.maximum(self._post_max, post)
 
     def flush(self) -> dict[str, float]:
         """The interval's statistics (``step_stats`` keys); then starts a new interval."""
         if self._attn is None:
             return {}
-        out = _format_stats(self._attn, self._loads, self._clipped)
+        out = _format_stats(self._attn, self._loads, self._clipped, self._post_max)
         self.reset()
         return out
 
     def reset(self) -> None:
         """Drop what was accumulated (e.g. the steps undone by a rollback), without a host sync."""
-        self._attn = self._loads = self._clipped = None
+        self._attn: list[tuple[int, torch.Tensor]] | None = None
+        self._loads: list[tuple[int, torch.Tensor]] | None = None
+        self._clipped: torch.Tensor | None = None
+        self._post_max: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------- spike detector

@@ -4,6 +4,9 @@ checkpoint and resume. ``run(cfg)`` is what ``train.py`` calls (also usable in-p
 One optimizer step = ``data.grad_accum`` micro batches per data-parallel rank:
 reset per-step stats -> set lr -> forward/backward (loss in float32) -> clip the global grad norm -> optimizer
 step (MuonClip / ZeRO-1 DistributedMuonClip) -> post-step hooks (QK-Clip, then router bias update) -> log.
+With ``optim.qk_clip_mode: post_step`` the QK-Clip hook only reduces the forward's max logits for logging, and
+after the router bias update one no-grad forward on the step's micro batches re-measures and clips
+(``muonclip.QKClip.apply_post_step``), so each head ends the step <= tau on that batch.
 """
 from __future__ import annotations
 
@@ -184,8 +187,13 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.model, self.placements, rt, self.zero1)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.lr_factor = schedule_fn(cfg.schedule, cfg.train.steps)
-        tau = cfg.optim.qk_clip_tau if cfg.optim.qk_clip else math.inf  # inf: measure + reduce, never clip
+        o = cfg.optim
+        post_step = o.qk_clip and o.qk_clip_mode == "post_step"
+        # inf: measure + reduce the forward's max logits (logging), never clip
+        tau = o.qk_clip_tau if o.qk_clip and not post_step else math.inf
         self.qkclip = muonclip.QKClip(self.model.qk_clip_specs(), tau=tau, process_group=dp_group)
+        self.qkclip_post = (muonclip.QKClip(self.model.qk_clip_specs(), tau=o.qk_clip_tau, process_group=dp_group)
+                            if post_step else None)
         self.router_hook = RouterBiasUpdate(self.model.moe_routers(), process_group=dp_group)
         self.manual_hooks = [h for h in (register_post_step(self.optimizer, self.qkclip),
                                          register_post_step(self.optimizer, self.router_hook)) if h is not None]
@@ -215,8 +223,10 @@ class Trainer:
             group["lr"] = base * lr_scale
         accum = cfg.data.grad_accum
         loss_sum = torch.zeros((), device=device)
+        step_inputs = []
         for micro in range(accum):
             inputs_BT, targets_BT = (t.to(device, non_blocking=True) for t in self.loader.next_batch())
+            step_inputs.append(inputs_BT)
             sync = micro == accum - 1 or not hasattr(self.train_model, "no_sync")
             with (nullcontext() if sync else self.train_model.no_sync()):
                 with self.autocast:
@@ -228,10 +238,29 @@ class Trainer:
         self.optimizer.step()
         for hook in self.manual_hooks:
             hook()
+        if self.qkclip_post is not None:
+            self._post_step_clip(step_inputs)
         self.optimizer.zero_grad(set_to_none=True)
         loss_avg = self.rt.mean_over_dp(loss_sum / accum)
         self.step += 1
         return StepResult(loss=float(loss_avg), grad_norm=float(grad_norm), lr=cfg.optim.lr * lr_scale)
+
+    @torch.no_grad()
+    def _post_step_clip(self, step_inputs: list[torch.Tensor]) -> None:
+        """QK-Clip on the updated weights: one no-grad forward over all the step's micro batches at once (no saved
+        activations; stopped after the last attention layer), clipping layer by layer. Eval mode records no max
+        logits; the routers' load counters are restored so the probe leaves no trace but the clip."""
+        routers = self.model.moe_routers()
+        loads = [r.expert_load_E.clone() for r in routers]
+        inputs_BT = torch.cat(step_inputs)
+        self.model.eval()
+        try:
+            with self.autocast:
+                self.qkclip_post.apply_post_step(lambda: self.model(inputs_BT))
+        finally:
+            self.model.train()
+            for router, load_E in zip(routers, loads):
+                router.expert_load_E.copy_(load_E)
 
     def _clip_gradients(self) -> torch.Tensor:
         max_norm = self.cfg.optim.grad_clip or math.inf  # inf: measure only
@@ -276,7 +305,7 @@ class Trainer:
                 window.clear()
                 self.interval_stats.reset()  # drop the statistics of the rolled-back steps
                 continue
-            self.interval_stats.update(self.model, self.qkclip, self.router_hook.loads_list())
+            self.interval_stats.update(self.model, self.qkclip, self.router_hook.loads_list(), self.qkclip_post)
             if not math.isfinite(out.loss):
                 raise FloatingPointError(f"loss is {out.loss} at step {self.step}: lower optim.lr or qk_clip_tau, "
                                          "or enable monitor.rollback with checkpoints")

@@ -10,8 +10,9 @@ from .config import ModelConfig
 from .layers import RMSNorm, apply_rope, causal_max_logits, rope_cos_sin
 
 
-class _MaxLogitMixin:
-    """Keeps ``max_logits_H``: running max of the pre-softmax scaled logit per head since the last reset."""
+class _AttentionBase:
+    """Shared forward of both attentions (``_qkv`` -> record max logits -> SDPA -> o_proj) and ``max_logits_H``:
+    the running max of the pre-softmax scaled logit per head since the last reset (recorded in train mode)."""
 
     def _init_stats(self, n_heads: int) -> None:
         self.register_buffer("max_logits_H", torch.full((n_heads,), float("-inf")), persistent=False)
@@ -24,12 +25,26 @@ class _MaxLogitMixin:
             # in place: QK-Clip specs hold a reference to this buffer
             torch.maximum(self.max_logits_H, causal_max_logits(q_BHTd, k_BHTd, self.scale), out=self.max_logits_H)
 
+    @torch.no_grad()
+    def probe_max_logits(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """Per-head max logit [H] (float32) of the CURRENT weights on this layer's input; records nothing.
+        QK-Clip's post-step mode calls it from a forward pre-hook (the spec's ``measure``)."""
+        q, k, _ = self._qkv(x_BTD)
+        return causal_max_logits(q, k, self.scale)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        q, k, v = self._qkv(x_BTD)
+        self._record(q, k)
+        out = _sdpa(q, k, v, self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
 
 def _sdpa(q_BHTd, k_BHTd, v_BHTe, scale: float) -> torch.Tensor:
     return F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTe, is_causal=True, scale=scale)
 
 
-class Attention(_MaxLogitMixin, nn.Module):
+class Attention(_AttentionBase, nn.Module):
     """Multi-head attention with grouped KV heads (n_kv_heads == n_heads is plain MHA)."""
 
     def __init__(self, cfg: ModelConfig):
@@ -43,7 +58,8 @@ class Attention(_MaxLogitMixin, nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self._init_stats(cfg.n_heads)
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+    def _qkv(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k [B, H, T, hd] after RoPE (k, v repeated to the query heads) and v [B, H, T, hd]."""
         B, T, _ = x_BTD.shape
         # head counts come from the weights so tensor parallelism can shard heads without touching this code
         hd = self.head_dim
@@ -55,15 +71,14 @@ class Attention(_MaxLogitMixin, nn.Module):
         group = q.shape[1] // k.shape[1]
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        self._record(q, k)
-        out = _sdpa(q, k, v, self.scale)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return q, k, v
 
     def qk_clip_spec(self) -> dict:
         return {"kind": "mha", "q_weight": self.q_proj.weight, "k_weight": self.k_proj.weight,
                 "n_heads": self.q_proj.weight.shape[0] // self.head_dim,
                 "n_kv_heads": self.k_proj.weight.shape[0] // self.head_dim,
-                "head_dim": self.head_dim, "max_logits": self.max_logits_H}
+                "head_dim": self.head_dim, "max_logits": self.max_logits_H,
+                "module": self, "measure": self.probe_max_logits}
 
     def init_weights(self, std: float, out_std: float) -> None:
         for lin in (self.q_proj, self.k_proj, self.v_proj):
@@ -72,7 +87,7 @@ class Attention(_MaxLogitMixin, nn.Module):
         self.reset_step_stats()
 
 
-class MLAttention(_MaxLogitMixin, nn.Module):
+class MLAttention(_AttentionBase, nn.Module):
     """DeepSeek-V3 multi-head latent attention: low-rank KV (and optionally Q) with a shared rotary key."""
 
     def __init__(self, cfg: ModelConfig):
@@ -98,7 +113,8 @@ class MLAttention(_MaxLogitMixin, nn.Module):
     def _q_weight(self) -> torch.Tensor:
         return self.q_b_proj.weight if hasattr(self, "q_b_proj") else self.q_proj.weight
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+    def _qkv(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k [B, H, T, dn + dr] (nope | rope parts, the rotary key shared by all heads) and v [B, H, T, dv]."""
         B, T, _ = x_BTD.shape
         dn, dr, dv = self.dn, self.dr, self.dv
         if hasattr(self, "q_b_proj"):
@@ -116,15 +132,13 @@ class MLAttention(_MaxLogitMixin, nn.Module):
         k_rope = apply_rope(k_rope.view(B, 1, T, dr), cos, sin).expand(B, H, T, dr)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope], dim=-1)
-        self._record(q, k)
-        out = _sdpa(q, k, v, self.scale)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * dv))
+        return q, k, v
 
     def qk_clip_spec(self) -> dict:
         return {"kind": "mla", "q_weight": self._q_weight, "kv_b_weight": self.kv_b_proj.weight,
                 "n_heads": self.kv_b_proj.weight.shape[0] // (self.dn + self.dv),
                 "qk_nope_head_dim": self.dn, "qk_rope_head_dim": self.dr, "v_head_dim": self.dv,
-                "max_logits": self.max_logits_H}
+                "max_logits": self.max_logits_H, "module": self, "measure": self.probe_max_logits}
 
     def init_weights(self, std: float, out_std: float) -> None:
         for name in ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj"):

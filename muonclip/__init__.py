@@ -7,6 +7,13 @@ Usable on its own with any model::
     opt = muonclip.MuonClip(groups, lr=2e-3)
     clip = muonclip.QKClip(model.qk_clip_specs(), tau=100.0)  # needs per-head max logits from the model
     clip.register(opt)  # runs after every opt.step()
+
+or, to guarantee every head's max logit <= tau on the step's batch after each step (one extra no-grad forward)::
+
+    opt.step()
+    model.eval()
+    clip.apply_post_step(lambda: model(inputs))  # re-measures with the updated weights, clips layer by layer
+    model.train()
 """
 from muonclip.distributed import DistributedMuonClip, OptimizerGroups
 from muonclip.muon import adamw_step_, apply_muon_update_, muon_momentum_, muon_scale, muon_update, orthogonalize

@@ -9,10 +9,27 @@ multiplies the head's future logits (on the same inputs) by exactly gamma_h, bri
 * MLA: q_nope rows * sqrt(gamma_h), q_rope rows * gamma_h, kv_b k_nope rows * sqrt(gamma_h); v rows and the
   shared rotary key (last rows of kv_a_proj_with_mqa) are never touched.
 
-The specs come from the model (``model.qk_clip_specs()``, see CONTRACTS); the max logits of all layers are
-concatenated into one tensor and reduced with a single MAX all-reduce over ``process_group`` (the ranks that
-hold the same heads but see different data: data/FSDP/context parallel, never the tensor-parallel group).
+Each layer is described by a spec dict (``model.qk_clip_specs()`` builds them for the models here): ``kind`` ("mha"
+or "mla"); ``q_weight`` (the query projection: ``q_proj`` / MLA's ``q_b_proj``), for MHA ``k_weight`` and for MLA
+``kv_b_weight`` (rows of the local heads, in head order); ``n_heads``; for MHA ``n_kv_heads`` and ``head_dim``, for
+MLA ``qk_nope_head_dim``, ``qk_rope_head_dim`` and ``v_head_dim``; ``max_logits`` (a [n_heads] tensor the model's
+training forward fills with each head's max pre-softmax logit); and, for ``apply_post_step`` only, ``module``
+(the attention module) and ``measure`` (callable: that module's input -> per-head max logits of the current
+weights). In ``apply()`` the max logits of all layers are concatenated into one tensor and reduced with a single
+MAX all-reduce over ``process_group`` (the ranks that hold the same heads but see different data:
+data/FSDP/context parallel, never the tensor-parallel group).
 No ``.item()``: gammas stay tensors, so the hook does not synchronise a GPU stream.
+
+Two modes:
+
+* ``apply()`` (Kimi K2, Algorithm 1; the default): S_max is what the step's own forward pass recorded, and the
+  clip acts on the weights just updated by that step. Cheap (no extra compute), but the update itself can raise
+  the logits, so right after a step a head can sit above tau by that step's growth until the next clip.
+* ``apply_post_step(run_forward)``: re-measures with the UPDATED weights by running the forward again (no grad)
+  on the step's batch and clips each layer before the next one sees its output, so on that batch every head's max
+  logit is <= tau after every step (up to float rounding), for all layers at once. Costs one no-grad forward
+  that stops after the last attention layer, and one small all-reduce per layer. Needs ``module`` and
+  ``measure`` in each spec (the models here provide them).
 """
 from __future__ import annotations
 
@@ -33,6 +50,10 @@ _KEYS = {
     "mha": ("q_weight", "k_weight", "n_heads", "n_kv_heads", "head_dim", "max_logits"),
     "mla": ("q_weight", "kv_b_weight", "n_heads", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_logits"),
 }
+
+
+class _ProbeDone(Exception):
+    """Raised by the last attention layer's pre-hook in ``apply_post_step``: the rest of the forward is not needed."""
 
 
 def check_spec(spec: Spec, layer: int) -> None:
@@ -130,6 +151,7 @@ class QKClip:
 
     @torch.no_grad()
     def apply(self) -> None:
+        """Clip with the max logits the step's forward recorded in ``spec["max_logits"]`` (one MAX all-reduce)."""
         specs = self.specs()
         if not specs:
             return
@@ -139,16 +161,74 @@ class QKClip:
         flat = torch.cat([spec["max_logits"].detach().reshape(-1).float() for spec in specs])
         if self.process_group is not None:
             dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=self.process_group)
+        for spec, max_H in zip(specs, flat.split(counts)):
+            self._clip_layer(spec, max_H)
+        self._store(flat.split(counts))
+
+    @torch.no_grad()
+    def apply_post_step(self, run_forward: Callable[[], Any]) -> None:
+        """Re-measure with the updated weights and clip layer by layer (see the module docstring).
+
+        ``run_forward()`` runs the model forward on the step's batch (each rank its own part; put the model in eval
+        mode so it records no statistics). A forward pre-hook on each spec's ``module`` computes
+        ``spec["measure"](layer input)`` -> per-head max logits [H] of the current weights, MAX-reduces them over
+        ``process_group`` and clips that layer before its forward runs, so later layers are measured on the inputs
+        the clipped layers produce. Once the last attention layer has been clipped the forward is stopped (the MoE
+        and head after it are not run). ``last_max_logits`` holds the re-measured values before the clip.
+        """
+        specs = self.specs()
+        if not specs:
+            return
+        for i, spec in enumerate(specs):
+            check_spec(spec, i)
+            if not isinstance(spec.get("module"), torch.nn.Module) or not callable(spec.get("measure")):
+                raise ValueError(f"qk-clip spec {i}: apply_post_step needs 'module' (the attention nn.Module) and "
+                                 "'measure' (callable: module input -> per-head max logits [H]) in the spec")
+        rows: list[Tensor | None] = [None] * len(specs)
+
+        def pre_hook(i: int, spec: Spec):
+            def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+                x = args[0] if args else next(iter(kwargs.values()))
+                max_H = spec["measure"](x).detach().float().reshape(-1).clone()
+                if max_H.numel() != spec["n_heads"]:
+                    raise ValueError(f"qk-clip spec {i}: measure returned {max_H.numel()} values, "
+                                     f"n_heads={spec['n_heads']}")
+                if self.process_group is not None:
+                    dist.all_reduce(max_H, op=dist.ReduceOp.MAX, group=self.process_group)
+                self._clip_layer(spec, max_H)
+                rows[i] = max_H
+                if all(r is not None for r in rows):
+                    raise _ProbeDone
+            return hook
+
+        handles = [spec["module"].register_forward_pre_hook(pre_hook(i, spec), with_kwargs=True)
+                   for i, spec in enumerate(specs)]
+        try:
+            run_forward()
+        except _ProbeDone:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [i for i, r in enumerate(rows) if r is None]
+        if missing:
+            raise RuntimeError(f"QK-Clip apply_post_step: the forward never reached the attention modules of specs "
+                               f"{missing}; run_forward must run the model whose qk_clip_specs() were given")
+        self._store(rows)
+
+    def _clip_layer(self, spec: Spec, max_H: Tensor) -> None:
         if self.tau != math.inf:  # tau = inf: only measure and reduce (monitoring without clipping)
-            gamma = head_gammas(flat, self.tau)
-            for spec, gamma_H in zip(specs, gamma.split(counts)):
-                for key, scale_R in row_scales(spec, gamma_H).items():
-                    scale_rows_(spec[key], scale_R)
+            for key, scale_R in row_scales(spec, head_gammas(max_H, self.tau)).items():
+                scale_rows_(spec[key], scale_R)
+
+    def _store(self, rows: Sequence[Tensor]) -> None:
+        flat = torch.cat(list(rows))
         self.last_clipped = (flat > self.tau).sum()
+        counts = [r.numel() for r in rows]
         if len(set(counts)) == 1:
-            self.last_max_logits = flat.view(len(specs), counts[0])
+            self.last_max_logits = flat.view(len(rows), counts[0])
         else:
-            padded = flat.new_full((len(specs), max(counts)), float("-inf"))
-            for i, row in enumerate(flat.split(counts)):
+            padded = flat.new_full((len(rows), max(counts)), float("-inf"))
+            for i, row in enumerate(rows):
                 padded[i, : row.numel()] = row
             self.last_max_logits = padded

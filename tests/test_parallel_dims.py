@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import muonclip
 from launch.parallel_dims import ParallelDims
 from launch.parallelize import ParallelizeConfig, parallelize
 from models import ModelConfig, Transformer
@@ -128,6 +129,25 @@ def _parallelize_worker(rank, world_size):
         m = spec["max_logits"].clone()
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=groups.dp_group)
         torch.testing.assert_close(m, ref_spec["max_logits"][groups.tp_rank * 2:groups.tp_rank * 2 + 2])
+
+    # post-step QK-Clip through EP all-to-alls, TP-sharded heads and checkpointed blocks = one process, whole batch
+    tau = float(torch.cat([s["max_logits"] for s in ref.qk_clip_specs()]).median())
+    muonclip.QKClip(ref.qk_clip_specs(), tau=tau).apply_post_step(lambda: ref.eval()(tokens))
+    clip = muonclip.QKClip(model.qk_clip_specs(), tau=tau, process_group=groups.dp_group)
+    with torch.no_grad():
+        clip.apply_post_step(lambda: model.eval()(local))
+    clipped = clip.last_clipped.clone()
+    dist.all_reduce(clipped, group=groups.tp_group)
+    assert clipped > 0
+    for name, p in model.named_parameters():
+        pl, full = placements[name], ref_params[name].detach()
+        w = p.detach()
+        if pl.kind == "expert":
+            experts = model.get_submodule(name.rsplit(".", 1)[0])
+            full = full[experts.expert_offset:experts.expert_offset + experts.n_local]
+        elif pl.kind == "tp_sharded":
+            w = _gather(w, pl.shard_dim, groups.tp_group, groups.tp_size)
+        torch.testing.assert_close(w, full, rtol=1e-6, atol=1e-12, msg=name)
 
 
 def test_groups_and_parallelize_dp2_tp2_ep2_with_checkpointing():

@@ -15,10 +15,12 @@ from tests.dist_utils import run_distributed
 F64 = torch.float64
 
 
-def _model(attn_type: str, n_kv_heads: int = 4, q_lora_rank: int = 0) -> models.Transformer:
-    cfg = models.ModelConfig(vocab_size=64, dim=32, n_layers=2, attn_type=attn_type, n_heads=4, n_kv_heads=n_kv_heads,
-                             head_dim=8, q_lora_rank=q_lora_rank, kv_lora_rank=16, qk_nope_head_dim=8,
-                             qk_rope_head_dim=4, v_head_dim=8, inter_dim=48, first_k_dense=2, max_seq_len=16)
+def _model(attn_type: str, n_kv_heads: int = 4, q_lora_rank: int = 0, n_layers: int = 2,
+           first_k_dense: int = 2) -> models.Transformer:
+    cfg = models.ModelConfig(vocab_size=64, dim=32, n_layers=n_layers, attn_type=attn_type, n_heads=4,
+                             n_kv_heads=n_kv_heads, head_dim=8, q_lora_rank=q_lora_rank, kv_lora_rank=16,
+                             qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, inter_dim=48,
+                             first_k_dense=first_k_dense, moe_inter_dim=16, n_routed_experts=4, max_seq_len=16)
     torch.manual_seed(0)
     model = models.Transformer(cfg).double().train()
     with torch.no_grad():  # blow up the logits, more for later heads, so some heads exceed tau and some do not
@@ -222,7 +224,7 @@ def test_registered_hook_runs_after_step():
     clip_a = muonclip.QKClip(model_a.qk_clip_specs, tau=5.0)  # callable specs, re-read each call
     clip_a.register(opts[0])
     clip_b = muonclip.QKClip(model_b.qk_clip_specs(), tau=5.0)
-    opts[1].register_step_post_hook(lambda opt, args, kwargs: clip_b())  # the form in CONTRACTS
+    opts[1].register_step_post_hook(lambda opt, args, kwargs: clip_b())  # the form a torch optimizer hook takes
     for m, opt in zip((model_a, model_b), opts):
         m.reset_step_stats()
         m(tokens).sum().backward()
@@ -272,3 +274,117 @@ def _dist_worker(rank, world_size):
 
 def test_distributed_max_reduction_and_sharded_weights():
     run_distributed(_dist_worker, 2)
+
+
+# ------------------------------------------------------------------------------------------------ post-step mode
+CASES = [("mha", 4, 0), ("mha", 2, 0), ("mla", 4, 0), ("mla", 4, 16)]
+CASE_IDS = ["mha", "gqa", "mla", "mla_qlora"]
+
+
+def _post_step_model(attn_type, n_kv=4, q_lora=0):
+    return _model(attn_type, n_kv, q_lora, n_layers=3, first_k_dense=1)  # dense, MoE, MoE
+
+
+def _recorded_max_logits(model, tokens):
+    """Independent check: a train-mode forward records every layer's max logits [L, H] on ``tokens``."""
+    model.train().reset_step_stats()
+    with torch.no_grad():
+        model(tokens)
+    return torch.stack([s["max_logits"].clone() for s in model.qk_clip_specs()])
+
+
+def _reference_post_step_clip(model, tokens, tau):
+    """Slow reference of the post-step mode: for each layer in order, run the whole (partly clipped) model to get
+    that layer's input, measure its max logits there and clip that layer only with ``reference_qk_clip``."""
+    measured = []
+    for i, layer in enumerate(model.layers):
+        S_LH = _recorded_max_logits(model, tokens)
+        measured.append(S_LH[i])
+        spec = {**model.qk_clip_specs()[i], "max_logits": S_LH[i]}
+        with torch.no_grad():
+            for key, w in reference_qk_clip([spec], tau)[0].items():
+                spec[key].copy_(w)
+    return torch.stack(measured)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_post_step_clip_leaves_every_head_at_most_tau_and_matches_reference(case):
+    """Re-measured with the clipped weights on the same batch, no head of any layer is above tau (the forward
+    mode does not give that: clipping layer 0 changes what layer 1 sees). Weights equal the layer-by-layer
+    reference; the forward stops after the last attention layer and leaves no statistics behind."""
+    model = _post_step_model(*case)
+    tokens = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
+    S_LH = _recorded_max_logits(model, tokens)
+    tau = _tau_between(S_LH)
+    ref = copy.deepcopy(model)
+    ref_S_LH = _reference_post_step_clip(ref, tokens, tau)
+
+    model.reset_step_stats()
+    head_calls = []
+    model.lm_head.register_forward_hook(lambda *a: head_calls.append(1))
+    clip = muonclip.QKClip(model.qk_clip_specs(), tau=tau)
+    model.eval()
+    clip.apply_post_step(lambda: model(tokens))
+    assert not head_calls  # stopped after the last attention layer
+    assert all(torch.isinf(s["max_logits"]).all() for s in model.qk_clip_specs())  # eval: nothing recorded
+    assert all(r.expert_load_E.sum() > 0 for r in model.moe_routers()[:-1])  # MoE layers in between did run
+    torch.testing.assert_close(clip.last_max_logits.double(), ref_S_LH, rtol=1e-6, atol=0)
+    assert clip.last_clipped.item() == (ref_S_LH > tau).sum().item() > 0
+    for (name, w), w_ref in zip(model.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=0, msg=name)
+
+    after_LH = _recorded_max_logits(model, tokens)
+    assert after_LH.max() <= tau * (1 + 1e-5), (after_LH.max(), tau)
+    clipped_LH = clip.last_max_logits > tau
+    torch.testing.assert_close(after_LH[clipped_LH].float(), torch.full_like(after_LH[clipped_LH].float(), tau),
+                               rtol=1e-5, atol=0)
+
+
+def test_clipping_all_layers_at_once_is_not_enough():
+    """Why post-step clips layer by layer: with S_max measured exactly on the batch, one clip of all layers at
+    once still leaves heads above tau, because clipping a layer changes the input of every layer after it."""
+    model = _post_step_model("mla")
+    tokens = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
+    tau = _tau_between(_recorded_max_logits(model, tokens))
+    layered = copy.deepcopy(model)
+    muonclip.QKClip(model.qk_clip_specs(), tau=tau).apply()  # the buffers hold the exact max logits
+    assert _recorded_max_logits(model, tokens).max() > tau * 1.01
+    muonclip.QKClip(layered.qk_clip_specs(), tau=tau).apply_post_step(lambda: layered.eval()(tokens))
+    assert _recorded_max_logits(layered, tokens).max() <= tau * (1 + 1e-5)
+
+
+def test_post_step_clip_needs_module_and_measure_and_a_forward_that_reaches_them():
+    model = _post_step_model("mha")
+    tokens = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
+    bare = [{k: v for k, v in s.items() if k not in ("module", "measure")} for s in model.qk_clip_specs()]
+    with pytest.raises(ValueError, match="needs 'module'"):
+        muonclip.QKClip(bare, tau=1.0).apply_post_step(lambda: model(tokens))
+    before = copy.deepcopy(model.state_dict())
+    clip = muonclip.QKClip(model.qk_clip_specs(), tau=1.0)
+    with pytest.raises(RuntimeError, match=r"never reached .* specs \[1, 2\]"):
+        clip.apply_post_step(lambda: model.layers[0](model.embed_tokens(tokens)))
+    assert not torch.equal(before["layers.0.self_attn.q_proj.weight"], model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(before["layers.1.self_attn.q_proj.weight"], model.layers[1].self_attn.q_proj.weight)
+    assert not any(h for s in model.qk_clip_specs() for h in s["module"]._forward_pre_hooks.values())
+
+
+def _post_step_dist_worker(rank, world_size):
+    model = _post_step_model("mla", 4, 16)
+    tokens = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(2))
+    tau = _tau_between(_recorded_max_logits(model, tokens))
+    single = copy.deepcopy(model)
+    muonclip.QKClip(single.qk_clip_specs(), tau=tau).apply_post_step(lambda: single.eval()(tokens))
+
+    mine = tokens[rank * 2:(rank + 1) * 2]  # each rank holds half of the batch
+    clip = muonclip.QKClip(model.qk_clip_specs(), tau=tau, process_group=torch.distributed.group.WORLD)
+    clip.apply_post_step(lambda: model.eval()(mine))
+    for (name, w), w1 in zip(model.state_dict().items(), single.state_dict().values()):
+        torch.testing.assert_close(w, w1, rtol=1e-6, atol=0, msg=name)  # = one process on the whole batch
+        gathered = [torch.empty_like(w) for _ in range(world_size)]
+        torch.distributed.all_gather(gathered, w)
+        assert torch.equal(gathered[0], gathered[1]), name  # ranks stay identical
+    assert _recorded_max_logits(model, tokens).max() <= tau * (1 + 1e-5)
+
+
+def test_post_step_clip_distributed_equals_single_process_on_the_whole_batch():
+    run_distributed(_post_step_dist_worker, 2)

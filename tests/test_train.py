@@ -102,6 +102,60 @@ def test_qk_clip_hook_rescales_attention_weights(tmp_path):
     assert max_on < 0.5 * max_off
 
 
+def _record_batches(trainer) -> list:
+    """Make ``trainer.loader.next_batch`` also append each micro batch to the returned list."""
+    seen, next_batch = [], trainer.loader.next_batch
+
+    def recording():
+        batch = next_batch()
+        seen.append(batch)
+        return batch
+    trainer.loader.next_batch = recording
+    return seen
+
+
+@torch.no_grad()
+def _max_logits_on(model, batches) -> torch.Tensor:
+    model.train().reset_step_stats()
+    for inputs_BT, _ in batches:
+        model(inputs_BT)
+    out = torch.stack([s["max_logits"].clone() for s in model.qk_clip_specs()])
+    model.reset_step_stats()
+    return out
+
+
+def test_post_step_qk_clip_keeps_every_head_at_most_tau_after_each_step(tmp_path):
+    """optim.qk_clip_mode=post_step: re-measured on the step's micro batches (both of them) right after the step,
+    no head of any layer is above tau. Forward mode, same run, is above tau after some steps. The probe leaves
+    the routers' load counters as the training forward left them, and the post-step stats are logged."""
+    tau, steps = 0.1, 5  # logits start near 0.1 with init_std 0.02: some heads above tau, some below
+    common = [f"--train.steps={steps}", "--train.eval_interval=0", "--model.n_layers=3", "--data.grad_accum=2",
+              "--optim.lr=0.03", f"--optim.qk_clip_tau={tau}"]
+    worst = {}
+    for mode in ("forward", "post_step"):
+        cfg = debug_cfg(tmp_path / mode, *common, f"--optim.qk_clip_mode={mode}")
+        trainer = Trainer(cfg, init_runtime(cfg))
+        seen = _record_batches(trainer)
+        after, clipped = [], 0
+        for _ in range(steps - 1):
+            seen.clear()
+            trainer.train_step()
+            assert len(seen) == 2
+            tokens_x_topk = 2 * seen[0][0].numel() * cfg.model.n_activated_experts
+            assert all(r.expert_load_E.sum() == tokens_x_topk for r in trainer.model.moe_routers())
+            after.append(float(_max_logits_on(trainer.model, seen).max()))
+            clipped += int((trainer.qkclip_post or trainer.qkclip).last_clipped)
+        assert clipped > 0
+        worst[mode] = max(after)
+        if mode == "post_step":
+            trainer.fit()  # the last step through the loop: logged
+            record = json.loads((tmp_path / mode / "metrics.jsonl").read_text().splitlines()[-1])
+            assert record["qk_clip/post_step_max_logit"] > tau and record["qk_clip/clipped_heads"] > 0
+            assert record["max_logit/max"] == pytest.approx(float(trainer.qkclip.last_max_logits.max()))
+    assert worst["post_step"] <= tau * (1 + 1e-5), worst
+    assert worst["forward"] > tau * 1.01, worst
+
+
 def _dp_worker(rank: int, world: int, out_dir: str, overrides: list[str]) -> None:
     torch.set_num_threads(1)
     cfg = debug_cfg(out_dir, *overrides)
@@ -112,10 +166,12 @@ def _dp_worker(rank: int, world: int, out_dir: str, overrides: list[str]) -> Non
                Path(out_dir) / f"rank{rank}.pt")
 
 
-@pytest.mark.parametrize("optimizer", ["replicated", "zero1"])
-def test_two_process_data_parallel_matches_single_process(tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer,qk_clip", [("replicated", []), ("zero1", []),
+                                              ("zero1", ["--optim.qk_clip_mode=post_step", "--optim.qk_clip_tau=0.1"])],
+                         ids=["replicated", "zero1", "zero1_post_step_clip"])
+def test_two_process_data_parallel_matches_single_process(tmp_path, optimizer, qk_clip):
     common = ["--train.steps=6", "--train.eval_interval=6", "--schedule.warmup_steps=2", "--data.grad_accum=2",
-              f"--parallel.optimizer={optimizer}"]
+              f"--parallel.optimizer={optimizer}", *qk_clip]
     run_distributed(_dp_worker, 2, str(tmp_path / "dp"), [*common, "--data.micro_batch_size=2"])
     r0, r1 = (torch.load(tmp_path / "dp" / f"rank{r}.pt") for r in range(2))
     for k, v in r0["params"].items():

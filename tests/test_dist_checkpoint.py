@@ -31,17 +31,17 @@ def _snapshot(trainer: Trainer) -> dict:
             "next": nxt}
 
 
-def _phase1(rank: int, world: int, root: str) -> None:
+def _phase1(rank: int, world: int, root: str, overrides: list[str] = DP2) -> None:
     """Uninterrupted N steps (a/), and a run interrupted after N/2 steps with a checkpoint (b/)."""
     torch.set_num_threads(1)
     root = Path(root)
-    cfg = debug_cfg(root / "a", *DP2)
+    cfg = debug_cfg(root / "a", *overrides)
     trainer = Trainer(cfg, init_runtime(cfg))
-    assert trainer.zero1
     result = trainer.fit()
-    torch.save({"losses": result.losses, "params": _snapshot(trainer)["params"]}, root / f"a_rank{rank}.pt")
+    torch.save({"losses": result.losses, "params": _snapshot(trainer)["params"], "zero1": trainer.zero1},
+               root / f"a_rank{rank}.pt")
 
-    cfg = debug_cfg(root / "b", *DP2)
+    cfg = debug_cfg(root / "b", *overrides)
     trainer = Trainer(cfg, init_runtime(cfg))
     losses = {}
     for _ in range(HALF):
@@ -51,15 +51,18 @@ def _phase1(rank: int, world: int, root: str) -> None:
     torch.save({"losses": losses, **_snapshot(trainer)}, root / f"b1_rank{rank}.pt")
 
 
-def _phase2(rank: int, world: int, root: str, single_ckpt: str) -> None:
-    """New processes: resume b/ (auto) to step N; resume the dp=1 checkpoint at dp=2 (rev/) to step N."""
+def _phase2(rank: int, world: int, root: str, single_ckpt: str | None, overrides: list[str] = DP2) -> None:
+    """New processes: resume b/ (auto) to step N; with ``single_ckpt``, resume that dp=1 checkpoint at dp=2
+    (rev/) to step N."""
     torch.set_num_threads(1)
     root = Path(root)
-    cfg = debug_cfg(root / "b", *DP2)
+    cfg = debug_cfg(root / "b", *overrides)
     trainer = Trainer(cfg, init_runtime(cfg))
     assert trainer.step == HALF
     result = trainer.fit()
     torch.save({"losses": result.losses, "params": _snapshot(trainer)["params"]}, root / f"b2_rank{rank}.pt")
+    if single_ckpt is None:
+        return
 
     cfg = debug_cfg(root / "rev", *DP2, f"--train.resume={single_ckpt}")
     trainer = Trainer(cfg, init_runtime(cfg))
@@ -87,7 +90,8 @@ def runs(tmp_path_factory):
             "a": load("a"), "b1": load("b1"), "b2": load("b2"), "rev": load("rev")}
 
 
-def test_zero1_dp2_resume_in_new_processes_is_bitwise(runs):
+def assert_bitwise_resume(runs) -> None:
+    """Interrupted at N/2 and resumed in new processes = uninterrupted: every loss and parameter, on each rank."""
     for rank in range(2):
         a, b1, b2 = runs["a"][rank], runs["b1"][rank], runs["b2"][rank]
         assert sorted(a["losses"]) == list(range(1, N + 1))
@@ -96,6 +100,11 @@ def test_zero1_dp2_resume_in_new_processes_is_bitwise(runs):
         assert a["params"].keys() == b2["params"].keys()
         for k, v in a["params"].items():
             assert torch.equal(v, b2["params"][k]), f"rank {rank}: {k} differs after resume"
+
+
+def test_zero1_dp2_resume_in_new_processes_is_bitwise(runs):
+    assert all(a["zero1"] for a in runs["a"])
+    assert_bitwise_resume(runs)
     # ZeRO-1 really sharded the optimizer state: each rank owns a disjoint, non-empty part
     o0, o1 = runs["b1"][0]["optim"], runs["b1"][1]["optim"]
     assert o0 and o1 and not (o0.keys() & o1.keys())

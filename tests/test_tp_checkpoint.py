@@ -1,8 +1,7 @@
-"""Tensor-parallel checkpoints (2 gloo processes, tp=2): bitwise resume in new processes, and the tp=2
-checkpoint loaded in one process (tp=1) holds the full (global) tensors and continues the run."""
+"""Tensor-parallel checkpoints (2 gloo processes, tp=2, the workers of test_dist_checkpoint): bitwise resume in
+new processes, and the tp=2 checkpoint loaded in one process (tp=1) holds the full (global) tensors and
+continues the run."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from launch.trainer import Trainer, init_runtime
 from models import Transformer
 from tests.dist_utils import run_distributed
 from tests.test_checkpoint import checkpoint_tensors
-from tests.test_dist_checkpoint import HALF, N, _snapshot
+from tests.test_dist_checkpoint import HALF, N, _phase1, _phase2, _snapshot, assert_bitwise_resume
 from tests.test_train import debug_cfg
 
 COMMON = [f"--train.steps={N}", "--schedule.warmup_steps=2", "--train.eval_interval=0", "--train.ckpt_interval=0",
@@ -19,57 +18,20 @@ COMMON = [f"--train.steps={N}", "--schedule.warmup_steps=2", "--train.eval_inter
 TP2 = [*COMMON, "--parallel.tp=2"]
 
 
-def _phase1(rank: int, world: int, root: str) -> None:
-    """Uninterrupted N steps (a/), and a run interrupted after N/2 steps with a checkpoint (b/)."""
-    torch.set_num_threads(1)
-    root = Path(root)
-    cfg = debug_cfg(root / "a", *TP2)
-    trainer = Trainer(cfg, init_runtime(cfg))
-    assert trainer.rt.groups.tp_size == 2
-    result = trainer.fit()
-    torch.save({"losses": result.losses, "params": _snapshot(trainer)["params"]}, root / f"a_rank{rank}.pt")
-
-    cfg = debug_cfg(root / "b", *TP2)
-    trainer = Trainer(cfg, init_runtime(cfg))
-    losses = {}
-    for _ in range(HALF):
-        loss = trainer.train_step().loss
-        losses[trainer.step] = loss
-    trainer.save()
-    torch.save({"losses": losses, **_snapshot(trainer)}, root / f"b1_rank{rank}.pt")
-
-
-def _phase2(rank: int, world: int, root: str) -> None:
-    """New processes: resume b/ (auto) to step N."""
-    torch.set_num_threads(1)
-    root = Path(root)
-    cfg = debug_cfg(root / "b", *TP2)
-    trainer = Trainer(cfg, init_runtime(cfg))
-    assert trainer.step == HALF
-    result = trainer.fit()
-    torch.save({"losses": result.losses, "params": _snapshot(trainer)["params"]}, root / f"b2_rank{rank}.pt")
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tpckpt")
-    run_distributed(_phase1, 2, str(root))
-    run_distributed(_phase2, 2, str(root))
+    run_distributed(_phase1, 2, str(root), TP2)
+    run_distributed(_phase2, 2, str(root), None, TP2)
     load = lambda name: [torch.load(root / f"{name}_rank{r}.pt", weights_only=False) for r in range(2)]  # noqa: E731
     return {"root": root, "a": load("a"), "b1": load("b1"), "b2": load("b2")}
 
 
 def test_tp2_resume_in_new_processes_is_bitwise(runs):
-    sharded = 0
-    for rank in range(2):
-        a, b1, b2 = runs["a"][rank], runs["b1"][rank], runs["b2"][rank]
-        assert sorted(a["losses"]) == list(range(1, N + 1))
-        assert {**b1["losses"], **b2["losses"]} == a["losses"]  # exact, every step
-        for k, v in a["params"].items():
-            assert torch.equal(v, b2["params"][k]), f"rank {rank}: {k} differs after resume"
-    for k, v in runs["a"][0]["params"].items():  # the ranks really hold different shards of some weights
-        sharded += not torch.equal(v, runs["a"][1]["params"][k])
-    assert sharded > 0
+    assert_bitwise_resume(runs)
+    # the ranks really hold different shards of some weights
+    a0, a1 = (runs["a"][r]["params"] for r in range(2))
+    assert any(not torch.equal(v, a1[k]) for k, v in a0.items())
 
 
 def test_tp2_checkpoint_loads_in_one_process_with_full_tensors(runs, tmp_path):

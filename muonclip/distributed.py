@@ -25,6 +25,9 @@ Placement (``muonclip.placement.Placement``, from the parallelize step; names mi
   divided by the dp size (``expert_grad_divisor``): each expert's local gradient already sums the tokens of its
   EP group, so this gives the same global-mean gradient as the dense params.
 
+On each rank, all the matrices it orthogonalises that share a shape (e.g. the q/k/v projections of every layer,
+or several expert stacks) go through ONE batched Newton–Schulz call (``_dist_comm.orthogonalize_batched``).
+
 Ownership is whole tensors (see ``_dist_layout``), so ``opt.state`` holds whole tensors for owned params only
 (the local TP shard for "tp_sharded"), as the checkpoint contract requires. Parameters with
 ``requires_grad=False`` are not managed (never updated, never communicated). A managed parameter without a

@@ -417,3 +417,30 @@ def test_tensor_parallel_exact_muon_dp2_tp2(world4):
 
 def test_experts_batched_on_ep_rank_dp4_ep2(world4):
     world4.check("experts")
+
+
+def test_same_shape_matrices_share_one_batched_newton_schulz_call():
+    """orthogonalize_batched: one call per (shape, ns settings) group, expert stacks joining as E matrices;
+    results equal per-matrix Newton–Schulz (float64) and keep each input's shape."""
+    from muonclip._dist_comm import NSItem, orthogonalize_batched
+    from muonclip.muon import orthogonalize
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(4, 6), (3, 4, 6), (5, 3), (4, 6), (4, 6), (5, 3)]
+    steps = [5, 5, 5, 5, 3, 5]  # item 4 has other ns settings: its own call
+    items = [NSItem(torch.randn(*s, generator=g, dtype=torch.float64), ns_rank=0, ns_steps=n)
+             for s, n in zip(shapes, steps)]
+    calls = []
+
+    def orth(update, item):
+        calls.append(tuple(update.shape))
+        return orthogonalize(update, item.ns_steps, eps=item.ns_eps, ns_dtype=torch.float64)
+
+    fulls = {i: it.update for i, it in enumerate(items)}
+    outs = orthogonalize_batched(fulls, items, orth)
+    assert sorted(calls) == sorted([(5, 4, 6), (2, 5, 3), (4, 6)])
+    assert sorted(outs) == list(range(len(items)))
+    for i, it in enumerate(items):
+        ref = orthogonalize(it.update, it.ns_steps, eps=it.ns_eps, ns_dtype=torch.float64)
+        assert outs[i].shape == it.update.shape
+        torch.testing.assert_close(outs[i], ref, rtol=0, atol=1e-12)

@@ -21,15 +21,17 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-import muonclip.optimizer as mc_optimizer
-from models import ModelConfig, Transformer
-from muonclip import MuonClip, adamw_step_, build_param_groups
-from muonclip.distributed import DistributedMuonClip, OptimizerGroups
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script / torchrun
+import muonclip.optimizer as mc_optimizer  # noqa: E402
+from models import ModelConfig, Transformer  # noqa: E402
+from muonclip import MuonClip, adamw_step_, build_param_groups  # noqa: E402
+from muonclip.distributed import DistributedMuonClip, OptimizerGroups  # noqa: E402
 
 
 def fake_grads(params: list[tuple[str, torch.Tensor]], rank: int, it: int) -> None:

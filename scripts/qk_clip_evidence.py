@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import muonclip  # noqa: E402
-from benchmarks.muon_vs_adamw import model_config  # noqa: E402  (same model as the benchmark)
+from benchmarks.muon_vs_adamw import add_model_args, model_config  # noqa: E402  (the benchmark's model)
 from models import ModelConfig, Transformer  # noqa: E402
 
 
@@ -43,14 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=0.03, help="aggressive on purpose")
     p.add_argument("--tau", type=float, default=20.0, help="QK-Clip threshold (Kimi K2: 100; small here so the "
                                                            "effect shows within a short CPU run)")
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--data-dir", default=os.path.join(ROOT, "data", "cache"))
-    p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    add_model_args(p, layers=2)
     return p.parse_args(argv)
 
 

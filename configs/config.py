@@ -142,6 +142,9 @@ class ParallelConfig:
         _need(s, self.dp >= 0, f"dp must be >= 0 (0 = infer from the world size), got {self.dp}")
         _need(s, self.tp >= 1 and self.ep >= 1, f"tp and ep must be >= 1, got tp={self.tp} ep={self.ep}")
         _one_of(s, "optimizer", self.optimizer, ("zero1", "replicated"))
+        _need(s, self.optimizer == "zero1" or (self.tp == 1 and self.ep == 1),
+              f"tp={self.tp}, ep={self.ep} needs optimizer: zero1 (DistributedMuonClip reduces expert/sharded "
+              "gradients over the right groups and orthogonalises the full TP matrices; DDP + MuonClip cannot)")
 
 
 @dataclass

@@ -103,9 +103,6 @@ def init_runtime(cfg: JobConfig) -> Runtime:
         raise ValueError(f"parallel.tp ({p.tp}) must divide the world size ({world})")
     pdims = ParallelDims(dp=p.dp or world // p.tp, tp=p.tp, ep=p.ep)
     pdims.check_world(world)
-    if (p.ep > 1 or p.tp > 1) and p.optimizer != "zero1":
-        raise ValueError("parallel.ep > 1 or parallel.tp > 1 needs parallel.optimizer: zero1 (DistributedMuonClip "
-                         "reduces expert/sharded gradients over the right groups; DDP cannot)")
     groups = pdims.build(device.type)
     return Runtime(device, dist.get_rank() if world > 1 else 0, world, pdims, groups, owns)
 

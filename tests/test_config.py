@@ -93,6 +93,7 @@ def test_override_forms():
     (["--schedule.warmup_steps=50", "--train.steps=10"], r"warmup_steps \(50\) must be <= train.steps"),
     (["--train.device=tpu"], r"device must be one of"),
     (["--parallel.optimizer=zero3"], r"optimizer must be one of"),
+    (["--parallel.optimizer=replicated", "--parallel.ep=2"], r"tp=1, ep=2 needs optimizer: zero1"),
     (["--optim.qk_clip_mode=exact"], r"qk_clip_mode must be one of \['forward', 'post_step'\], got 'exact'"),
     (["--model.n_activated_experts=9"], r"n_activated_experts \(9\) must be in \[1, n_routed_experts=8\]"),
     (["--parallel.tp=3"], r"tp \(3\) must divide model.n_heads"),

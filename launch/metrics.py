@@ -52,7 +52,8 @@ def format_line(step: int, total: int, m: dict[str, float]) -> str:
     parts = [f"step {step}/{total}"]
     for key, fmt in (("loss", "loss {:.4f}"), ("val_loss", "val {:.4f}"), ("lr", "lr {:.2e}"),
                      ("grad_norm", "gnorm {:.3f}"), ("tokens_per_s", "tok/s {:,.0f}"),
-                     ("max_logit/max", "max_logit {:.1f}"), ("qk_clip/clipped_heads", "clipped {:.0f}")):
+                     ("max_logit/max", "max_logit {:.1f}"), ("qk_clip/post_step_max_logit", "post-step {:.1f}"),
+                     ("qk_clip/clipped_heads", "clipped {:.0f}")):
         if key in m:
             parts.append(fmt.format(m[key]))
     return " | ".join(parts)

@@ -187,3 +187,11 @@ def test_two_process_data_parallel_matches_single_process(tmp_path, optimizer, q
     assert r0["val"][6] == pytest.approx(single.val_losses[6], rel=1e-4)
     for k, v in trainer.model.state_dict().items():
         torch.testing.assert_close(r0["params"][k], v, rtol=2e-3, atol=2e-4, msg=f"param {k} differs")
+
+
+def test_console_line_shows_the_post_step_max_logit_only_when_present():
+    from launch.metrics import format_line
+    m = {"loss": 4.5, "lr": 1e-3, "max_logit/max": 21.34, "qk_clip/clipped_heads": 3.0}
+    assert format_line(5, 10, m) == "step 5/10 | loss 4.5000 | lr 1.00e-03 | max_logit 21.3 | clipped 3"
+    assert format_line(5, 10, {**m, "qk_clip/post_step_max_logit": 24.06}) == (
+        "step 5/10 | loss 4.5000 | lr 1.00e-03 | max_logit 21.3 | post-step 24.1 | clipped 3")

@@ -163,7 +163,7 @@ class QKClip:
             dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=self.process_group)
         for spec, max_H in zip(specs, flat.split(counts)):
             self._clip_layer(spec, max_H)
-        self._store(flat.split(counts))
+        self._store(flat, counts)
 
     @torch.no_grad()
     def apply_post_step(self, run_forward: Callable[[], Any]) -> None:
@@ -214,21 +214,20 @@ class QKClip:
         if missing:
             raise RuntimeError(f"QK-Clip apply_post_step: the forward never reached the attention modules of specs "
                                f"{missing}; run_forward must run the model whose qk_clip_specs() were given")
-        self._store(rows)
+        self._store(torch.cat(rows), [r.numel() for r in rows])
 
     def _clip_layer(self, spec: Spec, max_H: Tensor) -> None:
         if self.tau != math.inf:  # tau = inf: only measure and reduce (monitoring without clipping)
             for key, scale_R in row_scales(spec, head_gammas(max_H, self.tau)).items():
                 scale_rows_(spec[key], scale_R)
 
-    def _store(self, rows: Sequence[Tensor]) -> None:
-        flat = torch.cat(list(rows))
+    def _store(self, flat: Tensor, counts: list[int]) -> None:
+        """``last_clipped`` and ``last_max_logits`` [L, max H] from all layers' max logits concatenated."""
         self.last_clipped = (flat > self.tau).sum()
-        counts = [r.numel() for r in rows]
         if len(set(counts)) == 1:
-            self.last_max_logits = flat.view(len(rows), counts[0])
+            self.last_max_logits = flat.view(len(counts), counts[0])
         else:
-            padded = flat.new_full((len(rows), max(counts)), float("-inf"))
-            for i, row in enumerate(rows):
+            padded = flat.new_full((len(counts), max(counts)), float("-inf"))
+            for i, row in enumerate(flat.split(counts)):
                 padded[i, : row.numel()] = row
             self.last_max_logits = padded

@@ -62,6 +62,14 @@ def model_config(a, vocab_size: int) -> ModelConfig:
                        first_k_dense=1, max_seq_len=a.seq)
 
 
+def embedded_data(a, val_batches: int = 1) -> "data.Datasets":
+    """Training/validation streams of the embedded corpus (bpe8k) for ``a.seq`` x ``a.batch`` batches."""
+    from configs import DataConfig
+    d = DataConfig(data_dir=a.data_dir, seq_len=a.seq, micro_batch_size=a.batch, seed=a.seed, val_batches=val_batches)
+    return data.build_datasets(d, model_vocab_size=8192, global_batch=a.batch,
+                               planned_samples=getattr(a, "steps", 0) * a.batch)
+
+
 def lr_factor(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -86,12 +94,12 @@ def evaluate(model: Transformer, val_windows) -> float:
     return loss / len(val_windows)
 
 
-def run(a, cfg, prepared, kind: str, lr: float, val_windows) -> dict:
+def run(a, cfg, datasets, kind: str, lr: float, val_windows) -> dict:
     torch.manual_seed(a.seed)
     model = Transformer(cfg).train()
     opt = build_optimizer(kind, model, lr)
     base_lrs = [g["lr"] for g in opt.param_groups]
-    loader = data.BatchLoader(data.TokenShards(prepared.train_prefix), a.seq, a.batch, seed=a.seed)
+    loader = data.BatchLoader(datasets.train, a.batch)
     warmup = max(1, int(a.warmup_frac * a.steps))
     tokens_per_step = a.seq * a.batch
     curve, train_losses, t0 = [(0, evaluate(model, val_windows))], [], time.perf_counter()
@@ -191,12 +199,12 @@ def write_outputs(a, cfg, runs: list[dict], n_params: int, total_secs: float) ->
 def main(argv=None) -> int:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
-    prepared = data.prepare(a.data_dir)
-    cfg = model_config(a, prepared.vocab_size)
-    val_windows = list(data.val_batches(data.TokenShards(prepared.val_prefix), a.seq, a.batch, a.val_batches))
+    datasets = embedded_data(a, a.val_batches)
+    cfg = model_config(a, datasets.tokenizer.vocab_size)
+    val_windows = list(data.val_batches(datasets.val, a.batch, datasets.val_samples))
     t0 = time.perf_counter()
-    runs = [run(a, cfg, prepared, "muon", lr, val_windows) for lr in a.muon_lrs]
-    runs += [run(a, cfg, prepared, "adamw", lr, val_windows) for lr in a.adamw_lrs]
+    runs = [run(a, cfg, datasets, "muon", lr, val_windows) for lr in a.muon_lrs]
+    runs += [run(a, cfg, datasets, "adamw", lr, val_windows) for lr in a.adamw_lrs]
     n_params = sum(p.numel() for p in Transformer(cfg).parameters())
     write_outputs(a, cfg, runs, n_params, time.perf_counter() - t0)
     return 0

@@ -79,26 +79,66 @@ class ScheduleConfig:
         _need(s, 0 < self.wsd_decay_fraction <= 1, f"wsd_decay_fraction must be in (0, 1], got {self.wsd_decay_fraction}")
 
 
+SOURCE_FORMATS = ("auto", "jsonl", "json", "parquet", "text", "lines", "hf_disk", "megatron")
+
+
+@dataclass
+class SourceConfig:
+    """One entry of ``data.sources`` / ``data.val_sources`` (formats and resolution: data/formats.py)."""
+
+    path: str = ""  # a file, a directory, a glob, a datasets.save_to_disk directory or a Megatron prefix
+    weight: float = 1.0  # blend weight (normalised over the list); 0 leaves the source out
+    name: str = ""  # label for logs and W&B (data/<name>/tokens); default: derived from the path
+    text_key: str = "text"  # JSON/parquet/arrow column that holds the document text
+    format: str = "auto"  # "auto" (by extension), or one of SOURCE_FORMATS; "lines": one document per line
+
+    def __post_init__(self) -> None:
+        s = "data source"
+        _need(s, bool(self.path), "path must be a non-empty file, directory, glob or Megatron prefix")
+        _need(s, self.weight >= 0 and self.weight < float("inf"),
+              f"weight must be a finite number >= 0, got {self.weight} (path {self.path})")
+        _need(s, bool(self.text_key), f"text_key must be non-empty (path {self.path})")
+        _one_of(s, "format", self.format, SOURCE_FORMATS)
+
+
+def _check_sources(name: str, sources: list[SourceConfig]) -> None:
+    if sources:
+        _need("data", sum(src.weight for src in sources) > 0,
+              f"{name}: the weights sum to 0; give at least one source a weight > 0")
+        labels = [src.name for src in sources if src.name]
+        dup = sorted({n for n in labels if labels.count(n) > 1})
+        _need("data", not dup, f"{name}: names must be unique, {dup} appear more than once")
+
+
 @dataclass
 class DataConfig:
-    """Token shards built by ``data.prepare`` from the embedded corpus; batches from ``data.BatchLoader``."""
+    """What to train on (``sources``; empty = the embedded corpus) and how batches are cut (data/)."""
 
-    tokenizer: str = "bpe8k"
-    data_dir: str = "data/cache"  # where data.prepare writes the tokenizer and .bin/.idx shards
+    # [{path, weight, name, text_key, format}, ...]; raw text is tokenized once on rank 0 (cached under data_dir)
+    sources: list[SourceConfig] = field(default_factory=list)
+    val_sources: list[SourceConfig] = field(default_factory=list)  # empty: hold out val_fraction of each source
+    tokenizer: str = "bpe8k"  # "bpe8k", "gpt2", a tokenizer.json path or a local Hugging Face tokenizer dir
+    trust_remote_code: bool = False  # let AutoTokenizer run a tokenizer directory's own code (e.g. Kimi-K2)
+    utf8_errors: str = "strict"  # invalid UTF-8 in raw text: "strict" (error naming file and line) or "replace"
+    preprocess_workers: int = 1  # tokenizer processes rank 0 uses for raw-text sources
+    data_dir: str = "data/cache"  # token shards of raw-text sources, sample indices, downloads
     seq_len: int = 256
     micro_batch_size: int = 8  # sequences per rank per micro step
     grad_accum: int = 1  # micro steps per optimizer step
-    val_fraction: float = 0.01  # share of the corpus held out for validation (data.prepare)
-    val_batches: int = 8  # micro batches per validation pass
+    val_fraction: float = 0.01  # documents of each source held out for validation (when val_sources is empty)
+    val_batches: int = 8  # validation pass = val_batches global batches (micro_batch_size * dp * grad_accum)
     seed: int = 1234  # data order
 
     def __post_init__(self) -> None:
         s = "data"
         _need(s, bool(self.tokenizer), "tokenizer must be a non-empty name (e.g. 'bpe8k')")
         _need(s, bool(self.data_dir), "data_dir must be a non-empty path")
-        for name in ("seq_len", "micro_batch_size", "grad_accum", "val_batches"):
+        for name in ("seq_len", "micro_batch_size", "grad_accum", "val_batches", "preprocess_workers"):
             _need(s, getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        _need(s, 0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        _need(s, 0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        _one_of(s, "utf8_errors", self.utf8_errors, ("strict", "replace"))
+        _check_sources("sources", self.sources)
+        _check_sources("val_sources", self.val_sources)
 
 
 @dataclass
@@ -201,6 +241,8 @@ class JobConfig:
         if m.first_k_dense < m.n_layers:
             _need("parallel", m.n_routed_experts % p.ep == 0,
                   f"ep ({p.ep}) must divide model.n_routed_experts ({m.n_routed_experts})")
+        _need("data", bool(d.val_sources) or d.val_fraction > 0 or self.train.eval_interval == 0,
+              "validation needs data: set val_fraction > 0 or val_sources, or train.eval_interval: 0")
         _need("schedule", self.schedule.warmup_steps <= self.train.steps,
               f"warmup_steps ({self.schedule.warmup_steps}) must be <= train.steps ({self.train.steps})")
 

@@ -79,16 +79,21 @@ def build_config(raw: dict[str, Any], source: str = "<dict>") -> JobConfig:
 
 
 def _build_section(section: str, values: dict[str, Any], source: str) -> Any:
-    cls = SECTIONS[section]
+    _check_section(section, source)
+    return _build_dataclass(SECTIONS[section], values, section, source)
+
+
+def _build_dataclass(cls: type, values: dict[str, Any], where: str, source: str) -> Any:
+    """``cls(**values)`` with every key checked against the fields and every value against its annotation."""
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
-        _check_key(section, str(key), source)
-        kwargs[key] = coerce(value, hints[key], f"{section}.{key}", source)
+        _check_field(cls, str(key), where, source)
+        kwargs[key] = coerce(value, hints[key], f"{where}.{key}", source)
     try:
         return cls(**kwargs)
     except ValueError as e:
-        raise ValueError(f"{e} (config: {source})") from None
+        raise ValueError(f"{where}: {e} (config: {source})" if "[" in where else f"{e} (config: {source})") from None
 
 
 def _check_section(section: str, source: str) -> None:
@@ -99,10 +104,15 @@ def _check_section(section: str, source: str) -> None:
 
 def _check_key(section: str, key: str, source: str) -> None:
     _check_section(section, source)
-    names = [f.name for f in dataclasses.fields(SECTIONS[section])]
+    _check_field(SECTIONS[section], key, section, source)
+
+
+def _check_field(cls: type, key: str, where: str, source: str) -> None:
+    names = [f.name for f in dataclasses.fields(cls)]
     if key not in names:
-        raise ValueError(f"unknown key {key!r} in section {section!r} ({source}).{_suggest(key, names)} "
-                         f"Valid keys in {section!r}: {', '.join(names)}")
+        kind = f"section {where!r}" if "." not in where and "[" not in where else f"{where!r}"
+        raise ValueError(f"unknown key {key!r} in {kind} ({source}).{_suggest(key, names)} "
+                         f"Valid keys in {where!r}: {', '.join(names)}")
 
 
 def _suggest(word: str, options: Sequence[str]) -> str:
@@ -111,7 +121,7 @@ def _suggest(word: str, options: Sequence[str]) -> str:
 
 
 def coerce(value: Any, tp: Any, where: str, source: str = "<dict>") -> Any:
-    """Check ``value`` against the annotation ``tp`` (bool, int, float, str, tuple[float, ...])."""
+    """Check ``value`` against the annotation ``tp`` (bool, int, float, str, tuple[...], list[dataclass])."""
     def fail(expected: str) -> ValueError:
         return ValueError(f"{where}: expected {expected}, got {value!r} ({type(value).__name__}) in {source}")
 
@@ -138,6 +148,17 @@ def coerce(value: Any, tp: Any, where: str, source: str = "<dict>") -> Any:
         if not isinstance(value, str):
             raise fail("a string (quote it)")
         return value
+    if typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+        cls = typing.get_args(tp)[0]
+        if not isinstance(value, (list, tuple)):
+            raise fail("a list of mappings, e.g. [{path: /data/web, weight: 0.7}]")
+        items = []
+        for i, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise ValueError(f"{where}[{i}]: expected a mapping such as {{path: ..., weight: ...}}, got "
+                                 f"{item!r} in {source}")
+            items.append(_build_dataclass(cls, item, f"{where}[{i}]", source))
+        return items
     if typing.get_origin(tp) is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -148,7 +169,7 @@ def coerce(value: Any, tp: Any, where: str, source: str = "<dict>") -> Any:
 
 def config_to_dict(cfg: JobConfig) -> dict[str, dict[str, Any]]:
     """Plain nested dict (tuples as lists) that ``build_config`` accepts back."""
-    def plain(v: Any) -> Any:
+    def plain(v: Any) -> Any:  # asdict already turned nested dataclasses into dicts
         return list(v) if isinstance(v, tuple) else v
 
     return {name: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, name)).items()} for name in SECTIONS}

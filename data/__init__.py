@@ -1,10 +1,15 @@
-"""Offline pretraining data: embedded public-domain corpus -> packed Megatron-format token shards.
+"""Pretraining data: sources (files, directories, globs, Megatron prefixes) -> token shards -> sample streams.
 
-``prepare(out_dir)`` builds (once) train/val .bin/.idx shards, ``TokenShards`` reads them, ``BatchLoader``
-yields deterministic, resumable batches and ``val_batches`` the validation windows.
+``build_datasets`` turns a ``DataConfig`` into training/validation streams (data/sources.py); ``preprocess``
+writes Megatron ``.bin/.idx`` shards (also ``python -m data.preprocess``); ``TokenShards`` reads them;
+``BatchLoader`` yields deterministic, resumable, data-parallel batches and ``val_batches`` the validation ones.
 """
+from data.blend import BlendedSamples
 from data.indexed import TokenShards
-from data.loader import BatchLoader, val_batches
-from data.prepare import Prepared, prepare
+from data.loader import BatchLoader, packed_samples, val_batches
+from data.preprocess import preprocess
+from data.sources import Datasets, build_datasets
+from data.tokenizer import TextTokenizer, load_tokenizer
 
-__all__ = ["prepare", "Prepared", "TokenShards", "BatchLoader", "val_batches"]
+__all__ = ["build_datasets", "Datasets", "preprocess", "TokenShards", "BlendedSamples", "BatchLoader",
+           "packed_samples", "val_batches", "TextTokenizer", "load_tokenizer"]

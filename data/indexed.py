@@ -3,7 +3,7 @@
 ``.idx`` (little endian): magic b"MMIDIDX\\x00\\x00", u64 version (1), u8 dtype code, u64 sequence count S,
 u64 document count D, int32 sequence lengths [S], int64 sequence byte pointers [S], int64 document
 indices [D] (D = documents + 1, starting at 0 and ending at S). ``.bin``: the tokens, back to back.
-prepare() writes one sequence per document (EOS appended), so sequences == documents.
+data.preprocess writes one sequence per document (EOS appended), so sequences == documents.
 """
 from __future__ import annotations
 
@@ -32,39 +32,71 @@ def dtype_code(dtype) -> int:
 
 
 class IndexedWriter:
-    """Streaming writer: ``add_documents(tokens_flat, lengths)`` any number of times, then ``close()``."""
+    """Streaming writer: ``add_documents(tokens_flat, lengths)`` any number of times, then ``close()``.
+
+    Memory stays bounded whatever the number of documents: lengths go to a side file as they arrive and
+    the ``.idx`` is written from it in chunks. ``max_token`` is the largest id written (-1 when empty).
+    """
+
+    _CHUNK = 1 << 22  # documents per chunk when writing the .idx
 
     def __init__(self, prefix: str, dtype):
         self.prefix, self.dtype = prefix, np.dtype(dtype)
         self._bin = open(prefix + ".bin", "wb")
-        self._lengths: list[np.ndarray] = []
+        self._lengths_path = prefix + ".lengths.tmp"
+        self._lengths = open(self._lengths_path, "wb")
+        self.documents = self.num_tokens = 0
+        self.max_token = -1
 
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         tokens, lengths = np.asarray(tokens), np.asarray(lengths, dtype=np.int64)
         if int(lengths.sum()) != tokens.size or (lengths < 0).any():
             raise ValueError("lengths must be non-negative and sum to the number of tokens")
-        if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(self.dtype).max):
-            raise ValueError(f"token ids out of range for {self.dtype}")
+        if lengths.size and lengths.max() > np.iinfo(np.int32).max:
+            raise ValueError("a document is longer than 2**31-1 tokens")
+        if tokens.size:
+            if tokens.min() < 0 or tokens.max() > np.iinfo(self.dtype).max:
+                raise ValueError(f"token ids out of range for {self.dtype}")
+            self.max_token = max(self.max_token, int(tokens.max()))
         self._bin.write(tokens.astype(self.dtype, copy=False).tobytes())
-        self._lengths.append(lengths)
+        self._lengths.write(lengths.astype(np.int32).tobytes())
+        self.documents += int(lengths.size)
+        self.num_tokens += int(tokens.size)
 
     def close(self) -> None:
         self._bin.flush()
-        os.fsync(self._bin.fileno())  # data on disk before prepare() renames the directory into place
+        os.fsync(self._bin.fileno())  # data on disk before the caller renames the files into place
         self._bin.close()
-        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
-        if lengths.size and lengths.max() > np.iinfo(np.int32).max:
-            raise ValueError("a document is longer than 2**31-1 tokens")
-        pointers = np.zeros(lengths.size, np.int64)
-        np.cumsum(lengths[:-1] * self.dtype.itemsize, out=pointers[1:])
-        doc_indices = np.arange(lengths.size + 1, dtype=np.int64)
+        self._lengths.close()
+        n = self.documents
+        lengths = np.memmap(self._lengths_path, np.int32, "r", shape=(n,)) if n else np.zeros(0, np.int32)
         with open(self.prefix + ".idx", "wb") as f:
-            f.write(_HEADER.pack(MAGIC, VERSION, dtype_code(self.dtype), lengths.size, doc_indices.size))
-            f.write(lengths.astype(np.int32).tobytes())
-            f.write(pointers.tobytes())
-            f.write(doc_indices.tobytes())
+            f.write(_HEADER.pack(MAGIC, VERSION, dtype_code(self.dtype), n, n + 1))
+            for a in range(0, n, self._CHUNK):
+                f.write(np.asarray(lengths[a:a + self._CHUNK]).tobytes())
+            pointer = 0
+            for a in range(0, n, self._CHUNK):
+                chunk = np.asarray(lengths[a:a + self._CHUNK], np.int64) * self.dtype.itemsize
+                pointers = np.empty_like(chunk)
+                pointers[0] = pointer
+                np.cumsum(chunk[:-1], out=pointers[1:])
+                pointers[1:] += pointer
+                pointer = int(pointers[-1] + chunk[-1])
+                f.write(pointers.tobytes())
+            for a in range(0, n + 1, self._CHUNK):
+                f.write(np.arange(a, min(a + self._CHUNK, n + 1), dtype=np.int64).tobytes())
             f.flush()
             os.fsync(f.fileno())
+        del lengths
+        os.remove(self._lengths_path)
+
+    def abort(self) -> None:
+        """Close and delete everything written so far."""
+        for f in (self._bin, self._lengths):
+            f.close()
+        for path in (self.prefix + ".bin", self.prefix + ".idx", self._lengths_path):
+            if os.path.exists(path):
+                os.remove(path)
 
     def __enter__(self):
         return self
@@ -73,32 +105,37 @@ class IndexedWriter:
         if exc_type is None:
             self.close()
         else:
-            self._bin.close()
+            self.abort()
 
 
 class TokenShards:
     """Read-only view of ``prefix.bin``/``prefix.idx`` with full validation of the layout.
 
-    ``tokens``: np.memmap of the whole token stream; ``sequence_lengths``/``doc_lengths``: int64 arrays;
-    ``len()``: number of sequences (== documents for files written by prepare()); ``[i]``: sequence i.
+    ``tokens``: np.memmap of the whole token stream; ``sequence_lengths`` (int32) / ``sequence_pointers``
+    (int64): memory-mapped from the .idx; ``len()``: number of sequences (== documents for files written by
+    data.preprocess); ``[i]``: sequence i. Validation reads the index in chunks (bounded memory).
     """
+
+    _CHUNK = 1 << 22
 
     def __init__(self, prefix: str):
         self.prefix = str(prefix)
         idx_path, bin_path = self.prefix + ".idx", self.prefix + ".bin"
         for path in (idx_path, bin_path):
             if not os.path.exists(path):
-                raise FileNotFoundError(f"{path} not found: run data.prepare() to build the token shards")
-        fix = "delete it (and its .bin/.idx partner) and rerun data.prepare()"
+                raise FileNotFoundError(f"{path} not found: build the token shards with `python -m data.preprocess` "
+                                        f"(or name raw text files in data.sources)")
+        fix = "delete it (and its .bin/.idx partner) and rebuild it (python -m data.preprocess)"
 
         def bad(path: str, what: str) -> ValueError:
             return ValueError(f"{path}: {what}; the file is truncated or corrupt: {fix}")
 
+        idx_size = os.path.getsize(idx_path)
         with open(idx_path, "rb") as f:
-            raw = f.read()
-        if len(raw) < _HEADER.size:
-            raise bad(idx_path, f"only {len(raw)} bytes, shorter than the {_HEADER.size}-byte header")
-        magic, version, code, n_seq, n_doc = _HEADER.unpack_from(raw)
+            head = f.read(_HEADER.size)
+        if len(head) < _HEADER.size:
+            raise bad(idx_path, f"only {len(head)} bytes, shorter than the {_HEADER.size}-byte header")
+        magic, version, code, n_seq, n_doc = _HEADER.unpack_from(head)
         if magic != MAGIC:
             raise bad(idx_path, f"bad magic {magic!r} (expected {MAGIC!r}, megatron MMIDIDX format)")
         if version != VERSION:
@@ -107,26 +144,33 @@ class TokenShards:
             raise bad(idx_path, f"unknown dtype code {code}")
         self.dtype = np.dtype(DTYPE_CODES[code])
         expected = _HEADER.size + 12 * n_seq + 8 * n_doc
-        if len(raw) != expected:
-            raise bad(idx_path, f"size {len(raw)} bytes, expected {expected} for {n_seq} sequences")
+        if idx_size != expected:
+            raise bad(idx_path, f"size {idx_size} bytes, expected {expected} for {n_seq} sequences")
         off = _HEADER.size
-        lengths = np.frombuffer(raw, np.int32, n_seq, off).astype(np.int64)
-        pointers = np.frombuffer(raw, np.int64, n_seq, off + 4 * n_seq)
-        doc_indices = np.frombuffer(raw, np.int64, n_doc, off + 12 * n_seq).copy()
-        expected_ptr = np.zeros(n_seq, np.int64)
-        np.cumsum(lengths[:-1] * self.dtype.itemsize, out=expected_ptr[1:])
-        if (lengths < 0).any() or not np.array_equal(pointers, expected_ptr):
-            raise bad(idx_path, "sequence lengths and pointers are inconsistent")
+
+        def view(dtype, count: int, offset: int) -> np.ndarray:
+            return np.memmap(idx_path, dtype, "r", offset, (count,)) if count else np.zeros(0, dtype)
+
+        lengths = view(np.int32, n_seq, off)
+        pointers = view(np.int64, n_seq, off + 4 * n_seq)
+        doc_indices = view(np.int64, n_doc, off + 12 * n_seq)
+        n_tokens = 0
+        for a in range(0, n_seq, self._CHUNK):  # pointers must be the running byte offsets of the lengths
+            chunk = np.asarray(lengths[a:a + self._CHUNK], np.int64)
+            expected_ptr = np.empty_like(chunk)
+            expected_ptr[0] = n_tokens * self.dtype.itemsize
+            np.cumsum(chunk[:-1] * self.dtype.itemsize, out=expected_ptr[1:])
+            expected_ptr[1:] += expected_ptr[0]
+            if (chunk < 0).any() or not np.array_equal(np.asarray(pointers[a:a + self._CHUNK]), expected_ptr):
+                raise bad(idx_path, "sequence lengths and pointers are inconsistent")
+            n_tokens += int(chunk.sum())
         if n_doc < 1 or doc_indices[0] != 0 or doc_indices[-1] != n_seq or (np.diff(doc_indices) < 0).any():
             raise bad(idx_path, "document indices are inconsistent")
-        n_tokens = int(lengths.sum())
         bin_size = os.path.getsize(bin_path)
         if bin_size != n_tokens * self.dtype.itemsize:
             raise bad(bin_path, f"size {bin_size} bytes, but {idx_path} describes {n_tokens} tokens "
                                 f"of {self.dtype} ({n_tokens * self.dtype.itemsize} bytes)")
         self.sequence_lengths, self.sequence_pointers, self.document_indices = lengths, pointers, doc_indices
-        cum = np.concatenate([[0], np.cumsum(lengths)])
-        self.doc_lengths = cum[doc_indices[1:]] - cum[doc_indices[:-1]]
         self.num_tokens = n_tokens
         self.tokens = (np.memmap(bin_path, dtype=self.dtype, mode="r") if n_tokens
                        else np.zeros(0, self.dtype))
@@ -137,6 +181,13 @@ class TokenShards:
     def __getitem__(self, i: int) -> np.ndarray:
         start = int(self.sequence_pointers[i]) // self.dtype.itemsize
         return self.tokens[start:start + int(self.sequence_lengths[i])]
+
+    def max_token(self) -> int:
+        """Largest token id in the .bin (-1 when empty); one chunked pass over the file."""
+        top = -1
+        for a in range(0, self.num_tokens, 1 << 26):
+            top = max(top, int(self.tokens[a:a + (1 << 26)].max()))
+        return top
 
     def __repr__(self) -> str:
         return f"TokenShards({self.prefix!r}, sequences={len(self)}, tokens={self.num_tokens}, dtype={self.dtype})"

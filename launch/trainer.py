@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -150,21 +151,40 @@ def build_optimizer(cfg: JobConfig, model: Transformer, placements: dict, rt: Ru
     return opt
 
 
-def build_data(cfg: JobConfig, rt: Runtime) -> tuple[Any, Any]:
-    """Rank 0 prepares the token shards (others wait), then every rank opens them."""
+def build_data(cfg: JobConfig, rt: Runtime) -> tuple[data_lib.BatchLoader, data_lib.Datasets]:
+    """Rank 0 tokenizes raw sources and builds the sample indices (data/sources.py), the others wait and then
+    open them. A data error on rank 0 is sent to every rank, so each ends with the same message (no hang)."""
     d = cfg.data
-    prepared = None
+    kwargs = dict(model_vocab_size=cfg.model.vocab_size, global_batch=tokens_per_step(cfg, rt) // d.seq_len,
+                  planned_samples=cfg.train.steps * tokens_per_step(cfg, rt) // d.seq_len,
+                  with_val=cfg.train.eval_interval > 0)
+    datasets, error = None, None
     if rt.rank == 0:
-        prepared = data_lib.prepare(d.data_dir, tokenizer=d.tokenizer, val_fraction=d.val_fraction)
-    rt.barrier()
-    if prepared is None:  # built by rank 0 by now: this only opens it
-        prepared = data_lib.prepare(d.data_dir, tokenizer=d.tokenizer, val_fraction=d.val_fraction)
-    if prepared.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the {d.tokenizer!r} "
-                         f"tokenizer's vocabulary ({prepared.vocab_size}); set --model.vocab_size={prepared.vocab_size}")
-    loader = data_lib.BatchLoader(data_lib.TokenShards(prepared.train_prefix), d.seq_len, d.micro_batch_size,
-                                  d.seed, dp_rank=rt.groups.data_rank, dp_size=rt.groups.data_size)
-    return loader, data_lib.TokenShards(prepared.val_prefix)
+        try:
+            datasets = data_lib.build_datasets(d, builder=True, log=_log_stderr, **kwargs)
+        except (ValueError, OSError) as e:
+            if rt.world_size == 1:
+                raise
+            error = f"{type(e).__name__}: {e}"
+    if rt.world_size > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            raise ValueError(f"rank 0 could not build the data: {box[0]}")
+    if datasets is None:  # built by rank 0 by now: this only opens it
+        datasets = data_lib.build_datasets(d, builder=False, log=lambda _: None, **kwargs)
+    loader = data_lib.BatchLoader(datasets.train, d.micro_batch_size, dp_rank=rt.groups.data_rank,
+                                  dp_size=rt.groups.data_size)
+    return loader, datasets
+
+
+def _log_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def tokens_per_step(cfg: JobConfig, rt: Runtime) -> int:
+    d = cfg.data
+    return d.seq_len * d.micro_batch_size * d.grad_accum * rt.groups.data_size
 
 
 # ------------------------------------------------------------------------------------------------ trainer
@@ -172,7 +192,7 @@ class Trainer:
     def __init__(self, cfg: JobConfig, rt: Runtime):
         self.cfg, self.rt = cfg, rt
         self.step = 0  # completed optimizer steps
-        self.loader, self.val_shards = build_data(cfg, rt)
+        self.loader, self.datasets = build_data(cfg, rt)
         self.model, self.placements = build_model(cfg, rt)
         self.zero1 = use_zero1(cfg, rt)
         dp_group = rt.groups.dp_group if rt.groups.dp_size > 1 else None
@@ -269,11 +289,13 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        """Mean loss over ``data.val_batches`` global batches of the validation stream: the same samples whatever
+        the split of the global batch into micro_batch_size, dp and grad_accum."""
         d, g = self.cfg.data, self.rt.groups
         self.model.eval()
         total, n = torch.zeros((), device=self.rt.device), 0
-        for inputs_BT, targets_BT in data_lib.val_batches(self.val_shards, d.seq_len, d.micro_batch_size,
-                                                          d.val_batches, g.data_rank, g.data_size):
+        for inputs_BT, targets_BT in data_lib.val_batches(self.datasets.val, d.micro_batch_size,
+                                                          self.datasets.val_samples, g.data_rank, g.data_size):
             with self.autocast:
                 logits_BTV = self.model(inputs_BT.to(self.rt.device))
             total += F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.to(self.rt.device).flatten())
@@ -326,13 +348,13 @@ class Trainer:
         return result
 
     def tokens_per_step(self) -> int:
-        d = self.cfg.data
-        return d.seq_len * d.micro_batch_size * d.grad_accum * self.rt.groups.data_size
+        return tokens_per_step(self.cfg, self.rt)
 
     def _log(self, out: StepResult, window: list[float], tokens_per_s: float) -> None:
         metrics = {"loss": out.loss, "loss_avg": sum(window) / len(window), "lr": out.lr,
                    "grad_norm": out.grad_norm, "tokens_per_s": tokens_per_s,
                    "tokens": self.step * self.tokens_per_step()}
+        metrics.update({f"data/{name}/tokens": n for name, n in self.loader.tokens_per_source().items()})
         metrics.update(self.interval_stats.flush())
         self.metrics.log(self.step, metrics)
 

@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import muonclip  # noqa: E402
-from benchmarks.muon_vs_adamw import add_model_args, model_config  # noqa: E402  (the benchmark's model)
+from benchmarks.muon_vs_adamw import add_model_args, embedded_data, model_config  # noqa: E402  (the benchmark's)
 from models import ModelConfig, Transformer  # noqa: E402
 
 
@@ -60,7 +60,7 @@ LABELS = {"none": "no QK-Clip", "forward": "QK-Clip, forward mode (Kimi K2)",
           "post_step": "QK-Clip, post-step mode"}
 
 
-def run(a, cfg: ModelConfig, train_prefix: str, mode: str) -> list[dict]:
+def run(a, cfg: ModelConfig, train, mode: str) -> list[dict]:
     """One training run. ``forward``: the step is split to check the clip exactly: forward/backward (max logits S
     of the pre-update weights) -> update -> re-measure M1 (before clip) -> QK-Clip -> re-measure M2; it must give
     M2 = M1 * gamma per head, gamma = tau / S where S > tau, else 1. ``post_step``: update -> apply_post_step on
@@ -69,7 +69,7 @@ def run(a, cfg: ModelConfig, train_prefix: str, mode: str) -> list[dict]:
     model = Transformer(cfg).train()
     opt = muonclip.MuonClip(muonclip.build_param_groups(model.named_parameters()), lr=a.lr, weight_decay=0.0)
     qk = muonclip.QKClip(model.qk_clip_specs(), tau=float("inf") if mode == "none" else a.tau)  # inf: measure only
-    loader = data.BatchLoader(data.TokenShards(train_prefix), a.seq, a.batch, seed=a.seed)
+    loader = data.BatchLoader(train, a.batch)
     rows = []
     for step in range(a.steps):
         inputs_BT, targets_BT = loader.next_batch()
@@ -155,10 +155,10 @@ def write_outputs(a, runs: dict[str, list[dict]]) -> tuple[str, str]:
 def main(argv=None) -> int:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
-    prepared = data.prepare(a.data_dir)
-    cfg = model_config(a, prepared.vocab_size)
+    datasets = embedded_data(a)
+    cfg = model_config(a, datasets.tokenizer.vocab_size)
     t0 = time.perf_counter()
-    runs = {m: run(a, cfg, prepared.train_prefix, m) for m in MODES}
+    runs = {m: run(a, cfg, datasets.train, m) for m in MODES}
     csv_path, png_path = write_outputs(a, runs)
     tail = max(10, a.steps // 10)
     print(f"\nwrote {png_path} and {csv_path} ({time.perf_counter() - t0:.0f} s)")

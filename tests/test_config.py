@@ -18,7 +18,7 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "small_gpu.yaml", "debug.yaml"])
+@pytest.mark.parametrize("name", ["tiny.yaml", "small_gpu.yaml", "debug.yaml", "own_data.yaml"])
 def test_shipped_configs_load_and_round_trip(name):
     cfg = load_config(CONFIGS / name)
     assert isinstance(cfg, JobConfig)

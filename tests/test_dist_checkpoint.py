@@ -80,7 +80,7 @@ def runs(tmp_path_factory):
     assert not single.zero1
     single_losses = single.fit().losses
     peek = copy.copy(single.loader)
-    peek.global_batches = HALF
+    peek.samples_consumed = HALF * peek.global_batch_size
     single_next = peek.next_batch()  # what the dp=1 run consumed in step HALF + 1
     single_ckpt = root / "single" / "checkpoints" / f"step_{HALF:08d}"
     run_distributed(_phase1, 2, str(root))

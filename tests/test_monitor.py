@@ -224,7 +224,7 @@ def corpus_tokens():
     """~60k real tokens: the first documents of the embedded Austen corpus, bpe8k-tokenized, EOS-separated."""
     import numpy as np
     from data.corpus import iter_documents
-    from data.tokenizer import EOS, load_tokenizer
+    from data.tokenizer import load_tokenizer
 
     tok = load_tokenizer("bpe8k")
     texts, n_chars = [], 0
@@ -233,9 +233,8 @@ def corpus_tokens():
         n_chars += len(doc["text"])
         if n_chars > 250_000:
             break
-    eos = tok.token_to_id(EOS)
-    ids = [t for enc in tok.encode_batch(texts) for t in enc.ids + [eos]]
-    return np.asarray(ids, dtype=np.int32), tok.get_vocab_size()
+    ids = [t for enc in tok.encode_batch(texts) for t in enc + [tok.eos_id]]
+    return np.asarray(ids, dtype=np.int32), tok.vocab_size
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -248,7 +247,7 @@ def one_thread():
 
 
 def real_setup(corpus_tokens):
-    from data import BatchLoader
+    from data import BatchLoader, packed_samples
 
     tokens, vocab = corpus_tokens
     model = tiny_model(seed=0, vocab_size=vocab, dim=64, n_layers=2, n_heads=2, kv_lora_rank=16,
@@ -256,7 +255,7 @@ def real_setup(corpus_tokens):
     opt = muonclip.MuonClip(muonclip.build_param_groups(model.named_parameters(), weight_decay=0.0), lr=1e-2)
     clip = muonclip.QKClip(model.qk_clip_specs(), tau=100.0)
     clip.register(opt)
-    return model, opt, BatchLoader(tokens, seq_len=32, micro_batch_size=8, seed=0)
+    return model, opt, BatchLoader(packed_samples(tokens, seq_len=32, seed=0), micro_batch_size=8)
 
 
 def train(model, opt, loader, det, steps, corrupt_at=None):
@@ -303,7 +302,7 @@ def test_real_tiny_run_clean_then_injected_spike_rolls_back_without_losing_data(
     opt.load_state_dict(ckpt["opt"])
     loader.load_state_dict(ckpt["loader"])
     loader.skip(plan.skip_batches)
-    reference = type(loader)(corpus_tokens[0], seq_len=32, micro_batch_size=8, seed=0)
+    reference = type(loader)(loader.samples, micro_batch_size=8)
     reference.skip(27)  # where a run without the spike would be after step 26
     assert loader.state_dict() == reference.state_dict()
     position = loader.state_dict()

@@ -5,6 +5,12 @@ Launch commands (run from the repository root):
     # one process (CPU or one GPU); default job on the embedded corpus
     python train.py --config configs/tiny.yaml
 
+    # your own corpus: files/dirs/globs of jsonl/json/parquet/txt or Megatron prefixes, blended by weight
+    python train.py --config configs/own_data.yaml
+    python train.py --config configs/tiny.yaml \\
+        --data.sources='[{path: /data/web, weight: 0.7}, {path: /data/code_text_document, weight: 0.3}]'
+    python -m data.preprocess --input /data/web --tokenizer gpt2 --output-prefix /data/tokens/web --workers 16
+
     # override any config key with --section.key=value (YAML scalar rules)
     python train.py --config configs/tiny.yaml --optim.lr=3e-4 --model.n_layers=2 --train.steps=100
 

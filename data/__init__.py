@@ -3,13 +3,21 @@
 ``build_datasets`` turns a ``DataConfig`` into training/validation streams (data/sources.py); ``preprocess``
 writes Megatron ``.bin/.idx`` shards (also ``python -m data.preprocess``); ``TokenShards`` reads them;
 ``BatchLoader`` yields deterministic, resumable, data-parallel batches and ``val_batches`` the validation ones.
+The names below are imported on first use, so ``python -m data.preprocess`` runs without importing itself twice.
 """
-from data.blend import BlendedSamples
-from data.indexed import TokenShards
-from data.loader import BatchLoader, packed_samples, val_batches
-from data.preprocess import preprocess
-from data.sources import Datasets, build_datasets
-from data.tokenizer import TextTokenizer, load_tokenizer
+import importlib
 
-__all__ = ["build_datasets", "Datasets", "preprocess", "TokenShards", "BlendedSamples", "BatchLoader",
-           "packed_samples", "val_batches", "TextTokenizer", "load_tokenizer"]
+_EXPORTS = {"build_datasets": "data.sources", "Datasets": "data.sources", "preprocess": "data.preprocess",
+            "TokenShards": "data.indexed", "BlendedSamples": "data.blend", "BatchLoader": "data.loader",
+            "packed_samples": "data.loader", "val_batches": "data.loader", "TextTokenizer": "data.tokenizer",
+            "load_tokenizer": "data.tokenizer"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    try:  # a submodule, e.g. data.formats
+        return importlib.import_module(f"data.{name}")
+    except ModuleNotFoundError:
+        raise AttributeError(f"module 'data' has no attribute {name!r}") from None

@@ -328,7 +328,7 @@ def tokenize_chunk(chunk: Chunk, tokenizer, text_key: str, utf8_errors: str) -> 
     kept = [t for t in texts if t]
     ids = tokenizer.encode_batch(kept) if kept else []
     sizes = np.fromiter((len(x) for x in ids), np.int64, len(ids))
-    flat = np.fromiter(itertools.chain.from_iterable(ids), np.int64, int(sizes.sum()))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(sizes.sum()))  # ids < 2**31: half the IPC
     tokens = np.insert(flat, np.cumsum(sizes), tokenizer.eos_id)  # EOS after each document
     lengths = sizes + 1
     return {"tokens": tokens, "lengths": lengths, "docs": len(kept), "empty": len(texts) - len(kept),

@@ -12,6 +12,8 @@ For each source (an empty list means the embedded corpus, data/corpus.py):
 
 ``build_datasets(..., builder=True)`` runs on rank 0 first (tokenizes, scans, prebuilds the sample indices the
 planned run needs); the other ranks then call it with ``builder=False``, which only opens what rank 0 wrote.
+An epoch index not prebuilt is built by the first rank that reaches it (written atomically; identical bytes
+whichever rank writes it).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from data.sampling import INDEX_VERSION, ShardSet, SourceSamples, split_document
 from data.tokenizer import TextTokenizer
 
 FORMAT_VERSION = 2  # of the tokenized cache directories
+PREBUILD_EPOCHS = 4  # later epochs (small corpora looped many times) are built when first reached, by any rank
 
 
 @dataclasses.dataclass
@@ -44,6 +47,7 @@ class Source:
     docs: ShardSet
     key: str  # content key of its token shards
     resolved: Resolved
+    max_token: int | None = None  # known when we tokenized it (meta.json); else found by one scan
 
 
 @dataclasses.dataclass
@@ -115,6 +119,9 @@ class _Builder:
                            "text_key": spec.text_key, "utf8_errors": self.d.utf8_errors,
                            "tokenizer": self.tok().fingerprint})
             prefixes = [self.tokenize(spec, name, resolved, key)]
+            with open(os.path.join(os.path.dirname(prefixes[0]), "meta.json"), encoding="utf-8") as f:
+                max_token = json.load(f)["max_token"]
+            return Source(name, spec.weight, ShardSet([TokenShards(prefixes[0])]), key, resolved, max_token)
         return Source(name, spec.weight, ShardSet([TokenShards(p) for p in prefixes]), key, resolved)
 
     def tokenize(self, spec, name: str, resolved: Resolved, key: str) -> str:
@@ -151,7 +158,9 @@ class _Builder:
     def check_vocab(self, src: Source, vocab_size: int) -> None:
         """Every token id < vocab_size, checked when the shards open (not as an IndexError mid-step)."""
         path = os.path.join(self.d.data_dir, "stats", f"{src.key[:32]}.json")
-        if os.path.exists(path):
+        if src.max_token is not None:
+            top = src.max_token
+        elif os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 top = json.load(f)["max_token"]
         else:
@@ -206,9 +215,9 @@ def build_datasets(d, model_vocab_size: int, global_batch: int, planned_samples:
         if val_ids is not None:
             held_out.append(b.samples(src, val_ids, shuffle=False))
     train_stream = BlendedSamples(train, [s.weight for s in train_sources])
-    if builder:  # the sample indices of every epoch the planned run reaches, built once here
+    if builder:  # the sample indices of the epochs the planned run reaches (at most PREBUILD_EPOCHS), built once
         for samples, n in zip(train, train_stream.counts(planned_samples)):
-            for epoch in range(int(max(n - 1, 0)) // samples.samples_per_epoch + 1):
+            for epoch in range(min(int(max(n - 1, 0)) // samples.samples_per_epoch + 1, PREBUILD_EPOCHS)):
                 samples.build_epoch(epoch)
     if not with_val:
         return Datasets(train_stream, None, 0, b.tokenizer)

@@ -150,7 +150,8 @@ def test_sample_order_equals_megatron_gpt_dataset(tmp_path):
 def test_epochs_reshuffle_and_cover_every_token_once(tmp_path):
     docs = [np.arange(100 * i, 100 * i + 37) for i in range(20)]  # every token value distinct
     _write(tmp_path / "x", docs, np.uint16)
-    src = SourceSamples(ShardSet([data.TokenShards(str(tmp_path / "x"))]), np.arange(20), 8, seed=5)
+    shards = ShardSet([data.TokenShards(str(tmp_path / "x"))])
+    src = SourceSamples(shards, np.arange(20), 8, seed=5, cache_dir=str(tmp_path / "c"))
     per = src.samples_per_epoch
     assert per == (20 * 37 - 1) // 8
     e0, e1 = src.windows(np.arange(per)), src.windows(np.arange(per, 2 * per))
@@ -158,6 +159,9 @@ def test_epochs_reshuffle_and_cover_every_token_once(tmp_path):
         inputs = epoch[:, :-1].ravel()
         assert len(set(inputs.tolist())) == inputs.size
     assert not np.array_equal(e0, e1)
+    assert sorted(os.listdir(tmp_path / "c")) == ["epoch_00000.npy", "epoch_00001.npy"]  # built when reached
+    in_memory = SourceSamples(shards, np.arange(20), 8, seed=5)
+    np.testing.assert_array_equal(in_memory.windows(np.arange(2 * per)), np.concatenate([e0, e1]))
     for w in e0:  # a window is contiguous within a document, documents join end to start
         breaks = np.flatnonzero(np.diff(w) != 1)
         assert all(w[b] % 100 == 36 and w[b + 1] % 100 == 0 for b in breaks)
@@ -287,7 +291,7 @@ def test_val_batches_in_order_and_split_over_ranks():
         data.val_batches(val, 4, 12, dp_size=2)
 
 
-# ------------------------------------------------------------------ corpus, tokenizer, prepare
+# ------------------------------------------------------------------ corpus, tokenizers
 def test_embedded_manifest_hashes_and_tokenizer():
     manifest = load_manifest()
     assert set(manifest["files"]) == {"austen.jsonl.xz", "kjv.jsonl.xz", "shakespeare.jsonl.xz"}

@@ -403,3 +403,21 @@ def test_val_loss_does_not_depend_on_the_split_of_the_global_batch(tmp_path):
         trainer.metrics.close()
     assert losses[1] == pytest.approx(losses[0], abs=1e-5) and losses[2] == pytest.approx(losses[0], abs=1e-5)
     assert torch.isfinite(torch.tensor(losses)).all()
+
+
+def _bad_source_worker(rank, world_size, tmp):
+    from launch.trainer import Trainer, init_runtime
+
+    cfg = _cfg(Path(tmp), f"--data.sources=[{{path: {tmp}/missing_dir}}]")
+    with pytest.raises(ValueError) as e:
+        Trainer(cfg, init_runtime(cfg))
+    Path(tmp, f"rank{rank}.txt").write_text(str(e.value))
+
+
+def test_a_data_error_on_rank0_reaches_every_rank(tmp_path):
+    from tests.dist_utils import run_distributed
+
+    run_distributed(_bad_source_worker, 2, str(tmp_path))
+    msgs = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert msgs[0] == msgs[1]
+    assert f"data source {tmp_path}/missing_dir: no such file or directory" in msgs[0]

@@ -1,2 +1,2 @@
-"""Runtime used by train.py: parallel layout (parallel_dims, parallelize), the training loop (trainer),
-LR schedule, checkpoints, metrics/W&B, post-step hooks and stability monitoring."""
+"""Training runtime used by train.py: the training loop (trainer), LR schedule, checkpoints, metrics/W&B,
+post-step hooks, stability monitoring, and the torchrun/SLURM launch scripts. Parallelism lives in parallel/."""

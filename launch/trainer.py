@@ -29,7 +29,7 @@ from launch import checkpoint as ckpt
 from launch.checkpoint import shard_views
 from launch.hooks import RouterBiasUpdate, register_post_step
 from launch.metrics import MetricsLogger, environment_info
-from launch.parallel_dims import ParallelDims, ParallelGroups
+from parallel.dims import ParallelDims, ParallelGroups
 from muonclip.placement import REPLICATED
 from launch.schedule import schedule_fn
 from models import Transformer
@@ -118,7 +118,7 @@ def build_model(cfg: JobConfig, rt: Runtime) -> tuple[Transformer, dict[str, Any
     model.init_weights()
     p = cfg.parallel
     if rt.groups.tp_size > 1 or rt.groups.ep_size > 1 or p.activation_checkpointing:
-        from launch.parallelize import parallelize
+        from parallel.parallelize import parallelize
         return model, parallelize(model, rt.pdims, rt.groups, p)
     return model, {name: REPLICATED for name, _ in model.named_parameters()}
 

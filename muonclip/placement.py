@@ -1,6 +1,6 @@
 """How a parameter is laid out across ranks, as the distributed optimizer needs to know it.
 
-Produced by the parallelize step (launch/), consumed by ``muonclip.distributed``. Plain data, no logic.
+Produced by the parallelize step (parallel/), consumed by ``muonclip.distributed``. Plain data, no logic.
 """
 from __future__ import annotations
 

@@ -6,9 +6,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from launch.expert_parallel import ExpertParallelExperts, local_expert_order
-from launch.parallel_dims import ParallelDims
-from launch.parallelize import ParallelizeConfig, parallelize
+from parallel.expert_parallel import ExpertParallelExperts, local_expert_order
+from parallel.dims import ParallelDims
+from parallel.parallelize import ParallelizeConfig, parallelize
 from models import ModelConfig, Transformer
 from tests.dist_utils import run_distributed
 

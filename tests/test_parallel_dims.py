@@ -8,8 +8,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import muonclip
-from launch.parallel_dims import ParallelDims
-from launch.parallelize import ParallelizeConfig, parallelize
+from parallel.dims import ParallelDims
+from parallel.parallelize import ParallelizeConfig, parallelize
 from models import ModelConfig, Transformer
 from tests.dist_utils import run_distributed
 

@@ -16,9 +16,9 @@ from torch.distributed._composable import checkpoint as composable_checkpoint
 
 from muonclip.placement import Placement
 
-from launch.expert_parallel import apply_expert_parallel, expert_placements
-from launch.parallel_dims import ParallelDims, ParallelGroups
-from launch.tensor_parallel import apply_tensor_parallel, tp_placements
+from parallel.expert_parallel import apply_expert_parallel, expert_placements
+from parallel.dims import ParallelDims, ParallelGroups
+from parallel.tensor_parallel import apply_tensor_parallel, tp_placements
 
 
 class _ParallelizeOptions(Protocol):

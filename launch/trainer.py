@@ -26,15 +26,16 @@ import data as data_lib
 import muonclip
 from configs import JobConfig, config_to_dict, dump_config
 from launch import checkpoint as ckpt
+from launch import monitor as monitor_lib
 from launch.checkpoint import shard_views
 from launch.hooks import RouterBiasUpdate, register_post_step
 from launch.metrics import MetricsLogger, environment_info
-from parallel.dims import ParallelDims, ParallelGroups
-from muonclip.placement import REPLICATED
 from launch.schedule import schedule_fn
 from models import Transformer
-
-from launch import monitor as monitor_lib
+from muonclip.placement import REPLICATED
+from parallel.dims import ParallelDims, ParallelGroups
+from parallel.init import init_sharded
+from parallel.parallelize import parallelize
 
 
 @dataclass
@@ -110,17 +111,17 @@ def init_runtime(cfg: JobConfig) -> Runtime:
 
 # ------------------------------------------------------------------------------------------------ builders
 def build_model(cfg: JobConfig, rt: Runtime) -> tuple[Transformer, dict[str, Any]]:
-    """Meta init -> allocate -> init_weights(seed) (identical on all ranks) -> parallelize (EP/TP/AC)."""
+    """Build on meta -> parallelize (EP/TP/AC) -> allocate and initialise only this rank's shards
+    (parallel/init.py): the global weights equal one process's for ``train.seed`` at any layout."""
     with torch.device("meta"):
         model = Transformer(cfg.model)
-    model.to_empty(device=rt.device)
-    torch.manual_seed(cfg.train.seed)
-    model.init_weights()
+    rules, shapes = model.init_rules(), {name: tuple(p.shape) for name, p in model.named_parameters()}
     p = cfg.parallel
+    placements = {name: REPLICATED for name in shapes}
     if rt.groups.tp_size > 1 or rt.groups.ep_size > 1 or p.activation_checkpointing:
-        from parallel.parallelize import parallelize
-        return model, parallelize(model, rt.pdims, rt.groups, p)
-    return model, {name: REPLICATED for name, _ in model.named_parameters()}
+        placements = parallelize(model, rt.pdims, rt.groups, p)
+    init_sharded(model, rules, shapes, placements, rt.groups.ep_rank, cfg.train.seed, rt.device)
+    return model, placements
 
 
 def use_zero1(cfg: JobConfig, rt: Runtime) -> bool:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .init import InitRule, init_module_, normal, prefixed
 from .layers import RMSNorm, apply_rope, causal_max_logits, rope_cos_sin
 
 
@@ -19,6 +20,9 @@ class _AttentionBase:
 
     def reset_step_stats(self) -> None:
         self.max_logits_H.fill_(float("-inf"))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        init_module_(self, self.init_rules(std, out_std))
 
     def _record(self, q_BHTd: torch.Tensor, k_BHTd: torch.Tensor) -> None:
         if self.training:
@@ -80,11 +84,9 @@ class Attention(_AttentionBase, nn.Module):
                 "head_dim": self.head_dim, "max_logits": self.max_logits_H,
                 "module": self, "measure": self.probe_max_logits}
 
-    def init_weights(self, std: float, out_std: float) -> None:
-        for lin in (self.q_proj, self.k_proj, self.v_proj):
-            nn.init.normal_(lin.weight, std=std)
-        nn.init.normal_(self.o_proj.weight, std=out_std)
-        self.reset_step_stats()
+    def init_rules(self, std: float, out_std: float) -> dict[str, InitRule]:
+        return {"q_proj.weight": normal(std), "k_proj.weight": normal(std), "v_proj.weight": normal(std),
+                "o_proj.weight": normal(out_std)}
 
 
 class MLAttention(_AttentionBase, nn.Module):
@@ -140,15 +142,14 @@ class MLAttention(_AttentionBase, nn.Module):
                 "qk_nope_head_dim": self.dn, "qk_rope_head_dim": self.dr, "v_head_dim": self.dv,
                 "max_logits": self.max_logits_H, "module": self, "measure": self.probe_max_logits}
 
-    def init_weights(self, std: float, out_std: float) -> None:
-        for name in ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj"):
-            if hasattr(self, name):
-                nn.init.normal_(getattr(self, name).weight, std=std)
+    def init_rules(self, std: float, out_std: float) -> dict[str, InitRule]:
+        rules = {f"{name}.weight": normal(std) for name in ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa",
+                                                             "kv_b_proj") if hasattr(self, name)}
         for name in ("q_a_layernorm", "kv_a_layernorm"):
             if hasattr(self, name):
-                getattr(self, name).init_weights()
-        nn.init.normal_(self.o_proj.weight, std=out_std)
-        self.reset_step_stats()
+                rules.update(prefixed(name, getattr(self, name).init_rules()))
+        rules["o_proj.weight"] = normal(out_std)
+        return rules
 
 
 def build_attention(cfg: ModelConfig) -> nn.Module:

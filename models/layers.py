@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .init import ONES, InitRule, init_module_, normal
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -17,8 +19,11 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
+    def init_rules(self) -> dict[str, InitRule]:
+        return {"weight": ONES}
+
     def init_weights(self) -> None:
-        nn.init.ones_(self.weight)
+        init_module_(self, self.init_rules())
 
 
 def rope_cos_sin(seq_len: int, dim: int, theta: float, device, dtype=torch.float32):
@@ -48,10 +53,11 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
+    def init_rules(self, std: float, out_std: float) -> dict[str, InitRule]:
+        return {"gate_proj.weight": normal(std), "up_proj.weight": normal(std), "down_proj.weight": normal(out_std)}
+
     def init_weights(self, std: float, out_std: float) -> None:
-        nn.init.normal_(self.gate_proj.weight, std=std)
-        nn.init.normal_(self.up_proj.weight, std=std)
-        nn.init.normal_(self.down_proj.weight, std=out_std)
+        init_module_(self, self.init_rules(std, out_std))
 
 
 @torch.no_grad()

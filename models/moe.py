@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .init import ZEROS, InitRule, init_module_, normal, prefixed
 from .layers import FeedForward
 
 
@@ -54,11 +55,11 @@ class Router(nn.Module):
     def reset_step_stats(self) -> None:
         self.expert_load_E.zero_()
 
+    def init_rules(self, std: float) -> dict[str, InitRule]:
+        return {"weight": normal(std), "e_score_correction_bias": ZEROS}
+
     def init_weights(self, std: float) -> None:
-        nn.init.normal_(self.weight, std=std)
-        with torch.no_grad():
-            self.e_score_correction_bias.zero_()
-        self.reset_step_stats()
+        init_module_(self, self.init_rules(std))
 
 
 class GroupedExperts(nn.Module):
@@ -102,10 +103,12 @@ class GroupedExperts(nn.Module):
         y_ECD = torch.bmm(h_ECI, self.down_proj.transpose(1, 2))
         return y_ECD[expert_of_T, slot_of_T]
 
+    def init_rules(self, std: float, out_std: float) -> dict[str, InitRule]:
+        return {"gate_proj": normal(std, per_expert=True), "up_proj": normal(std, per_expert=True),
+                "down_proj": normal(out_std, per_expert=True)}
+
     def init_weights(self, std: float, out_std: float) -> None:
-        nn.init.normal_(self.gate_proj, std=std)
-        nn.init.normal_(self.up_proj, std=std)
-        nn.init.normal_(self.down_proj, std=out_std)
+        init_module_(self, self.init_rules(std, out_std))
 
 
 class MoE(nn.Module):
@@ -133,8 +136,8 @@ class MoE(nn.Module):
             out_TD = out_TD + self.shared_experts(x_TD)
         return out_TD.view(B, T, D)
 
-    def init_weights(self, std: float, out_std: float) -> None:
-        self.gate.init_weights(std)
-        self.experts.init_weights(std, out_std)
+    def init_rules(self, std: float, out_std: float) -> dict[str, InitRule]:
+        rules = {**prefixed("gate", self.gate.init_rules(std)), **prefixed("experts", self.experts.init_rules(std, out_std))}
         if self.shared_experts is not None:
-            self.shared_experts.init_weights(std, out_std)
+            rules.update(prefixed("shared_experts", self.shared_experts.init_rules(std, out_std)))
+        return rules

@@ -8,6 +8,7 @@ from torch import nn
 
 from .attention import build_attention
 from .config import ModelConfig
+from .init import InitRule, init_module_, normal, prefixed
 from .layers import FeedForward, RMSNorm
 from .moe import MoE, Router
 
@@ -24,11 +25,11 @@ class Block(nn.Module):
         x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD))
         return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
 
-    def init_weights(self, std: float, out_std: float) -> None:
-        self.input_layernorm.init_weights()
-        self.post_attention_layernorm.init_weights()
-        self.self_attn.init_weights(std, out_std)
-        self.mlp.init_weights(std, out_std)
+    def init_rules(self, std: float, out_std: float) -> dict[str, InitRule]:
+        return {**prefixed("input_layernorm", self.input_layernorm.init_rules()),
+                **prefixed("self_attn", self.self_attn.init_rules(std, out_std)),
+                **prefixed("post_attention_layernorm", self.post_attention_layernorm.init_rules()),
+                **prefixed("mlp", self.mlp.init_rules(std, out_std))}
 
 
 class Transformer(nn.Module):
@@ -56,15 +57,20 @@ class Transformer(nn.Module):
         logits_BTV = self.lm_head(self.norm(h_BTD))
         return logits_BTV.to(torch.promote_types(logits_BTV.dtype, torch.float32))  # bf16 -> float32
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_rules(self) -> dict[str, InitRule]:
+        """How each parameter (global name) starts: normal(init_std), normal(init_std / sqrt(2 n_layers)) for the
+        output projections (o_proj, down_proj), ones for norms, zeros for the router biases."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        nn.init.normal_(self.embed_tokens.weight, std=std)
-        for layer in self.layers:
-            layer.init_weights(std, out_std)
-        self.norm.init_weights()
-        nn.init.normal_(self.lm_head.weight, std=std)
+        rules = {"embed_tokens.weight": normal(std)}
+        for i, layer in enumerate(self.layers):
+            rules.update(prefixed(f"layers.{i}", layer.init_rules(std, out_std)))
+        return {**rules, **prefixed("norm", self.norm.init_rules()), "lm_head.weight": normal(std)}
+
+    def init_weights(self, seed: int | None = None) -> int:
+        """Initialise every parameter from its own generator (models/init.py): the weights depend only on
+        ``seed`` (None: drawn from torch's global generator) and the parameter names. Returns the seed."""
+        return init_module_(self, self.init_rules(), seed)
 
     def reset_step_stats(self) -> None:
         """Clear per-step statistics (attention max logits, expert loads); call before each step."""

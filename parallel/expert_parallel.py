@@ -99,11 +99,6 @@ class ExpertParallelExperts(GroupedExperts):
         y_recv = torch.empty_like(y_local).index_copy(0, order, y_local)
         return _all_to_all(y_recv, send_splits, recv_splits, self.ep_group)
 
-    def init_weights(self, std: float, out_std: float) -> None:
-        """Initialises the LOCAL stacks (values differ from slicing a full init: build full, init, then shard
-        when EP-size-independent initial weights matter)."""
-        super().init_weights(std, out_std)
-
     def extra_repr(self) -> str:
         return (f"experts {self.expert_offset}..{self.expert_offset + self.n_local - 1} of {self.n_global}, "
                 f"ep_rank={self.ep_rank}/{self.ep_size}, use_grouped={self.use_grouped}")

@@ -57,9 +57,10 @@ def parallelize(model: nn.Module, pdims: ParallelDims, groups: ParallelGroups,
                 cfg: _ParallelizeOptions = ParallelizeConfig()) -> dict[str, Placement]:
     """Apply EP, then TP, then activation checkpointing to ``model`` in place; return a placement per param.
 
-    ``model``: a ``models.Transformer`` built and initialised identically on every rank (or on meta; then
-    allocate + init after this call, accepting EP/TP-size-dependent initial values). Build the optimizer and
-    ``model.qk_clip_specs()`` after this call (parameters and max-logit buffers are replaced).
+    ``model``: a ``models.Transformer`` built on meta (then allocate and initialise the shards with
+    ``parallel.init.init_sharded``: the same global weights at any layout) or built and initialised identically
+    on every rank. Build the optimizer and ``model.qk_clip_specs()`` after this call (parameters and max-logit
+    buffers are replaced).
     """
     if groups.dims != pdims:
         raise ValueError(f"parallelize: groups were built for {groups.dims}, not {pdims}")

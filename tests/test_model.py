@@ -50,7 +50,9 @@ def test_causal_and_max_logits(variant):
     changed = tokens.clone()
     changed[:, 15:] = (changed[:, 15:] + 1) % 97
     logits2 = model(changed)
-    assert torch.equal(logits[:, :15], logits2[:, :15])  # future tokens never leak into the past
+    # future tokens never leak into the past: equal up to float64 noise (changing the future changes the routing,
+    # so how tokens are batched per expert and summed differs: ~1e-17 here; a leak is ~1e-2)
+    torch.testing.assert_close(logits[:, :15], logits2[:, :15], rtol=0, atol=1e-12)
     assert not torch.allclose(logits[:, 15:], logits2[:, 15:])
 
     attn = model.layers[1].self_attn

@@ -1,0 +1,85 @@
+"""Parameter initialisation: modules declare a rule per parameter; values come from per-parameter generators.
+
+A rule says how one parameter starts: normal(0, std), ones or zeros; ``per_expert`` marks a stack [E, ...] whose
+experts are drawn one by one. ``fill_`` draws a parameter, or the slice of it one rank holds, from a generator
+seeded by (seed, global parameter name[, expert index]). Every element's value therefore depends only on the seed
+and the parameter's global name, never on the order of initialisation or on how the tensor is split across
+ranks: a rank that holds a shard initialises just that shard (parallel/init.py) and gets the same weights as one
+process holding the whole model. A tensor-parallel slice is cut from the full matrix drawn one parameter at a
+time; expert stacks draw only their own experts.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class InitRule:
+    kind: str  # "normal", "ones" or "zeros"
+    std: float = 0.0
+    per_expert: bool = False  # [E, ...] stack: expert e is drawn from its own generator (seed, name, e)
+
+
+ONES, ZEROS = InitRule("ones"), InitRule("zeros")
+
+
+def normal(std: float, per_expert: bool = False) -> InitRule:
+    return InitRule("normal", std, per_expert)
+
+
+def prefixed(prefix: str, rules: dict[str, InitRule]) -> dict[str, InitRule]:
+    return {f"{prefix}.{name}": rule for name, rule in rules.items()}
+
+
+def param_seed(seed: int, name: str, index: int | None = None) -> int:
+    digest = hashlib.sha256(f"{int(seed)}:{name}:{'' if index is None else index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _generator(seed: int, name: str, index: int | None, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(param_seed(seed, name, index))
+
+
+@torch.no_grad()
+def fill_(t: torch.Tensor, rule: InitRule, seed: int, name: str, expert_offset: int = 0,
+          shard: tuple[int, int, tuple[int, ...]] | None = None) -> None:
+    """Initialise ``t``, which holds global parameter ``name`` (whole, or experts ``expert_offset..`` of a stack,
+    or ``shard = (dim, offset, global_shape)``: the slice ``[offset, offset + t.shape[dim])`` along ``dim``)."""
+    if rule.kind == "ones":
+        t.fill_(1.0)
+    elif rule.kind == "zeros":
+        t.zero_()
+    elif rule.per_expert:
+        for i in range(t.shape[0]):
+            t[i].normal_(0.0, rule.std, generator=_generator(seed, name, expert_offset + i, t.device))
+    elif shard is None:
+        t.normal_(0.0, rule.std, generator=_generator(seed, name, None, t.device))
+    else:
+        dim, offset, global_shape = shard
+        full = torch.empty(global_shape, dtype=t.dtype, device=t.device)
+        full.normal_(0.0, rule.std, generator=_generator(seed, name, None, t.device))
+        t.copy_(full.narrow(dim, offset, t.shape[dim]))
+
+
+def init_module_(module: nn.Module, rules: dict[str, InitRule], seed: int | None = None, prefix: str = "") -> int:
+    """Initialise every parameter of ``module`` by ``rules`` (keys: its parameter names) and reset its per-step
+    statistics. ``seed`` None draws one from torch's global generator (so ``torch.manual_seed`` still decides);
+    ``prefix`` makes the names global when ``module`` is part of a larger model. Returns the seed used."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    params = dict(module.named_parameters())
+    if params.keys() != rules.keys():
+        missing, extra = sorted(params.keys() - rules.keys()), sorted(rules.keys() - params.keys())
+        raise ValueError(f"init rules do not match the parameters: no rule for {missing}, rules for absent {extra}")
+    for name, p in params.items():
+        fill_(p, rules[name], seed, prefix + name)
+    for m in module.modules():
+        if hasattr(m, "reset_step_stats") and m is not module:
+            m.reset_step_stats()
+    if hasattr(module, "reset_step_stats"):
+        module.reset_step_stats()
+    return seed

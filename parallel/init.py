@@ -1,0 +1,40 @@
+"""Sharded initialisation: allocate only this rank's shards of a model built on ``meta`` and parallelized, then
+fill each at its global position from the per-parameter generators of models/init.py.
+
+Each rank allocates its stage's layers (all of them until pipeline parallelism exists), its tensor-parallel
+slices and its expert-parallel experts, nothing else. The weights equal, element for element, those of one
+process initialising the whole model with the same seed, so losses do not depend on the layout. Peak memory is
+the rank's shard plus, transiently, one full tensor-parallel matrix (drawn whole, then sliced); expert stacks
+draw only the rank's own experts.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from models.init import InitRule, fill_
+from muonclip.placement import Placement
+
+
+def init_sharded(model: nn.Module, rules: dict[str, InitRule], global_shapes: dict[str, tuple[int, ...]],
+                 placements: dict[str, Placement], ep_rank: int, seed: int, device: torch.device) -> None:
+    """``rules``/``global_shapes``: from the plain model before parallelize (``model.init_rules()`` and its
+    parameter shapes); ``placements``: what parallelize returned; ``ep_rank``: this rank's expert-parallel index."""
+    model.to_empty(device=device)
+    for name, p in model.named_parameters():
+        placement = placements.get(name)
+        if placement is not None and placement.kind == "expert":
+            fill_(p, rules[name], seed, name, expert_offset=ep_rank * p.shape[0])
+        elif placement is not None and placement.kind == "tp_sharded" and tuple(p.shape) != global_shapes[name]:
+            dim = placement.shard_dim
+            offset = dist.get_rank(placement.tp_group) * p.shape[dim]  # slices in tp-rank order
+            fill_(p, rules[name], seed, name, shard=(dim, offset, global_shapes[name]))
+        else:
+            fill_(p, rules[name], seed, name)
+    for m in model.modules():
+        if m is not model and hasattr(m, "reset_step_stats"):
+            m.reset_step_stats()
+
+
+__all__ = ["init_sharded"]

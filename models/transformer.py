@@ -32,28 +32,51 @@ class Block(nn.Module):
                 **prefixed("mlp", self.mlp.init_rules(std, out_std))}
 
 
+class LayerStack(nn.ModuleDict):
+    """The blocks keyed by their global layer index: ``stack[i]`` is layer i, iterating yields the blocks in order.
+    A pipeline stage deletes the layers it does not run and keeps the global names (``layers.{i}.…``)."""
+
+    def __getitem__(self, i: int | str) -> Block:
+        if isinstance(i, slice):
+            raise TypeError("model.layers is indexed by global layer index (a stage holds some of them): "
+                            "use list(model.layers)[a:b] for positions")
+        return super().__getitem__(str(i))
+
+    def __iter__(self):
+        return iter(self.values())
+
+    def indices(self) -> list[int]:
+        return [int(k) for k in self.keys()]
+
+
 class Transformer(nn.Module):
     """DeepSeek-V3 / Kimi-K2 style MoE decoder in plain PyTorch (no parallelism inside).
 
-    Build on any device (including ``meta``), then call ``init_weights()`` after allocation.
+    Build on any device (including ``meta``), then call ``init_weights()`` after allocation. A pipeline stage is
+    this model with some layers deleted and ``embed_tokens`` (first stage) / ``norm`` + ``lm_head`` (last stage)
+    set to None where it does not hold them: it then maps hidden states to hidden states or to logits.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.layers = LayerStack({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
-    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
-        if tokens_BT.shape[1] > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {tokens_BT.shape[1]} exceeds max_seq_len {self.cfg.max_seq_len}")
-        h_BTD = self.embed_tokens(tokens_BT)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] (or hidden states [B, T, D] on a stage without embeddings) -> float32 logits [B, T, V]
+        (or hidden states on a stage without the head)."""
+        if x.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {x.shape[1]} exceeds max_seq_len {self.cfg.max_seq_len}")
+        h_BTD = self.embed_tokens(x) if self.embed_tokens is not None else x
         for layer in self.layers:
             h_BTD = layer(h_BTD)
+        if self.lm_head is None:
+            return h_BTD
         logits_BTV = self.lm_head(self.norm(h_BTD))
         return logits_BTV.to(torch.promote_types(logits_BTV.dtype, torch.float32))  # bf16 -> float32
 
@@ -62,10 +85,12 @@ class Transformer(nn.Module):
         output projections (o_proj, down_proj), ones for norms, zeros for the router biases."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        rules = {"embed_tokens.weight": normal(std)}
-        for i, layer in enumerate(self.layers):
-            rules.update(prefixed(f"layers.{i}", layer.init_rules(std, out_std)))
-        return {**rules, **prefixed("norm", self.norm.init_rules()), "lm_head.weight": normal(std)}
+        rules = {"embed_tokens.weight": normal(std)} if self.embed_tokens is not None else {}
+        for i in self.layers.indices():
+            rules.update(prefixed(f"layers.{i}", self.layers[i].init_rules(std, out_std)))
+        if self.lm_head is not None:
+            rules.update({**prefixed("norm", self.norm.init_rules()), "lm_head.weight": normal(std)})
+        return rules
 
     def init_weights(self, seed: int | None = None) -> int:
         """Initialise every parameter from its own generator (models/init.py): the weights depend only on

@@ -81,7 +81,7 @@ def _ep_worker(rank, world_size, layouts):
         groups = pdims.build("cpu")
         torch.manual_seed(0)
         model = Transformer(ModelConfig(**TINY)).double().train()
-        for block in model.layers[TINY["first_k_dense"]:]:
+        for block in list(model.layers)[TINY["first_k_dense"]:]:
             block.mlp.experts.use_grouped = grouped
         ref = copy.deepcopy(model)
         placements = parallelize(model, pdims, groups, ParallelizeConfig())

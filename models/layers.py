@@ -64,14 +64,16 @@ class FeedForward(nn.Module):
 def causal_max_logits(q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, scale: float, chunk: int = 512) -> torch.Tensor:
     """Per-head max over batch and causal (query, key) pairs of scale * q.k, shape [H], float32.
 
-    Computed in query chunks so memory stays O(chunk * T) whatever kernel the attention itself uses.
+    Computed in query chunks so memory stays O(chunk * T) whatever kernel the attention itself uses, in float32
+    also under autocast (which would run the matmul in bf16: QK-Clip would then clip to tau within ~0.5%).
     """
     B, H, T, _ = q_BHTd.shape
     out_H = torch.full((H,), float("-inf"), device=q_BHTd.device, dtype=torch.float32)
     key_pos = torch.arange(T, device=q_BHTd.device)
     for start in range(0, T, chunk):
         q_chunk = q_BHTd[:, :, start:start + chunk].float()
-        s_BHCT = torch.matmul(q_chunk, k_BHTd.float().transpose(-1, -2)) * scale
+        with torch.autocast(q_BHTd.device.type, enabled=False):
+            s_BHCT = torch.matmul(q_chunk, k_BHTd.float().transpose(-1, -2)) * scale
         q_pos = torch.arange(start, start + q_chunk.shape[2], device=q_BHTd.device)
         s_BHCT = s_BHCT.masked_fill(key_pos[None, :] > q_pos[:, None], float("-inf"))
         out_H = torch.maximum(out_H, s_BHCT.amax(dim=(0, 2, 3)))

@@ -29,7 +29,8 @@ class Router(nn.Module):
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (expert ids [T, K] int64, combine weights [T, K] float32)."""
         ct = torch.promote_types(x_TD.dtype, torch.float32)  # routing in >= float32
-        scores_TE = torch.sigmoid(F.linear(x_TD.to(ct), self.weight.to(ct)))
+        with torch.autocast(x_TD.device.type, enabled=False):  # autocast would run this linear in bf16
+            scores_TE = torch.sigmoid(F.linear(x_TD.to(ct), self.weight.to(ct)))
         choice_TE = scores_TE.detach() + self.e_score_correction_bias.to(ct)
         if self.n_groups > 1:
             T = x_TD.shape[0]

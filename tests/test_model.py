@@ -203,3 +203,21 @@ def test_sequence_too_long():
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 65, dtype=torch.long))
     assert math.isfinite(model(torch.zeros(1, 64, dtype=torch.long)).sum().item())
+
+
+def test_router_and_max_logit_probe_stay_float32_under_bf16_autocast():
+    """models/moe.py and models/layers.py promise float32 routing and max logits; bf16 autocast must not change them."""
+    from models.layers import causal_max_logits
+
+    torch.manual_seed(0)
+    router = Router(ModelConfig(**{**TINY, "dim": 64, "n_routed_experts": 8}))
+    router.init_weights(1.0)
+    x = torch.randn(256, 64)
+    q, k = torch.randn(2, 4, 64, 32), torch.randn(2, 4, 64, 32)
+    idx, w = router(x)
+    probe = causal_max_logits(q, k, 0.17)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        idx_ac, w_ac = router(x)
+        probe_ac = causal_max_logits(q, k, 0.17)
+    assert w_ac.dtype == torch.float32 and torch.equal(w_ac, w) and torch.equal(idx_ac, idx)
+    assert probe_ac.dtype == torch.float32 and torch.equal(probe_ac, probe)

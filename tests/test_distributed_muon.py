@@ -264,7 +264,7 @@ def _tp_slice(x: torch.Tensor, dim, t: int, tp: int) -> torch.Tensor:
     return x.chunk(tp, dim)[t] if isinstance(dim, int) else x
 
 
-def _tp_worker(rank: int, world: int) -> None:
+def _tp_worker(rank: int, world: int, hp: dict = HP, group_options: dict | None = None) -> None:
     from muonclip.muon import orthogonalize
     tp, dp = 2, world // 2
     d, t = divmod(rank, tp)
@@ -278,8 +278,9 @@ def _tp_worker(rank: int, world: int) -> None:
     placements = {n: Placement("tp_sharded", dim, tp_group) if isinstance(dim, int) else
                   Placement("expert") if dim == "expert" else Placement() for n, (_, dim) in TP.items()}
     groups = OptimizerGroups(dp_group=dp_group, tp_group=tp_group, edp_group=dp_group)
-    opt = DistributedMuonClip(build_param_groups(list(params.items())), placements, groups, **HP)
-    ref_opt = MuonClip(build_param_groups(list(ref.items())), **HP)
+    opt = DistributedMuonClip(build_param_groups(list(params.items()), group_options=group_options), placements,
+                              groups, **hp)
+    ref_opt = MuonClip(build_param_groups(list(ref.items()), group_options=group_options), **hp)
     for step in range(1, STEPS + 1):
         for n, p in params.items():
             p.grad = _tp_slice(_grad(n, d, step, TP[n][0]), TP[n][1], t, tp)
@@ -357,9 +358,22 @@ def _expert_worker(rank: int, world: int) -> None:
         assert (block == block[0]).all(), table
 
 
+# Every option changes the result (and must change it the same way in both optimizers): a DistributedMuonClip
+# that ignored one of them (e.g. nesterov=False or ns_steps) would differ from MuonClip here.
+OPTION_VARIANTS = [dict(nesterov=False), dict(ns_steps=2), dict(momentum=0.5), dict(weight_decay=0.0),
+                   dict(adamw_betas=(0.5, 0.9)), dict(adamw_eps=1e-2), dict(lr=0.2)]
+ADAMW_LR = {"adamw": {"lr": 0.3 * HP["lr"]}, "adamw_no_decay": {"lr": 0.3 * HP["lr"]}}  # what adamw_lr_scale sets
+
+
+def _options_worker(rank: int, world: int) -> None:
+    for variant in OPTION_VARIANTS:
+        _tp_worker(rank, world, {**HP, **variant})
+    _tp_worker(rank, world, HP, group_options=ADAMW_LR)
+
+
 # ---------------------------------------------------------------- one spawn per world size (startup dominates)
 CHECKS = {"replicated": _replicated_worker, "resume_qkclip": _resume_and_qkclip_worker, "tp": _tp_worker,
-          "experts": _expert_worker}
+          "experts": _expert_worker, "options": _options_worker}
 
 
 def _suite_worker(rank: int, world: int, out_dir: str, names: list[str]) -> None:
@@ -400,7 +414,7 @@ def world2(tmp_path_factory) -> _Suite:
 
 @pytest.fixture(scope="module")
 def world4(tmp_path_factory) -> _Suite:
-    return _Suite(4, ["tp", "experts"], str(tmp_path_factory.mktemp("dist4")))
+    return _Suite(4, ["tp", "experts", "options"], str(tmp_path_factory.mktemp("dist4")))
 
 
 def test_replicated_params_match_single_process_dp2(world2):
@@ -417,6 +431,10 @@ def test_tensor_parallel_exact_muon_dp2_tp2(world4):
 
 def test_experts_batched_on_ep_rank_dp4_ep2(world4):
     world4.check("experts")
+
+
+def test_every_optimizer_option_matches_muonclip_dp2_tp2(world4):
+    world4.check("options")
 
 
 def test_same_shape_matrices_share_one_batched_newton_schulz_call():

@@ -312,6 +312,46 @@ def test_real_tiny_run_clean_then_injected_spike_rolls_back_without_losing_data(
     after, events = train(model, opt, loader, det, range(plan.restore_step, plan.restore_step + 10))
     assert events == []  # recovered: no alert on the steps after the rollback
     assert max(after.values()) < 1.2 * statistics.median(losses[s] for s in range(15, 26))
+    _assert_stats_match_an_independent_recomputation(model, loader.next_batch()[0])
+
+
+def _assert_stats_match_an_independent_recomputation(model, inputs):
+    """step_stats after a train-mode forward = max of the masked, scaled q.k^T captured at each attention call
+    (not the model's own probe), and router balance = max/mean of the chosen experts counted from the routers'
+    outputs (not their load buffers)."""
+    from models import Router
+
+    attn_max, chosen = [], []
+    orig = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, is_causal=False, scale=None, **kwargs):
+        s = (q.double() @ k.double().transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+        T = q.shape[2]
+        s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+        attn_max.append(s.amax(dim=(0, 2, 3)))
+        return orig(q, k, v, *args, is_causal=is_causal, scale=scale, **kwargs)
+
+    hooks = [m.register_forward_hook(lambda _m, _i, out: chosen.append((_m.n_experts, out[0])))
+             for m in model.modules() if isinstance(m, Router)]
+    F.scaled_dot_product_attention = spy
+    try:
+        model.train().reset_step_stats()
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        F.scaled_dot_product_attention = orig
+        for h in hooks:
+            h.remove()
     stats = step_stats(model)
-    assert 0 < stats["max_logit/max"] < 100 and stats["router/l1/max_over_mean"] >= 1.0
+    assert len(attn_max) == len(model.layers)
+    for i, m_H in enumerate(attn_max):
+        assert stats[f"max_logit/l{i}"] == pytest.approx(float(m_H.max()), rel=1e-5)
+        for h, value in enumerate(m_H.tolist()):
+            assert stats[f"max_logit/l{i}/h{h}"] == pytest.approx(value, rel=1e-5)
+    assert stats["max_logit/max"] == pytest.approx(max(float(m.max()) for m in attn_max), rel=1e-5)
+    moe_layers = [i for i, layer in enumerate(model.layers) if hasattr(layer.mlp, "gate")]
+    for i, (n_experts, idx_TK) in zip(moe_layers, chosen):
+        load_E = torch.bincount(idx_TK.flatten(), minlength=n_experts).double()
+        assert stats[f"router/l{i}/max_over_mean"] == pytest.approx(float(load_E.max() / load_E.mean()), rel=1e-6)
+        assert stats[f"router/l{i}/max_over_mean"] > 1.0  # a trained router is not perfectly balanced on this batch
 

@@ -79,6 +79,7 @@ def test_loss_decreases_on_the_embedded_corpus(tmp_path):
     assert result.val_losses[30] < losses[0] - 1.0
     # aux-loss-free balancing moved the router biases; QK-Clip stats and lr were logged
     assert any(not torch.equal(b, r.e_score_correction_bias) for b, r in zip(biases_before, trainer.model.moe_routers()))
+
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     logged = {k for r in records for k in r}
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "max_logit/l0", "qk_clip/clipped_heads", "val_loss"} <= logged
@@ -156,28 +157,70 @@ def test_post_step_qk_clip_keeps_every_head_at_most_tau_after_each_step(tmp_path
     assert worst["forward"] > tau * 1.01, worst
 
 
+def test_router_bias_moves_by_the_sign_rule_each_step(tmp_path):
+    """bias += speed * sign(mean load - load), with the step's loads: under-loaded experts up, over-loaded down."""
+    cfg = debug_cfg(tmp_path, "--train.steps=3", "--schedule.warmup_steps=1", "--model.bias_update_speed=0.01")
+    trainer = Trainer(cfg, init_runtime(cfg))
+    routers = trainer.model.moe_routers()
+    for _ in range(2):
+        before = [r.e_score_correction_bias.clone() for r in routers]
+        trainer.train_step()
+        for r, b, load_E in zip(routers, before, trainer.router_hook.last_loads):
+            assert load_E.sum() > 0 and not torch.equal(load_E, load_E.mean().expand_as(load_E))
+            torch.testing.assert_close(r.e_score_correction_bias - b, 0.01 * torch.sign(load_E.mean() - load_E),
+                                       rtol=0, atol=1e-7)
+
+
+def test_adamw_lr_scale_sets_the_adamw_groups_lr(tmp_path):
+    cfg = debug_cfg(tmp_path, "--optim.adamw_lr_scale=0.25", "--optim.lr=0.02", "--schedule.warmup_steps=0",
+                    "--schedule.decay=constant")
+    trainer = Trainer(cfg, init_runtime(cfg))
+    trainer.train_step()
+    lrs = {g["group"]: g["lr"] for g in trainer.optimizer.param_groups}
+    assert {k for k in lrs if k.startswith("adamw")} and {k for k, g in lrs.items() if not k.startswith("adamw")}
+    for key, lr in lrs.items():
+        assert lr == pytest.approx(0.02 * 0.25 if key.startswith("adamw") else 0.02), key
+
+
+def test_gradient_accumulation_averages_micro_batches(tmp_path):
+    """The same 4 samples as 1 x 4 or as 2 micro batches of 2 (or 4 of 1) give the same loss and gradient norm
+    (Muon's orthogonalisation hides a 2x gradient in the update: the norm does not)."""
+    results = []
+    for mbs, accum in [(4, 1), (2, 2), (1, 4)]:
+        cfg = debug_cfg(tmp_path / f"{mbs}", f"--data.micro_batch_size={mbs}", f"--data.grad_accum={accum}",
+                        "--optim.grad_clip=0", "--model.n_routed_experts=4")
+        trainer = Trainer(cfg, init_runtime(cfg))
+        results.append(trainer.train_step())
+        trainer.metrics.close()
+    for r in results[1:]:
+        assert r.loss == pytest.approx(results[0].loss, rel=1e-5)
+        assert r.grad_norm == pytest.approx(results[0].grad_norm, rel=1e-4)
+
+
 def _dp_worker(rank: int, world: int, out_dir: str, overrides: list[str]) -> None:
     torch.set_num_threads(1)
     cfg = debug_cfg(out_dir, *overrides)
     trainer = Trainer(cfg, init_runtime(cfg))
     result = trainer.fit()
-    torch.save({"losses": result.losses, "val": result.val_losses,
+    clip = trainer.qkclip_post or trainer.qkclip
+    torch.save({"losses": result.losses, "val": result.val_losses, "clipped": int(clip.last_clipped),
                 "params": {k: v.clone() for k, v in trainer.model.state_dict().items()}},
                Path(out_dir) / f"rank{rank}.pt")
 
 
-@pytest.mark.parametrize("optimizer,qk_clip", [("replicated", []), ("zero1", []),
-                                              ("zero1", ["--optim.qk_clip_mode=post_step", "--optim.qk_clip_tau=0.1"])],
-                         ids=["replicated", "zero1", "zero1_post_step_clip"])
-def test_two_process_data_parallel_matches_single_process(tmp_path, optimizer, qk_clip):
-    common = ["--train.steps=6", "--train.eval_interval=6", "--schedule.warmup_steps=2", "--data.grad_accum=2",
-              f"--parallel.optimizer={optimizer}", *qk_clip]
-    run_distributed(_dp_worker, 2, str(tmp_path / "dp"), [*common, "--data.micro_batch_size=2"])
-    r0, r1 = (torch.load(tmp_path / "dp" / f"rank{r}.pt") for r in range(2))
-    for k, v in r0["params"].items():
-        assert torch.equal(v, r1["params"][k]), f"ranks diverged on {k}"
-    assert r0["losses"] == r1["losses"]
+# QK-Clip clips (tau below the ~0.1 logits of the debug model) and the global grad-norm clip is active, so a rank
+# clipping on its own logits or its own gradient norm would diverge from the others and from one process
+DP_COMMON = ["--train.steps=6", "--train.eval_interval=6", "--schedule.warmup_steps=2", "--data.grad_accum=2",
+             "--optim.qk_clip_tau=0.05", "--optim.grad_clip=0.5"]
 
+
+def _check_against_single_process(tmp_path, ranks: list[dict], common: list[str]) -> None:
+    r0 = ranks[0]
+    for r in ranks[1:]:
+        for k, v in r0["params"].items():
+            assert torch.equal(v, r["params"][k]), f"ranks diverged on {k}"
+        assert r0["losses"] == r["losses"]
+    assert r0["clipped"] > 0  # QK-Clip acted on the last step
     cfg = debug_cfg(tmp_path / "single", *common, "--data.micro_batch_size=4")
     trainer = Trainer(cfg, init_runtime(cfg))
     single = trainer.fit()
@@ -186,7 +229,39 @@ def test_two_process_data_parallel_matches_single_process(tmp_path, optimizer, q
     assert [r0["losses"][s] for s in steps] == pytest.approx([single.losses[s] for s in steps], rel=1e-4, abs=1e-4)
     assert r0["val"][6] == pytest.approx(single.val_losses[6], rel=1e-4)
     for k, v in trainer.model.state_dict().items():
-        torch.testing.assert_close(r0["params"][k], v, rtol=2e-3, atol=2e-4, msg=f"param {k} differs")
+        if r0["params"][k].shape == v.shape:  # expert-parallel stacks hold a rank's experts only
+            torch.testing.assert_close(r0["params"][k], v, rtol=2e-3, atol=2e-4, msg=f"param {k} differs")
+
+
+@pytest.mark.parametrize("optimizer,qk_clip", [("replicated", []), ("zero1", []),
+                                              ("zero1", ["--optim.qk_clip_mode=post_step", "--optim.qk_clip_tau=0.1"])],
+                         ids=["replicated", "zero1", "zero1_post_step_clip"])
+def test_two_process_data_parallel_matches_single_process(tmp_path, optimizer, qk_clip):
+    common = [*DP_COMMON, f"--parallel.optimizer={optimizer}", *qk_clip]
+    run_distributed(_dp_worker, 2, str(tmp_path / "dp"), [*common, "--data.micro_batch_size=2"])
+    _check_against_single_process(tmp_path, [torch.load(tmp_path / "dp" / f"rank{r}.pt") for r in range(2)], common)
+
+
+def test_dp4_ep2_with_expert_replicas_matches_single_process(tmp_path):
+    """4 ranks, experts split over ep=2, each expert held by 2 replicas (edp group of 2): same run as 1 process."""
+    common = [*DP_COMMON, "--parallel.optimizer=zero1"]
+    run_distributed(_dp_worker, 4, str(tmp_path / "dp"), [*common, "--data.micro_batch_size=1", "--parallel.ep=2"])
+    ranks = [torch.load(tmp_path / "dp" / f"rank{r}.pt") for r in range(4)]
+    for a, b in ((0, 2), (1, 3)):  # the same experts on the two replicas of each ep rank
+        assert all(torch.equal(v, ranks[b]["params"][k]) for k, v in ranks[a]["params"].items())
+    cfg = debug_cfg(tmp_path / "ref", *common, "--data.micro_batch_size=4")
+    ref = Trainer(cfg, init_runtime(cfg))
+    ref_result = ref.fit()
+    assert [ranks[0]["losses"][s] for s in range(1, 7)] == pytest.approx(
+        [ref_result.losses[s] for s in range(1, 7)], rel=1e-4, abs=1e-4)
+    for k, v in ref.model.state_dict().items():
+        if "experts." in k and v.ndim == 3:  # rank r's stack is experts [r*E/2, (r+1)*E/2) of the reference
+            n = ranks[0]["params"][k].shape[0]
+            for r in (0, 1):
+                torch.testing.assert_close(ranks[r]["params"][k], v[r * n:(r + 1) * n], rtol=2e-3, atol=2e-4, msg=k)
+        else:
+            torch.testing.assert_close(ranks[0]["params"][k], v, rtol=2e-3, atol=2e-4, msg=k)
+    assert ranks[0]["clipped"] > 0
 
 
 def test_console_line_shows_the_post_step_max_logit_only_when_present():

@@ -67,8 +67,12 @@ class GroupedExperts(nn.Module):
     """Routed experts as stacked [E, ...] SwiGLU weights.
 
     ``forward(x_TD, counts_E)`` takes token rows sorted by expert id with ``counts_E`` tokens per expert.
-    The grouped path runs all experts as one padded batched matmul; the loop path runs them one by one
-    (reference for tests). Expert parallelism wraps this module and changes which experts it holds.
+    The grouped path runs each projection for all experts as one grouped GEMM (``F.grouped_mm`` over the rows,
+    expert boundaries from a cumulative sum of the counts): no padding, so its cost does not follow the load
+    imbalance, and no host synchronisation. It needs float32/bf16/fp16 and 16-byte-aligned rows (dim and
+    inter_dim times the element size divisible by 16); otherwise, and with ``use_grouped=False``, the loop path
+    runs the experts one by one (the reference; it reads the counts on the host). Expert parallelism wraps this
+    module and changes which experts it holds.
     """
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int, use_grouped: bool = True):
@@ -79,9 +83,15 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
 
     def forward(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        if self.use_grouped:
+        if self.use_grouped and self.grouped_supported(x_TD.dtype):
             return self._grouped(x_TD, counts_E)
         return self._loop(x_TD, counts_E)
+
+    def grouped_supported(self, dtype: torch.dtype) -> bool:
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return False
+        size = torch.empty((), dtype=dtype).element_size()
+        return all(n * size % 16 == 0 for n in self.down_proj.shape[1:])  # dim, inter_dim
 
     def _loop(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         outs = []
@@ -91,18 +101,13 @@ class GroupedExperts(nn.Module):
         return torch.cat(outs) if outs else x_TD.new_zeros(0, self.down_proj.shape[1])
 
     def _grouped(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        E, T = counts_E.numel(), x_TD.shape[0]
-        if T == 0:
+        if x_TD.shape[0] == 0:
             return x_TD.new_zeros(0, self.down_proj.shape[1])
-        capacity = int(counts_E.max())
-        expert_of_T = torch.repeat_interleave(torch.arange(E, device=x_TD.device), counts_E)
-        starts_E = torch.cumsum(counts_E, 0) - counts_E
-        slot_of_T = torch.arange(T, device=x_TD.device) - starts_E[expert_of_T]
-        x_ECD = x_TD.new_zeros(E, capacity, x_TD.shape[1])
-        x_ECD[expert_of_T, slot_of_T] = x_TD
-        h_ECI = F.silu(torch.bmm(x_ECD, self.gate_proj.transpose(1, 2))) * torch.bmm(x_ECD, self.up_proj.transpose(1, 2))
-        y_ECD = torch.bmm(h_ECI, self.down_proj.transpose(1, 2))
-        return y_ECD[expert_of_T, slot_of_T]
+        offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)  # end row of each expert's block
+        dt = x_TD.dtype  # weights in the activations' dtype (as autocast does for a matmul)
+        gate_TI = F.grouped_mm(x_TD, self.gate_proj.to(dt).transpose(1, 2), offs=offs_E)
+        up_TI = F.grouped_mm(x_TD, self.up_proj.to(dt).transpose(1, 2), offs=offs_E)
+        return F.grouped_mm(F.silu(gate_TI) * up_TI, self.down_proj.to(dt).transpose(1, 2), offs=offs_E)
 
     def init_rules(self, std: float, out_std: float) -> dict[str, InitRule]:
         return {"gate_proj": normal(std, per_expert=True), "up_proj": normal(std, per_expert=True),

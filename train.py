@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--config", default="configs/tiny.yaml", help="YAML job config (default: %(default)s)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print the full traceback too (also MUONCLIP_DEBUG=1); it always goes "
+                             "to <train.output_dir>/logs/rank<k>.log")
     args, rest = parser.parse_known_args(argv)
     return args, normalize_overrides(rest)
 
@@ -64,14 +67,24 @@ def normalize_overrides(items: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 bad input (config, data, checkpoint, environment), 1 runtime failure, 130 Ctrl-C;
+    an error ends with one line per failing process (launch/errors.py)."""
+    from launch.errors import run_reporting_errors
+
     args, overrides = parse_args(argv)
-    cfg = load_config(args.config, overrides)
-    if args.print_config:
-        print(dump_config(cfg))
+    loaded = {}
+
+    def train() -> int:
+        cfg = loaded["cfg"] = load_config(args.config, overrides)
+        if args.print_config:
+            print(dump_config(cfg))
+            return 0
+        from launch.trainer import run  # heavy imports only when training
+        run(cfg)
         return 0
-    from launch.trainer import run  # heavy imports only when training
-    run(cfg)
-    return 0
+
+    return run_reporting_errors(train, lambda: loaded["cfg"].train.output_dir if "cfg" in loaded else None,
+                                debug=args.debug)
 
 
 if __name__ == "__main__":

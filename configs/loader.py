@@ -36,9 +36,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist (see configs/*.yaml for examples)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     except yaml.YAMLError as e:
-        raise ValueError(f"config file {path} is not valid YAML: {e}") from e
+        raise ValueError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from e
     if raw is None:
         return {}
     if not isinstance(raw, dict):

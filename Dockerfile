@@ -21,10 +21,10 @@ RUN useradd --create-home --uid 1000 trainer \
     && chown trainer:trainer /workspace
 WORKDIR /workspace
 
-# torch first, from the CUDA index; then the exact pins of requirements.txt (torch is already satisfied)
+# torch first, from the CUDA index alone (it also serves torch's own dependencies); then the exact pins of
+# requirements.txt from the default index (torch is already satisfied)
 COPY requirements.txt .
-RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" --extra-index-url https://pypi.org/simple \
-        torch==2.13.0 \
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch==2.13.0 \
     && pip install --no-cache-dir -r requirements.txt
 
 COPY --chown=1000:1000 . .

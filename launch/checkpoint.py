@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 
 CHECKPOINT_SUBDIR = "checkpoints"
 LATEST = "latest"
@@ -61,9 +62,10 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     """The checkpoint named by ``latest`` if complete, else the highest complete step (None if none)."""
     root = Path(root)
     pointer = root / LATEST
-    if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if _STEP_RE.match(candidate.name) and (candidate / ".metadata").is_file():
+    if pointer.is_file():  # a pointer that is not a complete step's name (garbage bytes, say) counts as missing
+        name = pointer.read_bytes().decode("utf-8", errors="replace").strip()
+        candidate = root / name
+        if _STEP_RE.match(name) and (candidate / ".metadata").is_file():
             return candidate
     found = list_checkpoints(root)
     return found[-1][1] if found else None
@@ -225,8 +227,10 @@ def _load(path: Path, state: dict[str, Any]) -> None:
     try:
         with _quiet_single_process():
             dcp.load(state, storage_reader=FileSystemReader(path), no_dist=not _distributed())
-    except Exception as e:  # noqa: BLE001 - DCP wraps per-rank failures; name the checkpoint
-        raise ValueError(f"checkpoint {path}: loading failed (damaged data files?): {type(e).__name__}: {e}") from e
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps per-rank failures (CheckpointException
+        # derives from BaseException in torch 2.13); name the checkpoint
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise ValueError(f"checkpoint {path}: loading failed (damaged data files?): {type(e).__name__}: {first}") from e
 
 
 def check_compatible(path: Path, metadata: Any, tensors: dict[str, Any], saved_model_cfg: dict | None,

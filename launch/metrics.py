@@ -63,17 +63,23 @@ class MetricsLogger:
     """Everything is a no-op on ranks other than 0 (``enabled=False``)."""
 
     def __init__(self, cfg: JobConfig, env: dict[str, Any], enabled: bool = True):
-        self.cfg, self.enabled = cfg, enabled
+        self.cfg, self.enabled, self.env = cfg, enabled, env
         self.out_dir = Path(cfg.train.output_dir)
         self._bar = None
         self._wandb = None
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        header = "resolved config of this run\n" + "\n".join(f"{k}: {v}" for k, v in env.items())
-        (self.out_dir / "config.yaml").write_text(dump_config(cfg, header))
         self._jsonl = open(self.out_dir / "metrics.jsonl", "a")
         self._init_wandb(env)
+
+    def write_config(self) -> None:
+        """``<output_dir>/config.yaml`` (loads back with --config). The trainer calls it once the run is known to
+        start, after a resume was validated, so a failed resume leaves the previous run's file as it was."""
+        if not self.enabled:
+            return
+        header = "resolved config of this run\n" + "\n".join(f"{k}: {v}" for k, v in self.env.items())
+        (self.out_dir / "config.yaml").write_text(dump_config(self.cfg, header))
 
     def _init_wandb(self, env: dict[str, Any]) -> None:
         mode = os.environ.get("WANDB_MODE", self.cfg.logging.wandb_mode)

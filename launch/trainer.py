@@ -231,6 +231,7 @@ class Trainer:
         except BaseException:
             self.metrics.close()
             raise
+        self.metrics.write_config()
 
     # ---------------------------------------------------------------- one step
     def train_step(self) -> StepResult:
@@ -418,7 +419,6 @@ class Trainer:
 def run(cfg: JobConfig) -> RunResult:
     """Train according to ``cfg`` (initialises torch.distributed when launched by torchrun)."""
     rt = init_runtime(cfg)
-    try:
-        return Trainer(cfg, rt).fit()
-    finally:
-        rt.shutdown()
+    result = Trainer(cfg, rt).fit()  # on an error: no collective teardown on the way out (a peer may be gone, or
+    rt.shutdown()                    # killed by torchrun once one rank exits): the error is reported first and
+    return result                    # the process exit releases the group (launch/errors.py)

@@ -95,6 +95,37 @@ def test_layout_latest_pointer_and_auto_resume(straight_run, tmp_path):
     assert ckpt.latest_checkpoint(fake) == fake / "step_00000004"
 
 
+def test_garbage_latest_pointer_counts_as_missing(straight_run, tmp_path):
+    out, _, _ = straight_run
+    root = tmp_path / "checkpoints"
+    shutil.copytree(out / "checkpoints", root)
+    (root / "latest").write_bytes(b"\xff\xfe\x00garbage\x9c")
+    assert ckpt.latest_checkpoint(root) == root / "step_00000008"  # the highest complete step
+
+
+def test_damaged_shard_file_is_a_clear_error_naming_the_checkpoint(straight_run, tmp_path):
+    """A truncated .distcp raises DCP's CheckpointException, a BaseException in torch 2.13: it must still become a
+    one-line ValueError naming the checkpoint, and nothing on disk changes."""
+    out, _, _ = straight_run
+    bad = tmp_path / "run" / "checkpoints" / "step_00000004"
+    shutil.copytree(out / "checkpoints" / "step_00000004", bad)
+    shard = sorted(bad.glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    before = tree_digest(bad.parent)
+    with pytest.raises(ValueError, match=rf"checkpoint {bad}: loading failed \(damaged data files\?\)"):
+        train(tmp_path / "run", f"--train.resume={bad}")
+    assert tree_digest(bad.parent) == before
+
+
+def test_a_failed_resume_leaves_config_yaml_untouched(straight_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(straight_run[0], run)  # a previous run's output dir, with checkpoints and its config.yaml
+    before = (run / "config.yaml").read_bytes()
+    with pytest.raises(ValueError, match="different model config"):
+        train(run, "--model.dim=32")  # resume: auto picks the checkpoint, whose shapes differ
+    assert (run / "config.yaml").read_bytes() == before
+
+
 def test_auto_resume_continues_and_keeps_last_k(straight_run, tmp_path):
     out, _, _ = straight_run
     first, _ = train(tmp_path, "--train.steps=4", "--train.ckpt_interval=2", "--train.ckpt_keep=1")

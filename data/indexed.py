@@ -24,6 +24,17 @@ def token_dtype(vocab_size: int) -> type:
     return np.uint16 if vocab_size < 65536 else np.int32
 
 
+def byte_pointers(lengths: np.ndarray, start: int, itemsize: int) -> np.ndarray:
+    """Byte offset of each sequence in the .bin: ``start`` plus the sizes of the sequences before it (int64)."""
+    sizes = np.asarray(lengths, np.int64) * itemsize
+    pointers = np.empty_like(sizes)
+    if sizes.size:
+        pointers[0] = start
+        np.cumsum(sizes[:-1], out=pointers[1:])
+        pointers[1:] += start
+    return pointers
+
+
 def dtype_code(dtype) -> int:
     for code, dt in DTYPE_CODES.items():
         if np.dtype(dt) == np.dtype(dtype):
@@ -76,13 +87,9 @@ class IndexedWriter:
                 f.write(np.asarray(lengths[a:a + self._CHUNK]).tobytes())
             pointer = 0
             for a in range(0, n, self._CHUNK):
-                chunk = np.asarray(lengths[a:a + self._CHUNK], np.int64) * self.dtype.itemsize
-                pointers = np.empty_like(chunk)
-                pointers[0] = pointer
-                np.cumsum(chunk[:-1], out=pointers[1:])
-                pointers[1:] += pointer
-                pointer = int(pointers[-1] + chunk[-1])
-                f.write(pointers.tobytes())
+                chunk = np.asarray(lengths[a:a + self._CHUNK], np.int64)
+                f.write(byte_pointers(chunk, pointer, self.dtype.itemsize).tobytes())
+                pointer += int(chunk.sum()) * self.dtype.itemsize
             for a in range(0, n + 1, self._CHUNK):
                 f.write(np.arange(a, min(a + self._CHUNK, n + 1), dtype=np.int64).tobytes())
             f.flush()
@@ -157,10 +164,7 @@ class TokenShards:
         n_tokens = 0
         for a in range(0, n_seq, self._CHUNK):  # pointers must be the running byte offsets of the lengths
             chunk = np.asarray(lengths[a:a + self._CHUNK], np.int64)
-            expected_ptr = np.empty_like(chunk)
-            expected_ptr[0] = n_tokens * self.dtype.itemsize
-            np.cumsum(chunk[:-1] * self.dtype.itemsize, out=expected_ptr[1:])
-            expected_ptr[1:] += expected_ptr[0]
+            expected_ptr = byte_pointers(chunk, n_tokens * self.dtype.itemsize, self.dtype.itemsize)
             if (chunk < 0).any() or not np.array_equal(np.asarray(pointers[a:a + self._CHUNK]), expected_ptr):
                 raise bad(idx_path, "sequence lengths and pointers are inconsistent")
             n_tokens += int(chunk.sum())

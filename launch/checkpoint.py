@@ -32,6 +32,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
+from launch.errors import first_line
+
 CHECKPOINT_SUBDIR = "checkpoints"
 LATEST = "latest"
 _STEP_RE = re.compile(r"^step_(\d+)$")
@@ -229,8 +231,8 @@ def _load(path: Path, state: dict[str, Any]) -> None:
             dcp.load(state, storage_reader=FileSystemReader(path), no_dist=not _distributed())
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps per-rank failures (CheckpointException
         # derives from BaseException in torch 2.13); name the checkpoint
-        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
-        raise ValueError(f"checkpoint {path}: loading failed (damaged data files?): {type(e).__name__}: {first}") from e
+        raise ValueError(f"checkpoint {path}: loading failed (damaged data files?): {type(e).__name__}: "
+                         f"{first_line(str(e))}") from e
 
 
 def check_compatible(path: Path, metadata: Any, tensors: dict[str, Any], saved_model_cfg: dict | None,

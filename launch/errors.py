@@ -26,12 +26,16 @@ def _rank_prefix() -> str:
     return f" [rank {os.environ.get('RANK', '0')}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
+def first_line(text: str) -> str:
+    """The first non-empty line of ``text``, stripped ("" if none)."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
 def one_line(error: BaseException) -> str:
     """The message on one line: its first non-empty line, or the exception's type when it has no message."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if not lines:
+    text = first_line(str(error))
+    if not text:
         return type(error).__name__
-    text = lines[0]
     return text if isinstance(error, (ValueError, OSError)) else f"{type(error).__name__}: {text}"
 
 

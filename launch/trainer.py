@@ -156,9 +156,9 @@ def build_data(cfg: JobConfig, rt: Runtime) -> tuple[data_lib.BatchLoader, data_
     """Rank 0 tokenizes raw sources and builds the sample indices (data/sources.py), the others wait and then
     open them. A data error on rank 0 is sent to every rank, so each ends with the same message (no hang)."""
     d = cfg.data
-    kwargs = dict(model_vocab_size=cfg.model.vocab_size, global_batch=tokens_per_step(cfg, rt) // d.seq_len,
-                  planned_samples=cfg.train.steps * tokens_per_step(cfg, rt) // d.seq_len,
-                  with_val=cfg.train.eval_interval > 0)
+    global_batch = tokens_per_step(cfg, rt) // d.seq_len  # samples per optimizer step, all ranks
+    kwargs = dict(model_vocab_size=cfg.model.vocab_size, global_batch=global_batch,
+                  planned_samples=cfg.train.steps * global_batch, with_val=cfg.train.eval_interval > 0)
     datasets, error = None, None
     if rt.rank == 0:
         try:

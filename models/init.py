@@ -77,9 +77,15 @@ def init_module_(module: nn.Module, rules: dict[str, InitRule], seed: int | None
         raise ValueError(f"init rules do not match the parameters: no rule for {missing}, rules for absent {extra}")
     for name, p in params.items():
         fill_(p, rules[name], seed, prefix + name)
-    for m in module.modules():
-        if hasattr(m, "reset_step_stats") and m is not module:
-            m.reset_step_stats()
-    if hasattr(module, "reset_step_stats"):
+    if hasattr(module, "reset_step_stats"):  # the model's and the attention/router modules' own
         module.reset_step_stats()
+    else:
+        reset_step_stats_(module)
     return seed
+
+
+def reset_step_stats_(module: nn.Module) -> None:
+    """Reset the per-step statistics (attention max logits, expert loads) of every submodule that keeps some."""
+    for m in module.modules():
+        if m is not module and hasattr(m, "reset_step_stats"):
+            m.reset_step_stats()

@@ -8,7 +8,7 @@ from torch import nn
 
 from .attention import build_attention
 from .config import ModelConfig
-from .init import InitRule, init_module_, normal, prefixed
+from .init import InitRule, init_module_, normal, prefixed, reset_step_stats_
 from .layers import FeedForward, RMSNorm
 from .moe import MoE, Router
 
@@ -99,9 +99,7 @@ class Transformer(nn.Module):
 
     def reset_step_stats(self) -> None:
         """Clear per-step statistics (attention max logits, expert loads); call before each step."""
-        for m in self.modules():
-            if m is not self and hasattr(m, "reset_step_stats"):
-                m.reset_step_stats()
+        reset_step_stats_(self)
 
     def qk_clip_specs(self) -> list[dict]:
         return [layer.self_attn.qk_clip_spec() for layer in self.layers]

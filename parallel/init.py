@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.init import InitRule, fill_
+from models.init import InitRule, fill_, reset_step_stats_
 from muonclip.placement import Placement
 
 
@@ -32,9 +32,7 @@ def init_sharded(model: nn.Module, rules: dict[str, InitRule], global_shapes: di
             fill_(p, rules[name], seed, name, shard=(dim, offset, global_shapes[name]))
         else:
             fill_(p, rules[name], seed, name)
-    for m in model.modules():
-        if m is not model and hasattr(m, "reset_step_stats"):
-            m.reset_step_stats()
+    reset_step_stats_(model)
 
 
 __all__ = ["init_sharded"]

@@ -17,6 +17,7 @@ import collections
 import multiprocessing
 import os
 import re
+import shutil
 import sys
 import time
 from typing import Callable
@@ -49,19 +50,21 @@ def resolve_inputs(inputs: list[str], fmt: str = "auto") -> Resolved:
     return Resolved(",".join(inputs), tuple(files), tuple(formats))
 
 
-def remove_stale_tmp(output_prefix: str) -> None:
-    """Delete ``OUT.tmp-<pid>.*`` files of runs whose process is gone."""
-    folder, base = os.path.split(os.path.abspath(output_prefix))
+def remove_stale_tmp(target: str) -> None:
+    """Delete ``<target>.tmp-<pid>`` and ``<target>.tmp-<pid>.*`` files or directories of runs whose process is
+    gone (what a crash leaves behind while building ``target``)."""
+    folder, base = os.path.split(os.path.abspath(target))
     if not os.path.isdir(folder):
         return
     for entry in os.listdir(folder):
-        match = re.fullmatch(rf"{re.escape(base)}\.tmp-(\d+)\..*", entry)
+        match = re.fullmatch(rf"{re.escape(base)}\.tmp-(\d+)(\..*)?", entry)
         if not match:
             continue
         try:
             os.kill(int(match.group(1)), 0)  # a live process is still writing it
         except ProcessLookupError:
-            os.remove(os.path.join(folder, entry))
+            path = os.path.join(folder, entry)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         except PermissionError:
             pass
 

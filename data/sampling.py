@@ -108,7 +108,10 @@ class SourceSamples:
             np.cumsum(np.asarray(self.docs.lengths)[order], out=cum[1:])
             return order.astype(np.int64), cum, perm
         # one int64 file: [n_docs, n_samples, order (n_docs), offsets (n_docs + 1), sample order (n_samples or 0)]
+        from data.preprocess import remove_stale_tmp
+
         os.makedirs(self.cache_dir, exist_ok=True)
+        remove_stale_tmp(path)  # a half-written index of a killed build
         tmp = f"{path}.tmp-{os.getpid()}.npy"
         size = 2 + n_docs + n_docs + 1 + (n_samples if perm is not None else 0)
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(size,))

@@ -32,7 +32,7 @@ from data.corpus import EMBEDDED_DIR, MANIFEST_PATH, embedded_files, sha256_file
 from data.formats import Resolved, file_identity, resolve
 from data.indexed import TokenShards
 from data.loader import available_samples
-from data.preprocess import preprocess
+from data.preprocess import preprocess, remove_stale_tmp
 from data.sampling import INDEX_VERSION, ShardSet, SourceSamples, split_documents
 from data.tokenizer import TextTokenizer
 
@@ -133,7 +133,8 @@ class _Builder:
             raise FileNotFoundError(f"data source {name}: {final} is missing; rank 0 builds it before the other "
                                     f"ranks open it (is data.data_dir on a filesystem every rank shares?)")
         os.makedirs(root, exist_ok=True)
-        tmp = os.path.join(root, f".tmp-{name}-{key[:16]}-{os.getpid()}")
+        remove_stale_tmp(final)  # what a killed build left behind
+        tmp = f"{final}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         try:

@@ -7,6 +7,7 @@ import json
 import lzma
 import multiprocessing
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -338,6 +339,31 @@ def test_build_datasets_caches_tokens_and_checks_vocab(tmp_path, tok, monkeypatc
     with pytest.raises(ValueError, match=rf"data source code: .*code_text_document holds token id {top}, but "
                                          rf"model.vocab_size is {top}; set --model.vocab_size={top + 1}"):
         data.build_datasets(only_prefix.data, top, 8, 800, log=lambda m: None)
+
+
+def test_a_killed_build_leaves_nothing_the_next_build_keeps(tmp_path, tok):
+    """The token directory and the epoch index are built under <name>.tmp-<pid>: what a dead process left is
+    removed by the next build, which then writes the complete files."""
+    import subprocess
+    import sys
+
+    web, _ = _user_corpus(tmp_path, tok)
+    cfg = _cfg(tmp_path, f"--data.sources=[{{path: {web}}}]")
+    data.build_datasets(cfg.data, cfg.model.vocab_size, 8, 80, log=lambda m: None)
+    (token_dir,) = (tmp_path / "cache" / "tokens").iterdir()
+    (index_dir,) = (tmp_path / "cache" / "index").iterdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid whose process has exited
+    shutil.rmtree(token_dir)
+    stale_dir = token_dir.parent / f"{token_dir.name}.tmp-{dead}"
+    stale_dir.mkdir()
+    (stale_dir / "tokens.bin").write_bytes(b"half")
+    (index_dir / "epoch_00000.npy").unlink()
+    stale_index = index_dir / f"epoch_00000.npy.tmp-{dead}.npy"
+    stale_index.write_bytes(b"half")
+    data.build_datasets(cfg.data, cfg.model.vocab_size, 8, 80, log=lambda m: None)
+    assert sorted(p.name for p in token_dir.parent.iterdir()) == [token_dir.name]
+    assert sorted(p.name for p in index_dir.iterdir()) == ["epoch_00000.npy"]
 
 
 def test_val_sources_and_too_small_validation_fail_at_start(tmp_path, tok):

@@ -153,6 +153,10 @@ class TrainConfig:
     ckpt_keep: int = 3  # keep the last K checkpoints
     output_dir: str = "outputs/run"  # config.yaml, metrics.jsonl, checkpoints/, wandb/
     resume: str = "auto"  # "auto" (latest checkpoint in output_dir if any), "none", or a checkpoint path
+    resume_fallback: bool = False  # resume: auto and the latest checkpoint is damaged -> the previous one (warning)
+    ckpt_verify: bool = True  # check every file's checksum (and finite values) before a checkpoint is loaded
+    ckpt_async: bool = False  # stage a copy and write in the background (only the copy blocks training)
+    dist_timeout_s: float = 600.0  # collectives and the rank watchdog: a rank silent this long ends the job
 
     def __post_init__(self) -> None:
         s = "train"
@@ -165,6 +169,7 @@ class TrainConfig:
         _need(s, self.ckpt_keep >= 1, f"ckpt_keep must be >= 1, got {self.ckpt_keep}")
         _need(s, bool(self.output_dir), "output_dir must be a non-empty path")
         _need(s, bool(self.resume), "resume must be 'auto', 'none' or a checkpoint directory")
+        _need(s, self.dist_timeout_s > 0, f"dist_timeout_s must be > 0 seconds, got {self.dist_timeout_s}")
 
 
 @dataclass
@@ -209,6 +214,7 @@ class MonitorConfig:
     rollback: bool = False  # on a spike: restore the last checkpoint, skip the data since it (launch/monitor.py)
     max_rollbacks: int = 3  # consecutive rollbacks allowed before training stops with an error
     rollback_reset_after: int = 100  # a spike more than this many steps after the previous one is not consecutive
+    alert_wait_s: float = 300.0  # W&B alerts (spike, rollback, non-finite loss, ...): at most one per title per wait
 
     def __post_init__(self) -> None:
         s = "monitor"
@@ -218,6 +224,7 @@ class MonitorConfig:
               f"spike_min_history must be in [1, spike_window={self.spike_window}], got {self.spike_min_history}")
         _need(s, self.max_rollbacks >= 0, f"max_rollbacks must be >= 0, got {self.max_rollbacks}")
         _need(s, self.rollback_reset_after >= 0, f"rollback_reset_after must be >= 0, got {self.rollback_reset_after}")
+        _need(s, self.alert_wait_s >= 0, f"alert_wait_s must be >= 0 seconds, got {self.alert_wait_s}")
 
 
 @dataclass

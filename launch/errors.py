@@ -22,7 +22,7 @@ from typing import Callable
 BAD_INPUT_EXIT, RUNTIME_EXIT, INTERRUPT_EXIT = 2, 1, 130
 
 
-def _rank_prefix() -> str:
+def rank_prefix() -> str:
     return f" [rank {os.environ.get('RANK', '0')}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
@@ -74,7 +74,7 @@ def run_reporting_errors(main: Callable[[], int], output_dir: Callable[[], str |
         if debug:
             traceback.print_exception(error, file=sys.stderr)
         where = f" (traceback: {log})" if log and not debug else ""
-        print(f"error{_rank_prefix()}: {one_line(error)}{where}", file=sys.stderr, flush=True)
+        print(f"error{rank_prefix()}: {one_line(error)}{where}", file=sys.stderr, flush=True)
         return exit_code(error)
 
 

@@ -1,5 +1,11 @@
 """Rank-0 reporting: resolved config + environment, console (tqdm), metrics.jsonl and Weights & Biases.
 
+Metrics are grouped for W&B with ``define_metric``: ``step`` (optimizer steps) and ``tokens`` are the x axes
+(choose either in the UI), sections are ``max_logit/*``, ``qk_clip/*``, ``router/*``, ``spike/*``, ``ckpt/*`` and
+``data/*``. Events a user must not miss (loss spike, rollback, non-finite loss, dead/stuck rank, preemption save)
+also raise ``wandb.alert`` (e-mail/Slack per the user's W&B settings), at most one per title per
+``monitor.alert_wait_s``; they go to the console and metrics.jsonl (``{"alert": ...}``) in any mode.
+
 W&B mode comes from ``logging.wandb_mode`` (default "offline": runs land in ``<output_dir>/wandb`` and can be
 uploaded later with ``wandb sync``); the ``WANDB_MODE`` environment variable overrides it (tests set
 "disabled"). A resumed job reuses the W&B run id stored in ``<output_dir>/wandb_run_id``.
@@ -7,6 +13,7 @@ uploaded later with ``wandb sync``); the ``WANDB_MODE`` environment variable ove
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import secrets
@@ -59,6 +66,20 @@ def format_line(step: int, total: int, m: dict[str, float]) -> str:
     return " | ".join(parts)
 
 
+SECTIONS = ("max_logit", "qk_clip", "router", "spike", "ckpt", "data")
+
+
+def define_metrics(run: Any) -> None:
+    """Axes and summaries: every metric is plotted against ``step`` by default, ``tokens`` is logged as a metric
+    so it can be chosen as the x axis; loss summaries keep the minimum, max-logit ones the maximum."""
+    run.define_metric("tokens", summary="max")
+    run.define_metric("*", step_metric="step", step_sync=True)
+    for key in ("loss", "val_loss", "loss_avg"):
+        run.define_metric(key, step_metric="step", summary="min")
+    for section in SECTIONS:
+        run.define_metric(f"{section}/*", step_metric="step", summary="max" if section == "max_logit" else "last")
+
+
 class MetricsLogger:
     """Everything is a no-op on ranks other than 0 (``enabled=False``)."""
 
@@ -67,6 +88,7 @@ class MetricsLogger:
         self.out_dir = Path(cfg.train.output_dir)
         self._bar = None
         self._wandb = None
+        self._last_alert: dict[str, float] = {}
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -96,6 +118,29 @@ class MetricsLogger:
         name = self.cfg.logging.run_name or self.out_dir.name
         self._wandb = wandb.init(project=self.cfg.logging.project, name=name, id=run_id, resume="allow",
                                  mode=mode, dir=str(self.out_dir), config={**config_to_dict(self.cfg), "env": env})
+        define_metrics(self._wandb)
+
+    def add_config(self, key: str, value: Any) -> None:
+        """Extra start-up facts (e.g. the Muon coverage table) in the W&B run config."""
+        if self._wandb is not None:
+            self._wandb.config.update({key: value}, allow_val_change=True)
+
+    def alert(self, title: str, text: str, level: str = "WARN", step: int | None = None) -> bool:
+        """``wandb.alert`` (level INFO/WARN/ERROR), rate-limited per title by ``monitor.alert_wait_s``; always
+        written to the console and metrics.jsonl. Returns whether W&B was alerted."""
+        if not self.enabled:
+            return False
+        self.write(f"alert [{level}] {title}: {text}")
+        self._jsonl.write(json.dumps({"step": step, "alert": title, "level": level, "text": text}) + "\n")
+        self._jsonl.flush()
+        now, wait = time.monotonic(), self.cfg.monitor.alert_wait_s
+        if self._wandb is None or now - self._last_alert.get(title, -math.inf) < wait:
+            return False
+        self._last_alert[title] = now
+        import wandb
+        self._wandb.alert(title=title, text=text, level=getattr(wandb.AlertLevel, level),
+                          wait_duration=wait)
+        return True
 
     def start_progress(self, initial: int, total: int) -> None:
         if self.enabled and self.cfg.logging.progress_bar:
@@ -123,7 +168,7 @@ class MetricsLogger:
         self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self._jsonl.flush()
         if self._wandb is not None:
-            self._wandb.log(metrics, step=step)
+            self._wandb.log({"step": step, **metrics}, step=step)
         if console:
             self.write(format_line(step, self.cfg.train.steps, metrics))
 

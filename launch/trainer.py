@@ -7,6 +7,11 @@ step (MuonClip / ZeRO-1 DistributedMuonClip) -> post-step hooks (QK-Clip, then r
 With ``optim.qk_clip_mode: post_step`` the QK-Clip hook only reduces the forward's max logits for logging, and
 after the router bias update one no-grad forward on the step's micro batches re-measures and clips
 (``muonclip.QKClip.apply_post_step``), so each head ends the step <= tau on that batch.
+
+After each step the loop asks, with one all-reduce, whether any rank got SIGTERM/SIGINT (launch/preemption.py):
+if so every rank saves that step and ``fit`` returns (``RunResult.preempted``). The loop reports progress to the
+rank watchdog (launch/watchdog.py) per micro batch, optimizer step and eval batch; saves run as "busy" phases.
+With ``train.ckpt_async`` saves are ``checkpoint.AsyncSaver``'s, polled after each step.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -27,9 +33,11 @@ import muonclip
 from configs import JobConfig, config_to_dict, dump_config
 from launch import checkpoint as ckpt
 from launch import monitor as monitor_lib
+from launch import watchdog as watchdog_lib
 from launch.checkpoint import shard_views
 from launch.hooks import RouterBiasUpdate, register_post_step
 from launch.metrics import MetricsLogger, environment_info
+from launch.preemption import PreemptionHandler
 from launch.schedule import schedule_fn
 from models import Transformer
 from muonclip.placement import REPLICATED
@@ -50,6 +58,7 @@ class RunResult:
     losses: dict[int, float] = field(default_factory=dict)  # completed step -> training loss of that step
     val_losses: dict[int, float] = field(default_factory=dict)
     final_step: int = 0
+    preempted: bool = False  # stopped early by SIGTERM/SIGINT after saving a checkpoint
 
 
 # ------------------------------------------------------------------------------------------------ runtime
@@ -96,8 +105,9 @@ def init_runtime(cfg: JobConfig) -> Runtime:
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
     owns = False
-    if env_world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if env_world > 1 and not dist.is_initialized():  # the watchdog (launch/watchdog.py) fires before this timeout
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(seconds=cfg.train.dist_timeout_s + watchdog_lib.PG_GRACE_S))
         owns = True
     world = dist.get_world_size() if dist.is_initialized() else 1
     p = cfg.parallel
@@ -168,15 +178,26 @@ def build_data(cfg: JobConfig, rt: Runtime) -> tuple[data_lib.BatchLoader, data_
                 raise
             error = f"{type(e).__name__}: {e}"
     if rt.world_size > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        if box[0] is not None:
-            raise ValueError(f"rank 0 could not build the data: {box[0]}")
+        error = _wait_for_rank0(f"data_built/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", error, rt.rank)
+        if error is not None:
+            raise ValueError(f"rank 0 could not build the data: {error}")
     if datasets is None:  # built by rank 0 by now: this only opens it
         datasets = data_lib.build_datasets(d, builder=False, log=lambda _: None, **kwargs)
     loader = data_lib.BatchLoader(datasets.train, d.micro_batch_size, dp_rank=rt.groups.data_rank,
                                   dp_size=rt.groups.data_size)
     return loader, datasets
+
+
+def _wait_for_rank0(key: str, error: str | None, rank: int) -> str | None:
+    """Rank 0 posts ``error`` (None: done) under ``key`` in the rendezvous store; the others poll for it. No
+    collective timeout applies: tokenizing a corpus may take hours; a dead rank 0 is the watchdog's to report."""
+    store = dist.distributed_c10d._get_default_store()
+    if rank == 0:
+        store.set(key, error or "")
+        return error
+    while not store.check([key]):
+        time.sleep(0.2)
+    return store.get(key).decode() or None
 
 
 def _log_stderr(message: str) -> None:
@@ -193,7 +214,27 @@ class Trainer:
     def __init__(self, cfg: JobConfig, rt: Runtime):
         self.cfg, self.rt = cfg, rt
         self.step = 0  # completed optimizer steps
+        self.metrics = MetricsLogger(cfg, environment_info(rt.world_size, rt.device), enabled=rt.rank == 0)
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> None:
+        cfg, rt = self.cfg, self.rt
+        self.watchdog = None
+        if rt.world_size > 1:
+            self.watchdog = watchdog_lib.Watchdog(
+                dist.distributed_c10d._get_default_store(), rt.rank, rt.world_size, cfg.train.dist_timeout_s,
+                on_fail=lambda text: self.metrics.alert("rank watchdog", text, "ERROR", self.step)).start()
+        self.preemption = PreemptionHandler().install()
+        self.saver = ckpt.AsyncSaver() if cfg.train.ckpt_async else None
         self.loader, self.datasets = build_data(cfg, rt)
+        with torch.device("meta"):
+            coverage = muonclip.coverage(Transformer(cfg.model))
+        self.metrics.write("parameters by optimizer (global shapes):\n" + muonclip.format_coverage(coverage))
+        self.metrics.add_config("muon_coverage", coverage)
         self.model, self.placements = build_model(cfg, rt)
         self.zero1 = use_zero1(cfg, rt)
         dp_group = rt.groups.dp_group if rt.groups.dp_size > 1 else None
@@ -223,15 +264,22 @@ class Trainer:
         self.interval_stats = monitor_lib.IntervalStats()
         self.autocast = (torch.autocast(rt.device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bfloat16"
                          else nullcontext())
-        self.metrics = MetricsLogger(cfg, environment_info(rt.world_size, rt.device), enabled=rt.rank == 0)
         self.ckpt_root = ckpt.checkpoint_root(cfg.train.output_dir)
         self.last_ckpt_step: int | None = None
-        try:
-            self._resume()
-        except BaseException:
-            self.metrics.close()
-            raise
+        self._resume()
         self.metrics.write_config()
+
+    def close(self) -> None:
+        """Release what the run holds: the save in flight (waited for), watchdog, signal handlers, loggers."""
+        try:
+            if getattr(self, "saver", None) is not None:
+                self.saver.close()
+        finally:
+            if getattr(self, "watchdog", None) is not None:
+                self.watchdog.stop()
+            if getattr(self, "preemption", None) is not None:
+                self.preemption.uninstall()
+            self.metrics.close()
 
     # ---------------------------------------------------------------- one step
     def train_step(self) -> StepResult:
@@ -253,8 +301,10 @@ class Trainer:
                 loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten())
                 (loss / accum).backward()
             loss_sum += loss.detach()
+            self._progress()
         grad_norm = self._clip_gradients()
         self.optimizer.step()
+        self._progress()
         for hook in self.manual_hooks:
             hook()
         if self.qkclip_post is not None:
@@ -263,6 +313,14 @@ class Trainer:
         loss_avg = self.rt.mean_over_dp(loss_sum / accum)
         self.step += 1
         return StepResult(loss=float(loss_avg), grad_norm=float(grad_norm), lr=cfg.optim.lr * lr_scale)
+
+    def _busy(self):
+        """A phase that may outlast train.dist_timeout_s without loop progress (liveness is still watched)."""
+        return self.watchdog.busy() if self.watchdog is not None else nullcontext()
+
+    def _progress(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.progress(self.step)
 
     @torch.no_grad()
     def _post_step_clip(self, step_inputs: list[torch.Tensor]) -> None:
@@ -302,15 +360,18 @@ class Trainer:
                 logits_BTV = self.model(inputs_BT.to(self.rt.device))
             total += F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.to(self.rt.device).flatten())
             n += 1
+            self._progress()
         self.model.train()
         return float(self.rt.mean_over_dp(total / max(n, 1)))
 
     # ---------------------------------------------------------------- loop
     def fit(self) -> RunResult:
         try:
+            if self.watchdog is not None:
+                self.watchdog.arm()
             return self._loop()
         finally:
-            self.metrics.close()
+            self.close()
 
     def _loop(self) -> RunResult:
         cfg, result = self.cfg.train, RunResult()
@@ -328,8 +389,10 @@ class Trainer:
                 continue
             self.interval_stats.update(self.model, self.qkclip, self.router_hook.loads_list(), self.qkclip_post)
             if not math.isfinite(out.loss):
-                raise FloatingPointError(f"loss is {out.loss} at step {self.step}: lower optim.lr or qk_clip_tau, "
-                                         "or enable monitor.rollback with checkpoints")
+                text = (f"loss is {out.loss} at step {self.step}: lower optim.lr or qk_clip_tau, or enable "
+                        "monitor.rollback with checkpoints")
+                self.metrics.alert("non-finite loss", text + "; training stopped", "ERROR", self.step)
+                raise FloatingPointError(text)
             result.losses[self.step] = out.loss
             window.append(out.loss)
             self.metrics.advance(out.loss)
@@ -343,11 +406,27 @@ class Trainer:
                 result.val_losses[self.step] = val = self.evaluate()
                 self.metrics.log(self.step, {"val_loss": val})
                 t_last = time.perf_counter()
+            self._async_save_done(block=False)
+            if self.preemption.stop_requested(self.rt.device):
+                self._preempted(result)
+                break
             if cfg.ckpt_interval and (self.step % cfg.ckpt_interval == 0 or last):
                 self.save()
                 t_last = time.perf_counter()
+        self._async_save_done(block=True)
         result.final_step = self.step
         return result
+
+    def _preempted(self, result: RunResult) -> None:
+        """A signal asked to stop (launch/preemption.py): checkpoint this step and return (exit code 0)."""
+        name = self.preemption.signal_name or "a signal on another rank"
+        if self.last_ckpt_step != self.step:
+            self.save()
+        self._async_save_done(block=True)
+        result.preempted = True
+        text = (f"{name}: stopped after step {self.step} of {self.cfg.train.steps} and saved "
+                f"{ckpt.step_dir(self.ckpt_root, self.step)}; run the same command again to resume")
+        self.metrics.alert("preempted", text, "WARN", self.step)
 
     def tokens_per_step(self) -> int:
         return tokens_per_step(self.cfg, self.rt)
@@ -366,14 +445,18 @@ class Trainer:
         ``monitor.rollback`` it restores the last checkpoint and skips the offending batches
         (``monitor.RollbackPolicy`` decides). Returns True when the state was rolled back."""
         self.metrics.log(self.step, {"spike/loss": event["loss"], "spike/z": event["z"]}, console=False)
-        self.metrics.write(f"loss spike at step {event['step']}: loss {event['loss']:.4f} "
-                           f"(median {event['median']:.4f}, z {event['z']:.1f}, {event['reason']})")
+        text = (f"loss spike at step {event['step']}: loss {event['loss']:.4f} (median {event['median']:.4f}, "
+                f"z {event['z']:.1f}, {event['reason']})")
         if self.rollbacks is None:
+            if math.isfinite(event["loss"]):  # a non-finite loss gets its own alert as the run stops
+                self.metrics.alert("loss spike", text + "; no action (monitor.rollback is off)", "WARN", self.step)
             return False
+        self._async_save_done(block=True)  # the checkpoint to roll back to may still be in flight
         plan = self.rollbacks.plan(event, self.last_ckpt_step)
         self.load(ckpt.step_dir(self.ckpt_root, plan.restore_step), restore_monitor=False)
         self.loader.skip(plan.skip_batches)
-        self.metrics.write(f"rolled back to step {plan.restore_step}, skipped {plan.skip_batches} batches")
+        self.metrics.alert("loss spike: rolled back", f"{text}; rolled back to step {plan.restore_step} and "
+                           f"skipped {plan.skip_batches} batches", "WARN", self.step)
         self.metrics.log(self.step, self.rollbacks.metrics(), console=False)
         return True
 
@@ -387,13 +470,37 @@ class Trainer:
                  "detector": self.detector.state_dict(),
                  "rollbacks": self.rollbacks.state_dict() if self.rollbacks is not None else None}
         meta = {"config": config_to_dict(self.cfg), "world_size": self.rt.world_size}
-        path = ckpt.save_checkpoint(self.ckpt_root, self.step, self.checkpoint_tensors(), meta, extra,
-                                    keep=self.cfg.train.ckpt_keep, config_text=dump_config(self.cfg))
+        args = (self.ckpt_root, self.step, self.checkpoint_tensors(), meta, extra)
+        kwargs = dict(keep=self.cfg.train.ckpt_keep, config_text=dump_config(self.cfg))
+        t0 = time.perf_counter()
+        if self.saver is not None:
+            with self._busy():
+                self._async_save_done(block=True)  # at most one in flight
+                self.saver.save(*args, **kwargs)
+            self.metrics.log(self.step, {"ckpt/blocked_s": time.perf_counter() - t0}, console=False)
+            return
+        with self._busy():
+            path = ckpt.save_checkpoint(*args, **kwargs)
         self.last_ckpt_step = self.step
+        seconds = time.perf_counter() - t0
+        self.metrics.log(self.step, {"ckpt/blocked_s": seconds, "ckpt/save_s": seconds}, console=False)
         self.metrics.write(f"saved checkpoint {path}")
 
+    def _async_save_done(self, block: bool) -> None:
+        """Record an asynchronous save that has committed (waiting for it with ``block``); raises its error."""
+        if self.saver is None:
+            return
+        with self._busy():
+            done = self.saver.wait() if block else self.saver.poll()
+        if done is not None:
+            step, seconds = done
+            self.last_ckpt_step = step
+            self.metrics.log(self.step, {"ckpt/save_s": seconds}, console=False)
+            self.metrics.write(f"saved checkpoint {ckpt.step_dir(self.ckpt_root, step)} (asynchronous, {seconds:.1f} s)")
+
     def load(self, path, restore_monitor: bool = True) -> None:
-        _, extra = ckpt.load_checkpoint(path, self.checkpoint_tensors(), config_to_dict(self.cfg)["model"])
+        _, extra = ckpt.load_checkpoint(path, self.checkpoint_tensors(), config_to_dict(self.cfg)["model"],
+                                        verify=self.cfg.train.ckpt_verify)
         self.step = int(extra["step"])
         self.loader.load_state_dict(extra["loader"])
         ckpt.set_rng_state(extra["rng"], self.rt.device)
@@ -412,8 +519,26 @@ class Trainer:
                                  "train.resume is 'none': use --train.resume=auto to continue, or another "
                                  "--train.output_dir, or delete them")
             return
-        self.load(path)
+        while True:
+            try:
+                self.load(path)
+                break
+            except ckpt.DamagedCheckpoint as e:
+                path = self._fallback(path, e)
         self.metrics.write(f"resumed from {path} at step {self.step}")
+
+    def _fallback(self, damaged, error: Exception):
+        """``resume: auto`` met a damaged checkpoint: the previous complete one when ``train.resume_fallback``
+        allows it (with a warning and an alert), else the error, saying what the user can do."""
+        older = [p for step, p in ckpt.list_checkpoints(self.ckpt_root) if p.name < damaged.name]
+        if self.cfg.train.resume != "auto" or not older:
+            raise error
+        if not self.cfg.train.resume_fallback:
+            raise ckpt.DamagedCheckpoint(f"{error}; set --train.resume_fallback=true to resume from the previous "
+                                         f"checkpoint {older[-1]} instead, or pass --train.resume=<path>") from error
+        self.metrics.alert("damaged checkpoint", f"{error}; resuming from the previous checkpoint {older[-1]}",
+                           "WARN", self.step)
+        return older[-1]
 
 
 def run(cfg: JobConfig) -> RunResult:

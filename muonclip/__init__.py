@@ -19,11 +19,12 @@ from muonclip.distributed import DistributedMuonClip, OptimizerGroups
 from muonclip.muon import adamw_step_, apply_muon_update_, muon_momentum_, muon_scale, muon_update, orthogonalize
 from muonclip.newton_schulz import NS_COEFFICIENTS, newton_schulz
 from muonclip.optimizer import MuonClip
-from muonclip.param_groups import DEFAULT_GROUP_OPTIONS, DEFAULT_RULES, assign_params, build_param_groups
+from muonclip.param_groups import (DEFAULT_GROUP_OPTIONS, DEFAULT_RULES, assign_params, build_param_groups, coverage,
+                                   format_coverage)
 from muonclip.qk_clip import QKClip
 
 __all__ = [
     "DEFAULT_GROUP_OPTIONS", "DEFAULT_RULES", "DistributedMuonClip", "MuonClip", "OptimizerGroups", "NS_COEFFICIENTS", "QKClip", "adamw_step_",
-    "apply_muon_update_", "assign_params", "build_param_groups", "muon_momentum_", "muon_scale", "muon_update",
+    "apply_muon_update_", "assign_params", "build_param_groups", "coverage", "format_coverage", "muon_momentum_", "muon_scale", "muon_update",
     "newton_schulz", "orthogonalize",
 ]

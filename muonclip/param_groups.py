@@ -5,6 +5,11 @@ group uses Muon only match parameters with ndim >= 2, so a 1-D tensor falls thro
 parameter must end in exactly one group: a rule set without a catch-all that leaves a parameter unmatched, or
 the same tensor passed under two names, is a ValueError listing the names.
 
+A hidden matrix (ndim >= 2) may go to AdamW only through a rule that names it: one that reaches an AdamW group
+through a catch-all rule (a regex matching any name, like ``"."``) is a ValueError naming it, because that is
+the usual silent Muon bug (a custom rule set whose Muon rule misses a new layer). ``coverage`` counts what each
+rule received, for the start-up table (launch/trainer.py logs it).
+
 Parameters with ``requires_grad=False`` (e.g. the aux-loss-free router bias ``e_score_correction_bias``) are
 routed like the others; they never receive a gradient, so the optimizer leaves them alone, but the groups still
 cover the whole model.
@@ -90,19 +95,68 @@ def assign_params(named_params: Iterable[tuple[str, Tensor]] | nn.Module, rules:
 
     assignment: dict[str, str] = {}
     unassigned: list[str] = []
+    hidden_to_adamw: list[str] = []
     for name, p in named:
         for regex, key in compiled:
             if options[key]["use_muon"] and p.ndim < 2:
                 continue
             if regex.search(name):
                 assignment[name] = key
+                if p.ndim >= 2 and not options[key]["use_muon"] and _is_catch_all(regex):
+                    hidden_to_adamw.append(f"{name} {tuple(p.shape)} (rule {regex.pattern!r} -> {key!r})")
                 break
         else:
             unassigned.append(f"{name} {tuple(p.shape)}")
     if unassigned:
         raise ValueError("no param-group rule matched: " + ", ".join(unassigned)
                          + "; add a rule for them or end the rules with a catch-all ('.', 'adamw')")
+    if hidden_to_adamw:
+        raise ValueError(f"{len(hidden_to_adamw)} hidden matrices would go to AdamW only through a catch-all rule: "
+                         + ", ".join(hidden_to_adamw[:5]) + "; route them to Muon (e.g. a ('.', 'muon') rule before "
+                         "the catch-all) or, if AdamW is intended, add a rule that names them")
     return assignment
+
+
+_PROBE_NAMES = ("x", "a.b.weight", "0", "Z_z")
+
+
+def _is_catch_all(regex: re.Pattern) -> bool:
+    """A rule that matches any name (".", ".*", "^", ""): it says nothing about which parameters it is for."""
+    return all(regex.search(name) for name in _PROBE_NAMES)
+
+
+def coverage(named_params: Iterable[tuple[str, Tensor]] | nn.Module, rules: Iterable[Rule] = DEFAULT_RULES,
+             group_options: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """What each rule received, in rule order: ``{"rule", "group", "optimizer", "tensors", "elements"}`` (rules
+    that received nothing are left out). Works on meta tensors, so global shapes can be counted before sharding."""
+    named = _named_list(named_params)
+    rules = tuple(rules)
+    options = _group_options(rules, group_options, None)
+    assignment = assign_params(named, rules, group_options)
+    compiled = [(re.compile(pattern), key) for pattern, key in rules]
+    rows = [{"rule": pattern, "group": key, "optimizer": "muon" if options[key]["use_muon"] else "adamw",
+             "tensors": 0, "elements": 0} for pattern, key in rules]
+    for name, p in named:
+        key = assignment[name]
+        index = next(i for i, (regex, k) in enumerate(compiled)
+                     if k == key and regex.search(name) and (p.ndim >= 2 or not options[k]["use_muon"]))
+        rows[index]["tensors"] += 1
+        rows[index]["elements"] += p.numel()
+    return [row for row in rows if row["tensors"]]
+
+
+def format_coverage(rows: list[dict[str, Any]]) -> str:
+    """The coverage rows as a small table with totals per optimizer (elements and share)."""
+    total = sum(r["elements"] for r in rows) or 1
+    lines = [f"{'optimizer':<9} {'group':<15} {'tensors':>7} {'elements':>14} {'share':>6}  rule"]
+    for r in rows:
+        lines.append(f"{r['optimizer']:<9} {r['group']:<15} {r['tensors']:>7} {r['elements']:>14,} "
+                     f"{100 * r['elements'] / total:>5.1f}%  {r['rule']}")
+    for opt in ("muon", "adamw"):
+        n = sum(r["elements"] for r in rows if r["optimizer"] == opt)
+        t = sum(r["tensors"] for r in rows if r["optimizer"] == opt)
+        lines.append(f"{opt:<9} {'(total)':<15} {t:>7} {n:>14,} {100 * n / total:>5.1f}%")
+    return "\n".join(lines)
 
 
 def build_param_groups(

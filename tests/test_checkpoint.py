@@ -4,14 +4,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from launch import checkpoint as ckpt
@@ -103,18 +106,73 @@ def test_garbage_latest_pointer_counts_as_missing(straight_run, tmp_path):
     assert ckpt.latest_checkpoint(root) == root / "step_00000008"  # the highest complete step
 
 
-def test_damaged_shard_file_is_a_clear_error_naming_the_checkpoint(straight_run, tmp_path):
-    """A truncated .distcp raises DCP's CheckpointException, a BaseException in torch 2.13: it must still become a
-    one-line ValueError naming the checkpoint, and nothing on disk changes."""
+def _damage(directory: Path, how: str) -> str:
+    """Damage a copy of a checkpoint the way disks and people do; returns the file name the error must name."""
+    storage = FileSystemReader(directory).read_metadata().storage_data
+    where = next(info for index, info in storage.items() if index.fqn == "embed_tokens.weight")
+    shard = directory / where.relative_path
+    data = bytearray(shard.read_bytes())
+    if how == "truncated":
+        shard.write_bytes(data[: len(data) // 3])
+    elif how == "random bytes inside":  # same size, inside the embedding's bytes: only the checksum can tell
+        start = where.offset + where.length // 2
+        data[start:start + 65536] = np.random.default_rng(0).bytes(65536)
+        shard.write_bytes(bytes(data))
+    elif how == "missing":
+        shard.unlink()
+    elif how == "garbage manifest":
+        (directory / "checksums.json").write_bytes(b"\x00\xffnot json")
+        return "checksums.json"
+    return shard.name
+
+
+@pytest.mark.parametrize("how,reason", [
+    ("truncated", r"\d+ bytes, \d+ expected \(truncated or overwritten\)"),
+    ("random bytes inside", r"sha256 mismatch \(contents changed since the save\)"),
+    ("missing", "missing"),
+    ("garbage manifest", "unreadable"),
+])
+def test_damaged_checkpoint_is_named_with_its_file_and_nothing_changes(straight_run, tmp_path, how, reason):
+    """Every file is verified against checksums.json before anything is loaded: a one-line error naming the
+    checkpoint, the file and what is wrong with it, and nothing on disk changes."""
     out, _, _ = straight_run
     bad = tmp_path / "run" / "checkpoints" / "step_00000004"
     shutil.copytree(out / "checkpoints" / "step_00000004", bad)
-    shard = sorted(bad.glob("*.distcp"))[0]
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    name = _damage(bad, how)
     before = tree_digest(bad.parent)
-    with pytest.raises(ValueError, match=rf"checkpoint {bad}: loading failed \(damaged data files\?\)"):
+    with pytest.raises(ckpt.DamagedCheckpoint, match=rf"^checkpoint {bad} is damaged \({re.escape(name)}: {reason}"):
         train(tmp_path / "run", f"--train.resume={bad}")
     assert tree_digest(bad.parent) == before
+
+
+def test_without_verification_random_bytes_are_caught_as_non_finite_values(straight_run, tmp_path):
+    """train.ckpt_verify: false skips the checksums (speed); the finite check still refuses the NaN weights that
+    random bytes inside a tensor load as (DCP itself loads them silently)."""
+    out, _, _ = straight_run
+    bad = tmp_path / "run" / "checkpoints" / "step_00000004"
+    shutil.copytree(out / "checkpoints" / "step_00000004", bad)
+    _damage(bad, "random bytes inside")
+    with pytest.raises(ckpt.DamagedCheckpoint, match=rf"checkpoint {bad} is damaged \([\w./]+: non-finite values\)"):
+        train(tmp_path / "run", f"--train.resume={bad}", "--train.ckpt_verify=false")
+    shard = max(bad.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(ckpt.DamagedCheckpoint, match=rf"checkpoint {bad} is damaged \(loading failed: \w+Error: "):
+        train(tmp_path / "run", f"--train.resume={bad}", "--train.ckpt_verify=false")
+
+
+def test_auto_resume_falls_back_to_the_previous_checkpoint_only_when_asked(straight_run, tmp_path):
+    out, _, straight = straight_run
+    run = tmp_path / "run"
+    shutil.copytree(out / "checkpoints", run / "checkpoints")
+    _damage(run / "checkpoints" / "step_00000008", "random bytes inside")
+    with pytest.raises(ckpt.DamagedCheckpoint, match=r"step_00000008 is damaged .*; set --train.resume_fallback=true "
+                                                     r"to resume from the previous checkpoint .*step_00000004 instead"):
+        train(run)
+    _, result = train(run, "--train.resume_fallback=true")
+    assert sorted(result.losses) == [5, 6, 7, 8]  # from step 4, the damaged step 8 written again
+    assert [result.losses[s] for s in range(5, 9)] == [straight.losses[s] for s in range(5, 9)]
+    alerts = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "alert" in r]
+    assert alerts[0]["alert"] == "damaged checkpoint" and "step_00000004" in alerts[0]["text"]
 
 
 def test_a_failed_resume_leaves_config_yaml_untouched(straight_run, tmp_path):
@@ -152,7 +210,7 @@ def test_truncated_metadata_is_a_clear_error_and_nothing_is_touched(straight_run
     meta.write_bytes(meta.read_bytes()[:40])
     before = tree_digest(bad.parent)
     for resume in (str(bad), "auto"):
-        with pytest.raises(ValueError, match=rf"{bad}.*unreadable \(truncated or corrupt\)"):
+        with pytest.raises(ckpt.DamagedCheckpoint, match=rf"{bad} is damaged \(\.metadata: unreadable, truncated or corrupt"):
             train(tmp_path / "run", f"--train.resume={resume}")
         assert tree_digest(bad.parent) == before
     incomplete = tmp_path / "step_00000005"
@@ -229,8 +287,10 @@ class _SpikeOnce(Trainer):
         return super().train_step()
 
 
-def test_injected_spike_is_detected_and_rolled_back_end_to_end(tmp_path):
-    overrides = ["--train.steps=40", "--train.ckpt_interval=10", "--train.eval_interval=0", "--monitor.rollback=true"]
+@pytest.mark.parametrize("ckpt_async", [False, True])
+def test_injected_spike_is_detected_and_rolled_back_end_to_end(tmp_path, ckpt_async):
+    overrides = ["--train.steps=40", "--train.ckpt_interval=10", "--train.eval_interval=0", "--monitor.rollback=true",
+                 f"--train.ckpt_async={str(ckpt_async).lower()}"]
     cfg = debug_cfg(tmp_path / "spiky", *overrides)
     trainer = _SpikeOnce(cfg, init_runtime(cfg))
     result = trainer.fit()
@@ -240,8 +300,13 @@ def test_injected_spike_is_detected_and_rolled_back_end_to_end(tmp_path):
     assert trainer.loader.global_batches == 40 + 5
     lines = (tmp_path / "spiky" / "metrics.jsonl").read_text()
     assert '"spike/z"' in lines
+    alerts = [r for r in map(json.loads, lines.splitlines()) if "alert" in r]
+    assert [(a["alert"], a["level"]) for a in alerts] == [("loss spike: rolled back", "WARN")]
+    assert alerts[0]["text"].startswith("loss spike at step 24: loss ")
+    assert alerts[0]["text"].endswith("rolled back to step 20 and skipped 5 batches")
     clean_cfg = debug_cfg(tmp_path / "clean", *overrides)
     clean = Trainer(clean_cfg, init_runtime(clean_cfg))
     clean.fit()
     assert clean.rollbacks.metrics()["rollback/count"] == 0  # a clean run raises no alert
     assert "spike/z" not in (tmp_path / "clean" / "metrics.jsonl").read_text()
+    assert '"alert"' not in (tmp_path / "clean" / "metrics.jsonl").read_text()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 
 import pytest
 import torch
@@ -274,6 +275,34 @@ def test_custom_rules_and_routing_errors():
         muonclip.build_param_groups(named, rules=[(".", "mystery")])
     with pytest.raises(ValueError, match="bad param-group rule"):
         muonclip.build_param_groups(named, rules=[("(", "muon")])
+
+
+def test_a_hidden_matrix_reaching_adamw_only_through_the_catch_all_is_an_error():
+    """The silent Muon bug: a custom rule set whose Muon rule misses a layer; AdamW then trains that matrix."""
+    named = [("attn.wq.weight", torch.zeros(8, 8)), ("mlp.new_proj.weight", torch.zeros(16, 8)),
+             ("attn.norm.weight", torch.zeros(8)), ("embed_tokens.weight", torch.zeros(32, 8))]
+    rules = [(r"wq\.weight$", "muon"), (r"embed_tokens\.weight$", "adamw"), (r".", "adamw")]
+    with pytest.raises(ValueError, match=r"1 hidden matrices would go to AdamW only through a catch-all rule: "
+                                         r"mlp\.new_proj\.weight \(16, 8\) \(rule '\.' -> 'adamw'\)"):
+        muonclip.build_param_groups(named, rules=rules)
+    # a rule that names it says AdamW is intended; 1-D gains through the catch-all stay fine
+    groups = muonclip.build_param_groups(named, rules=[(r"new_proj", "adamw"), *rules])
+    assert {n: g["group"] for g in groups for n in g["names"]}["mlp.new_proj.weight"] == "adamw"
+
+
+def test_coverage_counts_tensors_and_elements_per_rule():
+    from models import ModelConfig, Transformer
+    with torch.device("meta"):
+        model = Transformer(ModelConfig(vocab_size=64, dim=16, n_layers=2, first_k_dense=1, n_heads=2,
+                                        inter_dim=32, moe_inter_dim=8, n_routed_experts=4, n_activated_experts=2))
+    rows = muonclip.coverage(model.named_parameters())
+    named = dict(model.named_parameters())
+    assert sum(r["tensors"] for r in rows) == len(named)
+    assert sum(r["elements"] for r in rows) == sum(p.numel() for p in named.values())
+    muon = [r for r in rows if r["optimizer"] == "muon"]
+    assert len(muon) == 1 and muon[0]["elements"] == sum(p.numel() for p in named.values() if p.ndim >= 2) - 2 * 64 * 16
+    table = muonclip.format_coverage(rows)
+    assert re.search(rf"^muon +\(total\) +{muon[0]['tensors']} +{muon[0]['elements']:,} ", table, re.M), table
 
 
 def test_optimizer_input_errors():

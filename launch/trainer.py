@@ -16,12 +16,9 @@ With ``train.ckpt_async`` saves are ``checkpoint.AsyncSaver``'s, polled after ea
 from __future__ import annotations
 
 import math
-import os
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -34,16 +31,14 @@ from configs import JobConfig, config_to_dict, dump_config
 from launch import checkpoint as ckpt
 from launch import monitor as monitor_lib
 from launch import watchdog as watchdog_lib
+from launch.build import build_data, build_model, build_optimizer, tokens_per_step, use_zero1
 from launch.checkpoint import shard_views
 from launch.hooks import RouterBiasUpdate, register_post_step
 from launch.metrics import MetricsLogger, environment_info
 from launch.preemption import PreemptionHandler
+from launch.runtime import Runtime, init_runtime
 from launch.schedule import schedule_fn
 from models import Transformer
-from muonclip.placement import REPLICATED
-from parallel.dims import ParallelDims, ParallelGroups
-from parallel.init import init_sharded
-from parallel.parallelize import parallelize
 
 
 @dataclass
@@ -59,154 +54,6 @@ class RunResult:
     val_losses: dict[int, float] = field(default_factory=dict)
     final_step: int = 0
     preempted: bool = False  # stopped early by SIGTERM/SIGINT after saving a checkpoint
-
-
-# ------------------------------------------------------------------------------------------------ runtime
-@dataclass
-class Runtime:
-    """Where this process runs: device, rank, world and the parallel groups (``ParallelDims.build``)."""
-
-    device: torch.device
-    rank: int
-    world_size: int
-    pdims: ParallelDims
-    groups: ParallelGroups
-    owns_process_group: bool = False  # we initialised torch.distributed, so we tear it down
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def mean_over_dp(self, value: torch.Tensor) -> torch.Tensor:
-        if self.groups.dp_size == 1:
-            return value
-        value = value.detach().clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=self.groups.dp_group)
-        return value / self.groups.dp_size
-
-    def shutdown(self) -> None:
-        if self.owns_process_group and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("train.device is 'cuda' but no CUDA device is available; use --train.device=cpu")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def init_runtime(cfg: JobConfig) -> Runtime:
-    """Join torchrun's process group (gloo on CPU, nccl on GPU) unless one exists; build parallel groups."""
-    env_world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
-    owns = False
-    if env_world > 1 and not dist.is_initialized():  # the watchdog (launch/watchdog.py) fires before this timeout
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(seconds=cfg.train.dist_timeout_s + watchdog_lib.PG_GRACE_S))
-        owns = True
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    p = cfg.parallel
-    if world % p.tp:
-        raise ValueError(f"parallel.tp ({p.tp}) must divide the world size ({world})")
-    pdims = ParallelDims(dp=p.dp or world // p.tp, tp=p.tp, ep=p.ep)
-    pdims.check_world(world)
-    groups = pdims.build(device.type)
-    return Runtime(device, dist.get_rank() if world > 1 else 0, world, pdims, groups, owns)
-
-
-# ------------------------------------------------------------------------------------------------ builders
-def build_model(cfg: JobConfig, rt: Runtime) -> tuple[Transformer, dict[str, Any]]:
-    """Build on meta -> parallelize (EP/TP/AC) -> allocate and initialise only this rank's shards
-    (parallel/init.py): the global weights equal one process's for ``train.seed`` at any layout."""
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    rules, shapes = model.init_rules(), {name: tuple(p.shape) for name, p in model.named_parameters()}
-    p = cfg.parallel
-    placements = {name: REPLICATED for name in shapes}
-    if rt.groups.tp_size > 1 or rt.groups.ep_size > 1 or p.activation_checkpointing:
-        placements = parallelize(model, rt.pdims, rt.groups, p)
-    init_sharded(model, rules, shapes, placements, rt.groups.ep_rank, cfg.train.seed, rt.device)
-    return model, placements
-
-
-def use_zero1(cfg: JobConfig, rt: Runtime) -> bool:
-    if cfg.parallel.optimizer != "zero1" or rt.world_size == 1:
-        return False
-    try:
-        import muonclip.distributed  # noqa: F401
-        return True
-    except ImportError:
-        if rt.groups.ep_size > 1:
-            raise
-        return False
-
-
-def build_optimizer(cfg: JobConfig, model: Transformer, placements: dict, rt: Runtime, zero1: bool):
-    o = cfg.optim
-    adamw_lr = {"lr": o.lr * o.adamw_lr_scale}
-    groups = muonclip.build_param_groups(model.named_parameters(), weight_decay=o.weight_decay,
-                                         group_options={"adamw": adamw_lr, "adamw_no_decay": adamw_lr})
-    kwargs = dict(lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, ns_steps=o.ns_steps,
-                  weight_decay=o.weight_decay, adamw_betas=o.adamw_betas, adamw_eps=o.adamw_eps)
-    if zero1:
-        from muonclip.distributed import DistributedMuonClip
-        opt = DistributedMuonClip(groups, placements, rt.groups, **kwargs)
-    else:
-        opt = muonclip.MuonClip(groups, **kwargs)
-    opt.init_state()  # zero state for every owned trainable param now: checkpoints always hold the same keys
-    return opt
-
-
-def build_data(cfg: JobConfig, rt: Runtime) -> tuple[data_lib.BatchLoader, data_lib.Datasets]:
-    """Rank 0 tokenizes raw sources and builds the sample indices (data/sources.py), the others wait and then
-    open them. A data error on rank 0 is sent to every rank, so each ends with the same message (no hang)."""
-    d = cfg.data
-    global_batch = tokens_per_step(cfg, rt) // d.seq_len  # samples per optimizer step, all ranks
-    kwargs = dict(model_vocab_size=cfg.model.vocab_size, global_batch=global_batch,
-                  planned_samples=cfg.train.steps * global_batch, with_val=cfg.train.eval_interval > 0)
-    datasets, error = None, None
-    if rt.rank == 0:
-        try:
-            datasets = data_lib.build_datasets(d, builder=True, log=_log_stderr, **kwargs)
-        except (ValueError, OSError) as e:
-            if rt.world_size == 1:
-                raise
-            error = f"{type(e).__name__}: {e}"
-    if rt.world_size > 1:
-        error = _wait_for_rank0(f"data_built/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", error, rt.rank)
-        if error is not None:
-            raise ValueError(f"rank 0 could not build the data: {error}")
-    if datasets is None:  # built by rank 0 by now: this only opens it
-        datasets = data_lib.build_datasets(d, builder=False, log=lambda _: None, **kwargs)
-    loader = data_lib.BatchLoader(datasets.train, d.micro_batch_size, dp_rank=rt.groups.data_rank,
-                                  dp_size=rt.groups.data_size)
-    return loader, datasets
-
-
-def _wait_for_rank0(key: str, error: str | None, rank: int) -> str | None:
-    """Rank 0 posts ``error`` (None: done) under ``key`` in the rendezvous store; the others poll for it. No
-    collective timeout applies: tokenizing a corpus may take hours; a dead rank 0 is the watchdog's to report."""
-    store = dist.distributed_c10d._get_default_store()
-    if rank == 0:
-        store.set(key, error or "")
-        return error
-    while not store.check([key]):
-        time.sleep(0.2)
-    return store.get(key).decode() or None
-
-
-def _log_stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def tokens_per_step(cfg: JobConfig, rt: Runtime) -> int:
-    d = cfg.data
-    return d.seq_len * d.micro_batch_size * d.grad_accum * rt.groups.data_size
 
 
 # ------------------------------------------------------------------------------------------------ trainer

@@ -6,8 +6,8 @@
     python scripts/export_hf.py --import hf_model --out model.pt
 
 ``--config`` is the run's YAML (its ``model`` section is used); by default the ``config.yaml`` that
-launch/checkpoint.py writes into each step directory (or one in the parent) is used. The model weights are the
-keys of ``model.state_dict()``, stored at top level (launch/checkpoint.py) or under a ``model.`` / ``model/``
+launch/checkpoint/ writes into each step directory (or one in the parent) is used. The model weights are the
+keys of ``model.state_dict()``, stored at top level (launch/checkpoint/) or under a ``model.`` / ``model/``
 prefix; every other key (optimizer state, meta, extra) is ignored.
 """
 from __future__ import annotations

@@ -163,6 +163,9 @@ def test_a_stopped_rank_is_named_within_the_timeout(tmp_path):
         assert elapsed < timeout + 3, elapsed  # a heartbeat interval of slack
         assert f"ending the job (train.dist_timeout_s={timeout})" in line
         assert proc.wait(timeout=60) != 0
+        alerts = [r for r in records(out) if "alert" in r]
+        assert [(a["alert"], a["level"]) for a in alerts] == [("rank watchdog", "ERROR")]
+        assert alerts[0]["text"].startswith("rank(s) 1 silent for")
     finally:
         for pid in workers:
             try:
@@ -170,6 +173,28 @@ def test_a_stopped_rank_is_named_within_the_timeout(tmp_path):
             except ProcessLookupError:
                 pass
         proc.kill()
+
+
+def test_a_torchrun_restart_resumes_from_the_latest_checkpoint(tmp_path):
+    """--max-restarts=1: a worker killed mid-run makes torchrun restart both, which resume from `latest` by
+    themselves and redo the lost steps with the same losses."""
+    out, log = tmp_path / "run", tmp_path / "log"
+    proc = start(train_cmd(out, "--train.steps=12", "--train.ckpt_interval=4", "--train.eval_interval=0",
+                           launcher=[*TORCHRUN, "--max-restarts=1"]), log)
+    try:
+        wait_for(lambda: len(losses(out)) >= 6, 180, "6 steps")
+        workers = wait_for(lambda: children(proc.pid) if len(children(proc.pid)) == 2 else None, 30, "2 workers")
+        os.kill(workers[1], signal.SIGKILL)
+        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        proc.kill()
+    assert "resumed from" in log.read_text()
+    logged = [(r["step"], r["loss"]) for r in records(out) if "loss" in r]
+    steps = [s for s, _ in logged]
+    redone = [s for i, s in enumerate(steps) if s in steps[:i]]
+    assert redone and steps[-1] == 12, steps  # some steps ran twice: before the kill and after the restart
+    for step in redone:
+        assert len({loss for s, loss in logged if s == step}) == 1, step  # bitwise the same both times
 
 
 class _DictStore:
@@ -325,7 +350,7 @@ def _flat(path: Path, out: Path) -> Path:
 _SLOW_COMMIT = """
 import pathlib, sys, time
 sys.path.insert(0, {root!r})
-from launch import integrity
+from launch.checkpoint import integrity
 original = integrity.hash_files
 def slow(paths):
     paths = list(paths)

@@ -47,7 +47,8 @@ def _vm_mb(key: str) -> float:
 
 
 def _build_worker(rank, world_size, tmp, overrides, measure):
-    from launch.trainer import build_model, init_runtime
+    from launch.build import build_model
+    from launch.runtime import init_runtime
 
     cfg = _cfg(tmp, *overrides)
     rt = init_runtime(cfg)

@@ -1,0 +1,109 @@
+"""Builders of a run's parts from a ``JobConfig`` and a ``Runtime``: the data (rank 0 builds, the others open),
+the model (meta -> parallelize -> sharded init) and the optimizer (MuonClip or ZeRO-1 DistributedMuonClip)."""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import data as data_lib
+import muonclip
+from configs import JobConfig
+from launch.runtime import Runtime
+from models import Transformer
+from muonclip.placement import REPLICATED
+from parallel.init import init_sharded
+from parallel.parallelize import parallelize
+
+
+def build_model(cfg: JobConfig, rt: Runtime) -> tuple[Transformer, dict[str, Any]]:
+    """Build on meta -> parallelize (EP/TP/AC) -> allocate and initialise only this rank's shards
+    (parallel/init.py): the global weights equal one process's for ``train.seed`` at any layout."""
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    rules, shapes = model.init_rules(), {name: tuple(p.shape) for name, p in model.named_parameters()}
+    p = cfg.parallel
+    placements = {name: REPLICATED for name in shapes}
+    if rt.groups.tp_size > 1 or rt.groups.ep_size > 1 or p.activation_checkpointing:
+        placements = parallelize(model, rt.pdims, rt.groups, p)
+    init_sharded(model, rules, shapes, placements, rt.groups.ep_rank, cfg.train.seed, rt.device)
+    return model, placements
+
+
+def use_zero1(cfg: JobConfig, rt: Runtime) -> bool:
+    if cfg.parallel.optimizer != "zero1" or rt.world_size == 1:
+        return False
+    try:
+        import muonclip.distributed  # noqa: F401
+        return True
+    except ImportError:
+        if rt.groups.ep_size > 1:
+            raise
+        return False
+
+
+def build_optimizer(cfg: JobConfig, model: Transformer, placements: dict, rt: Runtime, zero1: bool):
+    o = cfg.optim
+    adamw_lr = {"lr": o.lr * o.adamw_lr_scale}
+    groups = muonclip.build_param_groups(model.named_parameters(), weight_decay=o.weight_decay,
+                                         group_options={"adamw": adamw_lr, "adamw_no_decay": adamw_lr})
+    kwargs = dict(lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, ns_steps=o.ns_steps,
+                  weight_decay=o.weight_decay, adamw_betas=o.adamw_betas, adamw_eps=o.adamw_eps)
+    if zero1:
+        from muonclip.distributed import DistributedMuonClip
+        opt = DistributedMuonClip(groups, placements, rt.groups, **kwargs)
+    else:
+        opt = muonclip.MuonClip(groups, **kwargs)
+    opt.init_state()  # zero state for every owned trainable param now: checkpoints always hold the same keys
+    return opt
+
+
+def build_data(cfg: JobConfig, rt: Runtime) -> tuple[data_lib.BatchLoader, data_lib.Datasets]:
+    """Rank 0 tokenizes raw sources and builds the sample indices (data/sources.py), the others wait and then
+    open them. A data error on rank 0 is sent to every rank, so each ends with the same message (no hang)."""
+    d = cfg.data
+    global_batch = tokens_per_step(cfg, rt) // d.seq_len  # samples per optimizer step, all ranks
+    kwargs = dict(model_vocab_size=cfg.model.vocab_size, global_batch=global_batch,
+                  planned_samples=cfg.train.steps * global_batch, with_val=cfg.train.eval_interval > 0)
+    datasets, error = None, None
+    if rt.rank == 0:
+        try:
+            datasets = data_lib.build_datasets(d, builder=True, log=_log_stderr, **kwargs)
+        except (ValueError, OSError) as e:
+            if rt.world_size == 1:
+                raise
+            error = f"{type(e).__name__}: {e}"
+    if rt.world_size > 1:
+        error = _wait_for_rank0("data_built", error, rt.rank)
+        if error is not None:
+            raise ValueError(f"rank 0 could not build the data: {error}")
+    if datasets is None:  # built by rank 0 by now: this only opens it
+        datasets = data_lib.build_datasets(d, builder=False, log=lambda _: None, **kwargs)
+    loader = data_lib.BatchLoader(datasets.train, d.micro_batch_size, dp_rank=rt.groups.data_rank,
+                                  dp_size=rt.groups.data_size)
+    return loader, datasets
+
+
+def _wait_for_rank0(key: str, error: str | None, rank: int) -> str | None:
+    """Rank 0 posts ``error`` (None: done) under ``key`` in this attempt's store (launch/runtime.py); the others
+    poll for it. No collective timeout applies: tokenizing a corpus may take hours; a dead rank 0 is the
+    watchdog's to report."""
+    store = dist.distributed_c10d._get_default_store()
+    if rank == 0:
+        store.set(key, error or "")
+        return error
+    while not store.check([key]):
+        time.sleep(0.2)
+    return store.get(key).decode() or None
+
+
+def _log_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def tokens_per_step(cfg: JobConfig, rt: Runtime) -> int:
+    d = cfg.data
+    return d.seq_len * d.micro_batch_size * d.grad_accum * rt.groups.data_size

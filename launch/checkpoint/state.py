@@ -1,0 +1,86 @@
+"""What goes into a checkpoint besides the model: optimizer state by name, RNG states, pickled extras, and the
+DTensor views that make DCP store TP/EP shards as global tensors; the process-group queries the others use."""
+from __future__ import annotations
+
+import io
+import random
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def optimizer_state(optimizer: Any) -> dict[str, torch.Tensor]:
+    """``optim/{fqn}/{key}`` -> tensor for every parameter whose state this rank owns (needs group "names")."""
+    out: dict[str, torch.Tensor] = {}
+    for group in optimizer.param_groups:
+        names = group.get("names")
+        if names is None or len(names) != len(group["params"]):
+            raise ValueError("checkpoint: optimizer param groups need a 'names' list (muonclip.build_param_groups)")
+        for name, p in zip(names, group["params"]):
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor):
+                    out[f"optim/{name}/{key}"] = value
+    return out
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def to_bytes(obj: Any) -> io.BytesIO:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+def from_bytes(buf: Any) -> Any:
+    if isinstance(buf, io.BytesIO):
+        buf.seek(0)
+        return torch.load(buf, weights_only=False)
+    return buf
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if distributed() else 0
+
+
+def shard_views(tensors: dict[str, Any], placements: dict[str, Any], groups: Any) -> dict[str, Any]:
+    """Wrap tensors of expert-parallel ("expert": Shard(0) over ``groups.ep_group``) and tensor-parallel
+    ("tp_sharded": Shard(dim) over the tp group) parameters, and their optimizer state, as DTensors sharing
+    the local storage, so DCP saves/loads the global tensors. Replicated tensors are returned unchanged."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    meshes: dict[int, Any] = {}
+    out = dict(tensors)
+    for key, t in tensors.items():
+        name = key[len("optim/"):].rsplit("/", 1)[0] if key.startswith("optim/") else key
+        placement = placements.get(name)
+        if placement is None or placement.kind == "replicated" or t.ndim == 0:
+            continue
+        group, dim = ((groups.ep_group, 0) if placement.kind == "expert"
+                      else (placement.tp_group, placement.shard_dim))
+        if group is None or dist.get_world_size(group) == 1:
+            continue
+        if id(group) not in meshes:
+            meshes[id(group)] = DeviceMesh.from_group(group, t.device.type)
+        out[key] = DTensor.from_local(t, meshes[id(group)], [Shard(dim)], run_check=False)
+    return out

@@ -174,18 +174,39 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    """world size = dp * tp; ep splits the experts over ep of the dp ranks (EP borrows from DP)."""
+    """world size = pp * dp * tp; ep splits the experts over ep of the dp ranks (EP borrows from DP)."""
 
-    dp: int = 0  # 0 = world_size // tp
+    dp: int = 0  # 0 = world_size // (pp * tp)
     tp: int = 1
     ep: int = 1
+    pp: int = 1  # pipeline stages' ranks (outermost axis); data.grad_accum = micro batches per step
+    pp_schedule: str = ""  # "1f1b", "interleaved_1f1b", "zbv", "dualpipev"; "" = 1f1b, or interleaved_1f1b
+    pp_virtual_stages: int = 1  # stages per pipeline rank (2 for zbv / dualpipev)
+    pp_layers: list[int] = field(default_factory=list)  # layers per stage (pp * pp_virtual_stages numbers); [] = balanced
     optimizer: str = "zero1"  # "zero1" (sharded optimizer state when dp > 1) or "replicated" (DDP)
     activation_checkpointing: bool = False
+
+    @property
+    def schedule(self) -> str:
+        return self.pp_schedule or ("1f1b" if self.pp_virtual_stages == 1 else "interleaved_1f1b")
 
     def __post_init__(self) -> None:
         s = "parallel"
         _need(s, self.dp >= 0, f"dp must be >= 0 (0 = infer from the world size), got {self.dp}")
         _need(s, self.tp >= 1 and self.ep >= 1, f"tp and ep must be >= 1, got tp={self.tp} ep={self.ep}")
+        _need(s, self.pp >= 1 and self.pp_virtual_stages >= 1,
+              f"pp and pp_virtual_stages must be >= 1, got pp={self.pp} pp_virtual_stages={self.pp_virtual_stages}")
+        _one_of(s, "pp_schedule", self.pp_schedule, ("", "1f1b", "interleaved_1f1b", "zbv", "dualpipev"))
+        if self.schedule == "1f1b":
+            _need(s, self.pp_virtual_stages == 1, "pp_schedule 1f1b runs one stage per rank: use "
+                  f"interleaved_1f1b for pp_virtual_stages={self.pp_virtual_stages}")
+        if self.schedule in ("zbv", "dualpipev"):
+            _need(s, self.pp_virtual_stages == 2, f"pp_schedule {self.schedule} places exactly 2 stages per rank "
+                  f"(a V): set pp_virtual_stages: 2, got {self.pp_virtual_stages}")
+        _need(s, all(isinstance(n, int) and n >= 1 for n in self.pp_layers),
+              f"pp_layers must be a list of positive layer counts, got {self.pp_layers!r}")
+        _need(s, self.pp == 1 or self.optimizer == "zero1",
+              "pp > 1 needs optimizer: zero1 (DistributedMuonClip clips one grad norm over all stages)")
         _one_of(s, "optimizer", self.optimizer, ("zero1", "replicated"))
         _need(s, self.optimizer == "zero1" or (self.tp == 1 and self.ep == 1),
               f"tp={self.tp}, ep={self.ep} needs optimizer: zero1 (DistributedMuonClip reduces expert/sharded "
@@ -245,6 +266,21 @@ class JobConfig:
         _need("data", d.seq_len <= m.max_seq_len,
               f"seq_len ({d.seq_len}) must be <= model.max_seq_len ({m.max_seq_len})")
         _need("parallel", m.n_heads % p.tp == 0, f"tp ({p.tp}) must divide model.n_heads ({m.n_heads})")
+        if p.pp > 1:
+            stages = p.pp * p.pp_virtual_stages
+            _need("parallel", stages <= m.n_layers,
+                  f"pp * pp_virtual_stages = {stages} stages need at least as many layers (model.n_layers {m.n_layers})")
+            _need("parallel", not p.pp_layers or (len(p.pp_layers) == stages and sum(p.pp_layers) == m.n_layers),
+                  f"pp_layers {p.pp_layers} must list {stages} layer counts (pp * pp_virtual_stages) that sum to "
+                  f"model.n_layers ({m.n_layers})")
+            _need("data", d.grad_accum >= p.pp,
+                  f"grad_accum ({d.grad_accum}) is the number of pipeline micro batches: it must be >= parallel.pp "
+                  f"({p.pp}) to fill the pipeline")
+            _need("data", p.schedule != "dualpipev" or d.grad_accum >= stages,
+                  f"grad_accum ({d.grad_accum}): dualpipev needs at least as many micro batches as stages ({stages})")
+            _need("optim", not (self.optim.qk_clip and self.optim.qk_clip_mode == "post_step"),
+                  "qk_clip_mode: post_step re-runs a forward after the update, which a pipeline cannot do per stage "
+                  "in order yet: use qk_clip_mode: forward with parallel.pp > 1")
         if m.first_k_dense < m.n_layers:
             _need("parallel", m.n_routed_experts % p.ep == 0,
                   f"ep ({p.ep}) must divide model.n_routed_experts ({m.n_routed_experts})")

@@ -123,7 +123,7 @@ def _suggest(word: str, options: Sequence[str]) -> str:
 
 
 def coerce(value: Any, tp: Any, where: str, source: str = "<dict>") -> Any:
-    """Check ``value`` against the annotation ``tp`` (bool, int, float, str, tuple[...], list[dataclass])."""
+    """Check ``value`` against the annotation ``tp`` (bool, int, float, str, tuple[...], list[...])."""
     def fail(expected: str) -> ValueError:
         return ValueError(f"{where}: expected {expected}, got {value!r} ({type(value).__name__}) in {source}")
 
@@ -161,6 +161,10 @@ def coerce(value: Any, tp: Any, where: str, source: str = "<dict>") -> Any:
                                  f"{item!r} in {source}")
             items.append(_build_dataclass(cls, item, f"{where}[{i}]", source))
         return items
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, (list, tuple)):
+            raise fail("a list, e.g. [3, 4]")
+        return [coerce(v, typing.get_args(tp)[0], f"{where}[{i}]", source) for i, v in enumerate(value)]
     if typing.get_origin(tp) is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import data as data_lib
 import muonclip
@@ -17,20 +18,43 @@ from models import Transformer
 from muonclip.placement import REPLICATED
 from parallel.init import init_sharded
 from parallel.parallelize import parallelize
+from parallel.pipeline_parallel import Pipeline, StagePlan, pipeline_schedule, plan_stages, prune_to_stage
 
 
 def build_model(cfg: JobConfig, rt: Runtime) -> tuple[Transformer, dict[str, Any]]:
-    """Build on meta -> parallelize (EP/TP/AC) -> allocate and initialise only this rank's shards
-    (parallel/init.py): the global weights equal one process's for ``train.seed`` at any layout."""
+    """Build on meta -> keep this pipeline rank's layers (all of them without PP) -> parallelize (EP/TP/AC) ->
+    allocate and initialise only this rank's shards (parallel/init.py): the global weights equal one process's
+    for ``train.seed`` at any layout."""
     with torch.device("meta"):
         model = Transformer(cfg.model)
     rules, shapes = model.init_rules(), {name: tuple(p.shape) for name, p in model.named_parameters()}
     p = cfg.parallel
-    placements = {name: REPLICATED for name in shapes}
+    if p.pp > 1:
+        plan = stage_plan(cfg, rt)
+        model = prune_to_stage(model, plan.layers, first=plan.has_first, last=plan.has_last)
+    placements = {name: REPLICATED for name, _ in model.named_parameters()}
     if rt.groups.tp_size > 1 or rt.groups.ep_size > 1 or p.activation_checkpointing:
         placements = parallelize(model, rt.pdims, rt.groups, p)
     init_sharded(model, rules, shapes, placements, rt.groups.ep_rank, cfg.train.seed, rt.device)
     return model, placements
+
+
+def token_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+    """The training loss: mean cross entropy over the tokens, in float32."""
+    return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten())
+
+
+def stage_plan(cfg: JobConfig, rt: Runtime) -> StagePlan:
+    p = cfg.parallel
+    return plan_stages(cfg.model, rt.groups.pp_rank, p.pp, p.pp_virtual_stages, p.schedule, p.pp_layers or None)
+
+
+def build_pipeline(cfg: JobConfig, rt: Runtime, model: Transformer) -> Pipeline:
+    """The schedule that runs this rank's stages of ``model`` (build_model's pruned model), ``data.grad_accum``
+    micro batches per step, the loss (float32 mean cross entropy per micro batch) on the last stage."""
+    d = cfg.data
+    return pipeline_schedule(model, stage_plan(cfg, rt), rt.groups.pp_group, rt.device, d.grad_accum, token_loss,
+                             cfg.parallel.schedule, micro_batch=(d.micro_batch_size, d.seq_len))
 
 
 def use_zero1(cfg: JobConfig, rt: Runtime) -> bool:
@@ -54,7 +78,8 @@ def build_optimizer(cfg: JobConfig, model: Transformer, placements: dict, rt: Ru
                   weight_decay=o.weight_decay, adamw_betas=o.adamw_betas, adamw_eps=o.adamw_eps)
     if zero1:
         from muonclip.distributed import DistributedMuonClip
-        opt = DistributedMuonClip(groups, placements, rt.groups, **kwargs)
+        opt = DistributedMuonClip(groups, placements, rt.groups, norm_group=rt.groups.stage_group,
+                                  pipeline_group=rt.groups.pp_group, **kwargs)
     else:
         opt = muonclip.MuonClip(groups, **kwargs)
     opt.init_state()  # zero state for every owned trainable param now: checkpoints always hold the same keys

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -41,14 +42,14 @@ def _layer_index(name: str, fallback: int) -> int:
 
 def _attention_max_logits(model: nn.Module, qkclip: Any | None) -> list[tuple[int, torch.Tensor]]:
     """[(layer index, max_logits_H)]: QKClip's reduced values when it has run, else the model's local buffers."""
-    last = getattr(qkclip, "last_max_logits", None) if qkclip is not None else None
-    if last is not None:
-        return [(i, row) for i, row in enumerate(last)]
     out = []
     for name, m in model.named_modules():
         buf = getattr(m, "max_logits_H", None)
         if isinstance(buf, torch.Tensor):
             out.append((_layer_index(name, len(out)), buf))
+    last = getattr(qkclip, "last_max_logits", None) if qkclip is not None else None
+    if last is not None:  # rows in layer order; the indices are global (a pipeline stage holds some layers)
+        return [(i, row) for (i, _), row in zip(out, last)]
     return out
 
 
@@ -166,13 +167,26 @@ class IntervalStats:
             post = post.detach().float().max()
             self._post_max = post.clone() if self._post_max is None else torch.maximum(self._post_max, post)
 
-    def flush(self) -> dict[str, float]:
-        """The interval's statistics (``step_stats`` keys); then starts a new interval."""
-        if self._attn is None:
-            return {}
-        out = _format_stats(self._attn, self._loads, self._clipped, self._post_max)
+    def flush(self, group: Any = None) -> dict[str, float]:
+        """The interval's statistics (``step_stats`` keys); then starts a new interval. With ``group`` (the
+        pipeline group: each rank holds other layers) every rank's layers are gathered, so each returns the
+        statistics of the whole model (collective over ``group``)."""
+        attn, loads, clipped, post = self._attn, self._loads, self._clipped, self._post_max
+        if group is not None and dist.get_world_size(group) > 1:
+            mine = (_cpu(attn or []), _cpu(loads or []), None if clipped is None else clipped.cpu(),
+                    None if post is None else post.cpu())
+            parts: list = [None] * dist.get_world_size(group)
+            dist.all_gather_object(parts, mine, group=group)
+            attn = sorted((x for part in parts for x in part[0]), key=lambda x: x[0]) or None
+            loads = sorted((x for part in parts for x in part[1]), key=lambda x: x[0])
+            counts = [part[2] for part in parts if part[2] is not None]
+            clipped = sum(counts[1:], counts[0]) if counts else None
+            posts = [part[3] for part in parts if part[3] is not None]
+            post = torch.stack(posts).max() if posts else None
         self.reset()
-        return out
+        if attn is None:
+            return {}
+        return _format_stats(attn, loads, clipped, post)
 
     def reset(self) -> None:
         """Drop what was accumulated (e.g. the steps undone by a rollback), without a host sync."""
@@ -180,6 +194,10 @@ class IntervalStats:
         self._loads: list[tuple[int, torch.Tensor]] | None = None
         self._clipped: torch.Tensor | None = None
         self._post_max: torch.Tensor | None = None
+
+
+def _cpu(pairs: list[tuple[int, torch.Tensor]]) -> list[tuple[int, torch.Tensor]]:
+    return [(i, t.cpu()) for i, t in pairs]
 
 
 # --------------------------------------------------------------------------------------------- spike detector

@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import data as data_lib
 import muonclip
@@ -31,7 +30,8 @@ from configs import JobConfig, config_to_dict, dump_config
 from launch import checkpoint as ckpt
 from launch import monitor as monitor_lib
 from launch import watchdog as watchdog_lib
-from launch.build import build_data, build_model, build_optimizer, tokens_per_step, use_zero1
+from launch.build import (build_data, build_model, build_optimizer, build_pipeline, token_loss, tokens_per_step,
+                          use_zero1)
 from launch.checkpoint import shard_views
 from launch.hooks import RouterBiasUpdate, register_post_step
 from launch.metrics import MetricsLogger, environment_info
@@ -82,7 +82,8 @@ class Trainer:
             coverage = muonclip.coverage(Transformer(cfg.model))
         self.metrics.write("parameters by optimizer (global shapes):\n" + muonclip.format_coverage(coverage))
         self.metrics.add_config("muon_coverage", coverage)
-        self.model, self.placements = build_model(cfg, rt)
+        self.model, self.placements = build_model(cfg, rt)  # with PP: this rank's stages' layers only
+        self.pipeline = build_pipeline(cfg, rt, self.model) if cfg.parallel.pp > 1 else None
         self.zero1 = use_zero1(cfg, rt)
         dp_group = rt.groups.dp_group if rt.groups.dp_size > 1 else None
         self.train_model = self.model
@@ -138,14 +139,17 @@ class Trainer:
         accum = cfg.data.grad_accum
         loss_sum = torch.zeros((), device=device)
         step_inputs = []
-        for micro in range(accum):
+        if self.pipeline is not None:
+            loss_sum = self._pipeline_step([self.loader.next_batch() for _ in range(accum)], train=True)
+            self._progress()
+        for micro in range(accum if self.pipeline is None else 0):
             inputs_BT, targets_BT = (t.to(device, non_blocking=True) for t in self.loader.next_batch())
             step_inputs.append(inputs_BT)
             sync = micro == accum - 1 or not hasattr(self.train_model, "no_sync")
             with (nullcontext() if sync else self.train_model.no_sync()):
                 with self.autocast:
                     logits_BTV = self.train_model(inputs_BT)
-                loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten())
+                loss = token_loss(logits_BTV, targets_BT)
                 (loss / accum).backward()
             loss_sum += loss.detach()
             self._progress()
@@ -160,6 +164,25 @@ class Trainer:
         loss_avg = self.rt.mean_over_dp(loss_sum / accum)
         self.step += 1
         return StepResult(loss=float(loss_avg), grad_norm=float(grad_norm), lr=cfg.optim.lr * lr_scale)
+
+    def _pipeline_step(self, batches: list, train: bool) -> torch.Tensor:
+        """The micro batches through this rank's stages (``schedule.step``, or a forward for validation):
+        the sum of their losses, summed over the pipeline group so every rank has it (the last stage computed
+        it). Every rank reads the same batches, so loaders stay identical across stages."""
+        pipe, device = self.pipeline, self.rt.device
+        inputs_BT = torch.cat([x for x, _ in batches]).to(device)
+        targets_BT = torch.cat([y for _, y in batches]).to(device)
+        losses: list[torch.Tensor] = []
+        with self.autocast:
+            if train:
+                pipe.schedule.step(*([inputs_BT] if pipe.has_first else []),
+                                   target=targets_BT if pipe.has_last else None, losses=losses)
+            else:
+                losses = [pipe.forward_losses([(x.to(device), y.to(device)) for x, y in batches], token_loss)]
+        total = torch.stack([x.detach().float() for x in losses]).sum() if pipe.has_last else torch.zeros(
+            (), device=device)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.rt.groups.pp_group)
+        return total
 
     def _busy(self):
         """A phase that may outlast train.dist_timeout_s without loop progress (liveness is still watched)."""
@@ -201,11 +224,19 @@ class Trainer:
         d, g = self.cfg.data, self.rt.groups
         self.model.eval()
         total, n = torch.zeros((), device=self.rt.device), 0
-        for inputs_BT, targets_BT in data_lib.val_batches(self.datasets.val, d.micro_batch_size,
-                                                          self.datasets.val_samples, g.data_rank, g.data_size):
+        batches = data_lib.val_batches(self.datasets.val, d.micro_batch_size, self.datasets.val_samples,
+                                       g.data_rank, g.data_size)
+        if self.pipeline is not None:  # grad_accum micro batches at a time (a global batch's share)
+            batches = list(batches)
+            for k in range(0, len(batches), d.grad_accum):
+                total += self._pipeline_step(batches[k:k + d.grad_accum], train=False)
+                n += len(batches[k:k + d.grad_accum])
+                self._progress()
+            batches = []
+        for inputs_BT, targets_BT in batches:
             with self.autocast:
                 logits_BTV = self.model(inputs_BT.to(self.rt.device))
-            total += F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.to(self.rt.device).flatten())
+            total += token_loss(logits_BTV, targets_BT.to(self.rt.device))
             n += 1
             self._progress()
         self.model.train()
@@ -283,7 +314,7 @@ class Trainer:
                    "grad_norm": out.grad_norm, "tokens_per_s": tokens_per_s,
                    "tokens": self.step * self.tokens_per_step()}
         metrics.update({f"data/{name}/tokens": n for name, n in self.loader.tokens_per_source().items()})
-        metrics.update(self.interval_stats.flush())
+        metrics.update(self.interval_stats.flush(group=self.rt.groups.pp_group))
         self.metrics.log(self.step, metrics)
 
     # ---------------------------------------------------------------- spikes

@@ -79,13 +79,15 @@ class DistributedMuonClip(MuonClip):
         groups: object with ``dp_group`` and optionally ``tp_group``, ``edp_group`` (``OptimizerGroups``).
         expert_grad_divisor: divisor of expert gradients after the edp sum (default: dp size).
         norm_group: group spanning dp x tp for ``clip_grad_norm_`` and the structure check (default: world).
+        pipeline_group: with pipeline parallelism, the ranks holding the other stages (same dp, tp index): the
+            squared norm of this stage is summed over it too, so every stage clips by the same global norm.
     """
 
     def __init__(self, params: Iterable[dict[str, Any]], placements: Mapping[str, Placement] | None, groups: Any,
                  lr: float, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
                  weight_decay: float = 0.1, adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8,
                  *, ns_dtype: torch.dtype = torch.float32, ns_eps: float = 1e-7,
-                 expert_grad_divisor: int | None = None, norm_group: Any = None) -> None:
+                 expert_grad_divisor: int | None = None, norm_group: Any = None, pipeline_group: Any = None) -> None:
         self._frozen = False
         super().__init__(params, lr, momentum, nesterov, ns_steps, weight_decay, adamw_betas, adamw_eps,
                          ns_dtype=ns_dtype, ns_eps=ns_eps)
@@ -93,6 +95,7 @@ class DistributedMuonClip(MuonClip):
             raise ValueError("DistributedMuonClip needs torch.distributed initialised (use MuonClip for 1 process)")
         self.comm = CountingComm()
         self.norm_group = norm_group if norm_group is not None else dist.group.WORLD
+        self.pipeline_group = pipeline_group
         self.dp_group = _or(getattr(groups, "dp_group", None), dist.group.WORLD)
         self.edp_group = _or(getattr(groups, "edp_group", None), self.dp_group)
         placements = dict(placements or {})
@@ -267,6 +270,8 @@ class DistributedMuonClip(MuonClip):
             if s.kind == "tp_sharded" or self.tp_rank == 0:
                 sq += torch.linalg.vector_norm(s.param.grad, dtype=acc).square().to(self._device)
         self.comm.all_reduce(sq, dist.ReduceOp.SUM, self.norm_group)
+        if self.pipeline_group is not None:
+            self.comm.all_reduce(sq, dist.ReduceOp.SUM, self.pipeline_group)
         total = sq.sqrt()[0]
         if math.isinf(max_norm):  # measure only
             return total

@@ -1,6 +1,12 @@
 """Parallel layout: a validated ``ParallelDims`` and the process groups it builds (``ParallelGroups``).
 
-Axes (world_size == dp * tp):
+Axes (world_size == pp * dp * tp):
+
+- ``pp`` (pipeline parallel): outermost. Pipeline index ``p`` holds stages of the model
+  (parallel/pipeline_parallel.py); ``rank = p * dp * tp + dp_index * tp + tp_index``. A ``pp_group`` is the ranks
+  with the same (dp, tp) index (activations go along it); a ``stage_group`` the dp * tp ranks of one pipeline
+  index (the same parameters: ZeRO-1's structure check, the grad norm before it is summed over ``pp_group``).
+  Every group below lives inside one pipeline index.
 
 - ``tp`` (tensor parallel): ranks that split attention heads and dense/shared FFN columns/rows of ONE copy of
   the model and see the SAME tokens. Innermost axis: ``rank = dp_index * tp + tp_index``, so a TP group is
@@ -29,9 +35,10 @@ class ParallelDims:
     dp: int = 1
     tp: int = 1
     ep: int = 1
+    pp: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("dp", "tp", "ep"):
+        for name in ("dp", "tp", "ep", "pp"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"parallel dims: {name} must be an integer >= 1, got {value!r}")
@@ -43,7 +50,7 @@ class ParallelDims:
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.tp
+        return self.pp * self.dp * self.tp
 
     @property
     def edp(self) -> int:
@@ -51,10 +58,11 @@ class ParallelDims:
 
     def check_world(self, world_size: int) -> None:
         if world_size != self.world_size:
+            other = self.pp * self.tp
             raise ValueError(
-                f"parallel dims: world size {world_size} != dp*tp = {self.dp}*{self.tp} = {self.world_size}; set "
-                f"dp = world_size / tp (e.g. dp={world_size // self.tp if world_size % self.tp == 0 else '?'}) "
-                f"or launch {self.world_size} processes")
+                f"parallel dims: world size {world_size} != pp*dp*tp = {self.pp}*{self.dp}*{self.tp} = "
+                f"{self.world_size}; set dp = world_size / (pp * tp) (e.g. "
+                f"dp={world_size // other if world_size % other == 0 else '?'}) or launch {self.world_size} processes")
 
     def check_model(self, model_cfg: Any) -> None:
         """Divisibility the model must satisfy for this layout (``model_cfg``: a ``models.ModelConfig``)."""
@@ -80,17 +88,23 @@ class ParallelDims:
 
     def group_ranks(self) -> dict[str, list[list[int]]]:
         """Global ranks of every group of each kind, in creation order (pure; used by ``build`` and tests)."""
-        dp, tp, ep = self.dp, self.tp, self.ep
+        dp, tp, ep, pp = self.dp, self.tp, self.ep, self.pp
 
-        def rank(d: int, t: int) -> int:
-            return d * tp + t
+        def rank(d: int, t: int, p: int = 0) -> int:
+            return p * dp * tp + d * tp + t
 
-        return {
-            "tp": [[rank(d, t) for t in range(tp)] for d in range(dp)],
-            "dp": [[rank(d, t) for d in range(dp)] for t in range(tp)],
-            "ep": [[rank(b * ep + e, t) for e in range(ep)] for t in range(tp) for b in range(dp // ep)],
-            "edp": [[rank(b * ep + e, t) for b in range(dp // ep)] for t in range(tp) for e in range(ep)],
+        out = {
+            "tp": [[rank(d, t, p) for t in range(tp)] for p in range(pp) for d in range(dp)],
+            "dp": [[rank(d, t, p) for d in range(dp)] for p in range(pp) for t in range(tp)],
+            "ep": [[rank(b * ep + e, t, p) for e in range(ep)] for p in range(pp) for t in range(tp)
+                   for b in range(dp // ep)],
+            "edp": [[rank(b * ep + e, t, p) for b in range(dp // ep)] for p in range(pp) for t in range(tp)
+                    for e in range(ep)],
         }
+        if pp > 1:
+            out["pp"] = [[rank(d, t, p) for p in range(pp)] for d in range(dp) for t in range(tp)]
+            out["stage"] = [[rank(d, t, p) for d in range(dp) for t in range(tp)] for p in range(pp)]
+        return out
 
     def build(self, device_type: str = "cpu") -> "ParallelGroups":
         """Create every group (collective: all ranks call this with the same dims) and return this rank's view.
@@ -100,7 +114,7 @@ class ParallelDims:
         """
         if not dist.is_initialized():
             self.check_world(1)
-            return ParallelGroups(self, device_type, 0, None, 0, None, 0, None, 0, None, 0)
+            return ParallelGroups(self, device_type, 0, None, 0, None, 0, None, 0, None, 0, None, 0, None)
         self.check_world(dist.get_world_size())
         me = dist.get_rank()
         mine = {}
@@ -109,7 +123,9 @@ class ParallelDims:
                 group = dist.new_group(ranks)
                 if me in ranks:
                     mine[kind] = (group, ranks.index(me))
-        return ParallelGroups(self, device_type, me, *mine["dp"], *mine["tp"], *mine["ep"], *mine["edp"])
+        pp, stage = mine.get("pp", (None, 0)), mine.get("stage", (None, 0))
+        return ParallelGroups(self, device_type, me, *mine["dp"], *mine["tp"], *mine["ep"], *mine["edp"], *pp,
+                              stage[0])
 
 
 @dataclass(frozen=True)
@@ -127,6 +143,9 @@ class ParallelGroups:
     ep_rank: int
     edp_group: Optional[Any]
     edp_rank: int
+    pp_group: Optional[Any] = None  # None when pp == 1
+    pp_rank: int = 0
+    stage_group: Optional[Any] = None  # the dp x tp ranks of this pipeline index; None = the world (pp == 1)
 
     @property
     def world_size(self) -> int:
@@ -147,6 +166,10 @@ class ParallelGroups:
     @property
     def edp_size(self) -> int:
         return self.dims.edp
+
+    @property
+    def pp_size(self) -> int:
+        return self.dims.pp
 
     @property
     def data_rank(self) -> int:

@@ -10,9 +10,11 @@ Placement of stages on pipeline ranks (``stage_ids``): ``1f1b`` one stage per ra
 ``interleaved_1f1b`` ``v`` stages per rank, looped (stage s on rank s % pp); ``zbv`` and ``dualpipev`` two
 stages per rank in a V (rank r holds stages r and 2*pp - 1 - r, so the first and last stage share rank 0).
 
-Stage modules. Each is a deep copy of the plain ``models.Transformer`` (build it on ``meta``) pruned to its
-layers (``prune_to_stage``): parameter and checkpoint names stay global (``layers.7.…``), so checkpoints are
-layout-free. The schedule runs ``data.grad_accum`` micro batches per step; the loss (mean cross entropy per
+Stage modules. A rank holds ONE copy of the plain ``models.Transformer`` (build it on ``meta``) pruned to the
+union of its stages' layers (``prune_to_stage``; the embedding if it holds the first stage, norm + head if the
+last): parameter and checkpoint names stay global (``layers.7.…``), so checkpoints are layout-free, and the
+trainer treats it like the whole model (its parameters, QK-Clip specs, routers, state dict). Each stage is a
+``stage_view`` of it that runs some of those layers and shares their modules. The schedule runs ``data.grad_accum`` micro batches per step; the loss (mean cross entropy per
 micro batch) lives on the last stage, and gradients are averaged over micro batches (``scale_grads``), which
 is the same gradient as one process averaging the micro batches' losses.
 """
@@ -118,12 +120,85 @@ def prune_to_stage(model: nn.Module, layers: list[int], first: bool, last: bool)
     return model
 
 
+def stage_view(holder: nn.Module, layers: list[int], first: bool, last: bool) -> nn.Module:
+    """A module that runs ``layers`` of ``holder`` (and its embedding / head when ``first`` / ``last``), sharing
+    every submodule and parameter with it."""
+    from models.transformer import LayerStack
+
+    view = copy.copy(holder)
+    view._modules, view._parameters, view._buffers = (dict(holder._modules), dict(holder._parameters),
+                                                      dict(holder._buffers))
+    view.layers = LayerStack({str(i): holder.layers[i] for i in layers})
+    if not first:
+        view.embed_tokens = None
+    if not last:
+        view.norm, view.lm_head = None, None
+    return view
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    ranges: list[list[int]]  # layers of every stage
+    stages: list[int]  # this rank's stage indices
+    n_stages: int
+
+    @property
+    def has_first(self) -> bool:
+        return 0 in self.stages
+
+    @property
+    def has_last(self) -> bool:
+        return self.n_stages - 1 in self.stages
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(i for s in self.stages for i in self.ranges[s])
+
+
+def plan_stages(cfg, pp_rank: int, pp: int, virtual: int = 1, schedule: str = "1f1b",
+                layers_per_stage: list[int] | None = None) -> StagePlan:
+    n_stages = pp * virtual
+    return StagePlan(split_layers(cfg, n_stages, layers_per_stage), stage_ids(pp_rank, pp, virtual, schedule),
+                     n_stages)
+
+
 @dataclass
 class Pipeline:
     schedule: Any  # a torch.distributed.pipelining schedule: step(inputs, target=..., losses=[...])
-    modules: list[nn.Module]  # this rank's stage modules, in stage order
+    modules: list[nn.Module]  # this rank's stage views, in stage order
     stages: list[int]  # their stage indices
     n_stages: int
+    holder: nn.Module | None = None  # the pruned model the views share
+    owners: list[int] | None = None  # pipeline rank of every stage
+    group: Any = None  # the pipeline group
+
+    @torch.no_grad()
+    def forward_losses(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+                       loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Forward only (validation), any schedule: each micro batch goes through the stages in order with plain
+        send/recv along the pipeline group; the sum of the losses on the rank holding the last stage (0
+        elsewhere). Independent of the training schedule's own ``eval`` (zbv's fails in torch 2.13)."""
+        import torch.distributed as dist
+
+        me = dist.get_rank(self.group)
+        module = dict(zip(self.stages, self.modules))
+        total = None
+        for inputs_BT, targets_BT in micro_batches:
+            h = inputs_BT
+            for s in range(self.n_stages):
+                if self.owners[s] != me:
+                    continue
+                if s > 0 and self.owners[s - 1] != me:
+                    h = torch.empty(*inputs_BT.shape, self.holder.cfg.dim, device=inputs_BT.device)
+                    dist.recv(h, src=dist.get_global_rank(self.group, self.owners[s - 1]), group=self.group)
+                h = module[s](h)
+                if s == self.n_stages - 1:
+                    loss = loss_fn(h, targets_BT)
+                    total = loss if total is None else total + loss
+                elif self.owners[s + 1] != me:
+                    dist.send(h.float().contiguous(), dst=dist.get_global_rank(self.group, self.owners[s + 1]),
+                              group=self.group)
+        return total if total is not None else torch.zeros((), device=micro_batches[0][0].device)
 
     @property
     def has_first(self) -> bool:
@@ -139,28 +214,60 @@ def build_pipeline(model: nn.Module, pp_rank: int, pp: int, pp_group: Any, devic
                    schedule: str = "1f1b", virtual: int = 1, layers_per_stage: list[int] | None = None,
                    prepare: Callable[[nn.Module], None] | None = None) -> Pipeline:
     """This rank's stages of ``model`` (not modified; build it on meta and pass ``prepare`` to allocate and
-    initialise each pruned stage, e.g. with ``parallel.init.init_sharded``) and the schedule that runs them."""
+    initialise the pruned holder, e.g. with ``parallel.init.init_sharded``) and the schedule that runs them."""
+    plan = plan_stages(model.cfg, pp_rank, pp, virtual, schedule, layers_per_stage)
+    holder = prune_to_stage(copy.deepcopy(model), plan.layers, first=plan.has_first, last=plan.has_last)
+    if prepare is not None:
+        prepare(holder)
+    return pipeline_schedule(holder, plan, pp_group, device, n_microbatches, loss_fn, schedule)
+
+
+def pipeline_schedule(holder: nn.Module, plan: StagePlan, pp_group: Any, device: torch.device,
+                      n_microbatches: int, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                      schedule: str = "1f1b", micro_batch: tuple[int, int] | None = None,
+                      dtype: torch.dtype = torch.float32) -> Pipeline:
+    """The stage views of a prepared (pruned, parallelized, initialised) ``holder`` and their schedule.
+
+    ``micro_batch`` = (micro batch size, sequence length) declares every stage's input and output shapes
+    (tokens, hidden states in ``dtype``, logits). Without it torch infers them by running each stage once on
+    the first micro batch, or on uninitialised memory for later stages, which would leak into the per-step
+    statistics the model records (max logits that QK-Clip acts on, router loads), so the trainer always
+    passes it."""
     from torch.distributed.pipelining import PipelineStage
     from torch.distributed.pipelining import schedules as pps
 
-    n_stages = pp * virtual
-    ranges = split_layers(model.cfg, n_stages, layers_per_stage)
-    ids = stage_ids(pp_rank, pp, virtual, schedule)
     modules, stages = [], []
-    for s in ids:
-        module = prune_to_stage(copy.deepcopy(model), ranges[s], first=s == 0, last=s == n_stages - 1)
-        if prepare is not None:
-            prepare(module)
+    for s in plan.stages:
+        first, last = s == 0, s == plan.n_stages - 1
+        module = stage_view(holder, plan.ranges[s], first=first, last=last)
         modules.append(module)
-        stages.append(PipelineStage(module, s, n_stages, device, group=pp_group))
+        shapes = {}
+        if micro_batch is not None:
+            B, T = micro_batch
+            hidden = torch.empty(B, T, holder.cfg.dim, dtype=dtype, device="meta")
+            received = hidden.clone().requires_grad_()  # so the stage computes the gradient it sends back
+            shapes = dict(input_args=torch.empty(B, T, dtype=torch.long, device="meta") if first else received,
+                          output_args=torch.empty(B, T, holder.cfg.vocab_size, dtype=torch.float32, device="meta")
+                          if last else hidden,
+                          input_grads=(None,) if first else (hidden,),  # tokens get no gradient
+                          output_grads=(None,) if last else (hidden,))  # the loss starts the backward
+        stages.append(PipelineStage(module, s, plan.n_stages, device, group=pp_group, **shapes))
     if schedule == "1f1b":
         sched = pps.Schedule1F1B(stages[0], n_microbatches, loss_fn=loss_fn)
     else:
         cls = {"interleaved_1f1b": pps.ScheduleInterleaved1F1B, "zbv": pps.ScheduleZBVZeroBubble,
                "dualpipev": pps.ScheduleDualPipeV}[schedule]
         sched = cls(stages, n_microbatches, loss_fn=loss_fn)
-    return Pipeline(sched, modules, ids, n_stages)
+    pp = dist_size(pp_group)
+    owners = [next(r for r in range(pp) if s in stage_ids(r, pp, plan.n_stages // pp, schedule))
+              for s in range(plan.n_stages)]
+    return Pipeline(sched, modules, list(plan.stages), plan.n_stages, holder, owners, pp_group)
 
 
-__all__ = ["SCHEDULES", "Pipeline", "balanced_split", "build_pipeline", "prune_to_stage", "split_layers",
-           "stage_ids", "unit_costs"]
+def dist_size(group: Any) -> int:
+    import torch.distributed as dist
+    return dist.get_world_size(group)
+
+
+__all__ = ["SCHEDULES", "Pipeline", "StagePlan", "balanced_split", "build_pipeline", "pipeline_schedule",
+           "plan_stages", "prune_to_stage", "split_layers", "stage_ids", "stage_view", "unit_costs"]

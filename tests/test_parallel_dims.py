@@ -26,7 +26,7 @@ def test_invalid_dims(kwargs, match):
 
 
 def test_world_and_model_checks():
-    with pytest.raises(ValueError, match=r"world size 4 != dp\*tp = 3\*2"):
+    with pytest.raises(ValueError, match=r"world size 4 != pp\*dp\*tp = 1\*3\*2"):
         ParallelDims(dp=3, tp=2).check_world(4)
     cfg = ModelConfig(vocab_size=32, dim=16, n_layers=2, attn_type="mha", n_heads=4, n_kv_heads=4, head_dim=4,
                       inter_dim=30, moe_inter_dim=8, n_routed_experts=6, n_activated_experts=2, first_k_dense=1)
@@ -153,3 +153,16 @@ def _parallelize_worker(rank, world_size):
 def test_groups_and_parallelize_dp2_tp2_ep2_with_checkpointing():
     """One 4-process run: group membership for three layouts, then the full parallelize step."""
     run_distributed(_parallelize_worker, 4)
+
+
+def test_pipeline_axis_is_outermost_and_every_other_group_stays_inside_one_stage():
+    ranks = ParallelDims(dp=2, tp=2, ep=2, pp=2).group_ranks()
+    assert ranks["pp"] == [[0, 4], [1, 5], [2, 6], [3, 7]]  # same (dp, tp) index, consecutive pipeline indices
+    assert ranks["stage"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert ranks["tp"] == [[0, 1], [2, 3], [4, 5], [6, 7]] and ranks["dp"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert ranks["ep"] == [[0, 2], [1, 3], [4, 6], [5, 7]] and ranks["edp"] == [[0], [2], [1], [3], [4], [6], [5], [7]]
+    for kind in ("tp", "dp", "ep", "edp"):
+        assert all(len({r // 4 for r in group}) == 1 for group in ranks[kind]), kind
+    assert "pp" not in ParallelDims(dp=2).group_ranks()  # no singleton groups without a pipeline
+    with pytest.raises(ValueError, match=r"world size 4 != pp\*dp\*tp = 2\*1\*1 = 2"):
+        ParallelDims(pp=2).check_world(4)

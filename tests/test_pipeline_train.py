@@ -1,0 +1,125 @@
+"""Pipeline parallelism in the trainer (gloo, 2 and 4 processes): pp=2 alone, with dp=2 and with ep=2 reproduce one
+process's per-step losses over 20 steps (MLA + MoE, QK-Clip clipping, gradient clipping active), for 1f1b and
+interleaved_1f1b; every stage's max logits reach rank 0's metrics; checkpoints move between pp=2 and pp=1."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from configs import load_config
+from launch.trainer import Trainer, init_runtime
+from tests.dist_utils import run_distributed
+from tests.test_train import debug_cfg
+
+STEPS = 20
+COMMON = [f"--train.steps={STEPS}", "--train.eval_interval=10", "--schedule.warmup_steps=2", "--data.grad_accum=2",
+          "--optim.qk_clip_tau=0.05", "--optim.grad_clip=0.5"]
+TOL = dict(rel=2e-5, abs=2e-5)  # reduction order only (per-stage norms summed, dp/ep reductions)
+
+
+def train(out_dir, *overrides):
+    cfg = debug_cfg(out_dir, *overrides)
+    trainer = Trainer(cfg, init_runtime(cfg))
+    return trainer, trainer.fit()
+
+
+def records(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _worker(rank: int, world: int, out: str, overrides: list[str]) -> None:
+    torch.set_num_threads(1)
+    trainer, result = train(out, *overrides)
+    torch.save({"losses": result.losses, "val": result.val_losses,
+                "names": sorted(trainer.model.state_dict())}, Path(out) / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, same global batch (4 samples: micro batch 2 x accumulation 2)."""
+    out = {}
+    for layers in (2, 4):
+        directory = tmp_path_factory.mktemp(f"ref{layers}")
+        _, result = train(directory, *COMMON, "--data.micro_batch_size=2", f"--model.n_layers={layers}")
+        result.out_dir = directory
+        out[layers] = result
+    return out
+
+
+def _check(results: list[dict], ref) -> None:
+    losses = results[0]["losses"]
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert all(r["losses"] == losses for r in results)  # every rank agrees (the spike detector reads it)
+    assert [losses[s] for s in range(1, STEPS + 1)] == pytest.approx([ref.losses[s] for s in range(1, STEPS + 1)],
+                                                                     **TOL)
+    assert results[0]["val"] == pytest.approx(ref.val_losses, **TOL)
+
+
+@pytest.mark.parametrize("schedule,virtual,layers,batch", [
+    ("1f1b", 1, 2, ["--data.micro_batch_size=2"]),
+    ("interleaved_1f1b", 2, 4, ["--data.micro_batch_size=2"]),
+    ("zbv", 2, 4, ["--data.micro_batch_size=2"]),
+    ("dualpipev", 2, 4, ["--data.micro_batch_size=1", "--data.grad_accum=4"]),  # needs micro batches >= stages
+])
+def test_pp2_matches_one_process(tmp_path, reference, schedule, virtual, layers, batch):
+    overrides = [*COMMON, *batch, "--parallel.pp=2", f"--parallel.pp_schedule={schedule}",
+                 f"--parallel.pp_virtual_stages={virtual}", f"--model.n_layers={layers}"]
+    run_distributed(_worker, 2, str(tmp_path), overrides)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    _check(results, reference[layers])
+    names = [set(r["names"]) for r in results]
+    last = 0 if schedule in ("zbv", "dualpipev") else 1  # a V puts the first and the last stage on rank 0
+    assert not names[0] & names[1] and "embed_tokens.weight" in names[0] and "lm_head.weight" in names[last]
+    logged = [r for r in records(tmp_path) if "loss" in r]
+    assert all(f"max_logit/l{i}" in logged[0] for i in range(layers))  # rank 0 logs every stage's layers
+    assert sum(r["qk_clip/clipped_heads"] for r in logged) > 0  # QK-Clip did clip
+    single = [r for r in records(reference[layers].out_dir) if "loss" in r]
+    assert [r["qk_clip/clipped_heads"] for r in logged] == [r["qk_clip/clipped_heads"] for r in single]
+
+
+@pytest.mark.parametrize("extra", [[], ["--parallel.ep=2"]], ids=["pp2xdp2", "pp2xdp2xep2"])
+def test_pp2_with_dp2_and_ep2_matches_one_process(tmp_path, reference, extra):
+    overrides = [*COMMON, "--data.micro_batch_size=1", "--parallel.pp=2", *extra]
+    run_distributed(_worker, 4, str(tmp_path), overrides)
+    _check([torch.load(tmp_path / f"rank{r}.pt") for r in range(4)], reference[2])
+
+
+def _ckpt_worker(rank: int, world: int, out: str, overrides: list[str]) -> None:
+    torch.set_num_threads(1)
+    train(out, *overrides)
+
+
+def test_checkpoints_move_between_pp2_and_pp1(tmp_path, reference):
+    """pp=2's step-10 checkpoint resumes in one process, one process's in pp=2; both then follow the
+    uninterrupted run (global names: each stage saved its own layers)."""
+    ref = reference[2].losses
+    args = [*COMMON, "--train.ckpt_interval=10", "--data.micro_batch_size=2"]
+    run_distributed(_ckpt_worker, 2, str(tmp_path / "pp2"), [*args, "--parallel.pp=2"])
+    _, resumed = train(tmp_path / "to_pp1", *args, f"--train.resume={tmp_path / 'pp2/checkpoints/step_00000010'}")
+    assert sorted(resumed.losses) == list(range(11, STEPS + 1))
+    assert [resumed.losses[s] for s in range(11, STEPS + 1)] == pytest.approx([ref[s] for s in range(11, 21)], **TOL)
+
+    train(tmp_path / "pp1", *args)
+    run_distributed(_worker, 2, str(tmp_path / "to_pp2"),
+                    [*args, "--parallel.pp=2", f"--train.resume={tmp_path / 'pp1/checkpoints/step_00000010'}"])
+    losses = torch.load(tmp_path / "to_pp2" / "rank0.pt")["losses"]
+    assert sorted(losses) == list(range(11, STEPS + 1))
+    assert [losses[s] for s in range(11, STEPS + 1)] == pytest.approx([ref[s] for s in range(11, 21)], **TOL)
+
+
+@pytest.mark.parametrize("override,message", [
+    (["--data.grad_accum=1"], r"grad_accum \(1\) is the number of pipeline micro batches: it must be >= parallel.pp"),
+    (["--optim.qk_clip_mode=post_step"], "qk_clip_mode: post_step re-runs a forward"),
+    (["--parallel.pp_layers=[1, 2]"], r"pp_layers \[1, 2\] must list 2 layer counts"),
+    (["--parallel.optimizer=replicated"], "pp > 1 needs optimizer: zero1"),
+    (["--parallel.pp_schedule=zbv"], "places exactly 2 stages per rank"),
+    (["--parallel.pp_schedule=dualpipev", "--parallel.pp_virtual_stages=2", "--model.n_layers=4"],
+     r"dualpipev needs at least as many micro batches as stages \(4\)"),
+])
+def test_pipeline_config_errors(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(Path(__file__).resolve().parent.parent / "configs" / "debug.yaml",
+                    ["--parallel.pp=2", "--data.grad_accum=2", *override])

@@ -17,6 +17,10 @@ Launch commands (run from the repository root):
     # one node, 8 GPUs (data parallel, ZeRO-1 MuonClip); add --parallel.tp=2 / --parallel.ep=4 for TP / EP
     torchrun --standalone --nproc_per_node=8 train.py --config configs/small_gpu.yaml
 
+    # pipeline parallel: 2 stages (outermost axis; world = pp * dp * tp), 8 micro batches per step
+    torchrun --standalone --nproc_per_node=8 train.py --config configs/small_gpu.yaml --parallel.pp=2 \\
+        --parallel.ep=4 --data.grad_accum=8        # --parallel.pp_schedule=interleaved_1f1b --parallel.pp_virtual_stages=2
+
     # CPU, 2 processes (gloo)
     torchrun --standalone --nproc_per_node=2 train.py --config configs/tiny.yaml --train.device=cpu
 

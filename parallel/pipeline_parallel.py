@@ -1,7 +1,8 @@
 """Pipeline parallelism on ``torch.distributed.pipelining``: stages cut from the plain model, global names kept.
 
 Split. The layers are cut into ``pp * virtual_stages`` contiguous stages. The rule is documented and balanced: it
-minimises the largest stage cost, where a unit's cost is the parameters it uses per token (a FLOP proxy). So a
+minimises the largest stage cost, where a unit's cost is the parameters it uses per token (a FLOP proxy), and
+among those splits the sum of squared stage costs. So a
 dense layer costs its attention + FFN, an MoE layer its attention + router + shared experts + ``top_k`` routed
 experts. The embedding (first stage) and the LM head (last stage) each cost ``dim * vocab``. An explicit list
 (``layers_per_stage``, e.g. ``[3, 4, 4, 4]``) overrides the rule.
@@ -51,7 +52,9 @@ def unit_costs(cfg) -> tuple[float, list[float], float]:
 
 def balanced_split(embed: float, layers: list[float], head: float, n_stages: int) -> list[list[int]]:
     """Contiguous layer ranges, one per stage, minimising the largest stage cost (embedding on the first stage,
-    head on the last); every stage gets at least one layer."""
+    head on the last), then, among the splits that reach it, the sum of squared stage costs, so the other stages
+    are as even as that bound allows (parameters, hence memory, spread too); every stage gets at least one
+    layer."""
     L = len(layers)
     if not 1 <= n_stages <= L:
         raise ValueError(f"pipeline: {n_stages} stages need between 1 and n_layers ({L}) stages")
@@ -62,20 +65,29 @@ def balanced_split(embed: float, layers: list[float], head: float, n_stages: int
     def cost(a: int, b: int, s: int) -> float:  # layers [a, b) on stage s
         return prefix[b] - prefix[a] + (embed if s == 0 else 0.0) + (head if s == n_stages - 1 else 0.0)
 
-    inf = float("inf")
-    best = [[inf] * (L + 1) for _ in range(n_stages + 1)]  # best[s][b]: first s stages hold layers [0, b)
-    cut = [[0] * (L + 1) for _ in range(n_stages + 1)]
-    best[0][0] = 0.0
-    for s in range(1, n_stages + 1):
-        for b in range(s, L - (n_stages - s) + 1):
-            for a in range(s - 1, b):
-                value = max(best[s - 1][a], cost(a, b, s - 1))
-                if value < best[s][b]:
-                    best[s][b], cut[s][b] = value, a
-    bounds, b = [], L
-    for s in range(n_stages, 0, -1):
-        bounds.append((cut[s][b], b))
-        b = cut[s][b]
+    def solve(score, limit: float) -> tuple[float, list[tuple[int, int]]]:
+        """DP over (stages, layers): combine prefix values with ``score``; stages costlier than ``limit`` excluded."""
+        inf = float("inf")
+        best = [[inf] * (L + 1) for _ in range(n_stages + 1)]  # best[s][b]: first s stages hold layers [0, b)
+        cut = [[0] * (L + 1) for _ in range(n_stages + 1)]
+        best[0][0] = 0.0
+        for s in range(1, n_stages + 1):
+            for b in range(s, L - (n_stages - s) + 1):
+                for a in range(s - 1, b):
+                    c = cost(a, b, s - 1)
+                    if c > limit:
+                        continue
+                    value = score(best[s - 1][a], c)
+                    if value < best[s][b]:
+                        best[s][b], cut[s][b] = value, a
+        bounds, b = [], L
+        for s in range(n_stages, 0, -1):
+            bounds.append((cut[s][b], b))
+            b = cut[s][b]
+        return best[n_stages][L], bounds
+
+    largest, _ = solve(max, float("inf"))
+    _, bounds = solve(lambda acc, c: acc + c * c, largest * (1 + 1e-9))  # the others as even as the bound allows
     return [list(range(a, b)) for a, b in reversed(bounds)]
 
 

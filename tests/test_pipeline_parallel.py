@@ -30,6 +30,16 @@ def test_balanced_split_is_contiguous_and_minimises_the_largest_stage():
         balanced_split(0.0, [1.0] * 3, 0.0, 4)
 
 
+def test_balanced_split_spreads_what_the_largest_stage_leaves_evenly():
+    """Many splits reach the smallest largest stage (here: the heavy first layer alone); the rule then takes the
+    most even one, not e.g. [1], [4], [1], [1] (same maximum, four layers of parameters on one rank)."""
+    assert [len(s) for s in balanced_split(0.0, [4.0] + [1.0] * 6, 0.0, 4)] == [1, 2, 2, 2]
+    from configs import load_config
+    k2 = load_config(Path(__file__).resolve().parent.parent / "configs" / "kimi_k2.yaml", []).model
+    split = split_layers(k2, 32)  # K2's 61 layers over 16 ranks x 2 virtual stages: none holds 3
+    assert sum(split, []) == list(range(61)) and max(len(s) for s in split) == 2
+
+
 def test_split_rule_counts_dense_and_moe_layers_and_explicit_lists():
     cfg = ModelConfig(**{**CFG, "n_layers": 8, "first_k_dense": 3, "inter_dim": 512})  # heavy dense layers
     embed, layers, head = unit_costs(cfg)

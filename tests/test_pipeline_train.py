@@ -80,9 +80,12 @@ def test_pp2_matches_one_process(tmp_path, reference, schedule, virtual, layers,
     assert [r["qk_clip/clipped_heads"] for r in logged] == [r["qk_clip/clipped_heads"] for r in single]
 
 
-@pytest.mark.parametrize("extra", [[], ["--parallel.ep=2"]], ids=["pp2xdp2", "pp2xdp2xep2"])
-def test_pp2_with_dp2_and_ep2_matches_one_process(tmp_path, reference, extra):
-    overrides = [*COMMON, "--data.micro_batch_size=1", "--parallel.pp=2", *extra]
+@pytest.mark.parametrize("extra", [["--data.micro_batch_size=1"], ["--data.micro_batch_size=1", "--parallel.ep=2"],
+                                   ["--data.micro_batch_size=2", "--parallel.tp=2",
+                                    "--parallel.activation_checkpointing=true"]],
+                         ids=["pp2xdp2", "pp2xdp2xep2", "pp2xtp2+ac"])
+def test_pp2_with_dp2_ep2_or_tp2_matches_one_process(tmp_path, reference, extra):
+    overrides = [*COMMON, "--parallel.pp=2", *extra]
     run_distributed(_worker, 4, str(tmp_path), overrides)
     _check([torch.load(tmp_path / f"rank{r}.pt") for r in range(4)], reference[2])
 

@@ -1,0 +1,346 @@
+"""Memory and communication planner: what each rank of a layout holds and sends, without running it.
+
+    python -m parallel.plan --config configs/kimi_k2.yaml --world 256
+    python -m parallel.plan --config configs/tiny.yaml --world 4 --parallel.pp=2 --data.grad_accum=4 --all-ranks
+
+For every rank (pipeline index p, data-parallel index d, tensor-parallel rank t) it builds the model on the meta
+device exactly as the trainer does (this rank's stages, EP and TP applied, so shapes are the real local ones)
+and the ZeRO-1 plan ``DistributedMuonClip`` would make (the same ``assign_owners`` / ``build_buckets``), then:
+
+- parameters, gradients (float32, every trainable local tensor) and optimizer state (Muon momentum, AdamW two
+  moments, of the parameters this rank owns);
+- the ZeRO-1 reduce-scatter's transient buffers (the largest bucket's full buffer plus every owned shard; on
+  gloo (CPU) once more the full buffer, which gloo copies);
+- activations saved per micro batch (an analytic count of the tensors autograd keeps per layer: norms,
+  projections, attention probabilities, SwiGLU and routed-expert intermediates, logits), with and without
+  activation checkpointing, times the micro batches in flight (1 without PP; ``pp - p`` for 1F1B, ``v (pp - p)``
+  interleaved, ``2 pp`` for a V);
+- the optimizer step's transients: ``DistributedMuonClip`` holds every owned momentum update, then batches all
+  matrices of one shape (the stack plus two Newton–Schulz iterates); ``MuonClip`` (one process) one matrix at a
+  time;
+- a peak estimate: the largest of three phases: backward (parameters, optimizer state, all gradients,
+  activations in flight), the reduce-scatter (+ its buffers), the optimizer step (owned gradients + its
+  transients);
+- per-step bytes sent by this rank, per collective: DP/EDP reduce-scatter and all-gather and the grad-norm
+  all-reduce (exact: the counts ``CountingComm`` reports), the Newton–Schulz gathers/scatters over TP (exact),
+  TP all-reduces of activations (4 per layer per micro batch), EP all-to-all (expected under uniform routing),
+  PP send/recv (activations forward, their gradients backward);
+- the largest matrix this rank orthogonalises (full shape, after the TP gather).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+F32 = 4
+
+
+@dataclass
+class RankPlan:
+    rank: int
+    coords: tuple[int, int, int]  # (pp index, dp index, tp rank)
+    layers: list[int]
+    params: int = 0  # bytes
+    grads: int = 0
+    optimizer: int = 0
+    zero_transient: int = 0  # reduce-scatter (full buffer of the largest bucket + every shard)
+    step_transient: int = 0  # Newton–Schulz: momentum updates held, the batched stack, two iterates
+    owned_grads: int = 0  # gradients left after the reduce-scatter (the owned shards)
+    activations_per_micro: int = 0
+    activations_per_micro_ac: int = 0
+    in_flight: float = 1
+    activation_checkpointing: bool = False
+    comm: dict[str, int] = field(default_factory=dict)  # bytes sent per step
+    largest_matrix: tuple[int, ...] | None = None
+
+    @property
+    def activations(self) -> int:
+        per = self.activations_per_micro_ac if self.activation_checkpointing else self.activations_per_micro
+        return int(per * self.in_flight)
+
+    @property
+    def phases(self) -> dict[str, int]:
+        """Bytes held at the high point of each phase of a step."""
+        base = self.params + self.optimizer
+        return {"backward": base + self.grads + self.activations,
+                "reduce": base + self.grads + self.zero_transient,
+                "optimizer step": base + self.owned_grads + self.step_transient}
+
+    @property
+    def peak(self) -> int:
+        return max(self.phases.values())
+
+
+def _local_model(cfg, pp_rank: int, tp_rank: int, ep_rank: int):
+    """The meta model a rank builds (launch/build.py): its stages' layers, EP and TP applied; and placements."""
+    from models import Transformer
+    from parallel.expert_parallel import apply_expert_parallel, expert_placements
+    from parallel.pipeline_parallel import plan_stages, prune_to_stage
+    from parallel.tensor_parallel import apply_tensor_parallel, tp_placements
+    from muonclip.placement import Placement
+
+    p = cfg.parallel
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+        plan = None
+        if p.pp > 1:
+            plan = plan_stages(cfg.model, pp_rank, p.pp, p.pp_virtual_stages, p.schedule, p.pp_layers or None)
+            model = prune_to_stage(model, plan.layers, first=plan.has_first, last=plan.has_last)
+        apply_expert_parallel(model, ep_rank, p.ep, None)
+        apply_tensor_parallel(model, tp_rank, p.tp, None)
+    placements = {name: Placement("replicated") for name, _ in model.named_parameters()}
+    placements.update(expert_placements(model))
+    placements.update(tp_placements(model, "planned"))  # a stand-in group: nothing is communicated here
+    return model, placements, plan
+
+
+def _zero1_layout(model, placements, tp: int, dp: int, edp: int):
+    """The slots and buckets DistributedMuonClip builds for this model (shapes, owners, packing)."""
+    import muonclip
+    from muonclip._dist_layout import ParamSlot, assign_owners, build_buckets
+
+    groups = muonclip.build_param_groups(model.named_parameters())
+    slots, index = [], 0
+    for gi, group in enumerate(groups):
+        for name, param in zip(group["names"], group["params"]):
+            index += 1
+            if not param.requires_grad:
+                continue
+            pl = placements[name]
+            slot = ParamSlot(index - 1, name, param, gi, group["use_muon"], pl.kind,
+                             pl.shard_dim if pl.kind == "tp_sharded" else None)
+            if pl.kind == "tp_sharded":
+                slot.tp_sizes = (param.shape[pl.shard_dim],) * tp
+            slots.append(slot)
+    assign_owners(slots, dp, tp, edp)
+    return slots, build_buckets(slots, {"dp": dp, "edp": edp})
+
+
+def _activations(cfg, layers: list[int], has_first: bool, has_last: bool, tp: int, ep: int) -> tuple[int, int]:
+    """Bytes autograd keeps for one micro batch on this rank (float32), without and with checkpointing."""
+    m, d = cfg.model, cfg.data
+    B, T, D = d.micro_batch_size, d.seq_len, m.dim
+    BT = B * T
+    H = m.n_heads // tp
+    probs = B * H * T * T * 2 if _backend(cfg) == "gloo" else 0  # CPU SDPA keeps the probabilities; flash does not
+    if m.attn_type == "mla":
+        qk, v = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
+        attn = BT * (D + (m.q_lora_rank or 0) * 2 + H * qk * 3 + m.kv_lora_rank * 2 + m.qk_rope_head_dim * 2
+                     + H * (m.qk_nope_head_dim + v) + H * v * 2) + probs
+    else:
+        hd = m.head_dim
+        attn = BT * (D + H * hd * 3 + (m.n_kv_heads // tp) * hd * 4 + H * hd * 2) + probs
+    total, per_layer_max = 0, 0
+    for i in layers:
+        if i < m.first_k_dense:
+            ffn = BT * (D + 3 * (m.inter_dim // tp))
+        else:
+            routed = BT * m.n_activated_experts
+            shared = 3 * m.moe_inter_dim * m.n_shared_experts // tp
+            ffn = BT * (D + m.n_routed_experts + shared) + routed * (2 * D + 3 * m.moe_inter_dim)
+        layer = (attn + ffn + 2 * BT * D) * F32  # + the two RMSNorm outputs
+        total += layer
+        per_layer_max = max(per_layer_max, layer)
+    head = BT * m.vocab_size * 2 * F32 + BT * D * F32 if has_last else 0
+    embed = BT * D * F32 if has_first else 0
+    checkpointed = len(layers) * BT * D * F32 + per_layer_max + head + embed  # layer inputs + one recomputed
+    return total + head + embed, checkpointed
+
+
+def _in_flight(cfg, pp_rank: int) -> float:
+    """Micro batches whose activations (through all of this rank's layers) are held at once: 1 without PP;
+    1F1B: ``pp - p``; interleaved: that times 1 + (pp-1)/(pp v) (Narayanan et al. 2021, section 2.2); a V (zbv,
+    dualpipev): ``pp`` (each rank holds a first-half and a second-half stage)."""
+    p, m = cfg.parallel, cfg.data.grad_accum
+    if p.pp == 1:
+        return 1
+    if p.schedule == "1f1b":
+        return min(m, p.pp - pp_rank)
+    if p.schedule == "interleaved_1f1b":
+        return min(m, (p.pp - pp_rank) * (1 + (p.pp - 1) / (p.pp * p.pp_virtual_stages)))
+    return min(m, p.pp)
+
+
+def _comm(cfg, slots, buckets, me: dict[str, int], tp_rank: int, plan, pp_rank: int) -> dict[str, int]:
+    """Bytes this rank sends per step, named like CountingComm's counters plus the model's collectives."""
+    p, m, d = cfg.parallel, cfg.model, cfg.data
+    dp, tp, pp = (cfg.parallel.dp, p.tp, p.pp)
+    out: dict[str, int] = {}
+
+    def add(key: str, n: int) -> None:
+        if n:
+            out[key] = out.get(key, 0) + n
+
+    for b in buckets:
+        if b.group_size > 1:
+            add("reduce_scatter", (b.group_size - 1) * b.shard_numel * F32)
+            add("all_gather", (b.group_size - 1) * b.shard_numel * F32)
+    stage = dp * tp
+    add("all_reduce", 2 * (stage - 1) * F32 // stage if stage > 1 else 0)  # the grad norm (one float)
+    add("all_reduce", 2 * (pp - 1) * F32 // pp if pp > 1 else 0)
+    if tp > 1:  # Newton–Schulz over TP: gather the owned tp_sharded updates, send every result back
+        owned = [s for s in slots if s.use_muon and s.owner == me[s.sharding]]
+        gather = sum(s.param.numel() for s in owned if s.kind == "tp_sharded" and s.ns_rank != tp_rank)
+        scatter = 0
+        for s in owned:
+            if s.ns_rank == tp_rank:
+                scatter += (tp - 1) * s.param.numel()  # a shard to each other rank, or the whole matrix
+        add("all_to_all", (gather + scatter) * F32)
+    tokens = d.micro_batch_size * d.seq_len
+    micro = d.grad_accum
+    layers = plan.layers if plan is not None else list(range(m.n_layers))
+    if tp > 1:  # attention and FFN outputs forward, their input gradients backward
+        add("tp_all_reduce", len(layers) * 4 * micro * 2 * (tp - 1) * tokens * m.dim * F32 // tp)
+    if p.ep > 1:  # dispatch + combine forward and backward; (ep-1)/ep of the routed rows leave the rank
+        moe = sum(1 for i in layers if i >= m.first_k_dense)
+        rows = tokens * m.n_activated_experts
+        add("ep_all_to_all", moe * 4 * micro * rows * m.dim * F32 * (p.ep - 1) // p.ep)
+    if plan is not None:
+        owner = {s: r for r in range(pp) for s in _stages_of(cfg, r)}
+        sends = sum(1 for s in plan.stages if s + 1 < plan.n_stages and owner[s + 1] != pp_rank)
+        sends += sum(1 for s in plan.stages if s > 0 and owner[s - 1] != pp_rank)  # gradients back
+        add("pp_send", sends * micro * tokens * m.dim * F32)
+    return out
+
+
+def _backend(cfg) -> str:
+    device = cfg.train.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return "nccl" if device == "cuda" else "gloo"
+
+
+def _stages_of(cfg, pp_rank: int) -> list[int]:
+    from parallel.pipeline_parallel import stage_ids
+    p = cfg.parallel
+    return stage_ids(pp_rank, p.pp, p.pp_virtual_stages, p.schedule)
+
+
+def plan_layout(cfg, world: int) -> list[RankPlan]:
+    """One RankPlan per rank of ``world`` for the job config ``cfg`` (``parallel.dp: 0`` is inferred)."""
+    from dataclasses import replace
+
+    p = cfg.parallel
+    if world % (p.pp * p.tp):
+        raise ValueError(f"plan: parallel.pp * parallel.tp ({p.pp} * {p.tp}) must divide the world ({world})")
+    dp = p.dp or world // (p.pp * p.tp)
+    if dp % p.ep:
+        raise ValueError(f"plan: parallel.ep ({p.ep}) must divide dp ({dp})")
+    cfg = replace(cfg, parallel=replace(p, dp=dp))
+    edp = dp // p.ep
+    cache: dict[tuple[int, int, int], Any] = {}
+    out = []
+    for rank in range(world):
+        pp_rank, rest = divmod(rank, dp * p.tp)
+        d, t = divmod(rest, p.tp)
+        ep_rank, edp_rank = d % p.ep, d // p.ep
+        key = (pp_rank, t)  # local shapes do not depend on which experts a rank holds
+        if key not in cache:
+            model, placements, plan = _local_model(cfg, pp_rank, t, ep_rank)
+            slots, buckets = _zero1_layout(model, placements, p.tp, dp, edp)
+            cache[key] = (model, slots, buckets, plan)
+        model, slots, buckets, plan = cache[key]
+        me = {"dp": d, "edp": edp_rank}
+        layers = plan.layers if plan is not None else list(range(cfg.model.n_layers))
+        has_first = plan.has_first if plan is not None else True
+        has_last = plan.has_last if plan is not None else True
+        r = RankPlan(rank, (pp_rank, d, t), layers, activation_checkpointing=p.activation_checkpointing)
+        r.params = sum(q.numel() for q in model.parameters()) * F32
+        r.grads = sum(q.numel() for q in model.parameters() if q.requires_grad) * F32
+        owned = [s for s in slots if s.owner == me[s.sharding]]
+        r.optimizer = sum(s.param.numel() * (1 if s.use_muon else 2) for s in owned) * F32
+        muon = [s for s in owned if s.use_muon]
+        if world > 1 and p.optimizer == "zero1":  # DistributedMuonClip: all shards, then batched NS per shape
+            full = max((b.group_size * b.shard_numel for b in buckets if b.group_size > 1), default=0)
+            staged = full if _backend(cfg) == "gloo" else 0  # gloo copies the reduce-scatter input (measured)
+            r.zero_transient = (full + staged + sum(b.shard_numel for b in buckets)) * F32
+            r.owned_grads = sum(s.param.numel() for s in owned) * F32
+            by_shape: dict[tuple, int] = {}
+            for s in muon:
+                key = tuple(s.full_shape[-2:])
+                by_shape[key] = by_shape.get(key, 0) + s.param.numel() * (p.tp if s.kind == "tp_sharded" else 1)
+            r.step_transient = (sum(s.param.numel() for s in muon) + 3 * max(by_shape.values(), default=0)) * F32
+        else:  # MuonClip: one parameter at a time (update, normalised copy, next iterate)
+            r.owned_grads = r.grads
+            r.step_transient = 3 * max((s.param.numel() for s in muon), default=0) * F32
+        r.activations_per_micro, r.activations_per_micro_ac = _activations(cfg, layers, has_first, has_last, p.tp,
+                                                                           p.ep)
+        r.in_flight = _in_flight(cfg, pp_rank)
+        r.comm = _comm(cfg, slots, buckets, me, t, plan, pp_rank)
+        shapes = [s.full_shape for s in muon]
+        r.largest_matrix = max(shapes, key=lambda s: s[-1] * s[-2]) if shapes else None
+        out.append(r)
+    return out
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{n} B"
+
+
+def format_plan(plans: list[RankPlan], all_ranks: bool = False, budget_gib: float = 80.0) -> str:
+    rows = plans if all_ranks else _worst_per_stage(plans)
+    kinds = sorted({k for r in rows for k in r.comm})
+    head = ["rank", "(pp,dp,tp)", "layers", "params", "grads", "optim", "act/micro", "act/micro AC", "in flight",
+            "ZeRO transient", "NS transient", "peak", *kinds, "largest NS matrix"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        layers = _ranges(r.layers)
+        cells = [str(r.rank), str(r.coords), layers, _size(r.params), _size(r.grads), _size(r.optimizer),
+                 _size(r.activations_per_micro), _size(r.activations_per_micro_ac), f"{r.in_flight:.1f}",
+                 _size(r.zero_transient), _size(r.step_transient), f"**{_size(r.peak)}**", *[_size(r.comm.get(k, 0)) for k in kinds],
+                 "x".join(map(str, r.largest_matrix)) if r.largest_matrix else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    worst = max(plans, key=lambda r: r.peak)
+    verdict = "fits" if worst.peak <= budget_gib * 2**30 else "does NOT fit"
+    lines.append(f"\nlargest peak: rank {worst.rank} {_size(worst.peak)} -> {verdict} in {budget_gib:g} GiB "
+                 "(comm columns: bytes this rank sends per optimizer step)")
+    return "\n".join(lines)
+
+
+def _ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 31, 32] -> '0-2,31-32'."""
+    parts, start = [], None
+    for i, x in enumerate(layers):
+        if start is None:
+            start = x
+        if i + 1 == len(layers) or layers[i + 1] != x + 1:
+            parts.append(f"{start}-{x}" if x != start else str(x))
+            start = None
+    return ",".join(parts) or "-"
+
+
+def _worst_per_stage(plans: list[RankPlan]) -> list[RankPlan]:
+    out: dict[int, RankPlan] = {}
+    for r in plans:
+        if r.coords[0] not in out or r.peak > out[r.coords[0]].peak:
+            out[r.coords[0]] = r
+    return [out[k] for k in sorted(out)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from configs import load_config
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--world", type=int, required=True, help="number of ranks")
+    parser.add_argument("--all-ranks", action="store_true", help="one row per rank (default: the largest per stage)")
+    parser.add_argument("--gpu-gib", type=float, default=80.0, help="memory per device for the verdict")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = load_config(args.config, overrides)
+        print(format_plan(plan_layout(cfg, args.world), args.all_ranks, args.gpu_gib))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

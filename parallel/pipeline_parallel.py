@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 SCHEDULES = ("1f1b", "interleaved_1f1b", "zbv", "dualpipev")
@@ -190,8 +191,6 @@ class Pipeline:
         """Forward only (validation), any schedule: each micro batch goes through the stages in order with plain
         send/recv along the pipeline group; the sum of the losses on the rank holding the last stage (0
         elsewhere). Independent of the training schedule's own ``eval`` (zbv's fails in torch 2.13)."""
-        import torch.distributed as dist
-
         me = dist.get_rank(self.group)
         module = dict(zip(self.stages, self.modules))
         total = None
@@ -270,15 +269,10 @@ def pipeline_schedule(holder: nn.Module, plan: StagePlan, pp_group: Any, device:
         cls = {"interleaved_1f1b": pps.ScheduleInterleaved1F1B, "zbv": pps.ScheduleZBVZeroBubble,
                "dualpipev": pps.ScheduleDualPipeV}[schedule]
         sched = cls(stages, n_microbatches, loss_fn=loss_fn)
-    pp = dist_size(pp_group)
+    pp = dist.get_world_size(pp_group)
     owners = [next(r for r in range(pp) if s in stage_ids(r, pp, plan.n_stages // pp, schedule))
               for s in range(plan.n_stages)]
     return Pipeline(sched, modules, list(plan.stages), plan.n_stages, holder, owners, pp_group)
-
-
-def dist_size(group: Any) -> int:
-    import torch.distributed as dist
-    return dist.get_world_size(group)
 
 
 __all__ = ["SCHEDULES", "Pipeline", "StagePlan", "balanced_split", "build_pipeline", "pipeline_schedule",

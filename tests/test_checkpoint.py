@@ -274,16 +274,18 @@ def test_on_spike_rolls_back_to_the_last_checkpoint_and_skips_the_batches(tmp_pa
         assert torch.equal(v, saved[k]), k
 
 
-class _SpikeOnce(Trainer):
-    """Blows up the final norm right before step ``at`` (once), as a corrupted update would."""
+class SpikeOnce(Trainer):
+    """Blows up the final norm right before step ``at`` (once), as a corrupted update would (with pipeline
+    parallelism only the rank holding the last stage has the norm)."""
 
     at = 25
 
     def train_step(self):
         if self.step == self.at - 1 and not getattr(self, "_spiked", False):
             self._spiked = True
-            with torch.no_grad():
-                self.model.norm.weight.mul_(30.0)
+            if self.model.norm is not None:
+                with torch.no_grad():
+                    self.model.norm.weight.mul_(30.0)
         return super().train_step()
 
 
@@ -292,7 +294,7 @@ def test_injected_spike_is_detected_and_rolled_back_end_to_end(tmp_path, ckpt_as
     overrides = ["--train.steps=40", "--train.ckpt_interval=10", "--train.eval_interval=0", "--monitor.rollback=true",
                  f"--train.ckpt_async={str(ckpt_async).lower()}"]
     cfg = debug_cfg(tmp_path / "spiky", *overrides)
-    trainer = _SpikeOnce(cfg, init_runtime(cfg))
+    trainer = SpikeOnce(cfg, init_runtime(cfg))
     result = trainer.fit()
     assert result.final_step == 40 and trainer.rollbacks.metrics()["rollback/count"] == 1
     # spike in 0-based step 24: restored the step-20 checkpoint and skipped the 5 batches of steps 20..24,

@@ -12,6 +12,7 @@ import torch
 from configs import load_config
 from launch.trainer import Trainer, init_runtime
 from tests.dist_utils import run_distributed
+from tests.test_checkpoint import SpikeOnce
 from tests.test_train import debug_cfg
 
 STEPS = 20
@@ -111,6 +112,38 @@ def test_checkpoints_move_between_pp2_and_pp1(tmp_path, reference):
     losses = torch.load(tmp_path / "to_pp2" / "rank0.pt")["losses"]
     assert sorted(losses) == list(range(11, STEPS + 1))
     assert [losses[s] for s in range(11, STEPS + 1)] == pytest.approx([ref[s] for s in range(11, 21)], **TOL)
+
+    # and at the same layout the resume is bitwise: pp=2 from pp=2's own step-10 checkpoint
+    pp2 = {r["step"]: r["loss"] for r in records(tmp_path / "pp2") if "loss" in r}
+    run_distributed(_worker, 2, str(tmp_path / "pp2_again"),
+                    [*args, "--parallel.pp=2", f"--train.resume={tmp_path / 'pp2/checkpoints/step_00000010'}"])
+    again = torch.load(tmp_path / "pp2_again" / "rank0.pt")["losses"]
+    assert [again[s] for s in range(11, STEPS + 1)] == [pp2[s] for s in range(11, STEPS + 1)]
+
+
+class _SpikeAt15(SpikeOnce):
+    at = 15
+
+
+def _spike_worker(rank: int, world: int, out: str, overrides: list[str]) -> None:
+    torch.set_num_threads(1)
+    cfg = debug_cfg(out, *overrides)
+    trainer = _SpikeAt15(cfg, init_runtime(cfg))
+    result = trainer.fit()
+    torch.save({"losses": result.losses, "rollbacks": trainer.rollbacks.metrics()["rollback/count"],
+                "batches": trainer.loader.global_batches}, Path(out) / f"rank{rank}.pt")
+
+
+def test_a_spike_on_the_last_stage_rolls_every_stage_back(tmp_path):
+    """The loss lives on the last stage; every rank sees the same value, so all detect the spike and restore the
+    same checkpoint, then skip the same batches."""
+    overrides = [*COMMON, "--data.micro_batch_size=2", "--parallel.pp=2", "--train.ckpt_interval=10",
+                 "--monitor.rollback=true", "--monitor.spike_min_history=5"]
+    run_distributed(_spike_worker, 2, str(tmp_path), overrides)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r["rollbacks"] for r in results] == [1, 1]
+    assert results[0]["losses"] == results[1]["losses"] and sorted(results[0]["losses"]) == list(range(1, 21))
+    assert results[0]["batches"] == results[1]["batches"] == (STEPS + 5) * 2  # steps 10..14's batches skipped
 
 
 @pytest.mark.parametrize("override,message", [

@@ -4,7 +4,6 @@ several layouts (1 process, dp=2 ZeRO-1, tp=2, dp=2 x ep=2, pp=2)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import Mapping
@@ -251,8 +252,24 @@ def export_hf(model: Transformer, out_dir: str | Path, dtype: torch.dtype | None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hf_cfg.save_pretrained(out)
+    add_legacy_rope_fields(out / "config.json")
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if (cfg.moe_inter_dim * 4) % 16:
+        warnings.warn(f"moe_intermediate_size={cfg.moe_inter_dim}: transformers 5's default expert kernel "
+                      "(grouped_mm) needs row strides that are a multiple of 16 bytes and fails on this model; load "
+                      "it with from_pretrained(..., experts_implementation='eager')", stacklevel=2)
     return out
+
+
+def add_legacy_rope_fields(config_json: Path) -> None:
+    """transformers 5 writes RoPE settings only in ``rope_parameters``; transformers 4.x reads only the top-level
+    ``rope_theta`` / ``rope_scaling`` and would silently use theta 10000. Write both, with the same values."""
+    data = json.loads(config_json.read_text())
+    rope = dict(data.get("rope_parameters") or {})
+    data["rope_theta"] = rope.get("rope_theta", data.get("rope_theta"))
+    extra = {k: v for k, v in rope.items() if k != "rope_theta"}
+    data["rope_scaling"] = None if extra.get("rope_type", "default") == "default" else extra
+    config_json.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def load_hf_tensors(path: str | Path) -> dict[str, torch.Tensor]:

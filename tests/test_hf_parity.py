@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -124,7 +125,8 @@ def test_layout_matches_save_pretrained(tmp_path):
         hf_up = ref[f"model.layers.1.mlp.experts.{e}.up_proj.weight"].float()
         assert torch.equal(imported.layers[1].mlp.experts.up_proj[e], hf_up)
     ours_cfg, ref_cfg = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("ours", "ref"))
-    assert ours_cfg == ref_cfg
+    legacy = {"rope_theta": cfg.rope_theta, "rope_scaling": None}  # added for transformers 4.x (test below)
+    assert ours_cfg == {**ref_cfg, **legacy}
     assert ours_cfg["dtype"] == "bfloat16" and ours_cfg["model_type"] == "deepseek_v3"
 
 
@@ -247,3 +249,67 @@ def test_export_script_trainer_checkpoint_pt_and_import(tmp_path):
     (tmp_path / "wrong.yaml").write_text(dump_config(JobConfig(model=other, data=DataConfig(seq_len=24))))
     with pytest.raises(ValueError, match="model weights not found"):
         main([str(tmp_path / "plain.pt"), "--config", str(tmp_path / "wrong.yaml"), "--out", str(tmp_path / "x")])
+
+
+# ---------------------------------------------------------------- transformers 4.x compatibility
+TRANSFORMERS_4 = "transformers==4.57.1"  # the last 4.x release; a throwaway venv on top of this environment
+_LOGITS_4X = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+tokens = torch.load(sys.argv[2])
+torch.save({"version": __import__("transformers").__version__, "rope_theta": model.config.rope_theta,
+            "logits": model(tokens).logits.detach()}, sys.argv[3])
+"""
+
+
+@pytest.fixture(scope="module")
+def transformers_4(tmp_path_factory):
+    """A venv that sees this environment's packages (torch) but has transformers 4.57 of its own."""
+    import subprocess
+    venv = tmp_path_factory.mktemp("tf4") / "venv"
+    made = subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], capture_output=True)
+    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", TRANSFORMERS_4], capture_output=True, text=True,
+                         timeout=600) if made.returncode == 0 else made
+    if pip.returncode != 0:
+        pytest.skip(f"cannot install {TRANSFORMERS_4} in a venv here: {str(pip.stderr)[-300:]}")
+    return venv / "bin" / "python"
+
+
+def _logits_4x(python: Path, directory: Path, tokens: torch.Tensor, tmp_path: Path) -> dict:
+    import subprocess
+    torch.save(tokens, tmp_path / "tokens.pt")
+    proc = subprocess.run([str(python), "-c", _LOGITS_4X, str(directory), str(tmp_path / "tokens.pt"),
+                           str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return torch.load(tmp_path / "out.pt")
+
+
+def test_an_export_gives_the_same_logits_in_transformers_4_and_5(tmp_path, transformers_4):
+    """rope_theta 1000 (not the default 10000): transformers 4.x reads only the top-level field, which the export
+    now writes next to transformers 5's rope_parameters; without it 4.x silently uses 10000."""
+    cfg = make_cfg("q_lora-g3k1-top2-shared2")
+    model = random_model(cfg)
+    out = export_hf(model, tmp_path / "hf")
+    tokens = torch.randint(0, cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = model(tokens)
+        v5 = DeepseekV3ForCausalLM.from_pretrained(out).eval()(tokens).logits
+    v4 = _logits_4x(transformers_4, out, tokens, tmp_path)
+    assert v4["version"] == TRANSFORMERS_4.split("==")[1] and v4["rope_theta"] == 1000.0
+    torch.testing.assert_close(v4["logits"], ours, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v5, ours, rtol=1e-5, atol=1e-5)
+    config = json.loads((out / "config.json").read_text())
+    del config["rope_theta"]  # what transformers 5's save_pretrained alone writes
+    (out / "config.json").write_text(json.dumps(config))
+    stale = _logits_4x(transformers_4, out, tokens, tmp_path)
+    assert stale["rope_theta"] == 10000.0 and (stale["logits"] - ours).abs().max() > 1e-3  # the silent bug
+
+
+def test_export_warns_when_transformers_5_expert_kernel_cannot_run(tmp_path):
+    cfg = ModelConfig(**{**BASE, "moe_inter_dim": 6}, **{k: v for k, v in CONFIGS["q_proj-g4k2-top3-shared1"].items()})
+    with pytest.warns(UserWarning, match=r"moe_intermediate_size=6: .*experts_implementation='eager'"):
+        export_hf(random_model(cfg), tmp_path / "hf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # 16 * 4 bytes: no warning
+        export_hf(random_model(make_cfg("q_proj-g4k2-top3-shared1")), tmp_path / "ok")

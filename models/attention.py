@@ -101,12 +101,12 @@ class MLAttention(_AttentionBase, nn.Module):
         q_out = cfg.n_heads * (self.dn + self.dr)
         if cfg.q_lora_rank > 0:
             self.q_a_proj = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.latent_norm_eps)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, q_out, bias=False)
         else:
             self.q_proj = nn.Linear(cfg.dim, q_out, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(cfg.dim, cfg.kv_lora_rank + self.dr, bias=False)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.latent_norm_eps)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (self.dn + self.dv), bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * self.dv, cfg.dim, bias=False)
         self._init_stats(cfg.n_heads)

@@ -21,7 +21,8 @@ class ModelConfig:
     v_head_dim: int = 32  # mla
     rope_theta: float = 10000.0
     max_seq_len: int = 512
-    norm_eps: float = 1e-6
+    norm_eps: float = 1e-6  # the block and final RMSNorms (DeepseekV3's rms_norm_eps)
+    latent_norm_eps: float = 1e-6  # MLA's q_a / kv_a RMSNorms (DeepseekV3 hard-codes 1e-6 for them)
     # feed-forward
     inter_dim: int = 512  # dense SwiGLU layers (first_k_dense)
     first_k_dense: int = 1
@@ -32,6 +33,7 @@ class ModelConfig:
     n_expert_groups: int = 1
     n_limited_groups: int = 1
     route_scale: float = 1.0
+    norm_topk_prob: bool = True  # renormalise the top-k scores to sum 1 before route_scale (DeepSeek-V3: True)
     bias_update_speed: float = 1e-3  # aux-loss-free balancing step (gamma in DeepSeek-V3)
     init_std: float = 0.02
 

@@ -23,8 +23,8 @@ import torch
 from .config import ModelConfig
 from .transformer import Transformer
 
-# HF DeepseekV3 (like the DeepSeek-V3 reference) builds q_a_layernorm/kv_a_layernorm with a fixed eps of 1e-6,
-# while our model uses cfg.norm_eps for them: the two agree only when norm_eps == 1e-6.
+# HF DeepseekV3 (like the DeepSeek-V3 reference) builds q_a_layernorm/kv_a_layernorm with a fixed eps of 1e-6
+# (rms_norm_eps is for the other norms): our latent_norm_eps is that eps.
 HF_LATENT_NORM_EPS = 1e-6
 _EXPERT_RE = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)")
 _MTP_KEY_RE = re.compile(r"model\.layers\.(\d+)\.")
@@ -44,8 +44,8 @@ def to_hf_config(cfg: ModelConfig, **overrides):
 
     need(cfg.attn_type == "mla", f"attn_type {cfg.attn_type!r} cannot be exported: transformers DeepseekV3 only "
          "implements MLA (set attn_type: mla)")
-    need(cfg.norm_eps == HF_LATENT_NORM_EPS, f"norm_eps={cfg.norm_eps} cannot be exported: DeepseekV3 hard-codes eps "
-         f"{HF_LATENT_NORM_EPS} for q_a_layernorm/kv_a_layernorm while our model uses norm_eps for them")
+    need(cfg.latent_norm_eps == HF_LATENT_NORM_EPS, f"latent_norm_eps={cfg.latent_norm_eps} cannot be exported: "
+         f"DeepseekV3 hard-codes eps {HF_LATENT_NORM_EPS} for q_a_layernorm/kv_a_layernorm")
     need(not getattr(cfg, "tie_embeddings", False), "tied embeddings are not supported by this exporter")
     kwargs = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.inter_dim,
@@ -58,7 +58,7 @@ def to_hf_config(cfg: ModelConfig, **overrides):
         # HF sizes the shared-expert MLP as moe_intermediate_size * n_shared_experts, like our MoE
         n_routed_experts=cfg.n_routed_experts, n_shared_experts=cfg.n_shared_experts,
         num_experts_per_tok=cfg.n_activated_experts, n_group=cfg.n_expert_groups, topk_group=cfg.n_limited_groups,
-        norm_topk_prob=True, routed_scaling_factor=float(cfg.route_scale), hidden_act="silu",
+        norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=float(cfg.route_scale), hidden_act="silu",
         attention_bias=False, tie_word_embeddings=False, num_mtp_layers=0,
         bos_token_id=None, eos_token_id=None, pad_token_id=None, architectures=["DeepseekV3ForCausalLM"],
     )
@@ -87,7 +87,6 @@ def from_hf_config(hf_cfg, **overrides) -> ModelConfig:
     need(rope_type == "default", f"rope_parameters type {rope_type!r} (e.g. YaRN scaling) is not supported: our model "
          "implements plain RoPE only")
     need(get("rope_interleave", True), "rope_interleave=False is not supported (our RoPE rotates interleaved pairs)")
-    need(get("norm_topk_prob", True), "norm_topk_prob=False is not supported (our router normalises top-k weights)")
     need(get("hidden_act", "silu") == "silu", f"hidden_act {get('hidden_act')!r} is not supported (SwiGLU only)")
     need(not get("attention_bias", False), "attention_bias=True is not supported (our projections have no bias)")
     need(not get("tie_word_embeddings", False), "tie_word_embeddings=True is not supported")
@@ -95,14 +94,13 @@ def from_hf_config(hf_cfg, **overrides) -> ModelConfig:
     need(get("num_key_value_heads") in (None, n_heads),
          f"num_key_value_heads ({get('num_key_value_heads')}) must equal num_attention_heads ({n_heads}) for MLA")
     eps = get("rms_norm_eps", 1e-6)
-    need(eps == HF_LATENT_NORM_EPS, f"rms_norm_eps={eps} is not supported: HF uses {HF_LATENT_NORM_EPS} for the MLA "
-         "latent norms and our model uses rms_norm_eps for them, so only 1e-6 gives the same function")
     kwargs = dict(
         vocab_size=get("vocab_size"), dim=get("hidden_size"), n_layers=get("num_hidden_layers"), attn_type="mla",
         n_heads=n_heads, n_kv_heads=n_heads, q_lora_rank=get("q_lora_rank") or 0, kv_lora_rank=get("kv_lora_rank"),
         qk_nope_head_dim=get("qk_nope_head_dim"), qk_rope_head_dim=get("qk_rope_head_dim"),
         v_head_dim=get("v_head_dim"), rope_theta=float(rope.get("rope_theta", get("rope_theta", 10000.0))),
-        max_seq_len=get("max_position_embeddings"), norm_eps=eps, inter_dim=get("intermediate_size"),
+        max_seq_len=get("max_position_embeddings"), norm_eps=eps, latent_norm_eps=HF_LATENT_NORM_EPS,
+        inter_dim=get("intermediate_size"), norm_topk_prob=bool(get("norm_topk_prob", True)),
         # first_k_dense_replace >= num_hidden_layers means all layers dense in HF; we require <= n_layers
         first_k_dense=min(get("first_k_dense_replace") or 0, get("num_hidden_layers")),
         moe_inter_dim=get("moe_intermediate_size"),

@@ -22,6 +22,7 @@ class Router(nn.Module):
         self.n_experts, self.top_k = cfg.n_routed_experts, cfg.n_activated_experts
         self.n_groups, self.n_limited_groups = cfg.n_expert_groups, cfg.n_limited_groups
         self.route_scale, self.bias_update_speed = cfg.route_scale, cfg.bias_update_speed
+        self.norm_topk_prob = cfg.norm_topk_prob
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
         self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts), requires_grad=False)
         self.register_buffer("expert_load_E", torch.zeros(cfg.n_routed_experts), persistent=False)
@@ -42,7 +43,9 @@ class Router(nn.Module):
             choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
         idx_TK = choice_TE.topk(self.top_k, dim=-1).indices
         w_TK = scores_TE.gather(1, idx_TK)
-        w_TK = w_TK / (w_TK.sum(-1, keepdim=True) + 1e-20) * self.route_scale
+        if self.norm_topk_prob:
+            w_TK = w_TK / (w_TK.sum(-1, keepdim=True) + 1e-20)
+        w_TK = w_TK * self.route_scale
         with torch.no_grad():
             self.expert_load_E += torch.bincount(idx_TK.flatten(), minlength=self.n_experts).float()
         return idx_TK, w_TK

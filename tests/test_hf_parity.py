@@ -30,6 +30,10 @@ CONFIGS = {
                                           n_activated_experts=3, n_shared_experts=0, route_scale=0.8, first_k_dense=0),
     # every layer dense (no MoE fields used)
     "q_proj-all-dense": dict(q_lora_rank=0, first_k_dense=3, n_routed_experts=0),
+    # top-k scores not renormalised (norm_topk_prob: false), rms_norm_eps 1e-5 (the latent norms keep 1e-6)
+    "q_lora-nonorm-eps1e-5": dict(q_lora_rank=16, n_routed_experts=6, n_expert_groups=2, n_limited_groups=1,
+                                  n_activated_experts=2, n_shared_experts=1, route_scale=2.5, first_k_dense=1,
+                                  norm_topk_prob=False, norm_eps=1e-5),
 }
 
 
@@ -195,15 +199,14 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
 def test_unsupported_configs_are_rejected():
     with pytest.raises(ValueError, match="only\\s+implements MLA"):
         to_hf_config(ModelConfig(attn_type="mha"))
-    with pytest.raises(ValueError, match="norm_eps"):
-        to_hf_config(ModelConfig(**{**BASE, **CONFIGS["q_proj-g4k2-top3-shared1"], "norm_eps": 1e-5}))
+    with pytest.raises(ValueError, match="latent_norm_eps=1e-05 cannot be exported"):
+        to_hf_config(ModelConfig(**{**BASE, **CONFIGS["q_proj-g4k2-top3-shared1"], "latent_norm_eps": 1e-5}))
     hf_cfg = to_hf_config(make_cfg("q_proj-g4k2-top3-shared1"))
     assert from_hf_config(hf_cfg) == make_cfg("q_proj-g4k2-top3-shared1")
     bad = {
         "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
                             "original_max_position_embeddings": 24},
-        "rope_interleave": False, "norm_topk_prob": False, "attention_bias": True, "tie_word_embeddings": True,
-        "rms_norm_eps": 1e-5, "hidden_act": "gelu",
+        "rope_interleave": False, "attention_bias": True, "tie_word_embeddings": True, "hidden_act": "gelu",
     }
     for field, value in bad.items():
         d = hf_cfg.to_dict()

@@ -3,6 +3,7 @@ model, then ``dcp.load`` in place and a finite check; nothing is modified before
 from __future__ import annotations
 
 import io
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from launch.checkpoint.integrity import DamagedCheckpoint
 from launch.checkpoint.paths import CHECKPOINT_SUBDIR
 from launch.checkpoint.state import distributed, from_bytes, rank
 from launch.errors import first_line
+from models import ModelConfig
 
 
 def read_metadata(path: str | Path) -> Any:
@@ -82,8 +84,10 @@ def check_compatible(path: Path, metadata: Any, tensors: dict[str, Any], saved_m
                      model_cfg: dict | None) -> None:
     """Raise ValueError naming ``path`` if the saved model config or tensor shapes differ from ours."""
     if saved_model_cfg is not None and model_cfg is not None:
-        diff = [f"{k}: checkpoint {saved_model_cfg.get(k)!r} vs config {v!r}" for k, v in model_cfg.items()
-                if saved_model_cfg.get(k) != v]
+        # a field added after the checkpoint was written counts as its default (what that run used)
+        saved = {**{f.name: f.default for f in fields(ModelConfig)}, **saved_model_cfg}
+        diff = [f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in model_cfg.items()
+                if saved.get(k) != v]
         if diff:
             raise ValueError(f"checkpoint {path} was saved with a different model config ({'; '.join(diff)}); "
                              "resume with the same model section or start a new output_dir")

@@ -8,7 +8,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .init import InitRule, init_module_, normal, prefixed
-from .layers import RMSNorm, apply_rope, causal_max_logits, rope_cos_sin
+from .layers import RMSNorm, Yarn, apply_rope, causal_max_logits, rope_cos_sin
 
 
 class _AttentionBase:
@@ -55,7 +55,8 @@ class Attention(_AttentionBase, nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.rope_theta = cfg.rope_theta
-        self.scale = cfg.head_dim ** -0.5
+        self.yarn = Yarn.from_config(cfg)
+        self.scale = cfg.head_dim ** -0.5 * (self.yarn.softmax_scale if self.yarn else 1.0)
         self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -70,7 +71,7 @@ class Attention(_AttentionBase, nn.Module):
         q = self.q_proj(x_BTD).view(B, T, -1, hd).transpose(1, 2)
         k = self.k_proj(x_BTD).view(B, T, -1, hd).transpose(1, 2)
         v = self.v_proj(x_BTD).view(B, T, -1, hd).transpose(1, 2)
-        cos, sin = rope_cos_sin(T, hd, self.rope_theta, x_BTD.device, q.dtype)
+        cos, sin = rope_cos_sin(T, hd, self.rope_theta, x_BTD.device, q.dtype, self.yarn)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         group = q.shape[1] // k.shape[1]
         if group > 1:
@@ -97,7 +98,8 @@ class MLAttention(_AttentionBase, nn.Module):
         self.n_heads = cfg.n_heads
         self.dn, self.dr, self.dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.kv_lora_rank, self.rope_theta = cfg.kv_lora_rank, cfg.rope_theta
-        self.scale = (self.dn + self.dr) ** -0.5
+        self.yarn = Yarn.from_config(cfg)
+        self.scale = (self.dn + self.dr) ** -0.5 * (self.yarn.softmax_scale if self.yarn else 1.0)
         q_out = cfg.n_heads * (self.dn + self.dr)
         if cfg.q_lora_rank > 0:
             self.q_a_proj = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
@@ -129,7 +131,7 @@ class MLAttention(_AttentionBase, nn.Module):
         kv = self.kv_b_proj(self.kv_a_layernorm(kv_c)).view(B, T, -1, dn + dv).transpose(1, 2)
         k_nope, v = kv.split([dn, dv], dim=-1)
         H = q.shape[1]
-        cos, sin = rope_cos_sin(T, dr, self.rope_theta, x_BTD.device, q.dtype)
+        cos, sin = rope_cos_sin(T, dr, self.rope_theta, x_BTD.device, q.dtype, self.yarn)
         q_rope = apply_rope(q_rope, cos, sin)
         k_rope = apply_rope(k_rope.view(B, 1, T, dr), cos, sin).expand(B, H, T, dr)
         q = torch.cat([q_nope, q_rope], dim=-1)

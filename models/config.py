@@ -20,6 +20,13 @@ class ModelConfig:
     qk_rope_head_dim: int = 16  # mla (shared rotary key)
     v_head_dim: int = 32  # mla
     rope_theta: float = 10000.0
+    # YaRN RoPE scaling (models/layers.py Yarn), on when yarn_factor > 1; DeepSeek-V3: 40, 4096, 32, 1, 1, 1
+    yarn_factor: float = 1.0
+    yarn_original_max_seq_len: int = 4096
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: float = 1.0
+    yarn_mscale_all_dim: float = 0.0
     max_seq_len: int = 512
     norm_eps: float = 1e-6  # the block and final RMSNorms (DeepseekV3's rms_norm_eps)
     latent_norm_eps: float = 1e-6  # MLA's q_a / kv_a RMSNorms (DeepseekV3 hard-codes 1e-6 for them)
@@ -55,6 +62,10 @@ class ModelConfig:
             need(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
                  f"qk_rope_head_dim must be even and > 0, got {self.qk_rope_head_dim}")
             need(self.qk_nope_head_dim > 0 and self.v_head_dim > 0, "qk_nope_head_dim and v_head_dim must be > 0")
+        need(self.yarn_factor >= 1.0, f"yarn_factor must be >= 1 (1 = plain RoPE), got {self.yarn_factor}")
+        if self.yarn_factor > 1:
+            need(self.yarn_original_max_seq_len > 0 and self.yarn_beta_fast > self.yarn_beta_slow > 0,
+                 "YaRN needs yarn_original_max_seq_len > 0 and yarn_beta_fast > yarn_beta_slow > 0")
         need(0 <= self.first_k_dense <= self.n_layers,
              f"first_k_dense ({self.first_k_dense}) must be in [0, n_layers={self.n_layers}]")
         if self.first_k_dense < self.n_layers:

@@ -52,7 +52,7 @@ def to_hf_config(cfg: ModelConfig, **overrides):
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
         q_lora_rank=cfg.q_lora_rank if cfg.q_lora_rank > 0 else None, kv_lora_rank=cfg.kv_lora_rank,
         qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
-        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)}, rope_interleave=True,
+        rope_parameters=_rope_parameters(cfg), rope_interleave=True,
         max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, initializer_range=cfg.init_std,
         first_k_dense_replace=cfg.first_k_dense, moe_intermediate_size=cfg.moe_inter_dim,
         # HF sizes the shared-expert MLP as moe_intermediate_size * n_shared_experts, like our MoE
@@ -64,6 +64,34 @@ def to_hf_config(cfg: ModelConfig, **overrides):
     )
     kwargs.update(overrides)
     return DeepseekV3Config(**kwargs)
+
+
+def _rope_parameters(cfg: ModelConfig) -> dict:
+    rope = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
+    if cfg.yarn_factor > 1:
+        rope.update(rope_type="yarn", factor=float(cfg.yarn_factor),
+                    original_max_position_embeddings=cfg.yarn_original_max_seq_len,
+                    beta_fast=float(cfg.yarn_beta_fast), beta_slow=float(cfg.yarn_beta_slow),
+                    mscale=float(cfg.yarn_mscale), mscale_all_dim=float(cfg.yarn_mscale_all_dim))
+    return rope
+
+
+def _yarn_fields(rope: dict, max_positions: int, need) -> dict:
+    """ModelConfig fields for a DeepseekV3 ``rope_parameters`` dict (plain RoPE or YaRN)."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return {}
+    need(rope_type == "yarn", f"rope_parameters type {rope_type!r} is not supported: plain RoPE and YaRN only")
+    need(rope.get("attention_factor") is None, "rope_parameters.attention_factor is not supported (YaRN derives it "
+         "from factor, mscale and mscale_all_dim)")
+    need(rope.get("truncate", True), "rope_parameters.truncate=false is not supported")
+    original = rope.get("original_max_position_embeddings")
+    need(original, "YaRN rope_parameters need original_max_position_embeddings")
+    factor = rope.get("factor") or max_positions / original
+    return dict(yarn_factor=float(factor), yarn_original_max_seq_len=int(original),
+                yarn_beta_fast=float(rope.get("beta_fast") or 32), yarn_beta_slow=float(rope.get("beta_slow") or 1),
+                yarn_mscale=float(rope.get("mscale") or 0.0),
+                yarn_mscale_all_dim=float(rope.get("mscale_all_dim") or 0.0))
 
 
 def from_hf_config(hf_cfg, **overrides) -> ModelConfig:
@@ -83,9 +111,7 @@ def from_hf_config(hf_cfg, **overrides) -> ModelConfig:
             raise ValueError(f"from_hf_config: {msg}")
 
     rope = dict(get("rope_parameters") or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    need(rope_type == "default", f"rope_parameters type {rope_type!r} (e.g. YaRN scaling) is not supported: our model "
-         "implements plain RoPE only")
+    yarn = _yarn_fields(rope, get("max_position_embeddings"), need)
     need(get("rope_interleave", True), "rope_interleave=False is not supported (our RoPE rotates interleaved pairs)")
     need(get("hidden_act", "silu") == "silu", f"hidden_act {get('hidden_act')!r} is not supported (SwiGLU only)")
     need(not get("attention_bias", False), "attention_bias=True is not supported (our projections have no bias)")
@@ -107,7 +133,7 @@ def from_hf_config(hf_cfg, **overrides) -> ModelConfig:
         n_routed_experts=get("n_routed_experts"), n_shared_experts=get("n_shared_experts") or 0,
         n_activated_experts=get("num_experts_per_tok"), n_expert_groups=get("n_group") or 1,
         n_limited_groups=get("topk_group") or 1, route_scale=float(get("routed_scaling_factor", 1.0)),
-        init_std=get("initializer_range", 0.02),
+        init_std=get("initializer_range", 0.02), **yarn,
     )
     known = {f.name for f in fields(ModelConfig)}
     bad = sorted(set(overrides) - known)

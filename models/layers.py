@@ -1,5 +1,8 @@
-"""Building blocks: RMSNorm, interleaved RoPE, SwiGLU FFN, causal max-logit probe."""
+"""Building blocks: RMSNorm, interleaved RoPE (optionally YaRN-scaled), SwiGLU FFN, causal max-logit probe."""
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +29,68 @@ class RMSNorm(nn.Module):
         init_module_(self, self.init_rules())
 
 
-def rope_cos_sin(seq_len: int, dim: int, theta: float, device, dtype=torch.float32):
-    """cos/sin of shape [T, dim/2] for rotating adjacent pairs (x[2i], x[2i+1])."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+@dataclass(frozen=True)
+class Yarn:
+    """YaRN RoPE scaling (Peng et al. 2023, arXiv:2309.00071), as DeepSeek-V3 / Kimi K2 configure it.
+
+    Frequencies: dimensions that rotate fewer than ``beta_slow`` times over ``original_max_seq_len`` positions
+    are interpolated (divided by ``factor``), those rotating more than ``beta_fast`` times are kept, with a
+    linear ramp between (the ramp ends rounded outwards to whole dimensions). cos/sin are multiplied by
+    ``mscale(factor, mscale) / mscale(factor, mscale_all_dim)`` (``mscale(factor)`` when either is 0), and the
+    attention softmax scale by ``mscale(factor, mscale_all_dim) ** 2`` when ``mscale_all_dim`` is set: the logit
+    scale QK-Clip measures and clips includes it. mscale(s, m) = 0.1 m ln(s) + 1 (1 for s <= 1).
+    """
+
+    factor: float
+    original_max_seq_len: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg) -> "Yarn | None":
+        if cfg.yarn_factor <= 1.0:
+            return None
+        return cls(cfg.yarn_factor, cfg.yarn_original_max_seq_len, cfg.yarn_beta_fast, cfg.yarn_beta_slow,
+                   cfg.yarn_mscale, cfg.yarn_mscale_all_dim)
+
+    @staticmethod
+    def magnitude(factor: float, m: float = 1.0) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    @property
+    def cos_sin_scale(self) -> float:
+        if self.mscale and self.mscale_all_dim:
+            return self.magnitude(self.factor, self.mscale) / self.magnitude(self.factor, self.mscale_all_dim)
+        return self.magnitude(self.factor)
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.magnitude(self.factor, self.mscale_all_dim) ** 2 if self.mscale_all_dim else 1.0
+
+    def inv_freq(self, dim: int, theta: float, device) -> torch.Tensor:
+        def dim_rotating(n_rotations: float) -> float:  # the dimension that turns n times over the context
+            return dim * math.log(self.original_max_seq_len / (n_rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low = max(math.floor(dim_rotating(self.beta_fast)), 0)
+        high = min(math.ceil(dim_rotating(self.beta_slow)), dim - 1)
+        high = high if high != low else high + 0.001
+        ramp_F = ((torch.arange(dim // 2, device=device, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        base_F = theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+        keep_F = 1 - ramp_F  # 1: extrapolate (high frequencies), 0: interpolate
+        return (1.0 / (self.factor * base_F)) * (1 - keep_F) + (1.0 / base_F) * keep_F
+
+
+def rope_cos_sin(seq_len: int, dim: int, theta: float, device, dtype=torch.float32, yarn: Yarn | None = None):
+    """cos/sin of shape [T, dim/2] for rotating adjacent pairs (x[2i], x[2i+1]); YaRN-scaled with ``yarn``."""
+    if yarn is None:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+        scale = 1.0
+    else:
+        inv_freq, scale = yarn.inv_freq(dim, theta, device), yarn.cos_sin_scale
     angles_TF = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-    return angles_TF.cos().to(dtype), angles_TF.sin().to(dtype)
+    return (angles_TF.cos() * scale).to(dtype), (angles_TF.sin() * scale).to(dtype)
 
 
 def apply_rope(x_BHTd: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:

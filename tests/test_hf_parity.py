@@ -30,6 +30,14 @@ CONFIGS = {
                                           n_activated_experts=3, n_shared_experts=0, route_scale=0.8, first_k_dense=0),
     # every layer dense (no MoE fields used)
     "q_proj-all-dense": dict(q_lora_rank=0, first_k_dense=3, n_routed_experts=0),
+    # YaRN as DeepSeek-V3 / Kimi K2 configure it (mscale = mscale_all_dim = 1: softmax scale x mscale^2)
+    "yarn-dsv3": dict(q_lora_rank=16, n_routed_experts=4, n_activated_experts=2, n_shared_experts=1,
+                      first_k_dense=1, yarn_factor=4.0, yarn_original_max_seq_len=6, yarn_beta_fast=32.0,
+                      yarn_beta_slow=1.0, yarn_mscale=1.0, yarn_mscale_all_dim=1.0),
+    # YaRN with other betas and mscale != mscale_all_dim (cos/sin scaled by their ratio)
+    "yarn-betas-mscale": dict(q_lora_rank=0, n_routed_experts=4, n_activated_experts=2, n_shared_experts=0,
+                              first_k_dense=0, yarn_factor=8.0, yarn_original_max_seq_len=12, yarn_beta_fast=8.0,
+                              yarn_beta_slow=0.5, yarn_mscale=0.8, yarn_mscale_all_dim=0.5),
     # top-k scores not renormalised (norm_topk_prob: false), rms_norm_eps 1e-5 (the latent norms keep 1e-6)
     "q_lora-nonorm-eps1e-5": dict(q_lora_rank=16, n_routed_experts=6, n_expert_groups=2, n_limited_groups=1,
                                   n_activated_experts=2, n_shared_experts=1, route_scale=2.5, first_k_dense=1,
@@ -204,8 +212,7 @@ def test_unsupported_configs_are_rejected():
     hf_cfg = to_hf_config(make_cfg("q_proj-g4k2-top3-shared1"))
     assert from_hf_config(hf_cfg) == make_cfg("q_proj-g4k2-top3-shared1")
     bad = {
-        "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
-                            "original_max_position_embeddings": 24},
+        "rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0},
         "rope_interleave": False, "attention_bias": True, "tie_word_embeddings": True, "hidden_act": "gelu",
     }
     for field, value in bad.items():

@@ -262,3 +262,24 @@ def test_router_and_max_logit_probe_stay_float32_under_bf16_autocast():
         probe_ac = causal_max_logits(q, k, 0.17)
     assert w_ac.dtype == torch.float32 and torch.equal(w_ac, w) and torch.equal(idx_ac, idx)
     assert probe_ac.dtype == torch.float32 and torch.equal(probe_ac, probe)
+
+
+def test_yarn_changes_the_frequencies_and_the_logit_scale_qk_clip_sees():
+    """DeepSeek-V3-style YaRN: low frequencies interpolated by the factor, high ones kept, and the softmax scale
+    (hence the max logits QK-Clip clips) multiplied by mscale(factor, mscale_all_dim)^2."""
+    from models.layers import Yarn, rope_cos_sin
+
+    base = dict(vocab_size=32, dim=32, n_layers=1, first_k_dense=1, n_heads=2, q_lora_rank=0, kv_lora_rank=16,
+                qk_nope_head_dim=8, qk_rope_head_dim=16, v_head_dim=8, max_seq_len=64, inter_dim=32)
+    plain = Transformer(ModelConfig(**base)).layers[0].self_attn
+    yarn_cfg = ModelConfig(**base, yarn_factor=4.0, yarn_original_max_seq_len=16, yarn_mscale=1.0,
+                           yarn_mscale_all_dim=1.0)
+    scaled = Transformer(yarn_cfg).layers[0].self_attn
+    assert scaled.scale == pytest.approx(plain.scale * (0.1 * math.log(4.0) + 1) ** 2)
+    yarn = Yarn.from_config(yarn_cfg)
+    inv = yarn.inv_freq(16, 10000.0, "cpu")
+    plain_inv = 1.0 / 10000.0 ** (torch.arange(0, 16, 2) / 16)
+    assert torch.allclose(inv[0], plain_inv[0]) and torch.allclose(inv[-1], plain_inv[-1] / 4.0)  # kept / divided
+    cos, _ = rope_cos_sin(8, 16, 10000.0, "cpu", yarn=yarn)
+    assert torch.allclose(cos[0], torch.ones(8))  # mscale == mscale_all_dim: cos/sin unscaled
+    assert Yarn.from_config(ModelConfig(**base)) is None

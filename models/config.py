@@ -64,8 +64,8 @@ class ModelConfig:
             need(self.qk_nope_head_dim > 0 and self.v_head_dim > 0, "qk_nope_head_dim and v_head_dim must be > 0")
         need(self.yarn_factor >= 1.0, f"yarn_factor must be >= 1 (1 = plain RoPE), got {self.yarn_factor}")
         if self.yarn_factor > 1:
-            need(self.yarn_original_max_seq_len > 0 and self.yarn_beta_fast > self.yarn_beta_slow > 0,
-                 "YaRN needs yarn_original_max_seq_len > 0 and yarn_beta_fast > yarn_beta_slow > 0")
+            need(self.yarn_original_max_seq_len > 0 and self.yarn_beta_fast >= self.yarn_beta_slow > 0,
+                 "YaRN needs yarn_original_max_seq_len > 0 and yarn_beta_fast >= yarn_beta_slow > 0")
         need(0 <= self.first_k_dense <= self.n_layers,
              f"first_k_dense ({self.first_k_dense}) must be in [0, n_layers={self.n_layers}]")
         if self.first_k_dense < self.n_layers:

@@ -314,17 +314,42 @@ def load_hf_tensors(path: str | Path) -> dict[str, torch.Tensor]:
                             "written by save_pretrained or export_hf is expected)")
 
 
+HF_MODEL_TYPES = ("deepseek_v3", "kimi_k2")  # Kimi K2's config.json names DeepseekV3 as its architecture
+
+
+def read_hf_config(path: str | Path):
+    """The DeepseekV3Config of a model directory, after checking the keys DeepseekV3Config itself ignores:
+    ``model_type`` (deepseek_v3 or kimi_k2), ``scoring_func`` (sigmoid) and ``topk_method`` (noaux_tc), which
+    released DeepSeek-V3 / Kimi K2 configs carry."""
+    from transformers import DeepseekV3Config
+
+    path = Path(path)
+    config_json = path / "config.json"
+    if not config_json.is_file():
+        raise FileNotFoundError(f"{path}: no config.json (expected an HF DeepseekV3 model directory)")
+    try:
+        raw = json.loads(config_json.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_json}: not valid JSON ({e})") from e
+    checks = [("model_type", raw.get("model_type"), HF_MODEL_TYPES),
+              ("scoring_func", raw.get("scoring_func", "sigmoid"), ("sigmoid",)),
+              ("topk_method", raw.get("topk_method", "noaux_tc"), ("noaux_tc",))]
+    for key, value, allowed in checks:
+        if value not in allowed:
+            raise ValueError(f"{config_json}: {key} {value!r} is not supported (supported: {', '.join(allowed)}); "
+                             "this model is DeepSeek-V3 / Kimi K2 style: sigmoid router scores with aux-loss-free "
+                             "bias (noaux_tc)")
+    raw = {k: v for k, v in raw.items() if k not in ("auto_map", "model_type")}
+    return DeepseekV3Config.from_dict(raw)
+
+
 def import_hf(path: str | Path, dtype: torch.dtype | None = None, **config_overrides) -> Transformer:
     """Build our ``Transformer`` from a DeepseekV3 directory (config.json + safetensors).
 
     ``config_overrides`` set ModelConfig fields HF does not store (e.g. ``bias_update_speed``).
     """
-    from transformers import DeepseekV3Config
-
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no config.json (expected an HF DeepseekV3 model directory)")
-    hf_cfg = DeepseekV3Config.from_pretrained(str(path))
+    hf_cfg = read_hf_config(path)
     cfg = from_hf_config(hf_cfg, **config_overrides)
     state = from_hf_state_dict(load_hf_tensors(path), cfg, where=str(path),
                                n_mtp_layers=getattr(hf_cfg, "num_nextn_predict_layers", 0) or 0)
@@ -334,4 +359,4 @@ def import_hf(path: str | Path, dtype: torch.dtype | None = None, **config_overr
 
 
 __all__ = ["to_hf_config", "from_hf_config", "to_hf_state_dict", "from_hf_state_dict", "expected_shapes",
-           "export_hf", "import_hf", "load_hf_tensors", "HF_LATENT_NORM_EPS"]
+           "export_hf", "import_hf", "load_hf_tensors", "read_hf_config", "HF_LATENT_NORM_EPS", "HF_MODEL_TYPES"]

@@ -4,6 +4,8 @@
     python scripts/export_hf.py CHECKPOINT --config run/config.yaml --out hf_model [--dtype bfloat16]
     # HF directory -> plain state_dict .pt (+ model.yaml beside it, usable as --config)
     python scripts/export_hf.py --import hf_model --out model.pt
+    # what a released DeepSeek-V3 / Kimi K2 (model_type kimi_k2) config.json maps to, without reading weights
+    python scripts/export_hf.py --import /models/Kimi-K2-Base --print-config
 
 ``--config`` is the run's YAML (its ``model`` section is used); by default the ``config.yaml`` that
 launch/checkpoint/ writes into each step directory (or one in the parent) is used. The model weights are the
@@ -23,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from configs import DataConfig, JobConfig, dump_config, load_config  # noqa: E402
 from models import ModelConfig, Transformer  # noqa: E402
-from models.hf_interop import export_hf, import_hf  # noqa: E402
+from models.hf_interop import export_hf, from_hf_config, import_hf, read_hf_config  # noqa: E402
 
 _PREFIXES = ("", "model.", "model/")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -77,23 +79,34 @@ def load_training_weights(ckpt: Path, cfg: ModelConfig) -> Transformer:
     return model
 
 
+def job_for(model_cfg: ModelConfig) -> JobConfig:
+    """A loadable job config: this model, every other section at its defaults (seq_len capped to the model)."""
+    return JobConfig(model=model_cfg, data=DataConfig(seq_len=min(DataConfig.seq_len, model_cfg.max_seq_len)))
+
+
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("src", help="training checkpoint (DCP dir or .pt), or with --import an HF directory")
-    p.add_argument("--out", required=True, help="HF directory to write, or with --import the .pt file")
+    p.add_argument("--out", help="HF directory to write, or with --import the .pt file")
     p.add_argument("--config", help="run config.yaml (default: next to the checkpoint)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="weight dtype in the HF files (default: as saved)")
     p.add_argument("--import", dest="do_import", action="store_true", help="HF directory -> .pt")
+    p.add_argument("--print-config", action="store_true",
+                   help="with --import: print the model section the HF config.json maps to and exit (no weights read)")
     args = p.parse_args(argv)
+    if args.do_import and args.print_config:
+        print(dump_config(job_for(from_hf_config(read_hf_config(args.src))),
+                          header=f"model section for {args.src}").split("\noptim:")[0])
+        return Path(args.src)
+    if not args.out:
+        p.error("--out is required (except with --import --print-config)")
     src, out = Path(args.src), Path(args.out)
     if args.do_import:
         model = import_hf(src)
         out.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), out)
-        # a loadable job config: this model, every other section at its defaults (seq_len capped to the model)
-        data = DataConfig(seq_len=min(DataConfig.seq_len, model.cfg.max_seq_len))
         cfg_path = out.with_suffix(".yaml")
-        cfg_path.write_text(dump_config(JobConfig(model=model.cfg, data=data), header=f"model imported from {src}"))
+        cfg_path.write_text(dump_config(job_for(model.cfg), header=f"model imported from {src}"))
         print(f"wrote {out} and {cfg_path}")
         return out
     cfg = load_config(args.config or find_config(src)).model

@@ -323,3 +323,37 @@ def test_export_warns_when_transformers_5_expert_kernel_cannot_run(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # 16 * 4 bytes: no warning
         export_hf(random_model(make_cfg("q_proj-g4k2-top3-shared1")), tmp_path / "ok")
+
+
+def _kimi_style(directory: Path) -> None:
+    """Rewrite a transformers-written config.json the way Kimi K2's release writes it: model_type kimi_k2, custom
+    code in auto_map, the router keys of the original DeepSeek-V3 code, RoPE scaling in the legacy field."""
+    config = json.loads((directory / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config.update(model_type="kimi_k2", auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config"},
+                  scoring_func="sigmoid", topk_method="noaux_tc", num_nextn_predict_layers=0,
+                  rope_theta=rope.pop("rope_theta"), rope_scaling={"type": rope.pop("rope_type"), **rope})
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def test_a_kimi_k2_style_directory_imports_with_the_same_logits(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from export_hf import main
+
+    cfg = ModelConfig(**{**BASE, **CONFIGS["yarn-dsv3"], "yarn_beta_fast": 1.0, "yarn_beta_slow": 1.0})  # as K2
+    torch.manual_seed(0)
+    ref = DeepseekV3ForCausalLM(to_hf_config(cfg)).eval()
+    ref.save_pretrained(tmp_path / "k2")
+    _kimi_style(tmp_path / "k2")
+    model = import_hf(tmp_path / "k2")
+    assert model.cfg == cfg
+    tokens = torch.randint(0, cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), ref(tokens).logits, rtol=1e-5, atol=1e-5)
+    main(["--import", str(tmp_path / "k2"), "--print-config"])
+    printed = capsys.readouterr().out
+    assert "model:" in printed and "yarn_factor: 4.0" in printed and "optim:" not in printed
+    config = json.loads((tmp_path / "k2" / "config.json").read_text())
+    (tmp_path / "k2" / "config.json").write_text(json.dumps({**config, "scoring_func": "softmax"}))
+    with pytest.raises(ValueError, match=r"config.json: scoring_func 'softmax' is not supported"):
+        import_hf(tmp_path / "k2")

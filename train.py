@@ -32,6 +32,9 @@ Launch commands (run from the repository root):
     # or from a given checkpoint directory
     python train.py --config configs/tiny.yaml --train.resume=outputs/tiny/checkpoints/step_00000200
 
+    # start from a released Hugging Face DeepseekV3 / Kimi K2 directory (weights only, any layout)
+    python train.py --config configs/my_job.yaml --train.init_from=/models/Moonlight-16B-A3B
+
     # print the resolved config and exit
     python train.py --config configs/tiny.yaml --print-config
 """

@@ -16,7 +16,7 @@ from configs import JobConfig
 from launch.runtime import Runtime
 from models import Transformer
 from muonclip.placement import REPLICATED
-from parallel.init import init_sharded
+from parallel.init import init_sharded, load_hf_sharded
 from parallel.parallelize import parallelize
 from parallel.pipeline_parallel import Pipeline, StagePlan, pipeline_schedule, plan_stages, prune_to_stage
 
@@ -37,6 +37,25 @@ def build_model(cfg: JobConfig, rt: Runtime) -> tuple[Transformer, dict[str, Any
         placements = parallelize(model, rt.pdims, rt.groups, p)
     init_sharded(model, rules, shapes, placements, rt.groups.ep_rank, cfg.train.seed, rt.device)
     return model, placements
+
+
+def load_released_weights(cfg: JobConfig, rt: Runtime, model: Transformer, placements: dict[str, Any]) -> None:
+    """``train.init_from``: this rank's parameters from an HF directory (checked against the run's model)."""
+    from models.hf_interop import HFTensors, from_hf_config, read_hf_config
+
+    path = cfg.train.init_from
+    released = from_hf_config(read_hf_config(path))
+    free = {"bias_update_speed", "init_std", "max_seq_len",  # not part of the function the weights compute
+            *(("n_kv_heads", "head_dim") if released.attn_type == "mla" else ())}  # MHA-only fields
+    diff = [f"model.{f}: run {getattr(cfg.model, f)!r} vs {getattr(released, f)!r}"
+            for f in vars(released) if f not in free and getattr(cfg.model, f) != getattr(released, f)]
+    if diff:
+        raise ValueError(f"train.init_from {path}: its config.json does not match the run's model section ("
+                         f"{'; '.join(diff[:5])}); print the matching section with scripts/export_hf.py --import "
+                         f"{path} --print-config")
+    with torch.device("meta"):
+        shapes = {name: tuple(p.shape) for name, p in Transformer(cfg.model).named_parameters()}
+    load_hf_sharded(model, shapes, placements, rt.groups.ep_rank, HFTensors(path))
 
 
 def token_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:

@@ -30,8 +30,8 @@ from configs import JobConfig, config_to_dict, dump_config
 from launch import checkpoint as ckpt
 from launch import monitor as monitor_lib
 from launch import watchdog as watchdog_lib
-from launch.build import (build_data, build_model, build_optimizer, build_pipeline, token_loss, tokens_per_step,
-                          use_zero1)
+from launch.build import (build_data, build_model, build_optimizer, build_pipeline, load_released_weights,
+                          token_loss, tokens_per_step, use_zero1)
 from launch.checkpoint import shard_views
 from launch.hooks import RouterBiasUpdate, register_post_step
 from launch.metrics import MetricsLogger, environment_info
@@ -114,7 +114,9 @@ class Trainer:
                          else nullcontext())
         self.ckpt_root = ckpt.checkpoint_root(cfg.train.output_dir)
         self.last_ckpt_step: int | None = None
-        self._resume()
+        if not self._resume() and cfg.train.init_from:
+            load_released_weights(cfg, rt, self.model, self.placements)
+            self.metrics.write(f"weights from {cfg.train.init_from} (train.init_from), fresh optimizer state")
         self.metrics.write_config()
 
     def close(self) -> None:
@@ -388,7 +390,9 @@ class Trainer:
             self.rollbacks.load_state_dict(extra["rollbacks"])
         self.last_ckpt_step = self.step
 
-    def _resume(self) -> None:
+    def _resume(self) -> bool:
+        """Load the checkpoint ``train.resume`` names, if any; whether one was loaded (then train.init_from,
+        the starting weights of a new run, does not apply)."""
         path = ckpt.resolve_resume(self.cfg.train.resume, self.cfg.train.output_dir)
         if path is None:
             existing = ckpt.list_checkpoints(self.ckpt_root)
@@ -396,7 +400,7 @@ class Trainer:
                 raise ValueError(f"{self.ckpt_root} already holds checkpoints (last: {existing[-1][1].name}) and "
                                  "train.resume is 'none': use --train.resume=auto to continue, or another "
                                  "--train.output_dir, or delete them")
-            return
+            return False
         while True:
             try:
                 self.load(path)
@@ -404,6 +408,7 @@ class Trainer:
             except ckpt.DamagedCheckpoint as e:
                 path = self._fallback(path, e)
         self.metrics.write(f"resumed from {path} at step {self.step}")
+        return True
 
     def _fallback(self, damaged, error: Exception):
         """``resume: auto`` met a damaged checkpoint: the previous complete one when ``train.resume_fallback``

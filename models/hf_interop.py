@@ -343,6 +343,64 @@ def read_hf_config(path: str | Path):
     return DeepseekV3Config.from_dict(raw)
 
 
+class HFTensors:
+    """Read tensors of an HF directory one at a time, or slices of them (``model.safetensors`` or the shards of
+    its index): memory for what is asked, never the whole checkpoint."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            self.files = {k: self.path / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+        elif (self.path / "model.safetensors").is_file():
+            from safetensors import safe_open
+            with safe_open(str(self.path / "model.safetensors"), "pt") as f:
+                self.files = {k: self.path / "model.safetensors" for k in f.keys()}
+        else:
+            raise FileNotFoundError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
+        self._open: dict[Path, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def slice(self, name: str, index: tuple = ()) -> torch.Tensor:
+        from safetensors import safe_open
+        if name not in self.files:
+            raise ValueError(f"{self.path}: missing key {name!r}; the checkpoint does not match its config.json")
+        file = self.files[name]
+        if file not in self._open:
+            self._open[file] = safe_open(str(file), "pt")
+        part = self._open[file].get_slice(name)
+        return part[index] if index else part[:]
+
+    def local(self, key: str, local_shape: tuple[int, ...], expert_offset: int = 0,
+              shard: tuple[int, int] | None = None) -> torch.Tensor:
+        """Our parameter ``key`` as this rank holds it: experts ``expert_offset`` onward of a stack, or the slice
+        ``shard`` = (dim, offset) of a tensor-parallel matrix."""
+        m = _EXPERT_RE.fullmatch(key)
+        if m:
+            base, proj = f"model.layers.{m[1]}.mlp.experts", m[2]
+            E, rows, _ = local_shape
+            experts = range(expert_offset, expert_offset + E)
+            if f"{base}.{expert_offset}.{proj}.weight" in self:
+                return torch.stack([self.slice(f"{base}.{e}.{proj}.weight") for e in experts])
+            if proj == "down_proj":
+                return self.slice(f"{base}.down_proj", (slice(experts.start, experts.stop),))
+            half = slice(0, rows) if proj == "gate_proj" else slice(rows, 2 * rows)
+            return self.slice(f"{base}.gate_up_proj", (slice(experts.start, experts.stop), half))
+        if shard is None:
+            t = self.slice(_hf_name(key))
+        else:
+            dim, offset = shard
+            index = tuple(slice(offset, offset + local_shape[d]) if d == dim else slice(None)
+                          for d in range(len(local_shape)))
+            t = self.slice(_hf_name(key), index)
+        if tuple(t.shape) != tuple(local_shape):
+            raise ValueError(f"{self.path}: key {_hf_name(key)!r} gives shape {list(t.shape)}, this rank expects "
+                             f"{list(local_shape)}; the checkpoint does not match its config.json")
+        return t
+
+
 def import_hf(path: str | Path, dtype: torch.dtype | None = None, **config_overrides) -> Transformer:
     """Build our ``Transformer`` from a DeepseekV3 directory (config.json + safetensors).
 
@@ -359,4 +417,4 @@ def import_hf(path: str | Path, dtype: torch.dtype | None = None, **config_overr
 
 
 __all__ = ["to_hf_config", "from_hf_config", "to_hf_state_dict", "from_hf_state_dict", "expected_shapes",
-           "export_hf", "import_hf", "load_hf_tensors", "read_hf_config", "HF_LATENT_NORM_EPS", "HF_MODEL_TYPES"]
+           "export_hf", "import_hf", "load_hf_tensors", "read_hf_config", "HFTensors", "HF_LATENT_NORM_EPS", "HF_MODEL_TYPES"]

@@ -1,8 +1,8 @@
 """Sharded initialisation: allocate only this rank's shards of a model built on ``meta`` and parallelized, then
 fill each at its global position from the per-parameter generators of models/init.py.
 
-Each rank allocates its stage's layers (all of them until pipeline parallelism exists), its tensor-parallel
-slices and its expert-parallel experts, nothing else. The weights equal, element for element, those of one
+Each rank allocates its stage's layers, its tensor-parallel slices and its expert-parallel experts, nothing
+else (``load_hf_sharded`` then fills them from a released checkpoint, reading only those slices). The weights equal, element for element, those of one
 process initialising the whole model with the same seed, so losses do not depend on the layout. Peak memory is
 the rank's shard plus, transiently, one full tensor-parallel matrix (drawn whole, then sliced); expert stacks
 draw only the rank's own experts.
@@ -35,4 +35,20 @@ def init_sharded(model: nn.Module, rules: dict[str, InitRule], global_shapes: di
     reset_step_stats_(model)
 
 
-__all__ = ["init_sharded"]
+@torch.no_grad()
+def load_hf_sharded(model: nn.Module, global_shapes: dict[str, tuple[int, ...]], placements: dict[str, Placement],
+                    ep_rank: int, source) -> None:
+    """Overwrite this rank's (allocated) parameters with a released checkpoint's, reading only this rank's
+    slices: its stage's layers, its experts, its tensor-parallel slices (``source``: ``models.hf_interop.HFTensors``)."""
+    for name, p in model.named_parameters():
+        placement = placements.get(name)
+        kwargs = {}
+        if placement is not None and placement.kind == "expert":
+            kwargs = {"expert_offset": ep_rank * p.shape[0]}
+        elif placement is not None and placement.kind == "tp_sharded" and tuple(p.shape) != global_shapes[name]:
+            dim = placement.shard_dim
+            kwargs = {"shard": (dim, dist.get_rank(placement.tp_group) * p.shape[dim])}
+        p.copy_(source.local(name, tuple(p.shape), **kwargs))
+
+
+__all__ = ["init_sharded", "load_hf_sharded"]

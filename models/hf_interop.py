@@ -176,27 +176,31 @@ def to_hf_state_dict(state: Mapping[str, torch.Tensor], cfg: ModelConfig,
         raise ValueError(f"export: model state does not match its config: missing {missing[:5]}, unexpected "
                          f"{extra[:5]} (export the plain model, not a compiled/DDP/parallelized wrapper)")
     out: dict[str, torch.Tensor] = {}
-
-    def put(name: str, t: torch.Tensor) -> None:
-        # the router bias stays float32, as transformers keeps it (_keep_in_fp32_modules_strict)
-        target = torch.float32 if name.endswith("e_score_correction_bias") else dtype
-        t = t.detach()
-        out[name] = (t.to(target) if target is not None else t).contiguous().clone()
-
     for key, shape in expected.items():
-        t = state[key]
-        if t.shape != shape:
-            raise ValueError(f"export: {key} has shape {list(t.shape)}, config expects {list(shape)} "
-                             "(export the plain, unsharded model)")
-        m = _EXPERT_RE.fullmatch(key)
-        if m:
-            for e in range(t.shape[0]):
-                put(f"model.layers.{m[1]}.mlp.experts.{e}.{m[2]}.weight", t[e])
-        else:
-            put(_hf_name(key), t)
+        out.update(hf_items(key, state[key], shape, dtype))
     for name, shape in _zero_shared_keys(cfg).items():
         out[name] = torch.zeros(shape, dtype=dtype or state["embed_tokens.weight"].dtype)
     return out
+
+
+def hf_items(key: str, t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype | None
+             ) -> list[tuple[str, torch.Tensor]]:
+    """One of our tensors as the HF tensors it becomes (an expert stack splits per expert); views where no cast
+    is needed (``ShardWriter`` copies what it keeps)."""
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"export: {key} has shape {list(t.shape)}, config expects {list(shape)} "
+                         "(export the plain, unsharded model)")
+
+    def cast(name: str, x: torch.Tensor) -> tuple[str, torch.Tensor]:
+        # the router bias stays float32, as transformers keeps it (_keep_in_fp32_modules_strict)
+        target = torch.float32 if name.endswith("e_score_correction_bias") else dtype
+        x = x.detach()
+        return name, (x.to(target) if target is not None else x).contiguous()
+
+    m = _EXPERT_RE.fullmatch(key)
+    if m:
+        return [cast(f"model.layers.{m[1]}.mlp.experts.{e}.{m[2]}.weight", t[e]) for e in range(t.shape[0])]
+    return [cast(_hf_name(key), t)]
 
 
 class _Reader:
@@ -262,27 +266,85 @@ def from_hf_state_dict(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig, wh
 
 # ---------------------------------------------------------------- files
 
-def export_hf(model: Transformer, out_dir: str | Path, dtype: torch.dtype | None = None, **config_overrides) -> Path:
+def export_hf(model: Transformer, out_dir: str | Path, dtype: torch.dtype | None = None,
+              max_shard_bytes: int = 5 * 10**9, **config_overrides) -> Path:
     """Write ``model`` (plain, unparallelized) as a DeepseekV3ForCausalLM directory; returns ``out_dir``.
 
-    ``dtype`` casts the weights (default: as they are); ``config_overrides`` go to ``to_hf_config``.
+    ``dtype`` casts the weights (default: as they are); shards of at most ``max_shard_bytes``;
+    ``config_overrides`` go to ``to_hf_config``.
     """
-    from safetensors.torch import save_file
-
     cfg: ModelConfig = model.cfg
+    out = write_hf_config(cfg, out_dir, dtype or next(model.parameters()).dtype, **config_overrides)
+    with ShardWriter(out, max_shard_bytes) as writer:
+        for name, t in to_hf_state_dict(model.state_dict(), cfg, dtype).items():
+            writer.add(name, t)
+    return out
+
+
+def write_hf_config(cfg: ModelConfig, out_dir: str | Path, dtype: torch.dtype, **config_overrides) -> Path:
+    """config.json of an export (with transformers 4.x's legacy RoPE fields); warns about transformers 5's
+    expert kernel where it cannot run."""
     hf_cfg = to_hf_config(cfg, **config_overrides)
-    tensors = to_hf_state_dict(model.state_dict(), cfg, dtype)
-    hf_cfg.dtype = dtype or next(model.parameters()).dtype
+    hf_cfg.dtype = dtype
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hf_cfg.save_pretrained(out)
     add_legacy_rope_fields(out / "config.json")
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     if (cfg.moe_inter_dim * 4) % 16:
         warnings.warn(f"moe_intermediate_size={cfg.moe_inter_dim}: transformers 5's default expert kernel "
                       "(grouped_mm) needs row strides that are a multiple of 16 bytes and fails on this model; load "
-                      "it with from_pretrained(..., experts_implementation='eager')", stacklevel=2)
+                      "it with from_pretrained(..., experts_implementation='eager')", stacklevel=3)
     return out
+
+
+class ShardWriter:
+    """Safetensors shards of at most ``max_bytes`` each (one tensor larger than that gets a shard of its own),
+    written as tensors arrive, so memory holds one shard: ``model.safetensors`` when one is enough, else
+    ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``, the names save_pretrained uses."""
+
+    def __init__(self, out: Path, max_bytes: int = 5 * 10**9):
+        self.out, self.max_bytes = Path(out), max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes, self.files, self.weight_map, self.total = 0, [], {}, 0
+
+    def reserve(self, size: int) -> None:
+        """Start a new shard now if ``size`` more bytes would not fit (call before reading a tensor, so the
+        read and the shard in memory together stay within about two shards)."""
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        size = t.numel() * t.element_size()
+        self.reserve(size)
+        self.pending[name] = t.clone()  # its own storage: t may be a view of a larger tensor or a live parameter
+        self.pending_bytes += size
+        self.total += size
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+        path = self.out / f"shard-{len(self.files):05d}.tmp"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.files.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, *_exc) -> None:
+        if exc_type is not None:
+            for path, _ in self.files:
+                path.unlink(missing_ok=True)
+            return
+        if self.pending or not self.files:
+            self._flush()
+        n = len(self.files)
+        for i, (path, names) in enumerate(self.files):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            path.replace(self.out / final)
+            self.weight_map.update({name: final for name in names})
+        if n > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
+            (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def add_legacy_rope_fields(config_json: Path) -> None:

@@ -1,7 +1,8 @@
 """Convert a training checkpoint to a Hugging Face DeepseekV3 directory, or (``--import``) back to a .pt.
 
     # torch.distributed.checkpoint directory (the trainer's format) or a plain state_dict .pt -> HF directory
-    python scripts/export_hf.py CHECKPOINT --config run/config.yaml --out hf_model [--dtype bfloat16]
+    python scripts/export_hf.py CHECKPOINT --config run/config.yaml --out hf_model [--dtype bfloat16] \
+        [--max-shard-size 5GB]     # a DCP checkpoint is streamed: one tensor and one shard in memory
     # HF directory -> plain state_dict .pt (+ model.yaml beside it, usable as --config)
     python scripts/export_hf.py --import hf_model --out model.pt
     # what a released DeepSeek-V3 / Kimi K2 (model_type kimi_k2) config.json maps to, without reading weights
@@ -15,6 +16,7 @@ prefix; every other key (optimizer state, meta, extra) is ignored.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -25,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from configs import DataConfig, JobConfig, dump_config, load_config  # noqa: E402
 from models import ModelConfig, Transformer  # noqa: E402
-from models.hf_interop import export_hf, from_hf_config, import_hf, read_hf_config  # noqa: E402
+from models.hf_interop import (ShardWriter, _zero_shared_keys, expected_shapes, export_hf, from_hf_config,  # noqa: E402
+                               hf_items, import_hf, read_hf_config, write_hf_config)
 
 _PREFIXES = ("", "model.", "model/")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -79,6 +82,44 @@ def load_training_weights(ckpt: Path, cfg: ModelConfig) -> Transformer:
     return model
 
 
+def stream_dcp_export(ckpt: Path, cfg: ModelConfig, out: Path, dtype: torch.dtype | None, max_shard_bytes: int) -> None:
+    """A DCP checkpoint (any layout: DCP stores global tensors) -> HF shards, one tensor at a time: memory holds
+    one tensor and one shard, not the model."""
+    import torch.distributed.checkpoint as dcp
+
+    from launch.checkpoint import read_metadata  # clear errors for unfinished/damaged checkpoints
+
+    meta = read_metadata(ckpt).state_dict_metadata
+    shapes = expected_shapes(cfg)
+    prefix = _pick_prefix(set(meta), list(shapes), ckpt)
+    for k, shape in shapes.items():
+        saved = tuple(getattr(meta[prefix + k], "size", ()))
+        if saved != tuple(shape):
+            raise ValueError(f"{ckpt}: {prefix + k} has shape {list(saved)}, config expects {list(shape)}")
+    saved_dtype = getattr(getattr(meta[prefix + "embed_tokens.weight"], "properties", None), "dtype", torch.float32)
+    write_hf_config(cfg, out, dtype or saved_dtype)
+    with ShardWriter(out, max_shard_bytes) as writer:
+        for k, shape in shapes.items():
+            stored = meta[prefix + k].properties.dtype
+            writer.reserve(math.prod(shape) * (dtype or stored).itemsize)
+            holder = {prefix + k: torch.empty(shape, dtype=stored)}
+            dcp.load(holder, checkpoint_id=str(ckpt), no_dist=True)
+            for name, t in hf_items(k, holder[prefix + k], shape, dtype):
+                writer.add(name, t)
+            del holder
+        for name, shape in _zero_shared_keys(cfg).items():
+            writer.add(name, torch.zeros(shape, dtype=dtype or saved_dtype))
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '200MB', '512KB' or a number of bytes (powers of 10, as save_pretrained's max_shard_size)."""
+    units = {"GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
+    for unit, scale in units.items():
+        if text.upper().endswith(unit):
+            return int(float(text[: -len(unit)]) * scale)
+    return int(text)
+
+
 def job_for(model_cfg: ModelConfig) -> JobConfig:
     """A loadable job config: this model, every other section at its defaults (seq_len capped to the model)."""
     return JobConfig(model=model_cfg, data=DataConfig(seq_len=min(DataConfig.seq_len, model_cfg.max_seq_len)))
@@ -90,6 +131,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--out", help="HF directory to write, or with --import the .pt file")
     p.add_argument("--config", help="run config.yaml (default: next to the checkpoint)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="weight dtype in the HF files (default: as saved)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default: %(default)s)")
     p.add_argument("--import", dest="do_import", action="store_true", help="HF directory -> .pt")
     p.add_argument("--print-config", action="store_true",
                    help="with --import: print the model section the HF config.json maps to and exit (no weights read)")
@@ -110,9 +152,12 @@ def main(argv: list[str] | None = None) -> Path:
         print(f"wrote {out} and {cfg_path}")
         return out
     cfg = load_config(args.config or find_config(src)).model
-    model = load_training_weights(src, cfg)
-    export_hf(model, out, dtype=_DTYPES.get(args.dtype))
-    print(f"wrote {out}/config.json and {out}/model.safetensors")
+    if src.is_dir():  # DCP: streamed
+        stream_dcp_export(src, cfg, out, _DTYPES.get(args.dtype), parse_size(args.max_shard_size))
+    else:
+        export_hf(load_training_weights(src, cfg), out, dtype=_DTYPES.get(args.dtype),
+                  max_shard_bytes=parse_size(args.max_shard_size))
+    print(f"wrote {out}: config.json and {len(list(out.glob('*.safetensors')))} safetensors file(s)")
     return out
 
 

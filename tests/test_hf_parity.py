@@ -357,3 +357,51 @@ def test_a_kimi_k2_style_directory_imports_with_the_same_logits(tmp_path, capsys
     (tmp_path / "k2" / "config.json").write_text(json.dumps({**config, "scoring_func": "softmax"}))
     with pytest.raises(ValueError, match=r"config.json: scoring_func 'softmax' is not supported"):
         import_hf(tmp_path / "k2")
+
+
+_CONVERT = """
+import re, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from export_hf import main
+def rss(key):
+    return int(re.search(key + r":\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+main([sys.argv[2], "--out", sys.argv[3], "--max-shard-size", "8MB"])  # warm up: imports, first-use allocations
+base = rss("VmRSS")
+Path("/proc/self/clear_refs").write_text("5")
+main([sys.argv[2], "--out", sys.argv[4], "--max-shard-size", sys.argv[5]])
+print(rss("VmHWM") - base)
+"""
+
+
+def test_a_checkpoint_converts_to_shards_one_tensor_at_a_time(tmp_path):
+    """A ~98 MB model in 16 MB shards: the shards and index load in transformers with our logits, and the
+    conversion's peak RSS growth stays under two shards' worth (loading the model whole would take 3x that)."""
+    import os
+    import subprocess
+    from configs import JobConfig, dump_config
+    from launch.checkpoint import save_checkpoint
+
+    cfg = ModelConfig(**{**BASE, **CONFIGS["q_proj-g4k2-top3-shared1"], "dim": 256, "moe_inter_dim": 512,
+                         "n_routed_experts": 16, "n_expert_groups": 4, "n_layers": 4, "vocab_size": 8192})
+    model = random_model(cfg)
+    model_bytes = sum(p.numel() * 4 for p in model.parameters())
+    text = dump_config(JobConfig(model=cfg, data=__import__("configs").DataConfig(seq_len=cfg.max_seq_len)))
+    ckpt = save_checkpoint(tmp_path / "run" / "checkpoints", 1, model.state_dict(), meta={}, extra={},
+                           config_text=text)
+    shard = 16 * 10**6  # 6x smaller than the model, 2x the largest tensor (as 5 GB shards are for real models)
+    proc = subprocess.run([sys.executable, "-c", _CONVERT, str(Path(__file__).resolve().parent.parent / "scripts"),
+                           str(ckpt), str(tmp_path / "warm"), str(tmp_path / "hf"), str(shard)],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peak = int(proc.stdout.strip().splitlines()[-1])
+    files = sorted((tmp_path / "hf").glob("model-*-of-*.safetensors"))
+    assert len(files) >= model_bytes // shard and (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    largest = max(p.numel() * 4 for p in model.parameters() if p.ndim == 2)  # the embedding: a shard of its own
+    assert all(f.stat().st_size <= max(shard, largest) + 10**5 for f in files)
+    assert peak < 2 * shard, (peak, model_bytes)
+    hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.randint(0, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, model(tokens), rtol=1e-5, atol=1e-5)

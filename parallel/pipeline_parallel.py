@@ -154,6 +154,7 @@ class StagePlan:
     ranges: list[list[int]]  # layers of every stage
     stages: list[int]  # this rank's stage indices
     n_stages: int
+    owners: list[int]  # pipeline rank of every stage
 
     @property
     def has_first(self) -> bool:
@@ -172,18 +173,45 @@ def plan_stages(cfg, pp_rank: int, pp: int, virtual: int = 1, schedule: str = "1
                 layers_per_stage: list[int] | None = None) -> StagePlan:
     n_stages = pp * virtual
     return StagePlan(split_layers(cfg, n_stages, layers_per_stage), stage_ids(pp_rank, pp, virtual, schedule),
-                     n_stages)
+                     n_stages, stage_owners(pp, virtual, schedule))
+
+
+def stage_owners(pp: int, virtual: int, schedule: str) -> list[int]:
+    """The pipeline rank holding each stage (the inverse of ``stage_ids``)."""
+    owners = [0] * (pp * virtual)
+    for r in range(pp):
+        for s in stage_ids(r, pp, virtual, schedule):
+            owners[s] = r
+    return owners
 
 
 @dataclass
 class Pipeline:
     schedule: Any  # a torch.distributed.pipelining schedule: step(inputs, target=..., losses=[...])
-    modules: list[nn.Module]  # this rank's stage views, in stage order
-    stages: list[int]  # their stage indices
-    n_stages: int
-    holder: nn.Module | None = None  # the pruned model the views share
-    owners: list[int] | None = None  # pipeline rank of every stage
-    group: Any = None  # the pipeline group
+    modules: list[nn.Module]  # this rank's stage views, in stage order (plan.stages)
+    plan: StagePlan
+    holder: nn.Module  # the pruned model the views share
+    group: Any  # the pipeline group
+
+    @property
+    def stages(self) -> list[int]:
+        return self.plan.stages
+
+    @property
+    def n_stages(self) -> int:
+        return self.plan.n_stages
+
+    @property
+    def owners(self) -> list[int]:
+        return self.plan.owners
+
+    @property
+    def has_first(self) -> bool:
+        return self.plan.has_first
+
+    @property
+    def has_last(self) -> bool:
+        return self.plan.has_last
 
     @torch.no_grad()
     def forward_losses(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -210,14 +238,6 @@ class Pipeline:
                     dist.send(h.float().contiguous(), dst=dist.get_global_rank(self.group, self.owners[s + 1]),
                               group=self.group)
         return total if total is not None else torch.zeros((), device=micro_batches[0][0].device)
-
-    @property
-    def has_first(self) -> bool:
-        return 0 in self.stages
-
-    @property
-    def has_last(self) -> bool:
-        return self.n_stages - 1 in self.stages
 
 
 def build_pipeline(model: nn.Module, pp_rank: int, pp: int, pp_group: Any, device: torch.device,
@@ -269,11 +289,8 @@ def pipeline_schedule(holder: nn.Module, plan: StagePlan, pp_group: Any, device:
         cls = {"interleaved_1f1b": pps.ScheduleInterleaved1F1B, "zbv": pps.ScheduleZBVZeroBubble,
                "dualpipev": pps.ScheduleDualPipeV}[schedule]
         sched = cls(stages, n_microbatches, loss_fn=loss_fn)
-    pp = dist.get_world_size(pp_group)
-    owners = [next(r for r in range(pp) if s in stage_ids(r, pp, plan.n_stages // pp, schedule))
-              for s in range(plan.n_stages)]
-    return Pipeline(sched, modules, list(plan.stages), plan.n_stages, holder, owners, pp_group)
+    return Pipeline(sched, modules, plan, holder, pp_group)
 
 
 __all__ = ["SCHEDULES", "Pipeline", "StagePlan", "balanced_split", "build_pipeline", "pipeline_schedule",
-           "plan_stages", "prune_to_stage", "split_layers", "stage_ids", "stage_view", "unit_costs"]
+           "plan_stages", "prune_to_stage", "split_layers", "stage_ids", "stage_owners", "stage_view", "unit_costs"]

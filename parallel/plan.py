@@ -13,8 +13,8 @@ and the ZeRO-1 plan ``DistributedMuonClip`` would make (the same ``assign_owners
   gloo (CPU) once more the full buffer, which gloo copies);
 - activations saved per micro batch (an analytic count of the tensors autograd keeps per layer: norms,
   projections, attention probabilities, SwiGLU and routed-expert intermediates, logits), with and without
-  activation checkpointing, times the micro batches in flight (1 without PP; ``pp - p`` for 1F1B, ``v (pp - p)``
-  interleaved, ``2 pp`` for a V);
+  activation checkpointing, times the micro batches in flight (``_in_flight``: 1 without PP; ``pp - p`` for
+  1F1B, times 1 + (pp-1)/(pp v) interleaved, ``pp`` for a V);
 - the optimizer step's transients: ``DistributedMuonClip`` holds every owned momentum update, then batches all
   matrices of one shape (the stack plus two Newton–Schulz iterates); ``MuonClip`` (one process) one matrix at a
   time;
@@ -200,7 +200,7 @@ def _comm(cfg, slots, buckets, me: dict[str, int], tp_rank: int, plan, pp_rank: 
         rows = tokens * m.n_activated_experts
         add("ep_all_to_all", moe * 4 * micro * rows * m.dim * F32 * (p.ep - 1) // p.ep)
     if plan is not None:
-        owner = {s: r for r in range(pp) for s in _stages_of(cfg, r)}
+        owner = plan.owners
         sends = sum(1 for s in plan.stages if s + 1 < plan.n_stages and owner[s + 1] != pp_rank)
         sends += sum(1 for s in plan.stages if s > 0 and owner[s - 1] != pp_rank)  # gradients back
         add("pp_send", sends * micro * tokens * m.dim * F32)
@@ -212,12 +212,6 @@ def _backend(cfg) -> str:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return "nccl" if device == "cuda" else "gloo"
-
-
-def _stages_of(cfg, pp_rank: int) -> list[int]:
-    from parallel.pipeline_parallel import stage_ids
-    p = cfg.parallel
-    return stage_ids(pp_rank, p.pp, p.pp_virtual_stages, p.schedule)
 
 
 def plan_layout(cfg, world: int) -> list[RankPlan]:

@@ -21,6 +21,7 @@ from launch import checkpoint as ckpt
 from launch.metrics import MetricsLogger
 from launch.trainer import Trainer, init_runtime
 from launch.watchdog import Watchdog
+from tests.test_checkpoint import checkpoint_tensors
 from tests.test_train import DATA_DIR, DEBUG, ROOT, debug_cfg
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -325,10 +326,7 @@ def test_async_checkpoints_equal_synchronous_ones_and_report_blocked_time(tmp_pa
         a = ckpt.step_dir(tmp_path / "sync" / "checkpoints", step)
         b = ckpt.step_dir(tmp_path / "async" / "checkpoints", step)
         assert (b / "checksums.json").is_file()
-        ta = {k: v for k, v in torch.load(_flat(a, tmp_path / "a.pt"), weights_only=False).items()
-              if isinstance(v, torch.Tensor)}
-        tb = {k: v for k, v in torch.load(_flat(b, tmp_path / "b.pt"), weights_only=False).items()
-              if isinstance(v, torch.Tensor)}
+        ta, tb = checkpoint_tensors(a, tmp_path / "a.pt"), checkpoint_tensors(b, tmp_path / "b.pt")
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     recs = records(tmp_path / "async")
     assert [r["step"] for r in recs if "ckpt/blocked_s" in r] == [4, 8]
@@ -336,15 +334,6 @@ def test_async_checkpoints_equal_synchronous_ones_and_report_blocked_time(tmp_pa
     _, resumed = train(tmp_path / "async", "--train.steps=12", "--train.ckpt_interval=4", "--train.eval_interval=0",
                        "--train.ckpt_async=true")
     assert sorted(resumed.losses) == [9, 10, 11, 12]
-
-
-def _flat(path: Path, out: Path) -> Path:
-    import warnings
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp_to_torch_save(path, out)
-    return out
 
 
 _SLOW_COMMIT = """
@@ -484,9 +473,7 @@ def test_async_saves_at_dp2_with_zero1_equal_synchronous_ones(tmp_path):
     assert r[0]["async"] == r[0]["sync"] == r[1]["sync"] and sorted(r[0]["async"]) == list(range(1, 7))
     assert sorted(r[0]["resumed"]) == [7, 8, 9]
     for step in (3, 6):
-        a = _flat(ckpt.step_dir(tmp_path / "sync" / "checkpoints", step), tmp_path / "a.pt")
-        b = _flat(ckpt.step_dir(tmp_path / "async" / "checkpoints", step), tmp_path / "b.pt")
-        ta, tb = (torch.load(p, weights_only=False) for p in (a, b))
-        tensors = [k for k, v in ta.items() if isinstance(v, torch.Tensor)]
-        assert any(k.startswith("optim/") for k in tensors)
-        assert all(torch.equal(ta[k], tb[k]) for k in tensors)
+        ta = checkpoint_tensors(ckpt.step_dir(tmp_path / "sync" / "checkpoints", step), tmp_path / "a.pt")
+        tb = checkpoint_tensors(ckpt.step_dir(tmp_path / "async" / "checkpoints", step), tmp_path / "b.pt")
+        assert any(k.startswith("optim/") for k in ta)
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)

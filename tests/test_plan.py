@@ -12,6 +12,7 @@ import torch
 
 from parallel.plan import format_plan, main, plan_layout
 from tests.dist_utils import run_distributed
+from tests.test_sharded_init import vm_bytes
 from tests.test_train import debug_cfg
 
 # parameters (routed experts) dominate; 2 steps, 2 micro batches each
@@ -20,23 +21,19 @@ BIG = ["--model.dim=256", "--model.n_layers=3", "--model.n_routed_experts=32", "
 OPTIMIZER_COMM = ("reduce_scatter", "all_gather", "all_reduce", "all_to_all")  # what CountingComm counts
 
 
-def _bytes(key: str) -> int:
-    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
-
-
 def _measure(rank: int, world: int, out: str, overrides: list[str]) -> None:
     from launch.trainer import Trainer, init_runtime
 
     torch.set_num_threads(1)
     cfg = debug_cfg(out, *BIG, *overrides)
     rt = init_runtime(cfg)
-    base = _bytes("VmRSS")
+    base = vm_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
     trainer = Trainer(cfg, rt)
     trainer.train_step()
     sent = dict(getattr(trainer.optimizer, "comm_bytes", {}))
     trainer.train_step()
-    Path(out, f"rank{rank}.json").write_text(json.dumps({"peak": _bytes("VmHWM") - base, "sent": sent}))
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"peak": vm_bytes("VmHWM") - base, "sent": sent}))
 
 
 @pytest.mark.parametrize("world,layout", [

@@ -42,8 +42,9 @@ def test_init_depends_only_on_seed_and_name():
     assert torch.equal(rows, w[:, w.shape[1] // 2:])
 
 
-def _vm_mb(key: str) -> float:
-    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+def vm_bytes(key: str) -> int:
+    """A /proc/self/status memory figure (VmRSS, VmHWM: peak since clear_refs 5) in bytes."""
+    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
 
 
 def _build_worker(rank, world_size, tmp, overrides, measure):
@@ -52,10 +53,10 @@ def _build_worker(rank, world_size, tmp, overrides, measure):
 
     cfg = _cfg(tmp, *overrides)
     rt = init_runtime(cfg)
-    base = _vm_mb("VmRSS")
+    base = vm_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
     model, placements = build_model(cfg, rt)
-    peak = _vm_mb("VmHWM") - base
+    peak = (vm_bytes("VmHWM") - base) / 2**20
     local = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     info = {"ep_rank": rt.groups.ep_rank, "tp_rank": rt.groups.tp_rank, "peak_mb": peak, "local_mb": local,
             "kinds": {n: (pl.kind, pl.shard_dim) for n, pl in placements.items()}}

@@ -5,7 +5,9 @@ Both models get the SAME weights (ours exported with ``models.hf_interop.export_
 training steps (forward, cross-entropy, backward, optimizer step) on the same random token batches.
 
 Rows: ours+MuonClip (QK-Clip on: the model records per-head max logits), ours+MuonClip without QK-Clip,
-ours+AdamW (isolates the optimizer cost), HF+AdamW with its default experts implementation and with "eager".
+ours+MuonClip with bfloat16 Newton-Schulz, ours+AdamW (isolates the optimizer cost), HF+AdamW with its default
+experts implementation and with "eager". Each step is also timed by phase (forward incl. the loss, backward,
+optimizer step incl. QK-Clip and zero_grad), with a device sync between phases.
 
     python benchmarks/throughput_vs_hf.py                       # CPU, tiny config, ~2 min on 2 cores
     python benchmarks/throughput_vs_hf.py --device cuda --batch 32 --seq 1024 --dim 1024
@@ -65,17 +67,25 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(steps, batches, warmup: int, device: str) -> list[list[float]]:
-    """Per-setup step times; setups take turns step by step so load changes on a shared machine hit all alike."""
-    times: list[list[float]] = [[] for _ in steps]
+PHASES = ("forward", "backward", "optimizer")
+
+
+def time_interleaved(steps, batches, warmup: int, device: str) -> list[list[list[float]]]:
+    """Per setup, per step, the seconds of each phase; setups take turns step by step so load changes on a
+    shared machine hit all alike. A step function yields at each phase boundary."""
+    times: list[list[list[float]]] = [[] for _ in steps]
     for i, (x, y) in enumerate(batches):
         for j, step_fn in enumerate(steps):
+            phases = []
             sync(device)
             t0 = time.perf_counter()
-            step_fn(x, y)
-            sync(device)
+            for _ in step_fn(x, y):
+                sync(device)
+                t1 = time.perf_counter()
+                phases.append(t1 - t0)
+                t0 = t1
             if i >= warmup:
-                times[j].append(time.perf_counter() - t0)
+                times[j].append(phases)
     return times
 
 
@@ -83,11 +93,14 @@ def ours_step(model, opt, qkclip):
     def step(x, y):
         model.reset_step_stats()
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        yield
         loss.backward()
+        yield
         opt.step()
         if qkclip is not None:
             qkclip()
         opt.zero_grad(set_to_none=True)
+        yield
     return step
 
 
@@ -95,20 +108,23 @@ def hf_step(model, opt):
     def step(x, y):
         logits = model(input_ids=x).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        yield
         loss.backward()
+        yield
         opt.step()
         opt.zero_grad(set_to_none=True)
+        yield
     return step
 
 
 def build_rows(a, cfg, hf_dir):
     from transformers import DeepseekV3ForCausalLM
 
-    def ours(muon: bool, clip: bool):
+    def ours(muon: bool, clip: bool, ns_dtype=torch.float32):
         torch.manual_seed(0)
         model = Transformer(cfg).to(a.device).train()
         if muon:
-            opt = muonclip.MuonClip(muonclip.build_param_groups(model.named_parameters()), lr=a.lr)
+            opt = muonclip.MuonClip(muonclip.build_param_groups(model.named_parameters()), lr=a.lr, ns_dtype=ns_dtype)
         else:
             opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.1)
         qk = muonclip.QKClip(model.qk_clip_specs(), tau=100.0) if clip else None
@@ -126,6 +142,7 @@ def build_rows(a, cfg, hf_dir):
 
     rows = [lambda: (ours(True, True), "ours + MuonClip (QK-Clip on)"),
             lambda: (ours(True, False), "ours + MuonClip (no QK-Clip, no max-logit probe)"),
+            lambda: (ours(True, True, torch.bfloat16), "ours + MuonClip (QK-Clip on, bf16 Newton-Schulz)"),
             lambda: (ours(False, False), "ours + torch AdamW (no probe)")]
     for impl in (None, "eager"):
         def make(impl=impl):
@@ -166,9 +183,11 @@ def main(argv=None):
         all_times = time_interleaved([step for step, _ in built], batches, a.warmup, a.device)
     results = []
     for (_, label), times in zip(built, all_times):
-        med = statistics.median(times)
-        results.append((label, med, tokens_per_step / med))
-        print(f"{label}: {med * 1e3:.0f} ms/step, {tokens_per_step / med:,.0f} tokens/s", flush=True)
+        med = statistics.median(sum(phases) for phases in times)
+        by_phase = [statistics.median(phases[k] for phases in times) for k in range(len(PHASES))]
+        results.append((label, med, tokens_per_step / med, by_phase))
+        print(f"{label}: {med * 1e3:.0f} ms/step ({', '.join(f'{n} {t * 1e3:.0f}' for n, t in zip(PHASES, by_phase))}"
+              f"), {tokens_per_step / med:,.0f} tokens/s", flush=True)
     n_params = sum(p.numel() for p in Transformer(cfg).parameters())
     base = results[-2][2]
     lines = [
@@ -181,9 +200,12 @@ def main(argv=None):
         f"tokens/step; median of {a.steps} steps after {a.warmup} warmup, setups interleaved step by step; float32",
         f"Logit parity (same weights): max |diff| = {diff:.1e}",
         "",
-        "| setup | ms/step | tokens/s | vs HF default |",
-        "|---|---:|---:|---:|",
-    ] + [f"| {lbl} | {m * 1e3:.0f} | {tps:,.0f} | {tps / base:.2f}x |" for lbl, m, tps in results]
+        "Phases are medians on their own (they need not add up to the step's median).",
+        "",
+        "| setup | ms/step | forward ms | backward ms | optimizer ms | tokens/s | vs HF default |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ] + [f"| {lbl} | {m * 1e3:.0f} | " + " | ".join(f"{t * 1e3:.0f}" for t in ph) + f" | {tps:,.0f} | {tps / base:.2f}x |"
+         for lbl, m, tps, ph in results]
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from models import ModelConfig
+from muonclip.newton_schulz import NS_PATHS, NS_SCHEDULES
+
+NS_DTYPE_NAMES = ("auto", "float32", "bfloat16", "float64")
 
 
 def _need(section: str, cond: bool, msg: str) -> None:
@@ -31,6 +34,13 @@ class OptimConfig:
     momentum: float = 0.95  # Muon momentum
     nesterov: bool = True
     ns_steps: int = 5  # Newton–Schulz iterations
+    # Newton–Schulz compute dtype: "auto" = bfloat16 on CUDA, float32 on CPU; or "float32", "bfloat16", "float64"
+    ns_dtype: str = "auto"
+    ns_coefficients: str = "quintic"  # "quintic" (Keller Jordan's, every step) or "polar_express" (per step)
+    # "standard" (as torch.optim.Muon), "gram" (iterate on the small Gram matrix; float32/64 only) or "auto" (per
+    # shape the one with fewer FLOPs: gram when C > 1.5 A). Gram amplifies rounding (see muonclip/newton_schulz.py),
+    # so layouts then agree with one process less tightly; hence standard by default.
+    ns_path: str = "standard"
     weight_decay: float = 0.1  # decoupled, for Muon and AdamW(decay) groups
     adamw_betas: tuple[float, float] = (0.9, 0.95)
     adamw_eps: float = 1e-8
@@ -48,6 +58,12 @@ class OptimConfig:
         _need(s, self.lr > 0, f"lr must be > 0, got {self.lr}")
         _need(s, 0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         _need(s, self.ns_steps >= 1, f"ns_steps must be >= 1, got {self.ns_steps}")
+        _one_of(s, "ns_dtype", self.ns_dtype, NS_DTYPE_NAMES)
+        _one_of(s, "ns_coefficients", self.ns_coefficients, tuple(NS_SCHEDULES))
+        _one_of(s, "ns_path", self.ns_path, NS_PATHS)
+        _need(s, not (self.ns_path == "gram" and self.ns_dtype == "bfloat16"),
+              "ns_path gram diverges in bfloat16 (see muonclip/newton_schulz.py): use ns_dtype float32 or "
+              "ns_path standard/auto")
         _need(s, self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _need(s, len(self.adamw_betas) == 2 and all(0 <= b < 1 for b in self.adamw_betas),
               f"adamw_betas must be two numbers in [0, 1), got {list(self.adamw_betas)}")

@@ -39,13 +39,15 @@ def build_model(cfg: JobConfig, rt: Runtime) -> tuple[Transformer, dict[str, Any
     return model, placements
 
 
-def load_released_weights(cfg: JobConfig, rt: Runtime, model: Transformer, placements: dict[str, Any]) -> None:
-    """``train.init_from``: this rank's parameters from an HF directory (checked against the run's model)."""
+def load_released_weights(cfg: JobConfig, rt: Runtime, model: Transformer, placements: dict[str, Any]) -> int:
+    """``train.init_from``: this rank's parameters from an HF directory (checked against the run's model).
+    Returns the number of multi-token-prediction layers the directory has (not read: our model has none)."""
     from models.hf_interop import HFTensors, from_hf_config, read_hf_config
 
     path = cfg.train.init_from
-    released = from_hf_config(read_hf_config(path))
-    free = {"bias_update_speed", "init_std", "max_seq_len",  # not part of the function the weights compute
+    hf_cfg = read_hf_config(path)
+    released = from_hf_config(hf_cfg)
+    free = {"bias_update_speed", "seq_aux_loss_alpha", "init_std", "max_seq_len",  # training-only fields
             *(("n_kv_heads", "head_dim") if released.attn_type == "mla" else ())}  # MHA-only fields
     diff = [f"model.{f}: run {getattr(cfg.model, f)!r} vs {getattr(released, f)!r}"
             for f in vars(released) if f not in free and getattr(cfg.model, f) != getattr(released, f)]
@@ -56,6 +58,7 @@ def load_released_weights(cfg: JobConfig, rt: Runtime, model: Transformer, place
     with torch.device("meta"):
         shapes = {name: tuple(p.shape) for name, p in Transformer(cfg.model).named_parameters()}
     load_hf_sharded(model, shapes, placements, rt.groups.ep_rank, HFTensors(path))
+    return getattr(hf_cfg, "num_nextn_predict_layers", 0) or 0
 
 
 def token_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
@@ -88,13 +91,21 @@ def use_zero1(cfg: JobConfig, rt: Runtime) -> bool:
         return False
 
 
+def ns_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``optim.ns_dtype``: "auto" is bfloat16 on CUDA (tensor cores) and float32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
 def build_optimizer(cfg: JobConfig, model: Transformer, placements: dict, rt: Runtime, zero1: bool):
     o = cfg.optim
     adamw_lr = {"lr": o.lr * o.adamw_lr_scale}
     groups = muonclip.build_param_groups(model.named_parameters(), weight_decay=o.weight_decay,
                                          group_options={"adamw": adamw_lr, "adamw_no_decay": adamw_lr})
     kwargs = dict(lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, ns_steps=o.ns_steps,
-                  weight_decay=o.weight_decay, adamw_betas=o.adamw_betas, adamw_eps=o.adamw_eps)
+                  weight_decay=o.weight_decay, adamw_betas=o.adamw_betas, adamw_eps=o.adamw_eps,
+                  ns_dtype=ns_dtype(o.ns_dtype, rt.device), ns_coefficients=o.ns_coefficients, ns_path=o.ns_path)
     if zero1:
         from muonclip.distributed import DistributedMuonClip
         opt = DistributedMuonClip(groups, placements, rt.groups, norm_group=rt.groups.stage_group,

@@ -139,7 +139,9 @@ class IntervalStats:
     Max logits are the running max over the interval, router loads are summed, ``qk_clip/clipped_heads`` is
     the number of (step, head) clips in the interval. With ``post_clip`` (the ``QKClip`` that ran
     ``apply_post_step``) the clip count is its own and ``qk_clip/post_step_max_logit`` is the interval's max of
-    the logits re-measured after the update, before that clip."""
+    the logits re-measured after the update, before that clip. ``router/seq_aux_loss`` (when the model computes
+    DeepSeek-V3's sequence-wise balance loss) is its per-step value summed over layers, averaged over the
+    interval (a second host transfer)."""
 
     def __init__(self) -> None:
         self.reset()
@@ -147,6 +149,7 @@ class IntervalStats:
     @torch.no_grad()
     def update(self, model: nn.Module, qkclip: Any | None = None,
                expert_loads: list[torch.Tensor] | None = None, post_clip: Any | None = None) -> None:
+        self._steps += 1
         attn = _attention_max_logits(model, qkclip)
         loads = _router_loads(model, expert_loads)
         source = post_clip if post_clip is not None else qkclip
@@ -166,15 +169,19 @@ class IntervalStats:
         if post is not None:
             post = post.detach().float().max()
             self._post_max = post.clone() if self._post_max is None else torch.maximum(self._post_max, post)
+        aux = _seq_aux_loss(model)
+        if aux is not None:
+            self._aux = aux if self._aux is None else self._aux + aux
 
     def flush(self, group: Any = None) -> dict[str, float]:
         """The interval's statistics (``step_stats`` keys); then starts a new interval. With ``group`` (the
         pipeline group: each rank holds other layers) every rank's layers are gathered, so each returns the
         statistics of the whole model (collective over ``group``)."""
-        attn, loads, clipped, post = self._attn, self._loads, self._clipped, self._post_max
+        attn, loads, clipped, post, aux = self._attn, self._loads, self._clipped, self._post_max, self._aux
+        steps = self._steps
         if group is not None and dist.get_world_size(group) > 1:
             mine = (_cpu(attn or []), _cpu(loads or []), None if clipped is None else clipped.cpu(),
-                    None if post is None else post.cpu())
+                    None if post is None else post.cpu(), None if aux is None else aux.cpu())
             parts: list = [None] * dist.get_world_size(group)
             dist.all_gather_object(parts, mine, group=group)
             attn = sorted((x for part in parts for x in part[0]), key=lambda x: x[0]) or None
@@ -183,10 +190,15 @@ class IntervalStats:
             clipped = sum(counts[1:], counts[0]) if counts else None
             posts = [part[3] for part in parts if part[3] is not None]
             post = torch.stack(posts).max() if posts else None
+            auxes = [part[4] for part in parts if part[4] is not None]  # each stage's layers: summed
+            aux = sum(auxes[1:], auxes[0]) if auxes else None
         self.reset()
         if attn is None:
             return {}
-        return _format_stats(attn, loads, clipped, post)
+        out = _format_stats(attn, loads, clipped, post)
+        if aux is not None:
+            out["router/seq_aux_loss"] = float(aux) / max(steps, 1)
+        return out
 
     def reset(self) -> None:
         """Drop what was accumulated (e.g. the steps undone by a rollback), without a host sync."""
@@ -194,6 +206,18 @@ class IntervalStats:
         self._loads: list[tuple[int, torch.Tensor]] | None = None
         self._clipped: torch.Tensor | None = None
         self._post_max: torch.Tensor | None = None
+        self._aux: torch.Tensor | None = None
+        self._steps = 0
+
+
+def _seq_aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """The step's sequence-wise balance loss summed over this model's routers (each the mean over its forwards),
+    or None when no router computed one."""
+    stats = [m.seq_aux_loss_stat for m in model.modules() if getattr(m, "seq_aux_loss_alpha", 0) > 0]
+    if not stats:
+        return None
+    stat_L2 = torch.stack(stats).detach().float()
+    return torch.where(stat_L2[:, 1] > 0, stat_L2[:, 0] / stat_L2[:, 1].clamp_min(1), 0.0).sum()
 
 
 def _cpu(pairs: list[tuple[int, torch.Tensor]]) -> list[tuple[int, torch.Tensor]]:

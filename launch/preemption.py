@@ -3,9 +3,11 @@ SIGINT (Ctrl-C) ask for a checkpoint at the end of the current step and a clean 
 submission resumes with nothing lost.
 
 The first signal only sets a flag (and restores the default action, so a second signal ends the process at
-once, mid-step, without saving). The trainer asks ``stop_requested()`` once per step: one MAX all-reduce over
-all ranks, so every rank stops after the same step even when the signal reached only some of them, or reached
-them at different moments.
+once, mid-step, without saving). Every rank must stop after the same step, even when the signal reached only
+some of them, or reached them at different moments: the flags are MAX-all-reduced. ``stop_requested_async()``,
+called once per step, starts that all-reduce on a CPU (gloo) group of its own and returns the result of the one
+started the step before: no device synchronisation and no waiting, at the price of stopping one step later.
+``stop_requested()`` is the blocking form (used once after the last step).
 
 torchrun starts its workers in their own sessions: Ctrl-C in the terminal reaches torchrun, which forwards the
 signal once and waits ``--shutdown-timeout`` seconds (default 30) before SIGKILL; the save must fit in it.
@@ -26,6 +28,8 @@ class PreemptionHandler:
     def __init__(self) -> None:
         self.received: int | None = None  # the first signal's number
         self._previous: dict[int, Any] = {}
+        self._group: Any = None  # gloo group for the flags (created on first use: a collective on every rank)
+        self._in_flight: tuple[Any, torch.Tensor] | None = None
 
     def install(self) -> "PreemptionHandler":
         if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
@@ -48,11 +52,39 @@ class PreemptionHandler:
     def signal_name(self) -> str:
         return signal.Signals(self.received).name if self.received is not None else ""
 
-    def stop_requested(self, device: torch.device) -> bool:
-        """Collective when distributed: True on every rank if any rank got a signal."""
-        local = self.received is not None
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return local
-        flag = torch.tensor([1.0 if local else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    def stop_requested(self, device: torch.device | None = None) -> bool:
+        """Collective when distributed: True on every rank if any rank got a signal (blocking)."""
+        if not _distributed():
+            return self.received is not None
+        if self._in_flight is not None:  # complete the asynchronous round first: collectives stay in order
+            stop = self._finish()
+            if stop:
+                return True
+        work, flag = self._start()
+        work.wait()
         return bool(flag.item())
+
+    def stop_requested_async(self) -> bool:
+        """Collective when distributed: whether any rank had a signal when the previous call started its
+        all-reduce (the same answer on every rank); starts the next one. One step late, never blocking."""
+        if not _distributed():
+            return self.received is not None
+        stop = self._finish() if self._in_flight is not None else False
+        self._in_flight = self._start()
+        return stop
+
+    def _start(self) -> tuple[Any, torch.Tensor]:
+        if self._group is None:
+            self._group = dist.new_group(backend="gloo")
+        flag = torch.tensor([1.0 if self.received is not None else 0.0])  # CPU: reading it is no device sync
+        return dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag
+
+    def _finish(self) -> bool:
+        work, flag = self._in_flight
+        self._in_flight = None
+        work.wait()
+        return bool(flag.item())
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

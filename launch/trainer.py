@@ -8,8 +8,13 @@ With ``optim.qk_clip_mode: post_step`` the QK-Clip hook only reduces the forward
 after the router bias update one no-grad forward on the step's micro batches re-measures and clips
 (``muonclip.QKClip.apply_post_step``), so each head ends the step <= tau on that batch.
 
-After each step the loop asks, with one all-reduce, whether any rank got SIGTERM/SIGINT (launch/preemption.py):
-if so every rank saves that step and ``fit`` returns (``RunResult.preempted``). The loop reports progress to the
+No host synchronisation per step: the loss and gradient norm stay tensors (``StepResult``) until a log, eval,
+checkpoint or stop step, where the pending losses are read in one transfer and judged by the spike detector in
+order (so a spike is acted on at most ``train.log_interval`` steps late; rollback still restores the checkpoint
+before it and skips its batches, and no checkpoint is written before its steps were judged).
+After each step the loop learns, from an all-reduce started one step earlier on a CPU group, whether any rank got
+SIGTERM/SIGINT (launch/preemption.py): if so every rank saves that step and ``fit`` returns
+(``RunResult.preempted``). The loop reports progress to the
 rank watchdog (launch/watchdog.py) per micro batch, optimizer step and eval batch; saves run as "busy" phases.
 With ``train.ckpt_async`` saves are ``checkpoint.AsyncSaver``'s, polled after each step.
 """
@@ -43,9 +48,20 @@ from models import Transformer
 
 @dataclass
 class StepResult:
-    loss: float
-    grad_norm: float
+    """One optimizer step, its loss (mean over the global batch) and gradient norm as tensors on the device:
+    reading ``loss``/``grad_norm`` is a host synchronisation, which the loop does at log intervals only."""
+
+    loss_t: torch.Tensor
+    grad_norm_t: torch.Tensor
     lr: float
+
+    @property
+    def loss(self) -> float:
+        return float(self.loss_t)
+
+    @property
+    def grad_norm(self) -> float:
+        return float(self.grad_norm_t)
 
 
 @dataclass
@@ -84,6 +100,8 @@ class Trainer:
         self.metrics.add_config("muon_coverage", coverage)
         self.model, self.placements = build_model(cfg, rt)  # with PP: this rank's stages' layers only
         self.pipeline = build_pipeline(cfg, rt, self.model) if cfg.parallel.pp > 1 else None
+        # the micro batch loss's weight in the step's gradient (pipeline schedules average over micro batches)
+        self.model.set_aux_loss_scale(1.0 if self.pipeline is not None else 1.0 / cfg.data.grad_accum)
         self.zero1 = use_zero1(cfg, rt)
         dp_group = rt.groups.dp_group if rt.groups.dp_size > 1 else None
         self.train_model = self.model
@@ -115,8 +133,10 @@ class Trainer:
         self.ckpt_root = ckpt.checkpoint_root(cfg.train.output_dir)
         self.last_ckpt_step: int | None = None
         if not self._resume() and cfg.train.init_from:
-            load_released_weights(cfg, rt, self.model, self.placements)
-            self.metrics.write(f"weights from {cfg.train.init_from} (train.init_from), fresh optimizer state")
+            n_mtp = load_released_weights(cfg, rt, self.model, self.placements)
+            self.metrics.write(f"weights from {cfg.train.init_from} (train.init_from), fresh optimizer state"
+                               + (f"; its {n_mtp} multi-token-prediction layer(s) skipped (not modelled here)"
+                                  if n_mtp else ""))
         self.metrics.write_config()
 
     def close(self) -> None:
@@ -165,7 +185,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss_avg = self.rt.mean_over_dp(loss_sum / accum)
         self.step += 1
-        return StepResult(loss=float(loss_avg), grad_norm=float(grad_norm), lr=cfg.optim.lr * lr_scale)
+        return StepResult(loss_avg.detach(), torch.as_tensor(grad_norm).detach(), lr=cfg.optim.lr * lr_scale)
 
     def _pipeline_step(self, batches: list, train: bool) -> torch.Tensor:
         """The micro batches through this rank's stages (``schedule.step``, or a forward for validation):
@@ -259,43 +279,64 @@ class Trainer:
             self.metrics.write(f"already at step {self.step} of {cfg.steps}: nothing to do")
         self.metrics.start_progress(self.step, cfg.steps)
         window: list[float] = []
+        pending: list[tuple[int, StepResult]] = []  # steps whose loss the host has not read yet
         t_last, tokens_per_step = time.perf_counter(), self.tokens_per_step()
         while self.step < cfg.steps:
             out = self.train_step()
-            event = self.detector.update(self.step - 1, out.loss)
-            if event is not None and self.on_spike(event):
-                window.clear()
-                self.interval_stats.reset()  # drop the statistics of the rolled-back steps
-                continue
             self.interval_stats.update(self.model, self.qkclip, self.router_hook.loads_list(), self.qkclip_post)
-            if not math.isfinite(out.loss):
-                text = (f"loss is {out.loss} at step {self.step}: lower optim.lr or qk_clip_tau, or enable "
-                        "monitor.rollback with checkpoints")
-                self.metrics.alert("non-finite loss", text + "; training stopped", "ERROR", self.step)
-                raise FloatingPointError(text)
-            result.losses[self.step] = out.loss
-            window.append(out.loss)
-            self.metrics.advance(out.loss)
+            pending.append((self.step, out))
             last = self.step == cfg.steps
-            if self.step % cfg.log_interval == 0 or last:
+            log_now = self.step % cfg.log_interval == 0 or last
+            eval_now = bool(cfg.eval_interval) and (self.step % cfg.eval_interval == 0 or last)
+            save_now = bool(cfg.ckpt_interval) and (self.step % cfg.ckpt_interval == 0 or last)
+            stop = self.preemption.stop_requested_async()
+            if log_now or eval_now or save_now or stop:  # every checkpoint is of steps the detector has judged
+                if self._judge(pending, result, window):
+                    window.clear()
+                    self.interval_stats.reset()  # drop the statistics of the rolled-back steps
+                    continue
+            if log_now:
                 now = time.perf_counter()
                 self._log(out, window, len(window) * tokens_per_step / (now - t_last))
                 window.clear()
                 t_last = now
-            if cfg.eval_interval and (self.step % cfg.eval_interval == 0 or last):
+            if eval_now:
                 result.val_losses[self.step] = val = self.evaluate()
                 self.metrics.log(self.step, {"val_loss": val})
                 t_last = time.perf_counter()
             self._async_save_done(block=False)
-            if self.preemption.stop_requested(self.rt.device):
+            if stop:
                 self._preempted(result)
                 break
-            if cfg.ckpt_interval and (self.step % cfg.ckpt_interval == 0 or last):
+            if save_now:
                 self.save()
                 t_last = time.perf_counter()
+        if not result.preempted and self.preemption.stop_requested(self.rt.device):
+            self._preempted(result)  # a signal during the last step: the run is done, but save it all the same
         self._async_save_done(block=True)
         result.final_step = self.step
         return result
+
+    def _judge(self, pending: list[tuple[int, StepResult]], result: RunResult, window: list[float]) -> bool:
+        """Read the pending steps' losses on the host (one transfer) and pass them to the spike detector in
+        order; True if one was a spike and the run rolled back (the later pending steps are discarded with it).
+        Detection therefore waits for the next log / eval / checkpoint / stop step: at most log_interval steps."""
+        values = torch.stack([out.loss_t.float() for _, out in pending]).tolist()
+        steps = [step for step, _ in pending]
+        pending.clear()
+        for step, loss in zip(steps, values):
+            event = self.detector.update(step - 1, loss)
+            if event is not None and self.on_spike(event):
+                return True
+            if not math.isfinite(loss):
+                text = (f"loss is {loss} at step {step}: lower optim.lr or qk_clip_tau, or enable "
+                        "monitor.rollback with checkpoints")
+                self.metrics.alert("non-finite loss", text + "; training stopped", "ERROR", self.step)
+                raise FloatingPointError(text)
+            result.losses[step] = loss
+            window.append(loss)
+            self.metrics.advance(loss)
+        return False
 
     def _preempted(self, result: RunResult) -> None:
         """A signal asked to stop (launch/preemption.py): checkpoint this step and return (exit code 0)."""

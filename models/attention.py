@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .init import InitRule, init_module_, normal, prefixed
+from .init import ZEROS, InitRule, init_module_, normal, prefixed
 from .layers import RMSNorm, Yarn, apply_rope, causal_max_logits, rope_cos_sin
 
 
@@ -101,16 +101,19 @@ class MLAttention(_AttentionBase, nn.Module):
         self.yarn = Yarn.from_config(cfg)
         self.scale = (self.dn + self.dr) ** -0.5 * (self.yarn.softmax_scale if self.yarn else 1.0)
         q_out = cfg.n_heads * (self.dn + self.dr)
+        # DeepseekV3's attention_bias (q_a, kv_a, o): QK-Clip stays exact, as q_a's and kv_a's outputs feed RMSNorms
+        # or the shared rotary key, which clipping never scales, and o_proj comes after the logits
+        bias = cfg.attention_bias
         if cfg.q_lora_rank > 0:
-            self.q_a_proj = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+            self.q_a_proj = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.latent_norm_eps)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, q_out, bias=False)
         else:
             self.q_proj = nn.Linear(cfg.dim, q_out, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(cfg.dim, cfg.kv_lora_rank + self.dr, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.dim, cfg.kv_lora_rank + self.dr, bias=bias)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.latent_norm_eps)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (self.dn + self.dv), bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * self.dv, cfg.dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * self.dv, cfg.dim, bias=bias)
         self._init_stats(cfg.n_heads)
 
     @property
@@ -151,6 +154,8 @@ class MLAttention(_AttentionBase, nn.Module):
             if hasattr(self, name):
                 rules.update(prefixed(name, getattr(self, name).init_rules()))
         rules["o_proj.weight"] = normal(out_std)
+        rules.update({f"{name}.bias": ZEROS for name in ("q_a_proj", "kv_a_proj_with_mqa", "o_proj")
+                      if hasattr(self, name) and getattr(self, name).bias is not None})
         return rules
 
 

@@ -19,6 +19,7 @@ class ModelConfig:
     qk_nope_head_dim: int = 32  # mla
     qk_rope_head_dim: int = 16  # mla (shared rotary key)
     v_head_dim: int = 32  # mla
+    attention_bias: bool = False  # mla: biases on q_a_proj, kv_a_proj_with_mqa and o_proj (DeepseekV3's attention_bias)
     rope_theta: float = 10000.0
     # YaRN RoPE scaling (models/layers.py Yarn), on when yarn_factor > 1; DeepSeek-V3: 40, 4096, 32, 1, 1, 1
     yarn_factor: float = 1.0
@@ -42,6 +43,7 @@ class ModelConfig:
     route_scale: float = 1.0
     norm_topk_prob: bool = True  # renormalise the top-k scores to sum 1 before route_scale (DeepSeek-V3: True)
     bias_update_speed: float = 1e-3  # aux-loss-free balancing step (gamma in DeepSeek-V3)
+    seq_aux_loss_alpha: float = 0.0  # sequence-wise balance loss weight (alpha in DeepSeek-V3, which uses 1e-4); 0 = off
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -56,6 +58,7 @@ class ModelConfig:
             need(self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0,
                  f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
             need(self.head_dim > 0 and self.head_dim % 2 == 0, f"head_dim must be even and > 0, got {self.head_dim}")
+            need(not self.attention_bias, "attention_bias is implemented for attn_type mla only (as in DeepseekV3)")
         else:
             need(self.q_lora_rank >= 0, "q_lora_rank must be >= 0 (0 disables q compression)")
             need(self.kv_lora_rank > 0, "kv_lora_rank must be > 0 for mla")
@@ -80,6 +83,7 @@ class ModelConfig:
                  "n_limited_groups * experts_per_group must be >= n_activated_experts")
             need(self.n_shared_experts >= 0, "n_shared_experts must be >= 0")
         need(self.bias_update_speed >= 0, "bias_update_speed must be >= 0")
+        need(self.seq_aux_loss_alpha >= 0, f"seq_aux_loss_alpha must be >= 0, got {self.seq_aux_loss_alpha}")
 
     @property
     def qk_head_dim(self) -> int:

@@ -59,7 +59,7 @@ def to_hf_config(cfg: ModelConfig, **overrides):
         n_routed_experts=cfg.n_routed_experts, n_shared_experts=cfg.n_shared_experts,
         num_experts_per_tok=cfg.n_activated_experts, n_group=cfg.n_expert_groups, topk_group=cfg.n_limited_groups,
         norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=float(cfg.route_scale), hidden_act="silu",
-        attention_bias=False, tie_word_embeddings=False, num_mtp_layers=0,
+        attention_bias=cfg.attention_bias, tie_word_embeddings=False, num_mtp_layers=0,
         bos_token_id=None, eos_token_id=None, pad_token_id=None, architectures=["DeepseekV3ForCausalLM"],
     )
     kwargs.update(overrides)
@@ -114,7 +114,6 @@ def from_hf_config(hf_cfg, **overrides) -> ModelConfig:
     yarn = _yarn_fields(rope, get("max_position_embeddings"), need)
     need(get("rope_interleave", True), "rope_interleave=False is not supported (our RoPE rotates interleaved pairs)")
     need(get("hidden_act", "silu") == "silu", f"hidden_act {get('hidden_act')!r} is not supported (SwiGLU only)")
-    need(not get("attention_bias", False), "attention_bias=True is not supported (our projections have no bias)")
     need(not get("tie_word_embeddings", False), "tie_word_embeddings=True is not supported")
     n_heads = get("num_attention_heads")
     need(get("num_key_value_heads") in (None, n_heads),
@@ -124,7 +123,8 @@ def from_hf_config(hf_cfg, **overrides) -> ModelConfig:
         vocab_size=get("vocab_size"), dim=get("hidden_size"), n_layers=get("num_hidden_layers"), attn_type="mla",
         n_heads=n_heads, n_kv_heads=n_heads, q_lora_rank=get("q_lora_rank") or 0, kv_lora_rank=get("kv_lora_rank"),
         qk_nope_head_dim=get("qk_nope_head_dim"), qk_rope_head_dim=get("qk_rope_head_dim"),
-        v_head_dim=get("v_head_dim"), rope_theta=float(rope.get("rope_theta", get("rope_theta", 10000.0))),
+        v_head_dim=get("v_head_dim"), attention_bias=bool(get("attention_bias", False)),
+        rope_theta=float(rope.get("rope_theta", get("rope_theta", 10000.0))),
         max_seq_len=get("max_position_embeddings"), norm_eps=eps, latent_norm_eps=HF_LATENT_NORM_EPS,
         inter_dim=get("intermediate_size"), norm_topk_prob=bool(get("norm_topk_prob", True)),
         # first_k_dense_replace >= num_hidden_layers means all layers dense in HF; we require <= n_layers
@@ -250,10 +250,11 @@ def from_hf_state_dict(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig, wh
     for name, shape in _zero_shared_keys(cfg).items():
         if r.has(name):
             r.take(name, shape)
-    unexpected = []
+    unexpected, n_mtp_keys = [], 0
     for name in sorted(set(tensors) - r.used):
         m = _MTP_KEY_RE.match(name)
         if m and cfg.n_layers <= int(m[1]) < cfg.n_layers + n_mtp_layers:
+            n_mtp_keys += 1
             continue
         if name.endswith("rotary_emb.inv_freq"):  # old checkpoints saved this buffer; recomputed from rope_theta
             continue
@@ -261,6 +262,9 @@ def from_hf_state_dict(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig, wh
     if unexpected:
         raise ValueError(f"{where}: unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} "
                          f"({len(unexpected)} in all): the checkpoint does not match its config.json")
+    if n_mtp_keys:
+        warnings.warn(f"{where}: skipped {n_mtp_keys} tensors of {n_mtp_layers} multi-token-prediction layer(s) "
+                      f"(model.layers.{cfg.n_layers}..): the model here has no MTP head", stacklevel=2)
     return out
 
 

@@ -10,11 +10,32 @@ from .init import ZEROS, InitRule, init_module_, normal, prefixed
 from .layers import FeedForward
 
 
+class _AddAuxLoss(torch.autograd.Function):
+    """Identity on ``x``; its backward also gives ``aux`` (a scalar loss computed inside the layer) the gradient
+    ``scale``. A loss added this way reaches its parameters from any layer, also inside a pipeline stage that
+    never sees the total loss."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, aux: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale, ctx.aux_dtype = scale, aux.dtype
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, torch.full((), ctx.scale, dtype=ctx.aux_dtype, device=grad.device), None
+
+
 class Router(nn.Module):
     """DeepSeek-V3 routing: sigmoid scores, bias only for selection, optional group-limited top-k.
 
     ``e_score_correction_bias`` is a parameter without gradient: it is moved only by ``update_bias`` (the
     aux-loss-free rule), from loads summed over every rank that saw different tokens.
+
+    With ``seq_aux_loss_alpha > 0`` training forwards also compute DeepSeek-V3's sequence-wise balance loss
+    (eq. 17-20 of arXiv:2412.19437): per sequence, ``alpha * sum_i f_i * P_i`` with
+    ``f_i = E / (K * T) * (tokens that selected expert i)`` and ``P_i`` the mean over the sequence's tokens of
+    expert i's score normalised over all experts; the mean over the micro batch's sequences. ``MoE`` adds it to
+    the training objective; ``seq_aux_loss_stat`` keeps [sum, count] of its values over the step's forwards.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -22,13 +43,15 @@ class Router(nn.Module):
         self.n_experts, self.top_k = cfg.n_routed_experts, cfg.n_activated_experts
         self.n_groups, self.n_limited_groups = cfg.n_expert_groups, cfg.n_limited_groups
         self.route_scale, self.bias_update_speed = cfg.route_scale, cfg.bias_update_speed
-        self.norm_topk_prob = cfg.norm_topk_prob
+        self.norm_topk_prob, self.seq_aux_loss_alpha = cfg.norm_topk_prob, cfg.seq_aux_loss_alpha
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
         self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts), requires_grad=False)
         self.register_buffer("expert_load_E", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.register_buffer("seq_aux_loss_stat", torch.zeros(2), persistent=False)
 
-    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (expert ids [T, K] int64, combine weights [T, K] float32)."""
+    def forward(self, x_TD: torch.Tensor, n_seqs: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Returns (expert ids [T, K] int64, combine weights [T, K] float32, the sequence-wise balance loss or
+        None); ``x_TD`` holds ``n_seqs`` sequences of equal length one after the other."""
         ct = torch.promote_types(x_TD.dtype, torch.float32)  # routing in >= float32
         with torch.autocast(x_TD.device.type, enabled=False):  # autocast would run this linear in bf16
             scores_TE = torch.sigmoid(F.linear(x_TD.to(ct), self.weight.to(ct)))
@@ -48,7 +71,21 @@ class Router(nn.Module):
         w_TK = w_TK * self.route_scale
         with torch.no_grad():
             self.expert_load_E += torch.bincount(idx_TK.flatten(), minlength=self.n_experts).float()
-        return idx_TK, w_TK
+        aux = self._seq_aux_loss(scores_TE, idx_TK, n_seqs) if self.training and self.seq_aux_loss_alpha else None
+        return idx_TK, w_TK, aux
+
+    def _seq_aux_loss(self, scores_TE: torch.Tensor, idx_TK: torch.Tensor, n_seqs: int) -> torch.Tensor:
+        E, K = self.n_experts, self.top_k
+        T = scores_TE.shape[0] // n_seqs
+        probs_STE = (scores_TE / scores_TE.sum(-1, keepdim=True)).view(n_seqs, T, E)
+        selected_SE = torch.zeros(n_seqs, E, device=scores_TE.device, dtype=scores_TE.dtype)
+        selected_SE.scatter_add_(1, idx_TK.view(n_seqs, T * K), torch.ones_like(idx_TK, dtype=scores_TE.dtype).view(
+            n_seqs, T * K))
+        f_SE = selected_SE * (E / (K * T))
+        aux = self.seq_aux_loss_alpha * (f_SE * probs_STE.mean(1)).sum(-1).mean()
+        with torch.no_grad():
+            self.seq_aux_loss_stat += torch.stack([aux.detach().float(), aux.new_ones((), dtype=torch.float32)])
+        return aux
 
     @torch.no_grad()
     def update_bias(self, load_E: torch.Tensor) -> None:
@@ -58,6 +95,7 @@ class Router(nn.Module):
 
     def reset_step_stats(self) -> None:
         self.expert_load_E.zero_()
+        self.seq_aux_loss_stat.zero_()
 
     def init_rules(self, std: float) -> dict[str, InitRule]:
         return {"weight": normal(std), "e_score_correction_bias": ZEROS}
@@ -121,9 +159,15 @@ class GroupedExperts(nn.Module):
 
 
 class MoE(nn.Module):
+    """Routed experts (``GroupedExperts``, or its expert-parallel replacement) plus shared experts.
+
+    ``aux_loss_scale``: the gradient the router's sequence-wise balance loss gets, i.e. the weight of this micro
+    batch's loss in the step's objective (the trainer sets 1 / grad_accum; 1 under pipeline schedules, which
+    average the micro batches' gradients themselves)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.top_k = cfg.n_activated_experts
+        self.top_k, self.aux_loss_scale = cfg.n_activated_experts, 1.0
         self.gate = Router(cfg)
         self.experts = GroupedExperts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim)
         self.shared_experts = (FeedForward(cfg.dim, cfg.moe_inter_dim * cfg.n_shared_experts)
@@ -132,7 +176,7 @@ class MoE(nn.Module):
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(-1, D)
-        idx_TK, w_TK = self.gate(x_TD)
+        idx_TK, w_TK, aux = self.gate(x_TD, n_seqs=B)
         flat_expert = idx_TK.flatten()
         order = torch.argsort(flat_expert, stable=True)
         token_of = order // self.top_k
@@ -143,6 +187,8 @@ class MoE(nn.Module):
         out_TD = torch.zeros_like(x_TD).index_add_(0, token_of, y_sorted)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
+        if aux is not None:
+            out_TD = _AddAuxLoss.apply(out_TD, aux, self.aux_loss_scale)
         return out_TD.view(B, T, D)
 
     def init_rules(self, std: float, out_std: float) -> dict[str, InitRule]:

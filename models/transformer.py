@@ -106,3 +106,10 @@ class Transformer(nn.Module):
 
     def moe_routers(self) -> list[Router]:
         return [m for m in self.modules() if isinstance(m, Router)]
+
+    def set_aux_loss_scale(self, scale: float) -> None:
+        """The weight of one forward's loss in the objective the backward computes (1 / micro batches per step):
+        the gradient the routers' sequence-wise balance losses get (``MoE.aux_loss_scale``)."""
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.aux_loss_scale = float(scale)

@@ -17,14 +17,14 @@ or, to guarantee every head's max logit <= tau on the step's batch after each st
 """
 from muonclip.distributed import DistributedMuonClip, OptimizerGroups
 from muonclip.muon import adamw_step_, apply_muon_update_, muon_momentum_, muon_scale, muon_update, orthogonalize
-from muonclip.newton_schulz import NS_COEFFICIENTS, newton_schulz
+from muonclip.newton_schulz import NS_COEFFICIENTS, NS_SCHEDULES, newton_schulz
 from muonclip.optimizer import MuonClip
 from muonclip.param_groups import (DEFAULT_GROUP_OPTIONS, DEFAULT_RULES, assign_params, build_param_groups, coverage,
                                    format_coverage)
 from muonclip.qk_clip import QKClip
 
 __all__ = [
-    "DEFAULT_GROUP_OPTIONS", "DEFAULT_RULES", "DistributedMuonClip", "MuonClip", "OptimizerGroups", "NS_COEFFICIENTS", "QKClip", "adamw_step_",
+    "DEFAULT_GROUP_OPTIONS", "DEFAULT_RULES", "DistributedMuonClip", "MuonClip", "OptimizerGroups", "NS_COEFFICIENTS", "NS_SCHEDULES", "QKClip", "adamw_step_",
     "apply_muon_update_", "assign_params", "build_param_groups", "coverage", "format_coverage", "muon_momentum_", "muon_scale", "muon_update",
     "newton_schulz", "orthogonalize",
 ]

@@ -49,6 +49,7 @@ from torch.distributed.tensor import DTensor
 from muonclip._dist_comm import CountingComm, NSItem, group_size, orthogonalize_once
 from muonclip._dist_layout import ParamSlot, assign_owners, build_buckets
 from muonclip.muon import adamw_step_, apply_muon_update_, muon_momentum_, orthogonalize
+from muonclip.newton_schulz import CoefficientSpec
 from muonclip.optimizer import MuonClip
 from muonclip.placement import REPLICATED, Placement
 
@@ -87,10 +88,11 @@ class DistributedMuonClip(MuonClip):
                  lr: float, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
                  weight_decay: float = 0.1, adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8,
                  *, ns_dtype: torch.dtype = torch.float32, ns_eps: float = 1e-7,
+                 ns_coefficients: CoefficientSpec = "quintic", ns_path: str = "standard",
                  expert_grad_divisor: int | None = None, norm_group: Any = None, pipeline_group: Any = None) -> None:
         self._frozen = False
         super().__init__(params, lr, momentum, nesterov, ns_steps, weight_decay, adamw_betas, adamw_eps,
-                         ns_dtype=ns_dtype, ns_eps=ns_eps)
+                         ns_dtype=ns_dtype, ns_eps=ns_eps, ns_coefficients=ns_coefficients, ns_path=ns_path)
         if not dist.is_initialized():
             raise ValueError("DistributedMuonClip needs torch.distributed initialised (use MuonClip for 1 process)")
         self.comm = CountingComm()
@@ -315,7 +317,7 @@ class DistributedMuonClip(MuonClip):
 
     def _orthogonalize(self, update: Tensor, item: NSItem) -> Tensor:
         t0 = time.perf_counter()
-        out = orthogonalize(update, item.ns_steps, eps=item.ns_eps, ns_dtype=self.ns_dtype)
+        out = orthogonalize(update, item.ns_steps, eps=item.ns_eps, **self._ns_options())
         self.last_step_stats["ns_seconds"] += time.perf_counter() - t0
         self.last_step_stats["ns_matrices"] += update.numel() // (update.shape[-2] * update.shape[-1])
         return out

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from muonclip.newton_schulz import newton_schulz
+from muonclip.newton_schulz import CoefficientSpec, newton_schulz
 
 
 def muon_scale(shape: Sequence[int]) -> float:
@@ -36,15 +36,18 @@ def muon_update(
     *,
     eps: float = 1e-7,
     ns_dtype: torch.dtype | None = torch.float32,
+    coefficients: CoefficientSpec = "quintic",
+    path: str = "standard",
 ) -> Tensor:
     """Advance ``momentum_buf`` in place and return the orthogonalised update (in ``ns_dtype``, unscaled).
 
     ``grad`` is [A, B] or a stack [E, A, B] (each of the E matrices orthogonalised on its own); more leading
-    dimensions are flattened into the batch.
+    dimensions are flattened into the batch. ``coefficients``/``path``: see ``muonclip.newton_schulz``.
     """
     if grad.ndim < 2:
         raise ValueError(f"muon_update needs a >= 2-D gradient, got shape {tuple(grad.shape)}")
-    return orthogonalize(muon_momentum_(grad, momentum_buf, momentum, nesterov), ns_steps, eps=eps, ns_dtype=ns_dtype)
+    return orthogonalize(muon_momentum_(grad, momentum_buf, momentum, nesterov), ns_steps, eps=eps, ns_dtype=ns_dtype,
+                         coefficients=coefficients, path=path)
 
 
 def muon_momentum_(grad: Tensor, momentum_buf: Tensor, momentum: float = 0.95, nesterov: bool = True) -> Tensor:
@@ -56,11 +59,13 @@ def muon_momentum_(grad: Tensor, momentum_buf: Tensor, momentum: float = 0.95, n
 
 
 def orthogonalize(update: Tensor, ns_steps: int = 5, *, eps: float = 1e-7,
-                  ns_dtype: torch.dtype | None = torch.float32) -> Tensor:
+                  ns_dtype: torch.dtype | None = torch.float32, coefficients: CoefficientSpec = "quintic",
+                  path: str = "standard") -> Tensor:
     """Newton–Schulz per matrix of a [A, B] or [..., A, B] tensor (leading dims flattened into one batch)."""
+    ns = dict(dtype=ns_dtype, coefficients=coefficients, path=path)
     if update.ndim > 3:
-        return newton_schulz(update.flatten(0, -3), ns_steps, eps, dtype=ns_dtype).reshape(update.shape)
-    return newton_schulz(update, ns_steps, eps, dtype=ns_dtype)
+        return newton_schulz(update.flatten(0, -3), ns_steps, eps, **ns).reshape(update.shape)
+    return newton_schulz(update, ns_steps, eps, **ns)
 
 
 def apply_muon_update_(param: Tensor, update: Tensor, *, lr: float, weight_decay: float,

@@ -29,7 +29,7 @@ except ImportError:  # torch built without distributed support: no DTensor can r
     DTensor = ()  # isinstance(x, ()) is always False
 
 from muonclip.muon import adamw_step_, apply_muon_update_, muon_momentum_, orthogonalize
-from muonclip.newton_schulz import NS_DTYPES
+from muonclip.newton_schulz import NS_DTYPES, CoefficientSpec, choose_path, ns_schedule
 
 
 def _scalar(x: float | Tensor) -> float:
@@ -64,6 +64,10 @@ class MuonClip(torch.optim.Optimizer):
         ns_dtype: Newton–Schulz compute dtype: float32 (default; exact enough on CPU), bfloat16 (fast on GPUs,
             what ``torch.optim.Muon`` always uses) or float64 (references).
         ns_eps: floor of the Frobenius norm used to normalise each matrix before Newton–Schulz.
+        ns_coefficients: ``"quintic"`` (default, Keller Jordan's), ``"polar_express"`` (per-step, arXiv:2505.16932)
+            or explicit (a, b, c) triples (see ``muonclip.newton_schulz``).
+        ns_path: ``"standard"`` (default, as ``torch.optim.Muon``), ``"gram"`` (iterate on the small Gram matrix)
+            or ``"auto"`` (the one with fewer FLOPs per shape).
     """
 
     def __init__(
@@ -79,13 +83,20 @@ class MuonClip(torch.optim.Optimizer):
         *,
         ns_dtype: torch.dtype = torch.float32,
         ns_eps: float = 1e-7,
+        ns_coefficients: CoefficientSpec = "quintic",
+        ns_path: str = "standard",
     ) -> None:
         if ns_dtype not in NS_DTYPES:
             raise ValueError(f"MuonClip ns_dtype must be one of {NS_DTYPES}, got {ns_dtype}")
+        try:
+            ns_schedule(ns_coefficients, 1)
+            choose_path((1, 1), 1, ns_path, ns_dtype)
+        except ValueError as e:
+            raise ValueError(f"MuonClip: {e}") from None
         if isinstance(params, Tensor):
             raise ValueError("MuonClip expects param groups (dicts with 'use_muon'), got a single tensor; "
                              "build them with muonclip.build_param_groups(model.named_parameters())")
-        self.ns_dtype = ns_dtype
+        self.ns_dtype, self.ns_coefficients, self.ns_path = ns_dtype, ns_coefficients, ns_path
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay,
                         adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps, ns_eps=ns_eps)
         super().__init__(params, defaults)
@@ -164,14 +175,17 @@ class MuonClip(torch.optim.Optimizer):
             if isinstance(p.grad, DTensor):
                 update = self._orthogonalize_dtensor(p.grad, update, group)
             else:
-                update = orthogonalize(update, group["ns_steps"], eps=group["ns_eps"], ns_dtype=self.ns_dtype)
+                update = orthogonalize(update, group["ns_steps"], eps=group["ns_eps"], **self._ns_options())
             apply_muon_update_(_local(p), update, lr=lr, weight_decay=wd, shape=p.shape)
+
+    def _ns_options(self) -> dict[str, Any]:
+        return dict(ns_dtype=self.ns_dtype, coefficients=self.ns_coefficients, path=self.ns_path)
 
     def _orthogonalize_dtensor(self, grad: DTensor, update_local: Tensor, group: dict[str, Any]) -> Tensor:
         placements = grad.placements
         if any(pl.is_partial() for pl in placements):
             raise ValueError(f"MuonClip: gradient with Partial placement {placements}; reduce gradients first")
-        ns = dict(eps=group["ns_eps"], ns_dtype=self.ns_dtype)
+        ns = dict(eps=group["ns_eps"], **self._ns_options())
         whole_local = all(pl.is_replicate() or (grad.ndim == 3 and pl.is_shard(0)) for pl in placements)
         if whole_local:  # every local matrix is a whole matrix
             return orthogonalize(update_local, group["ns_steps"], **ns)

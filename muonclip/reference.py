@@ -15,17 +15,19 @@ from muonclip.newton_schulz import NS_COEFFICIENTS
 
 
 def reference_newton_schulz(G: Tensor, steps: int = 5, eps: float = 1e-7,
-                            coefficients: tuple[float, float, float] = NS_COEFFICIENTS) -> Tensor:
-    """X <- a X + b (X X^T) X + c (X X^T)^2 X from X = G / max(||G||_F, eps), per matrix, float64."""
+                            coefficients: Any = NS_COEFFICIENTS) -> Tensor:
+    """X <- a X + b (X X^T) X + c (X X^T)^2 X from X = G / max(||G||_F, eps), per matrix, float64.
+    ``coefficients``: one (a, b, c) for every step, or a list with one per step (the last repeats)."""
     if G.ndim == 3:
         return torch.stack([reference_newton_schulz(g, steps, eps, coefficients) for g in G])
-    a, b, c = coefficients
+    per_step = [coefficients] if isinstance(coefficients[0], (int, float)) else list(coefficients)
     X = G.double()
     tall = X.shape[0] > X.shape[1]
     if tall:
         X = X.T
     X = X / max(math.sqrt((X * X).sum().item()), eps)
-    for _ in range(steps):
+    for k in range(steps):
+        a, b, c = per_step[min(k, len(per_step) - 1)]
         A = X @ X.T
         X = a * X + b * (A @ X) + c * (A @ A @ X)
     return X.T if tall else X

@@ -32,7 +32,7 @@ class ParallelizeConfig:
     activation_checkpointing: bool = False
 
 
-_STEP_STATS = ("max_logits_H", "expert_load_E")
+_STEP_STATS = ("max_logits_H", "expert_load_E", "seq_aux_loss_stat")
 
 
 @contextmanager

@@ -103,16 +103,19 @@ class ColumnParallelLinear(nn.Linear):
 
 
 class RowParallelLinear(nn.Linear):
-    """Holds columns [rank*in/tp, (rank+1)*in/tp) of a full weight; sums the partial outputs over the group."""
+    """Holds columns [rank*in/tp, (rank+1)*in/tp) of a full weight; sums the partial outputs over the group.
+    A bias stays replicated and is added once, after the sum."""
 
     def __init__(self, full: nn.Linear, rank: int, size: int, group: Any):
         n = full.in_features // size
         super().__init__(n, full.out_features, bias=False, device="meta")
         self.weight = nn.Parameter(full.weight.detach()[:, rank * n:(rank + 1) * n].clone())
+        self.bias = full.bias  # same Parameter (or None): replicated
         self.tp_group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reduce_from_tp(F.linear(x, self.weight), self.tp_group)
+        out = reduce_from_tp(F.linear(x, self.weight), self.tp_group)
+        return out if self.bias is None else out + self.bias
 
 
 class LatentRopeLinear(nn.Linear):
@@ -121,11 +124,11 @@ class LatentRopeLinear(nn.Linear):
 
     def __init__(self, full: nn.Linear, n_rope: int, group: Any):
         super().__init__(full.in_features, full.out_features, bias=False, device="meta")
-        self.weight = full.weight  # same Parameter: replicated
+        self.weight, self.bias = full.weight, full.bias  # same Parameters: replicated
         self.n_rope, self.tp_group = n_rope, group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _ReduceGradTail.apply(F.linear(x, self.weight), self.n_rope, self.tp_group)
+        return _ReduceGradTail.apply(F.linear(x, self.weight, self.bias), self.n_rope, self.tp_group)
 
 
 def _copy_input_hook(group: Any):

@@ -289,10 +289,12 @@ class SpikeOnce(Trainer):
         return super().train_step()
 
 
-@pytest.mark.parametrize("ckpt_async", [False, True])
-def test_injected_spike_is_detected_and_rolled_back_end_to_end(tmp_path, ckpt_async):
+@pytest.mark.parametrize("ckpt_async,log_interval", [(False, 1), (True, 1), (False, 4)])
+def test_injected_spike_is_detected_and_rolled_back_end_to_end(tmp_path, ckpt_async, log_interval):
+    """With log_interval 4 the spike (after step 25) is read on the host at step 28: the same rollback (to the
+    step-20 checkpoint, skipping the 5 batches of steps 20..24) and the same loader position follow."""
     overrides = ["--train.steps=40", "--train.ckpt_interval=10", "--train.eval_interval=0", "--monitor.rollback=true",
-                 f"--train.ckpt_async={str(ckpt_async).lower()}"]
+                 f"--train.ckpt_async={str(ckpt_async).lower()}", f"--train.log_interval={log_interval}"]
     cfg = debug_cfg(tmp_path / "spiky", *overrides)
     trainer = SpikeOnce(cfg, init_runtime(cfg))
     result = trainer.fit()

@@ -361,7 +361,8 @@ def _expert_worker(rank: int, world: int) -> None:
 # Every option changes the result (and must change it the same way in both optimizers): a DistributedMuonClip
 # that ignored one of them (e.g. nesterov=False or ns_steps) would differ from MuonClip here.
 OPTION_VARIANTS = [dict(nesterov=False), dict(ns_steps=2), dict(momentum=0.5), dict(weight_decay=0.0),
-                   dict(adamw_betas=(0.5, 0.9)), dict(adamw_eps=1e-2), dict(lr=0.2)]
+                   dict(adamw_betas=(0.5, 0.9)), dict(adamw_eps=1e-2), dict(lr=0.2),
+                   dict(ns_coefficients="polar_express"), dict(ns_path="gram", ns_steps=3)]
 ADAMW_LR = {"adamw": {"lr": 0.3 * HP["lr"]}, "adamw_no_decay": {"lr": 0.3 * HP["lr"]}}  # what adamw_lr_scale sets
 
 

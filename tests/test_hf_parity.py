@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 import sys
 import warnings
 from pathlib import Path
@@ -213,7 +214,7 @@ def test_unsupported_configs_are_rejected():
     assert from_hf_config(hf_cfg) == make_cfg("q_proj-g4k2-top3-shared1")
     bad = {
         "rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0},
-        "rope_interleave": False, "attention_bias": True, "tie_word_embeddings": True, "hidden_act": "gelu",
+        "rope_interleave": False, "tie_word_embeddings": True, "hidden_act": "gelu",
     }
     for field, value in bad.items():
         d = hf_cfg.to_dict()
@@ -405,3 +406,166 @@ def test_a_checkpoint_converts_to_shards_one_tensor_at_a_time(tmp_path):
     tokens = torch.randint(0, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(hf(tokens).logits, model(tokens), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- HF-born models: a feature matrix
+# Six two-level features over the 8 rows of an L8 orthogonal array: each feature is on in 4 configs and off in 4,
+# and every pair of features meets in all four combinations. The sizes are drawn per row from a seeded generator.
+FEATURES = ("yarn", "norm_topk_prob", "q_lora", "groups", "mtp", "attention_bias")
+L8 = ("111111", "111222", "122112", "122221", "212121", "212212", "221122", "221211")
+
+
+def matrix_config(row: int) -> tuple[ModelConfig, dict[str, bool]]:
+    on = {f: L8[row][j] == "2" for j, f in enumerate(FEATURES)}
+    rng = random.Random(1000 + row)
+    n_groups = 4 if on["groups"] else 1
+    factor = rng.choice([2.0, 4.0])  # max_seq_len 24 = factor x the original context, as in DeepSeek-V3
+    yarn = (dict(yarn_factor=factor, yarn_original_max_seq_len=int(24 / factor), yarn_beta_fast=rng.choice([8.0, 32.0]),
+                 yarn_beta_slow=1.0, **rng.choice([dict(yarn_mscale=1.0, yarn_mscale_all_dim=1.0),
+                                                    dict(yarn_mscale=0.8, yarn_mscale_all_dim=0.5)]))
+            if on["yarn"] else {})
+    n_heads = rng.choice([2, 4])
+    cfg = ModelConfig(
+        vocab_size=97, dim=rng.choice([32, 48]), n_layers=rng.choice([2, 3]), attn_type="mla",
+        n_heads=n_heads, n_kv_heads=n_heads, q_lora_rank=rng.choice([12, 24]) if on["q_lora"] else 0,
+        kv_lora_rank=rng.choice([8, 16]), qk_nope_head_dim=rng.choice([4, 8]), qk_rope_head_dim=rng.choice([2, 4]),
+        v_head_dim=rng.choice([4, 8, 12]), attention_bias=on["attention_bias"],
+        rope_theta=rng.choice([1000.0, 10000.0]), max_seq_len=24, norm_eps=rng.choice([1e-6, 1e-5]),
+        inter_dim=rng.choice([32, 48]), first_k_dense=rng.choice([0, 1]), moe_inter_dim=rng.choice([8, 16, 20]),
+        n_routed_experts=8, n_shared_experts=rng.choice([0, 1, 2]), n_activated_experts=rng.choice([2, 3]),
+        n_expert_groups=n_groups, n_limited_groups=2 if on["groups"] else 1, route_scale=round(rng.uniform(0.5, 2.5), 3),
+        norm_topk_prob=on["norm_topk_prob"], init_std=0.1, **yarn)
+    return cfg, on
+
+
+def test_the_feature_matrix_covers_each_feature_both_ways():
+    for j, feature in enumerate(FEATURES):
+        assert sorted(row[j] for row in L8) == list("11112222"), feature
+        for k in range(j):
+            assert {(row[j], row[k]) for row in L8} == {("1", "1"), ("1", "2"), ("2", "1"), ("2", "2")}
+
+
+def hf_born(cfg: ModelConfig, seed: int):
+    """A transformers DeepseekV3ForCausalLM with random weights (also routers, norms and attention biases)."""
+    torch.manual_seed(seed)
+    hf = DeepseekV3ForCausalLM(to_hf_config(cfg)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith("proj.bias") or name.endswith("mqa.bias"):
+                p.normal_(0, 0.2)
+        for layer in hf.model.layers[cfg.first_k_dense:]:
+            layer.mlp.gate.weight.normal_(0, 0.3)
+            layer.mlp.gate.e_score_correction_bias.uniform_(-0.5, 0.5)
+    return hf
+
+
+def add_mtp_layer(directory: Path, cfg: ModelConfig) -> int:
+    """A DeepSeek-V3-style multi-token-prediction layer (model.layers.{n_layers}.*) in a shard of its own."""
+    n, D = cfg.n_layers, cfg.dim
+    mtp = {f"model.layers.{n}.{k}": v for k, v in {
+        "eh_proj.weight": torch.randn(D, 2 * D), "enorm.weight": torch.ones(D), "hnorm.weight": torch.ones(D),
+        "shared_head.norm.weight": torch.ones(D), "shared_head.head.weight": torch.randn(cfg.vocab_size, D),
+        "input_layernorm.weight": torch.ones(D), "self_attn.kv_a_proj_with_mqa.weight": torch.randn(4, D),
+        "mlp.gate.weight": torch.randn(cfg.n_routed_experts, D), "mlp.experts.0.up_proj.weight": torch.randn(4, D),
+    }.items()}
+    save_file(mtp, str(directory / "model-mtp.safetensors"), metadata={"format": "pt"})
+    index_path = directory / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"].update({k: "model-mtp.safetensors" for k in mtp})
+    index_path.write_text(json.dumps(index))
+    config = json.loads((directory / "config.json").read_text())
+    config["num_nextn_predict_layers"] = 1
+    (directory / "config.json").write_text(json.dumps(config))
+    return len(mtp)
+
+
+def greedy(model, prompt_BT: torch.Tensor, n: int) -> torch.Tensor:
+    """Our greedy decoding: the whole sequence again for each new token (no cache)."""
+    seq = prompt_BT
+    with torch.no_grad():
+        for _ in range(n):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq
+
+
+@pytest.mark.parametrize("row", range(len(L8)), ids=lambda r: "+".join(f for f, v in matrix_config(r)[1].items() if v)
+                         or "none")
+def test_a_transformers_model_imports_from_shards_with_its_logits_and_generations(row, tmp_path):
+    """transformers DeepseekV3ForCausalLM -> sharded save_pretrained (float32 or bf16 on disk) -> import_hf:
+    logits within 1e-5 and the same greedy generations (transformers' with its KV cache, ours without)."""
+    cfg, on = matrix_config(row)
+    hf = hf_born(cfg, seed=row)
+    dtype = torch.bfloat16 if row % 2 else torch.float32
+    hf.to(dtype).save_pretrained(tmp_path, max_shard_size="20KB")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    # the reference computes in float32 with the weights as stored (bf16-rounded for bf16 rows; not hf.float(),
+    # which would keep RoPE's inv_freq buffer rounded to bf16)
+    hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    if on["mtp"]:
+        n_mtp = add_mtp_layer(tmp_path, cfg)
+        with pytest.warns(UserWarning, match=f"skipped {n_mtp} tensors of 1 multi-token-prediction layer"):
+            ours = import_hf(tmp_path)
+    else:
+        ours = import_hf(tmp_path)
+    assert ours.cfg == cfg
+    ours.eval()
+    tok = tokens(cfg, seed=row)
+    with torch.no_grad():
+        diff = (ours(tok) - hf_logits(hf, tok)).abs().max().item()
+    print(f"row {row} {on} {dtype}: max |logit diff| = {diff:.3g}")
+    assert diff < 1e-5
+    prompt, n_new = tok[:, :6], cfg.max_seq_len - 6
+    theirs = hf.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0,
+                         attention_mask=torch.ones_like(prompt))
+    assert torch.equal(greedy(ours, prompt, n_new), theirs)
+
+
+# ---------------------------------------------------------------- train.py -> sharded export -> from_pretrained
+def _train_worker(rank: int, world: int, out: str, overrides: list[str]) -> None:
+    from launch.trainer import Trainer, init_runtime
+    from tests.test_train import debug_cfg
+
+    torch.set_num_threads(1)
+    cfg = debug_cfg(out, *overrides)
+    trainer = Trainer(cfg, init_runtime(cfg))
+    trainer.fit()
+    torch.save({k: v.clone() for k, v in trainer.model.state_dict().items()}, Path(out) / f"stage{rank}.pt")
+
+
+def test_a_pipeline_trained_checkpoint_exports_to_shards_that_transformers_loads(tmp_path):
+    """Trained at pp=2 (attention biases and the balance loss on), saved as DCP, streamed to 300 KB shards:
+    from_pretrained gives the logits and greedy generations of the trained weights (the two stages' parameters
+    joined in one model here)."""
+    from launch.checkpoint import latest_checkpoint
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from export_hf import main
+    from tests.dist_utils import run_distributed
+
+    overrides = ["--train.steps=4", "--train.eval_interval=0", "--train.ckpt_interval=4", "--data.grad_accum=2",
+                 "--data.micro_batch_size=2", "--model.n_layers=4", "--schedule.warmup_steps=1",
+                 "--model.attention_bias=true", "--model.q_lora_rank=16", "--model.seq_aux_loss_alpha=1e-4",
+                 "--parallel.pp=2"]
+    run_distributed(_train_worker, 2, str(tmp_path / "run"), overrides)
+    trained = {**torch.load(tmp_path / "run" / "stage0.pt"), **torch.load(tmp_path / "run" / "stage1.pt")}
+    step = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert step is not None and step.name.endswith("4")
+    main([str(step), "--out", str(tmp_path / "hf"), "--max-shard-size", "300KB"])
+    assert len(list((tmp_path / "hf").glob("model-*-of-*.safetensors"))) > 2
+    hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    from configs import load_config
+    cfg = load_config(str(step / "config.yaml")).model
+    ours = Transformer(cfg)
+    ours.load_state_dict(trained)
+    ours.eval()
+    assert any(k.endswith("o_proj.bias") and v.abs().max() > 0 for k, v in trained.items())  # biases trained
+    tok = tokens(cfg, seed=3)[:, :32]
+    with torch.no_grad():
+        diff = (ours(tok) - hf_logits(hf, tok)).abs().max().item()
+    assert diff < 1e-5
+    prompt = tok[:, :8]
+    theirs = hf.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0,
+                         attention_mask=torch.ones_like(prompt))
+    assert torch.equal(greedy(ours, prompt, 16), theirs)

@@ -140,7 +140,7 @@ def test_moe_matches_dense_reference():
     x = torch.randn(2, 5, 32, dtype=torch.float64)
     out = moe(x)
     x_TD = x.reshape(-1, 32)
-    idx, w = moe.gate(x_TD)
+    idx, w, _ = moe.gate(x_TD)
     ref = moe.shared_experts(x_TD).clone()
     ex = moe.experts
     for t in range(x_TD.shape[0]):
@@ -160,7 +160,7 @@ def test_router_group_limit_bias_and_weights():
     x = torch.randn(64, 32)
     with torch.no_grad():
         r.e_score_correction_bias.copy_(torch.randn(8))
-    idx, w = r(x)
+    idx, w, _ = r(x)
     scores = torch.sigmoid(x @ r.weight.T)
     choice = scores + r.e_score_correction_bias
     groups = choice.view(64, 4, 2).topk(2, -1).values.sum(-1).topk(2, -1).indices
@@ -255,10 +255,10 @@ def test_router_and_max_logit_probe_stay_float32_under_bf16_autocast():
     router.init_weights(1.0)
     x = torch.randn(256, 64)
     q, k = torch.randn(2, 4, 64, 32), torch.randn(2, 4, 64, 32)
-    idx, w = router(x)
+    idx, w, _ = router(x)
     probe = causal_max_logits(q, k, 0.17)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        idx_ac, w_ac = router(x)
+        idx_ac, w_ac, _ = router(x)
         probe_ac = causal_max_logits(q, k, 0.17)
     assert w_ac.dtype == torch.float32 and torch.equal(w_ac, w) and torch.equal(idx_ac, idx)
     assert probe_ac.dtype == torch.float32 and torch.equal(probe_ac, probe)
@@ -283,3 +283,70 @@ def test_yarn_changes_the_frequencies_and_the_logit_scale_qk_clip_sees():
     cos, _ = rope_cos_sin(8, 16, 10000.0, "cpu", yarn=yarn)
     assert torch.allclose(cos[0], torch.ones(8))  # mscale == mscale_all_dim: cos/sin unscaled
     assert Yarn.from_config(ModelConfig(**base)) is None
+
+
+def _seq_aux_reference(x_TD, weight_ED, idx_TK, n_seqs, alpha):
+    """DeepSeek-V3 eq. 17-20 written out per sequence and expert: alpha * sum_i f_i * P_i, mean over sequences."""
+    E, K = weight_ED.shape[0], idx_TK.shape[1]
+    T = x_TD.shape[0] // n_seqs
+    total = 0.0
+    for s in range(n_seqs):
+        rows = slice(s * T, (s + 1) * T)
+        scores = torch.sigmoid(x_TD[rows] @ weight_ED.T)
+        normalised = scores / scores.sum(-1, keepdim=True)
+        seq = 0.0
+        for i in range(E):
+            f_i = E / (K * T) * sum(int(i in idx_TK[t].tolist()) for t in range(s * T, (s + 1) * T))
+            seq = seq + f_i * normalised[:, i].mean()
+        total = total + seq
+    return alpha * total / n_seqs
+
+
+def test_sequence_wise_balance_loss_matches_deepseek_v3_and_reaches_the_gradients():
+    """With seq_aux_loss_alpha the training gradient is that of CE + sum over MoE layers of the balance loss
+    (computed independently from each router's input and selection); eval adds nothing; off by default."""
+    kw = dict(attn_type="mla", n_expert_groups=4, n_limited_groups=2, n_activated_experts=3, n_layers=3)
+    model = make(seq_aux_loss_alpha=0.3, **kw).train()
+    ref = make(**kw).train()
+    ref.load_state_dict(model.state_dict())
+    assert ref.cfg.seq_aux_loss_alpha == 0.0
+    tokens = torch.randint(0, TINY["vocab_size"], (3, 10), generator=torch.Generator().manual_seed(4))
+    seen = []
+    for router in ref.moe_routers():
+        router.register_forward_hook(lambda mod, args, out: seen.append((args[0], mod.weight, out[0])))
+    model(tokens).sum().backward()
+    ref_aux = []
+    out = ref(tokens)
+    for x_TD, weight, idx_TK in seen:
+        assert x_TD.shape[0] == 30
+        ref_aux.append(_seq_aux_reference(x_TD, weight, idx_TK, 3, 0.3))
+    (out.sum() + sum(ref_aux)).backward()
+    for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-12, msg=name)
+    router_grad = model.moe_routers()[0].weight.grad
+    ref.zero_grad()
+    ref(tokens).sum().backward()
+    assert (router_grad - ref.moe_routers()[0].weight.grad).abs().max() > 1e-4  # the loss did change the gradient
+    for router, aux in zip(model.moe_routers(), ref_aux):
+        torch.testing.assert_close(router.seq_aux_loss_stat.float(), torch.stack([aux.detach().float(), torch.tensor(1.0)]))
+    model.reset_step_stats()
+    model.eval()
+    with torch.no_grad():
+        model(tokens)
+    assert all(r.seq_aux_loss_stat.abs().sum() == 0 for r in model.moe_routers())
+    with pytest.raises(ValueError, match="seq_aux_loss_alpha must be >= 0"):
+        ModelConfig(seq_aux_loss_alpha=-1e-4)
+
+
+def test_balance_loss_gradient_follows_the_aux_loss_scale():
+    model = make(seq_aux_loss_alpha=0.3, attn_type="mla").train()
+    tokens = torch.randint(0, TINY["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(5))
+    grads = []
+    for scale in (1.0, 0.25):
+        model.zero_grad()
+        model.set_aux_loss_scale(scale)
+        (model(tokens).sum() * 0).backward()  # only the balance losses reach the router
+        grads.append(model.moe_routers()[0].weight.grad.clone())
+    torch.testing.assert_close(grads[1], 0.25 * grads[0])
+    assert grads[0].abs().max() > 0

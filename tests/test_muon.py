@@ -66,6 +66,92 @@ def test_ns_convergent_cubic_gives_polar_factor():
     assert 0.968 < cos < 1 - 1e-6
 
 
+def _composed(x: torch.Tensor, schedule, steps: int) -> torch.Tensor:
+    for k in range(steps):
+        a, b, c = schedule[min(k, len(schedule) - 1)]
+        x = a * x + b * x**3 + c * x**5
+    return x
+
+
+def test_polar_express_maps_singular_values_closer_to_one_than_the_quintic():
+    """Per-step coefficients (arXiv:2505.16932): singular values anywhere in [1e-3, 1] (after the Frobenius
+    normalisation) end within 1 +- 0.142 after 5 steps; the quintic leaves [0.47, 1.21] there ([0.68, 1.14] from
+    1e-2), and the matrix routine is exactly that scalar composition."""
+    x = torch.logspace(-3, 0, 20001, dtype=F64)
+    pe = _composed(x, muonclip.NS_SCHEDULES["polar_express"], 5)
+    assert (pe - 1).abs().max() < 0.142
+    assert (_composed(x, [muonclip.NS_COEFFICIENTS], 5) - 1).abs().max() > 0.5
+    G = torch.randn(24, 40, generator=torch.Generator().manual_seed(5), dtype=F64)
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    expected = U @ torch.diag(_composed(S / G.norm(), muonclip.NS_SCHEDULES["polar_express"], 5)) @ Vh
+    torch.testing.assert_close(muonclip.newton_schulz(G, dtype=F64, coefficients="polar_express"), expected,
+                               rtol=0, atol=1e-12)
+    # past the schedule's end its last triple repeats
+    seven = muonclip.newton_schulz(G, steps=7, dtype=F64, coefficients="polar_express")
+    torch.testing.assert_close(seven, reference_newton_schulz(G, 7, coefficients=muonclip.NS_SCHEDULES["polar_express"]),
+                               rtol=0, atol=1e-12)
+
+
+def _ill_conditioned(G: torch.Tensor) -> torch.Tensor:
+    """G with its singular values spread over 1e4 (like a low-rank momentum)."""
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    return U @ torch.diag_embed(S * torch.logspace(0, -4, S.shape[-1], dtype=G.dtype)) @ Vh
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("coefficients", ["quintic", "polar_express"])
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (8, 96), (3, 16, 48), (3, 48, 16), (32, 32)])
+def test_gram_path_equals_the_standard_iteration(shape, coefficients):
+    """Iterating on the A x A Gram matrix gives the standard iteration's result: to 1e-12 in float64 (1e-10 with
+    singular values spread over 1e4: the gram path amplifies rounding there). In float32 (the only low precision
+    it runs in) it is as close to that as the standard path on well-conditioned rectangular matrices (within 2x),
+    and within 2e-3 relative on ill-conditioned ones (standard: ~1e-5)."""
+    G = torch.randn(*shape, generator=torch.Generator().manual_seed(6), dtype=F64)
+    for X, atol in ((G, 1e-12), (_ill_conditioned(G), 1e-10)):
+        ref = muonclip.newton_schulz(X, dtype=F64, coefficients=coefficients)
+        gram = muonclip.newton_schulz(X, dtype=F64, coefficients=coefficients, path="gram")
+        torch.testing.assert_close(gram, ref, rtol=0, atol=atol)
+    ref = muonclip.newton_schulz(G, dtype=F64, coefficients=coefficients)
+    err = {path: _rel(muonclip.newton_schulz(G.float(), coefficients=coefficients, path=path), ref)
+           for path in ("standard", "gram")}
+    if shape[-1] != shape[-2]:
+        assert err["gram"] < 2 * err["standard"], err
+    ill = _ill_conditioned(G)
+    ref = muonclip.newton_schulz(ill, dtype=F64, coefficients=coefficients)
+    assert _rel(muonclip.newton_schulz(ill.float(), coefficients=coefficients, path="gram"), ref) < 2e-3
+    assert _rel(muonclip.newton_schulz(ill.float(), coefficients=coefficients), ref) < 3e-5
+    with pytest.raises(ValueError, match="gram Newton-Schulz path diverges in torch.bfloat16"):
+        muonclip.newton_schulz(G, dtype=torch.bfloat16, path="gram")
+    assert muonclip.newton_schulz(G, dtype=torch.bfloat16, path="auto").dtype == torch.bfloat16  # standard
+
+
+def test_flop_model_counts_what_each_path_runs_and_auto_takes_the_cheaper():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from muonclip.newton_schulz import choose_path, ns_flops
+
+    for shape in [(64, 64), (16, 256), (256, 16), (4, 32, 128)]:
+        G = torch.randn(*shape)
+        n_mat = shape[0] if len(shape) == 3 else 1
+        for path in ("standard", "gram"):
+            with FlopCounterMode(display=False) as counter:
+                muonclip.newton_schulz(G, steps=5, path=path)
+            assert counter.get_total_flops() == n_mat * ns_flops(shape, 5, path), (shape, path)
+    assert choose_path((64, 64), 5) == "standard" and choose_path((16, 256), 5) == "gram"
+    assert choose_path((256, 16), 5) == "gram" and choose_path((64, 90), 5) == "standard"  # C < 1.5 A
+    assert choose_path((16, 256), 5, "standard") == "standard"
+    with pytest.raises(ValueError, match="path must be one of"):
+        muonclip.newton_schulz(G, path="fast")
+    with pytest.raises(ValueError, match="unknown Newton-Schulz coefficients 'cubic'"):
+        muonclip.newton_schulz(G, coefficients="cubic")
+    with pytest.raises(ValueError, match="MuonClip: unknown Newton-Schulz coefficients"):
+        muonclip.MuonClip([{"params": [nn.Parameter(torch.zeros(2, 2))], "use_muon": True}], lr=0.1,
+                          ns_coefficients="cubic")
+
+
 def test_ns_batched_equals_per_matrix_loop_and_reference():
     gen = torch.Generator().manual_seed(3)
     for shape in [(4, 16, 48), (4, 48, 16), (2, 32, 32)]:

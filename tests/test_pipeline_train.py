@@ -91,6 +91,20 @@ def test_pp2_with_dp2_ep2_or_tp2_matches_one_process(tmp_path, reference, extra)
     _check([torch.load(tmp_path / f"rank{r}.pt") for r in range(4)], reference[2])
 
 
+def test_pp2_with_the_sequence_wise_balance_loss_matches_one_process(tmp_path):
+    """The balance loss computed inside each stage reaches its router with the one-process weight (the schedule
+    averages micro batches itself), and its logged value sums every stage's layers."""
+    overrides = [*COMMON, "--train.steps=6", "--data.micro_batch_size=2", "--model.seq_aux_loss_alpha=50",
+                 "--train.log_interval=1"]
+    _, ref = train(tmp_path / "ref", *overrides)
+    run_distributed(_worker, 2, str(tmp_path / "pp"), [*overrides, "--parallel.pp=2"])
+    pp = torch.load(tmp_path / "pp" / "rank0.pt")
+    assert [pp["losses"][s] for s in range(1, 7)] == pytest.approx([ref.losses[s] for s in range(1, 7)], **TOL)
+    logged = [[r["router/seq_aux_loss"] for r in records(d) if "loss" in r] for d in (tmp_path / "ref", tmp_path / "pp")]
+    assert len(logged[0]) == 6 and logged[1] == pytest.approx(logged[0], **TOL)
+    assert all(50 * 0.9 < v < 50 * 1.5 for v in logged[0])  # one MoE layer of the debug model; 1.0 x alpha = balanced
+
+
 def _ckpt_worker(rank: int, world: int, out: str, overrides: list[str]) -> None:
     torch.set_num_threads(1)
     train(out, *overrides)

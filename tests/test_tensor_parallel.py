@@ -16,7 +16,8 @@ TINY = dict(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=4, head_dim
             qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, inter_dim=48, moe_inter_dim=16,
             n_routed_experts=4, n_activated_experts=2, n_shared_experts=2, first_k_dense=1, max_seq_len=16)
 VARIANTS = {"mha": dict(attn_type="mha"), "gqa": dict(attn_type="mha", n_kv_heads=2),
-            "mla": dict(attn_type="mla", q_lora_rank=0), "mla_qlora": dict(attn_type="mla", q_lora_rank=12)}
+            "mla": dict(attn_type="mla", q_lora_rank=0), "mla_qlora": dict(attn_type="mla", q_lora_rank=12),
+            "mla_qlora_bias": dict(attn_type="mla", q_lora_rank=12, attention_bias=True)}
 TOL = dict(rtol=1e-6, atol=1e-8)  # RMSNorm/router upcast to float32 inside the model (see report)
 
 
@@ -34,6 +35,10 @@ def _gather(t, dim, group, size):
 def _check_variant(name, variant, groups, pdims):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**{**TINY, **variant})).double().train()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("proj.bias"):  # zero-initialised: random, so that adding them twice would show
+                p.normal_()
     ref = copy.deepcopy(model)
     tokens = torch.randint(0, TINY["vocab_size"], (2, 13), generator=torch.Generator().manual_seed(1))
     ref_logits, ref_loss = _loss(ref, tokens)
@@ -66,7 +71,7 @@ def _check_variant(name, variant, groups, pdims):
             torch.testing.assert_close(_gather(p.grad[None], 0, g, tp), p.grad[None].expand(tp, *p.shape),
                                        rtol=0, atol=0, msg=f"{name}: {pname} differs across TP ranks")
     # expected split: attention q(/k/v)/kv_b + o_proj per layer, dense FFN 3, shared experts 3
-    n_col_attn = {"mha": 3, "gqa": 3, "mla": 2, "mla_qlora": 2}[name]
+    n_col_attn = {"mha": 3, "gqa": 3, "mla": 2, "mla_qlora": 2, "mla_qlora_bias": 2}[name]
     assert n_sharded == TINY["n_layers"] * (n_col_attn + 1) + 3 + 3, (name, n_sharded)
     assert placements["layers.1.mlp.experts.gate_proj"].kind == "expert"
     assert placements["embed_tokens.weight"].kind == "replicated"

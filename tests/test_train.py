@@ -182,19 +182,29 @@ def test_adamw_lr_scale_sets_the_adamw_groups_lr(tmp_path):
         assert lr == pytest.approx(0.02 * 0.25 if key.startswith("adamw") else 0.02), key
 
 
-def test_gradient_accumulation_averages_micro_batches(tmp_path):
+@pytest.mark.parametrize("alpha", [0.0, 50.0])  # 50: exaggerated, so the balance loss shows in the grad norm
+def test_gradient_accumulation_averages_micro_batches(tmp_path, alpha):
     """The same 4 samples as 1 x 4 or as 2 micro batches of 2 (or 4 of 1) give the same loss and gradient norm
-    (Muon's orthogonalisation hides a 2x gradient in the update: the norm does not)."""
+    (Muon's orthogonalisation hides a 2x gradient in the update: the norm does not), also with the sequence-wise
+    balance loss, whose gradient is weighted like its micro batch's loss."""
     results = []
     for mbs, accum in [(4, 1), (2, 2), (1, 4)]:
         cfg = debug_cfg(tmp_path / f"{mbs}", f"--data.micro_batch_size={mbs}", f"--data.grad_accum={accum}",
-                        "--optim.grad_clip=0", "--model.n_routed_experts=4")
+                        "--optim.grad_clip=0", "--model.n_routed_experts=4", f"--model.seq_aux_loss_alpha={alpha}")
         trainer = Trainer(cfg, init_runtime(cfg))
         results.append(trainer.train_step())
         trainer.metrics.close()
     for r in results[1:]:
         assert r.loss == pytest.approx(results[0].loss, rel=1e-5)
         assert r.grad_norm == pytest.approx(results[0].grad_norm, rel=1e-4)
+    if alpha:  # the balance loss is in the gradient (the reported loss stays the cross entropy)
+        cfg = debug_cfg(tmp_path / "off", "--data.micro_batch_size=4", "--optim.grad_clip=0",
+                        "--model.n_routed_experts=4")
+        trainer = Trainer(cfg, init_runtime(cfg))
+        off = trainer.train_step()
+        trainer.metrics.close()
+        assert off.loss == pytest.approx(results[0].loss, rel=1e-6)
+        assert abs(off.grad_norm - results[0].grad_norm) > 2e-3 * off.grad_norm
 
 
 def _dp_worker(rank: int, world: int, out_dir: str, overrides: list[str]) -> None:
@@ -270,3 +280,40 @@ def test_console_line_shows_the_post_step_max_logit_only_when_present():
     assert format_line(5, 10, m) == "step 5/10 | loss 4.5000 | lr 1.00e-03 | max_logit 21.3 | clipped 3"
     assert format_line(5, 10, {**m, "qk_clip/post_step_max_logit": 24.06}) == (
         "step 5/10 | loss 4.5000 | lr 1.00e-03 | max_logit 21.3 | post-step 24.1 | clipped 3")
+
+
+def test_steps_between_log_intervals_read_nothing_on_the_host(tmp_path):
+    """The loss, grad norm, QK-Clip (clipping here), router bias update and preemption check stay off the host
+    between log steps: values reach the host (.item(), float(), .tolist()) only at steps 4 and 8 of 8 with
+    log_interval 4. The AdamW step counters are CPU scalars by design (as in torch.optim.AdamW), not device
+    reads, so they are the one exception."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    cfg = debug_cfg(tmp_path, "--train.steps=8", "--train.log_interval=4", "--train.eval_interval=0",
+                    "--optim.qk_clip_tau=0.05", "--optim.grad_clip=0.5")
+    trainer = Trainer(cfg, init_runtime(cfg))
+    cpu_scalars = {id(state["step"]) for state in trainer.optimizer.state.values() if "step" in state}
+    assert cpu_scalars
+    reads: list[int] = []
+
+    class HostReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default and id(args[0]) not in cpu_scalars:
+                reads.append(trainer.step)
+            return func(*args, **(kwargs or {}))
+
+    tolist = torch.Tensor.tolist
+
+    def recording_tolist(t):
+        reads.append(trainer.step)
+        return tolist(t)
+
+    torch.Tensor.tolist = recording_tolist
+    try:
+        with HostReads():
+            result = trainer.fit()
+    finally:
+        torch.Tensor.tolist = tolist
+    assert sorted(result.losses) == list(range(1, 9))
+    assert reads and set(reads) == {4, 8}, sorted(set(reads))
+    assert int(trainer.qkclip.last_clipped) > 0  # QK-Clip did clip along the way

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU check: run when a GPU machine is lent (nothing else needs one). One script, each part under its own
+# time limit, results in $OUT (default benchmarks/results/gpu): NCCL init, a bf16-autocast training run of
+# configs/small_gpu.yaml for 20 steps on 1 GPU (tokens/s, MFU), the flex-attention max-logit probe against the
+# eager reference, Newton-Schulz per shape (bf16 vs float32), and throughput vs transformers.
+#   bash benchmarks/gpu_check.sh            # ~8 minutes on one H100/H200
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/gpu}
+mkdir -p "$OUT"
+export WANDB_MODE=disabled HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
+part() {  # part NAME SECONDS CMD...: run CMD with a time limit, keep its output, record the exit status
+  local name=$1 limit=$2; shift 2
+  log "$name (limit ${limit}s)"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$OUT/$name.log" >> "$OUT/summary.txt"
+  log "$name exit $rc"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
+python -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))" >> "$OUT/gpu.txt" 2>&1
+cat "$OUT/gpu.txt" >> "$OUT/summary.txt"
+
+part nccl 60 torchrun --standalone --nproc_per_node=1 -m benchmarks.gpu_probe nccl
+
+# 20 steps, 1 GPU, bf16 autocast, the real config (ZeRO-1 falls back to the plain optimizer at world 1); the
+# micro batch is cut to fit one device with activation checkpointing on
+part train_small_gpu 300 python train.py --config configs/small_gpu.yaml --train.steps=20 --train.log_interval=5 \
+  --train.eval_interval=0 --train.ckpt_interval=0 --schedule.warmup_steps=2 --data.grad_accum=1 \
+  --train.output_dir="$OUT/small_gpu_run" --logging.wandb_mode=disabled
+python -m benchmarks.gpu_probe mfu --config configs/small_gpu.yaml --metrics "$OUT/small_gpu_run/metrics.jsonl" \
+  >> "$OUT/summary.txt" 2>&1
+
+part probe 120 python -m benchmarks.gpu_probe max_logits
+part ns 120 python benchmarks/ns.py --device cuda --config configs/small_gpu.yaml --rounds 5 --out "$OUT/ns.md"
+part throughput 150 python benchmarks/throughput_vs_hf.py --device cuda --batch 16 --seq 1024 --dim 1024 \
+  --steps 10 --out "$OUT/throughput_vs_hf.md"
+log "done; results in $OUT"

@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--muon-lrs", type=float, nargs="+", default=[5e-3, 1e-2, 2e-2])
     p.add_argument("--adamw-lrs", type=float, nargs="+", default=[4e-3, 8e-3, 1.6e-2, 3.2e-2])
     p.add_argument("--warmup-frac", type=float, default=0.1)
+    p.add_argument("--ns-coefficients", default="quintic", help="MuonClip's Newton-Schulz coefficients")
+    p.add_argument("--ns-dtype", default="float32", choices=["float32", "bfloat16"], help="Newton-Schulz dtype")
     add_model_args(p, layers=3)
     return p.parse_args(argv)
 
@@ -77,10 +79,12 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(kind: str, model: Transformer, lr: float):
+def build_optimizer(kind: str, model: Transformer, lr: float, ns_coefficients: str = "quintic",
+                    ns_dtype: str = "float32"):
     groups = muonclip.build_param_groups(model.named_parameters(), weight_decay=0.1)
     if kind == "muon":
-        opt = muonclip.MuonClip(groups, lr=lr, weight_decay=0.1)
+        opt = muonclip.MuonClip(groups, lr=lr, weight_decay=0.1, ns_coefficients=ns_coefficients,
+                                ns_dtype=getattr(torch, ns_dtype))
         muonclip.QKClip(model.qk_clip_specs(), tau=100.0).register(opt)
         return opt
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
@@ -97,7 +101,7 @@ def evaluate(model: Transformer, val_windows) -> float:
 def run(a, cfg, datasets, kind: str, lr: float, val_windows) -> dict:
     torch.manual_seed(a.seed)
     model = Transformer(cfg).train()
-    opt = build_optimizer(kind, model, lr)
+    opt = build_optimizer(kind, model, lr, a.ns_coefficients, a.ns_dtype)
     base_lrs = [g["lr"] for g in opt.param_groups]
     loader = data.BatchLoader(datasets.train, a.batch)
     warmup = max(1, int(a.warmup_frac * a.steps))
@@ -177,7 +181,7 @@ def write_outputs(a, cfg, runs: list[dict], n_params: int, total_secs: float) ->
         f"{cfg.n_routed_experts} experts top-{cfg.n_activated_experts} + {cfg.n_shared_experts} shared, vocab "
         f"{cfg.vocab_size} (bpe8k), {n_params / 1e6:.2f}M params. Budget {a.steps} steps x {a.batch} x {a.seq} = "
         f"{budget / 1e3:.0f}k tokens per run; warmup {a.warmup_frac:.0%} + cosine to 10%; wd 0.1; grad clip 1.0; "
-        f"seed {a.seed}; validation {a.val_batches} x {a.batch} x {a.seq} held-out tokens. Total {total_secs / 60:.1f} min.",
+        f"seed {a.seed}; MuonClip Newton-Schulz: {a.ns_coefficients}, {a.ns_dtype}; validation {a.val_batches} x {a.batch} x {a.seq} held-out tokens. Total {total_secs / 60:.1f} min.",
         "",
         "| optimizer | lr | final val loss | train loss (last 20 steps) | seconds |",
         "|---|---:|---:|---:|---:|",

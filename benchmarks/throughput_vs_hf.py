@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import muonclip  # noqa: E402
 from models import ModelConfig, Transformer  # noqa: E402
 from models.hf_interop import export_hf  # noqa: E402
+from parallel.parallelize import apply_compile  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -70,10 +71,12 @@ def sync(device: str) -> None:
 PHASES = ("forward", "backward", "optimizer")
 
 
-def time_interleaved(steps, batches, warmup: int, device: str) -> list[list[list[float]]]:
-    """Per setup, per step, the seconds of each phase; setups take turns step by step so load changes on a
-    shared machine hit all alike. A step function yields at each phase boundary."""
+def time_interleaved(steps, batches, warmup: int, device: str) -> tuple[list[list[list[float]]], list[float]]:
+    """Per setup, per step, the seconds of each phase, and each setup's first step in seconds; setups take turns
+    step by step so load changes on a shared machine hit all alike. A step function yields at each phase
+    boundary."""
     times: list[list[list[float]]] = [[] for _ in steps]
+    first: list[float] = [0.0] * len(steps)
     for i, (x, y) in enumerate(batches):
         for j, step_fn in enumerate(steps):
             phases = []
@@ -84,9 +87,11 @@ def time_interleaved(steps, batches, warmup: int, device: str) -> list[list[list
                 t1 = time.perf_counter()
                 phases.append(t1 - t0)
                 t0 = t1
+            if i == 0:
+                first[j] = sum(phases)
             if i >= warmup:
                 times[j].append(phases)
-    return times
+    return times, first
 
 
 def ours_step(model, opt, qkclip):
@@ -120,9 +125,11 @@ def hf_step(model, opt):
 def build_rows(a, cfg, hf_dir):
     from transformers import DeepseekV3ForCausalLM
 
-    def ours(muon: bool, clip: bool, ns_dtype=torch.float32):
+    def ours(muon: bool, clip: bool, ns_dtype=torch.float32, compile_blocks: bool = False):
         torch.manual_seed(0)
         model = Transformer(cfg).to(a.device).train()
+        if compile_blocks:
+            apply_compile(model)
         if muon:
             opt = muonclip.MuonClip(muonclip.build_param_groups(model.named_parameters()), lr=a.lr, ns_dtype=ns_dtype)
         else:
@@ -143,6 +150,7 @@ def build_rows(a, cfg, hf_dir):
     rows = [lambda: (ours(True, True), "ours + MuonClip (QK-Clip on)"),
             lambda: (ours(True, False), "ours + MuonClip (no QK-Clip, no max-logit probe)"),
             lambda: (ours(True, True, torch.bfloat16), "ours + MuonClip (QK-Clip on, bf16 Newton-Schulz)"),
+            lambda: (ours(True, True, compile_blocks=True), "ours + MuonClip (QK-Clip on, torch.compile per block)"),
             lambda: (ours(False, False), "ours + torch AdamW (no probe)")]
     for impl in (None, "eager"):
         def make(impl=impl):
@@ -180,9 +188,13 @@ def main(argv=None):
         diff = check_parity(cfg, tmp, a)
         print(f"logit parity ours vs HF (same weights): max |diff| = {diff:.2e}", flush=True)
         built = [make() for make in build_rows(a, cfg, tmp)]
-        all_times = time_interleaved([step for step, _ in built], batches, a.warmup, a.device)
+        all_times, first_steps = time_interleaved([step for step, _ in built], batches, a.warmup, a.device)
+    compile_note: list[str] = []
     results = []
-    for (_, label), times in zip(built, all_times):
+    for (_, label), times, first in zip(built, all_times, first_steps):
+        if "compile" in label:
+            print(f"{label}: first step {first:.1f} s (compilation)", flush=True)
+            compile_note.append(f"torch.compile: the first step of the compiled row took {first:.1f} s (compilation).")
         med = statistics.median(sum(phases) for phases in times)
         by_phase = [statistics.median(phases[k] for phases in times) for k in range(len(PHASES))]
         results.append((label, med, tokens_per_step / med, by_phase))
@@ -199,6 +211,7 @@ def main(argv=None):
         f"vocab {cfg.vocab_size}, {n_params / 1e6:.1f}M params; batch {a.batch} x seq {a.seq} = {tokens_per_step} "
         f"tokens/step; median of {a.steps} steps after {a.warmup} warmup, setups interleaved step by step; float32",
         f"Logit parity (same weights): max |diff| = {diff:.1e}",
+        *compile_note,
         "",
         "Phases are medians on their own (they need not add up to the step's median).",
         "",

@@ -169,6 +169,8 @@ class TrainConfig:
     ckpt_keep: int = 3  # keep the last K checkpoints
     output_dir: str = "outputs/run"  # config.yaml, metrics.jsonl, checkpoints/, wandb/
     resume: str = "auto"  # "auto" (latest checkpoint in output_dir if any), "none", or a checkpoint path
+    # torch.compile each transformer block (parallel/parallelize.py apply_compile); the first step compiles
+    compile: bool = False
     init_from: str = ""  # a Hugging Face DeepseekV3 / Kimi K2 directory: start from its weights (fresh optimizer)
     resume_fallback: bool = False  # resume: auto and the latest checkpoint is damaged -> the previous one (warning)
     ckpt_verify: bool = True  # check every file's checksum (and finite values) before a checkpoint is loaded

@@ -17,14 +17,14 @@ from launch.runtime import Runtime
 from models import Transformer
 from muonclip.placement import REPLICATED
 from parallel.init import init_sharded, load_hf_sharded
-from parallel.parallelize import parallelize
+from parallel.parallelize import apply_compile, parallelize
 from parallel.pipeline_parallel import Pipeline, StagePlan, pipeline_schedule, plan_stages, prune_to_stage
 
 
 def build_model(cfg: JobConfig, rt: Runtime) -> tuple[Transformer, dict[str, Any]]:
     """Build on meta -> keep this pipeline rank's layers (all of them without PP) -> parallelize (EP/TP/AC) ->
     allocate and initialise only this rank's shards (parallel/init.py): the global weights equal one process's
-    for ``train.seed`` at any layout."""
+    for ``train.seed`` at any layout -> ``train.compile``: torch.compile per block."""
     with torch.device("meta"):
         model = Transformer(cfg.model)
     rules, shapes = model.init_rules(), {name: tuple(p.shape) for name, p in model.named_parameters()}
@@ -36,6 +36,8 @@ def build_model(cfg: JobConfig, rt: Runtime) -> tuple[Transformer, dict[str, Any
     if rt.groups.tp_size > 1 or rt.groups.ep_size > 1 or p.activation_checkpointing:
         placements = parallelize(model, rt.pdims, rt.groups, p)
     init_sharded(model, rules, shapes, placements, rt.groups.ep_rank, cfg.train.seed, rt.device)
+    if cfg.train.compile:
+        apply_compile(model, fullgraph_dense=rt.groups.tp_size == 1 and not p.activation_checkpointing)
     return model, placements
 
 

@@ -125,6 +125,10 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         if self.use_grouped and self.grouped_supported(x_TD.dtype):
+            if torch.compiler.is_compiling() and x_TD.dtype != torch.bfloat16:
+                # torch 2.13's fake (tracing) kernel of grouped_mm accepts bf16 only, while the eager CPU kernel
+                # also runs float32: under torch.compile these run eagerly (a graph break)
+                return _eager_grouped(self, x_TD, counts_E)
             return self._grouped(x_TD, counts_E)
         return self._loop(x_TD, counts_E)
 
@@ -156,6 +160,11 @@ class GroupedExperts(nn.Module):
 
     def init_weights(self, std: float, out_std: float) -> None:
         init_module_(self, self.init_rules(std, out_std))
+
+
+@torch.compiler.disable
+def _eager_grouped(experts: GroupedExperts, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    return experts._grouped(x_TD, counts_E)
 
 
 class MoE(nn.Module):

@@ -1,4 +1,5 @@
-"""One place that turns the plain model into the parallel one, in a fixed order: EP, TP, activation checkpointing.
+"""One place that turns the plain model into the parallel one, in a fixed order: EP, TP, activation checkpointing
+(``parallelize``); ``apply_compile`` (``train.compile``) comes last, on the parallel model.
 
 Data-parallel gradient synchronisation is not applied here: ``DistributedMuonClip`` (ZeRO-1) reduces
 gradients itself (or the trainer wraps with DDP). The returned placements tell the optimizer how each
@@ -53,6 +54,16 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         composable_checkpoint(block, context_fn=lambda b=block: (nullcontext(), _keep_step_stats(b)))
 
 
+def apply_compile(model: nn.Module, fullgraph_dense: bool = True) -> None:
+    """``torch.compile`` each transformer block in place (torchtitan style; parameter names unchanged). Dense blocks
+    compile as one graph (``fullgraph``; pass False where collectives run inside them, i.e. tensor parallelism);
+    MoE blocks may break the graph: at the data-dependent token counts of the dispatch and, in float32, around
+    the grouped expert GEMMs (models/moe.py). Compilation happens at the first forward of each block."""
+    dense = set(range(model.cfg.first_k_dense))
+    for i, block in zip(model.layers.indices(), model.layers):
+        block.compile(fullgraph=fullgraph_dense and i in dense)
+
+
 def parallelize(model: nn.Module, pdims: ParallelDims, groups: ParallelGroups,
                 cfg: _ParallelizeOptions = ParallelizeConfig()) -> dict[str, Placement]:
     """Apply EP, then TP, then activation checkpointing to ``model`` in place; return a placement per param.
@@ -75,4 +86,4 @@ def parallelize(model: nn.Module, pdims: ParallelDims, groups: ParallelGroups,
     return placements
 
 
-__all__ = ["ParallelizeConfig", "parallelize", "apply_activation_checkpointing"]
+__all__ = ["ParallelizeConfig", "parallelize", "apply_activation_checkpointing", "apply_compile"]

@@ -130,3 +130,13 @@ def build_buckets(slots: list[ParamSlot], group_sizes: dict[str, int]) -> list[B
         b.shard_numel = max(used)
         b.offsets = [s.owner * b.shard_numel + off for s, off in zip(b.slots, local)]
     return list(buckets.values())
+
+
+PERSISTENT_PADDING = 1.25  # a bucket keeps a persistent gradient buffer if padded size <= this x its parameters
+
+
+def persistent_bucket(b: Bucket) -> bool:
+    """Whether DistributedMuonClip keeps a persistent gradient buffer for ``b``: only where whole-tensor ownership
+    pads it little (a kept buffer holds its padding for the whole run)."""
+    used = sum(s.param.numel() for s in b.slots)
+    return b.group_size * b.shard_numel <= PERSISTENT_PADDING * used

@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from muonclip._dist_comm import CountingComm, NSItem, group_size, orthogonalize_once
-from muonclip._dist_layout import ParamSlot, assign_owners, build_buckets
+from muonclip._dist_layout import ParamSlot, assign_owners, build_buckets, persistent_bucket
 from muonclip.muon import adamw_step_, apply_muon_update_, muon_momentum_, orthogonalize
 from muonclip.newton_schulz import CoefficientSpec
 from muonclip.optimizer import MuonClip
@@ -114,7 +114,13 @@ class DistributedMuonClip(MuonClip):
         self.buckets = build_buckets(self.slots, sizes)
         self._index = {"dp": dist.get_rank(self.dp_group), "edp": dist.get_rank(self.edp_group)}
         self._slot = {id(s.param): s for s in self.slots}
+        # a persistent buffer per bucket: backward accumulates the gradients into it (``.grad`` are views), the
+        # reduce-scatter and the parameter all-gather run in place in it, nothing is allocated per step. A bucket
+        # that whole-tensor ownership pads by more than PERSISTENT_PADDING (e.g. one huge embedding) keeps its
+        # gradients as plain tensors and gets a buffer per step instead: kept, its padding would stay allocated.
+        self._flat = [self._new_buffer(b) if persistent_bucket(b) else None for b in self.buckets]
         self._reduced = False
+        self.zero_grad()
         self.last_step_stats: dict[str, float] = {"ns_seconds": 0.0, "ns_matrices": 0}
         self._frozen = True
 
@@ -234,19 +240,43 @@ class DistributedMuonClip(MuonClip):
 
     # ------------------------------------------------------------------ gradients
     @torch.no_grad()
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the persistent gradient buffers and point their parameters' ``.grad`` at their slices, so backward
+        accumulates straight into them (``set_to_none`` is ignored there); other gradients as torch's."""
+        for b, flat in zip(self.buckets, self._flat):
+            if flat is None:
+                for s in b.slots:
+                    if set_to_none:
+                        s.param.grad = None
+                    elif s.param.grad is not None:
+                        s.param.grad.zero_()
+                continue
+            flat.zero_()
+            for s, off in zip(b.slots, b.offsets):
+                s.param.grad = flat[off:off + s.param.numel()].view_as(s.param)
+
+    @staticmethod
+    def _new_buffer(b: Any) -> Tensor:
+        return torch.zeros(b.group_size * b.shard_numel, dtype=b.dtype, device=b.slots[0].param.device)
+
+    @torch.no_grad()
     def reduce_gradients(self) -> None:
-        """Average gradients: each owner receives the full averaged gradient of its params (one reduce-scatter
-        per bucket); ``p.grad`` of owned params becomes a view of it, other params' ``p.grad`` is set to None.
-        No-op if already done since the last ``step()``."""
+        """Average gradients: each owner receives the full averaged gradient of its params (one in-place
+        reduce-scatter per bucket); ``p.grad`` of owned params becomes a view of its shard, other params' ``p.grad``
+        is set to None. Gradients that are not views of the buffers (no ``zero_grad()`` since the last step) are
+        copied in first. No-op if already done since the last ``step()``."""
         if self._reduced:
             return
-        for b in self.buckets:
+        for b, flat in zip(self.buckets, self._flat):
             S, me = b.shard_numel, self._index[b.sharding]
-            flat = torch.zeros(b.group_size * S, dtype=b.dtype, device=b.slots[0].param.device)
+            flat = self._new_buffer(b) if flat is None else flat
             for s, off in zip(b.slots, b.offsets):
-                if s.param.grad is not None:
-                    flat[off:off + s.param.numel()].copy_(s.param.grad.reshape(-1))
-            shard = torch.empty(S, dtype=b.dtype, device=flat.device)
+                view, grad = flat[off:off + s.param.numel()], s.param.grad
+                if grad is None:
+                    view.zero_()
+                elif grad.data_ptr() != view.data_ptr():
+                    view.copy_(grad.reshape(-1))
+            shard = flat[me * S:(me + 1) * S]
             self.comm.reduce_scatter(shard, flat, self.dp_group if b.sharding == "dp" else self.edp_group)
             shard.div_(self.dp_size if b.sharding == "dp" else self.expert_grad_divisor)
             for s, off in zip(b.slots, b.offsets):
@@ -335,19 +365,20 @@ class DistributedMuonClip(MuonClip):
                     eps=group["adamw_eps"], weight_decay=float(group["weight_decay"]))
 
     def _gather_params(self) -> None:
-        """Owners broadcast their updated params: one all-gather per bucket."""
-        for b in self.buckets:
+        """Owners broadcast their updated params: one all-gather per bucket, in the gradient buffer (its
+        gradients are spent); every managed ``.grad`` is then None until ``zero_grad()`` attaches them again."""
+        for b, flat in zip(self.buckets, self._flat):
+            for s in b.slots:
+                s.param.grad = None
             if b.group_size == 1:
                 continue
             S, me = b.shard_numel, self._index[b.sharding]
-            device = b.slots[0].param.device
-            shard = torch.zeros(S, dtype=b.dtype, device=device)
+            flat = self._new_buffer(b) if flat is None else flat
+            shard = flat[me * S:(me + 1) * S]
             for s, off in zip(b.slots, b.offsets):
                 if s.owner == me:
-                    start = off - me * S
-                    shard[start:start + s.param.numel()].copy_(s.param.reshape(-1))
-            full = torch.empty(b.group_size * S, dtype=b.dtype, device=device)
-            self.comm.all_gather(full, shard, self.dp_group if b.sharding == "dp" else self.edp_group)
+                    flat[off:off + s.param.numel()].copy_(s.param.reshape(-1))
+            self.comm.all_gather(flat, shard, self.dp_group if b.sharding == "dp" else self.edp_group)  # in place
             for s, off in zip(b.slots, b.offsets):
                 if s.owner != me:
-                    s.param.copy_(full[off:off + s.param.numel()].view_as(s.param))
+                    s.param.copy_(flat[off:off + s.param.numel()].view_as(s.param))

@@ -7,10 +7,10 @@ For every rank (pipeline index p, data-parallel index d, tensor-parallel rank t)
 device exactly as the trainer does (this rank's stages, EP and TP applied, so shapes are the real local ones)
 and the ZeRO-1 plan ``DistributedMuonClip`` would make (the same ``assign_owners`` / ``build_buckets``), then:
 
-- parameters, gradients (float32, every trainable local tensor) and optimizer state (Muon momentum, AdamW two
-  moments, of the parameters this rank owns);
-- the ZeRO-1 reduce-scatter's transient buffers (the largest bucket's full buffer plus every owned shard; on
-  gloo (CPU) once more the full buffer, which gloo copies);
+- parameters, gradients (float32, every trainable local tensor; with ZeRO-1 its persistent gradient buffers,
+  padded per bucket, which the reduce-scatter and all-gather use in place) and optimizer state (Muon momentum,
+  AdamW two moments, of the parameters this rank owns);
+- the ZeRO-1 reduce-scatter's transient: on gloo (CPU) a copy of the largest bucket, which gloo makes;
 - activations saved per micro batch (an analytic count of the tensors autograd keeps per layer: norms,
   projections, attention probabilities, SwiGLU and routed-expert intermediates, logits), with and without
   activation checkpointing, times the micro batches in flight (``_in_flight``: 1 without PP; ``pp - p`` for
@@ -19,8 +19,8 @@ and the ZeRO-1 plan ``DistributedMuonClip`` would make (the same ``assign_owners
   matrices of one shape (the stack plus two Newton–Schulz iterates); ``MuonClip`` (one process) one matrix at a
   time;
 - a peak estimate: the largest of three phases: backward (parameters, optimizer state, all gradients,
-  activations in flight), the reduce-scatter (+ its buffers), the optimizer step (owned gradients + its
-  transients);
+  activations in flight), the reduce-scatter (+ its transient), the optimizer step (the gradients still held:
+  the owned ones, or ZeRO-1's buffers, + its transients);
 - per-step bytes sent by this rank, per collective: DP/EDP reduce-scatter and all-gather and the grad-norm
   all-reduce (exact: the counts ``CountingComm`` reports), the Newton–Schulz gathers/scatters over TP (exact),
   TP all-reduces of activations (4 per layer per micro batch), EP all-to-all (expected under uniform routing),
@@ -47,9 +47,9 @@ class RankPlan:
     params: int = 0  # bytes
     grads: int = 0
     optimizer: int = 0
-    zero_transient: int = 0  # reduce-scatter (full buffer of the largest bucket + every shard)
+    zero_transient: int = 0  # reduce-scatter: the largest per-step buffer + gloo's copy of the input
     step_transient: int = 0  # Newton–Schulz: momentum updates held, the batched stack, two iterates
-    owned_grads: int = 0  # gradients left after the reduce-scatter (the owned shards)
+    owned_grads: int = 0  # gradients held through the optimizer step (ZeRO-1: its persistent buffers + owned)
     activations_per_micro: int = 0
     activations_per_micro_ac: int = 0
     in_flight: float = 1
@@ -249,10 +249,21 @@ def plan_layout(cfg, world: int) -> list[RankPlan]:
         r.optimizer = sum(s.param.numel() * (1 if s.use_muon else 2) for s in owned) * F32
         muon = [s for s in owned if s.use_muon]
         if world > 1 and p.optimizer == "zero1":  # DistributedMuonClip: all shards, then batched NS per shape
+            # gradients live in persistent per-bucket buffers (padded), reduced and gathered in place; a bucket
+            # padded too much (persistent_bucket) keeps plain gradients and gets a buffer per step
+            from muonclip._dist_layout import persistent_bucket
+
+            kept = [b for b in buckets if persistent_bucket(b)]
+            per_step = [b for b in buckets if not persistent_bucket(b)]
+            buffers = sum(b.group_size * b.shard_numel for b in kept)
+            plain = sum(s.param.numel() for b in per_step for s in b.slots)
+            r.grads = (buffers + plain) * F32
+            r.owned_grads = (buffers + sum(s.param.numel() for b in per_step for s in b.slots
+                                           if s.owner == me[s.sharding])) * F32
             full = max((b.group_size * b.shard_numel for b in buckets if b.group_size > 1), default=0)
+            fresh = max((b.group_size * b.shard_numel for b in per_step), default=0)
             staged = full if _backend(cfg) == "gloo" else 0  # gloo copies the reduce-scatter input (measured)
-            r.zero_transient = (full + staged + sum(b.shard_numel for b in buckets)) * F32
-            r.owned_grads = sum(s.param.numel() for s in owned) * F32
+            r.zero_transient = (fresh + staged) * F32
             by_shape: dict[tuple, int] = {}
             for s in muon:
                 key = tuple(s.full_shape[-2:])

@@ -125,11 +125,21 @@ def _replicated_worker(rank: int, world: int) -> None:
     ref = _clone(params)
     opt = DistributedMuonClip(build_param_groups(list(params.items())), {}, OptimizerGroups(dp_group), **HP)
     ref_opt = MuonClip(build_param_groups(list(ref.items())), **HP)
+    buffers = [flat.data_ptr() for flat in opt._flat]
     for step in range(1, STEPS + 1):
         _dense_step(params, ref, opt, ref_opt, rank, world, step)
     for n, p in params.items():
         _assert_close(p, ref[n], n)
     _assert_identical(list(params.values()), dp_group, "params")
+    # persistent gradient buffers: never reallocated; after zero_grad() backward accumulates into them in place
+    assert [flat.data_ptr() for flat in opt._flat] == buffers
+    storages = {flat.untyped_storage().data_ptr() for flat in opt._flat}
+    managed = [p for p in params.values() if p.requires_grad]
+    assert all(p.grad is not None and p.grad.untyped_storage().data_ptr() in storages for p in managed)
+    sum((p * (i + 1)).sum() for i, p in enumerate(managed)).backward()
+    for i, p in enumerate(managed):
+        assert p.grad.untyped_storage().data_ptr() in storages and torch.equal(p.grad, torch.full_like(p, i + 1.0))
+    opt.zero_grad()
 
     # each Muon matrix orthogonalised exactly once in the world per step (the 3-D stack counts 3)
     n_matrices = sum(1 if len(s) == 2 and "proj" in n else 0 for n, s in DENSE.items()) + 3

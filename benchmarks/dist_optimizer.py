@@ -55,9 +55,10 @@ class NSTimer:
         return out
 
 
-def bench_zero1_muonclip(model, rank, world, iters, lr):
+def bench_zero1_muonclip(model, rank, world, iters, lr, all_reduce_min_bytes=None):
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = DistributedMuonClip(build_param_groups(model.named_parameters()), {}, OptimizerGroups(), lr=lr)
+    opt = DistributedMuonClip(build_param_groups(model.named_parameters()), {}, OptimizerGroups(), lr=lr,
+                              all_reduce_min_bytes=all_reduce_min_bytes)
     times, ns = [], []
     for it in range(iters + 1):
         fake_grads(named, rank, it)
@@ -138,6 +139,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=ModelConfig.dim)
     ap.add_argument("--n-layers", type=int, default=ModelConfig.n_layers)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of all schemes in turn (medians over rounds)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     args = ap.parse_args()
@@ -145,20 +147,29 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = ModelConfig(dim=args.dim, n_layers=args.n_layers)
+    schemes = (("zero1_muonclip", bench_zero1_muonclip),  # its default: all-reduce for large buckets on gloo
+               ("zero1_muonclip_rs", lambda *a: bench_zero1_muonclip(*a, all_reduce_min_bytes=2**62)),  # forced RS
+               ("naive_muonclip", bench_naive_muonclip), ("zero1_adamw", bench_zero1_adamw))
+    results: dict[str, list[dict]] = {name: [] for name, _ in schemes}
+    for _ in range(args.repeats):  # the schemes take turns, so load changes hit them alike
+        for name, fn in schemes:
+            torch.manual_seed(0)
+            model = Transformer(cfg)
+            dist.barrier()
+            results[name].append(fn(model, rank, world, args.iters, args.lr))
     rows = []
-    for name, fn in (("zero1_muonclip", bench_zero1_muonclip), ("naive_muonclip", bench_naive_muonclip),
-                     ("zero1_adamw", bench_zero1_adamw)):
-        torch.manual_seed(0)
-        model = Transformer(cfg)
-        dist.barrier()
-        res = fn(model, rank, world, args.iters, args.lr)
+    for name, _ in schemes:
+        runs = results[name]
+        res = dict(runs[0], step_s=statistics.median(r["step_s"] for r in runs),
+                   ns_s=statistics.median(r["ns_s"] for r in runs))
         gathered = [None] * world
         dist.all_gather_object(gathered, res)
         rows.append((name, gathered))
     if rank == 0:
         n_params = sum(p.numel() for p in Transformer(cfg).parameters())
         print(f"# world={world} (gloo, CPU, {args.threads} thread/rank) model dim={cfg.dim} layers={cfg.n_layers} "
-              f"experts={cfg.n_routed_experts} params={n_params / 1e6:.2f}M fp32, iters={args.iters}")
+              f"experts={cfg.n_routed_experts} params={n_params / 1e6:.2f}M fp32, iters={args.iters}, "
+              f"{args.repeats} interleaved rounds")
         print(f"{'scheme':<16}{'rank':>5}{'step ms':>10}{'NS ms':>9}{'NS mats':>9}{'sent MB':>9}{'state MB':>10}")
         for name, gathered in rows:
             for r, res in enumerate(gathered):

@@ -27,6 +27,20 @@ def group_size(group: Any) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
+# gloo's reduce-scatter is slower than its all-reduce of the same buffer from a few MB on (2 gloo ranks, CPU,
+# 2026-12-01: 8 MB 12.2 vs 8.5 ms, 32 MB 62.1 vs 27.7 ms; 1 MB 3.6 vs 4.7 ms), although all-reduce sends twice
+# the bytes; NCCL's reduce-scatter is the cheaper one
+GLOO_ALL_REDUCE_MIN_BYTES = 4 * 2**20
+
+
+def reduce_by_all_reduce(nbytes: int, backend: str, min_bytes: int | None = None) -> bool:
+    """Whether a ZeRO-1 gradient buffer of ``nbytes`` is reduced with an all-reduce (each owner then reads its
+    shard) instead of a reduce-scatter: on gloo from ``min_bytes`` (default GLOO_ALL_REDUCE_MIN_BYTES) on."""
+    if min_bytes is not None:
+        return nbytes >= min_bytes
+    return backend == "gloo" and nbytes >= GLOO_ALL_REDUCE_MIN_BYTES
+
+
 class CountingComm:
     def __init__(self) -> None:
         self.bytes_sent: dict[str, int] = defaultdict(int)

@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from muonclip._dist_comm import CountingComm, NSItem, group_size, orthogonalize_once
+from muonclip._dist_comm import CountingComm, NSItem, group_size, orthogonalize_once, reduce_by_all_reduce
 from muonclip._dist_layout import ParamSlot, assign_owners, build_buckets, persistent_bucket
 from muonclip.muon import adamw_step_, apply_muon_update_, muon_momentum_, orthogonalize
 from muonclip.newton_schulz import CoefficientSpec
@@ -79,6 +79,8 @@ class DistributedMuonClip(MuonClip):
         placements: {param name: Placement}; missing names are "replicated".
         groups: object with ``dp_group`` and optionally ``tp_group``, ``edp_group`` (``OptimizerGroups``).
         expert_grad_divisor: divisor of expert gradients after the edp sum (default: dp size).
+        all_reduce_min_bytes: reduce buckets of at least this many bytes with an all-reduce instead of a
+            reduce-scatter (default: from 4 MiB on gloo, never on NCCL; ``_dist_comm.reduce_by_all_reduce``).
         norm_group: group spanning dp x tp for ``clip_grad_norm_`` and the structure check (default: world).
         pipeline_group: with pipeline parallelism, the ranks holding the other stages (same dp, tp index): the
             squared norm of this stage is summed over it too, so every stage clips by the same global norm.
@@ -89,7 +91,8 @@ class DistributedMuonClip(MuonClip):
                  weight_decay: float = 0.1, adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8,
                  *, ns_dtype: torch.dtype = torch.float32, ns_eps: float = 1e-7,
                  ns_coefficients: CoefficientSpec = "quintic", ns_path: str = "standard",
-                 expert_grad_divisor: int | None = None, norm_group: Any = None, pipeline_group: Any = None) -> None:
+                 expert_grad_divisor: int | None = None, norm_group: Any = None, pipeline_group: Any = None,
+                 all_reduce_min_bytes: int | None = None) -> None:
         self._frozen = False
         super().__init__(params, lr, momentum, nesterov, ns_steps, weight_decay, adamw_betas, adamw_eps,
                          ns_dtype=ns_dtype, ns_eps=ns_eps, ns_coefficients=ns_coefficients, ns_path=ns_path)
@@ -119,6 +122,11 @@ class DistributedMuonClip(MuonClip):
         # that whole-tensor ownership pads by more than PERSISTENT_PADDING (e.g. one huge embedding) keeps its
         # gradients as plain tensors and gets a buffer per step instead: kept, its padding would stay allocated.
         self._flat = [self._new_buffer(b) if persistent_bucket(b) else None for b in self.buckets]
+        # per bucket: all-reduce instead of reduce-scatter where that is faster (gloo, large buffers; see _dist_comm)
+        self._all_reduce = [reduce_by_all_reduce(
+            b.group_size * b.shard_numel * torch.empty((), dtype=b.dtype).element_size(),
+            dist.get_backend(self.dp_group if b.sharding == "dp" else self.edp_group), all_reduce_min_bytes)
+            for b in self.buckets]
         self._reduced = False
         self.zero_grad()
         self.last_step_stats: dict[str, float] = {"ns_seconds": 0.0, "ns_matrices": 0}
@@ -267,7 +275,7 @@ class DistributedMuonClip(MuonClip):
         copied in first. No-op if already done since the last ``step()``."""
         if self._reduced:
             return
-        for b, flat in zip(self.buckets, self._flat):
+        for b, flat, by_all_reduce in zip(self.buckets, self._flat, self._all_reduce):
             S, me = b.shard_numel, self._index[b.sharding]
             flat = self._new_buffer(b) if flat is None else flat
             for s, off in zip(b.slots, b.offsets):
@@ -277,7 +285,11 @@ class DistributedMuonClip(MuonClip):
                 elif grad.data_ptr() != view.data_ptr():
                     view.copy_(grad.reshape(-1))
             shard = flat[me * S:(me + 1) * S]
-            self.comm.reduce_scatter(shard, flat, self.dp_group if b.sharding == "dp" else self.edp_group)
+            group = self.dp_group if b.sharding == "dp" else self.edp_group
+            if by_all_reduce:
+                self.comm.all_reduce(flat, dist.ReduceOp.SUM, group)  # every shard summed; this rank reads its own
+            else:
+                self.comm.reduce_scatter(shard, flat, group)
             shard.div_(self.dp_size if b.sharding == "dp" else self.expert_grad_divisor)
             for s, off in zip(b.slots, b.offsets):
                 if s.owner == me:

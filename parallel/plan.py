@@ -175,9 +175,15 @@ def _comm(cfg, slots, buckets, me: dict[str, int], tp_rank: int, plan, pp_rank: 
         if n:
             out[key] = out.get(key, 0) + n
 
+    from muonclip._dist_comm import reduce_by_all_reduce
+
     for b in buckets:
         if b.group_size > 1:
-            add("reduce_scatter", (b.group_size - 1) * b.shard_numel * F32)
+            full = b.group_size * b.shard_numel * F32
+            if reduce_by_all_reduce(full, _backend(cfg)):  # as DistributedMuonClip chooses
+                add("all_reduce", 2 * (b.group_size - 1) * full // b.group_size)
+            else:
+                add("reduce_scatter", (b.group_size - 1) * b.shard_numel * F32)
             add("all_gather", (b.group_size - 1) * b.shard_numel * F32)
     stage = dp * tp
     add("all_reduce", 2 * (stage - 1) * F32 // stage if stage > 1 else 0)  # the grad norm (one float)

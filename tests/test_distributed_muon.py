@@ -162,6 +162,18 @@ def _replicated_worker(rank: int, world: int) -> None:
     assert mine <= ref_bytes / world + largest, (mine, ref_bytes)
     assert 0 < mine < ref_bytes
 
+    # the all-reduce path (what gloo takes for large buckets) gives the same result as the reduce-scatter
+    params_ar, ref_ar = _make(DENSE), _clone(_make(DENSE))
+    opt_ar = DistributedMuonClip(build_param_groups(list(params_ar.items())), {}, OptimizerGroups(dp_group),
+                                 all_reduce_min_bytes=0, **HP)
+    ref_opt_ar = MuonClip(build_param_groups(list(ref_ar.items())), **HP)
+    assert all(opt_ar._all_reduce) and not any(opt._all_reduce)  # DENSE's buckets are small: reduce-scatter
+    for step in range(1, STEPS + 1):
+        _dense_step(params_ar, ref_ar, opt_ar, ref_opt_ar, rank, world, step)
+    for n, p in params_ar.items():
+        _assert_close(p, ref_ar[n], n)
+        assert torch.equal(p, params[n]), n  # bitwise the reduce-scatter run's result
+    assert opt_ar.comm_bytes.get("all_reduce", 0) > 0 and "reduce_scatter" not in opt_ar.comm_bytes
     # bad input: groups without names; ranks that disagree on the structure (clear error on every rank)
     with pytest.raises(ValueError, match="names"):
         DistributedMuonClip([{"params": [params["lm_head.weight"]], "use_muon": False}], {}, OptimizerGroups(), **HP)

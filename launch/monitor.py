@@ -217,7 +217,7 @@ def _seq_aux_loss(model: nn.Module) -> torch.Tensor | None:
     if not stats:
         return None
     stat_L2 = torch.stack(stats).detach().float()
-    return torch.where(stat_L2[:, 1] > 0, stat_L2[:, 0] / stat_L2[:, 1].clamp_min(1), 0.0).sum()
+    return (stat_L2[:, 0] / stat_L2[:, 1].clamp_min(1)).sum()  # a router with no forward: 0 / 1
 
 
 def _cpu(pairs: list[tuple[int, torch.Tensor]]) -> list[tuple[int, torch.Tensor]]:

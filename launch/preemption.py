@@ -52,7 +52,7 @@ class PreemptionHandler:
     def signal_name(self) -> str:
         return signal.Signals(self.received).name if self.received is not None else ""
 
-    def stop_requested(self, device: torch.device | None = None) -> bool:
+    def stop_requested(self) -> bool:
         """Collective when distributed: True on every rank if any rank got a signal (blocking)."""
         if not _distributed():
             return self.received is not None

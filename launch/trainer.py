@@ -311,7 +311,7 @@ class Trainer:
             if save_now:
                 self.save()
                 t_last = time.perf_counter()
-        if not result.preempted and self.preemption.stop_requested(self.rt.device):
+        if not result.preempted and self.preemption.stop_requested():
             self._preempted(result)  # a signal during the last step: the run is done, but save it all the same
         self._async_save_done(block=True)
         result.final_step = self.step
@@ -353,7 +353,8 @@ class Trainer:
         return tokens_per_step(self.cfg, self.rt)
 
     def _log(self, out: StepResult, window: list[float], tokens_per_s: float) -> None:
-        metrics = {"loss": out.loss, "loss_avg": sum(window) / len(window), "lr": out.lr,
+        # window[-1] is this step's loss, already read on the host by _judge
+        metrics = {"loss": window[-1], "loss_avg": sum(window) / len(window), "lr": out.lr,
                    "grad_norm": out.grad_norm, "tokens_per_s": tokens_per_s,
                    "tokens": self.step * self.tokens_per_step()}
         metrics.update({f"data/{name}/tokens": n for name, n in self.loader.tokens_per_source().items()})

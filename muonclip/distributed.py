@@ -123,10 +123,9 @@ class DistributedMuonClip(MuonClip):
         # gradients as plain tensors and gets a buffer per step instead: kept, its padding would stay allocated.
         self._flat = [self._new_buffer(b) if persistent_bucket(b) else None for b in self.buckets]
         # per bucket: all-reduce instead of reduce-scatter where that is faster (gloo, large buffers; see _dist_comm)
-        self._all_reduce = [reduce_by_all_reduce(
-            b.group_size * b.shard_numel * torch.empty((), dtype=b.dtype).element_size(),
-            dist.get_backend(self.dp_group if b.sharding == "dp" else self.edp_group), all_reduce_min_bytes)
-            for b in self.buckets]
+        self._all_reduce = [reduce_by_all_reduce(b.group_size * b.shard_numel * b.dtype.itemsize,
+                                                 dist.get_backend(self._group(b)), all_reduce_min_bytes)
+                            for b in self.buckets]
         self._reduced = False
         self.zero_grad()
         self.last_step_stats: dict[str, float] = {"ns_seconds": 0.0, "ns_matrices": 0}
@@ -263,6 +262,10 @@ class DistributedMuonClip(MuonClip):
             for s, off in zip(b.slots, b.offsets):
                 s.param.grad = flat[off:off + s.param.numel()].view_as(s.param)
 
+    def _group(self, b: Any) -> Any:
+        """The group a bucket's gradients are reduced and its params gathered over (dp, or edp for experts)."""
+        return self.dp_group if b.sharding == "dp" else self.edp_group
+
     @staticmethod
     def _new_buffer(b: Any) -> Tensor:
         return torch.zeros(b.group_size * b.shard_numel, dtype=b.dtype, device=b.slots[0].param.device)
@@ -285,7 +288,7 @@ class DistributedMuonClip(MuonClip):
                 elif grad.data_ptr() != view.data_ptr():
                     view.copy_(grad.reshape(-1))
             shard = flat[me * S:(me + 1) * S]
-            group = self.dp_group if b.sharding == "dp" else self.edp_group
+            group = self._group(b)
             if by_all_reduce:
                 self.comm.all_reduce(flat, dist.ReduceOp.SUM, group)  # every shard summed; this rank reads its own
             else:
@@ -390,7 +393,7 @@ class DistributedMuonClip(MuonClip):
             for s, off in zip(b.slots, b.offsets):
                 if s.owner == me:
                     flat[off:off + s.param.numel()].copy_(s.param.reshape(-1))
-            self.comm.all_gather(flat, shard, self.dp_group if b.sharding == "dp" else self.edp_group)  # in place
+            self.comm.all_gather(flat, shard, self._group(b))  # in place
             for s, off in zip(b.slots, b.offsets):
                 if s.owner != me:
                     s.param.copy_(flat[off:off + s.param.numel()].view_as(s.param))

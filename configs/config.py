@@ -203,6 +203,8 @@ class ParallelConfig:
     pp_virtual_stages: int = 1  # stages per pipeline rank (2 for zbv / dualpipev)
     pp_layers: list[int] = field(default_factory=list)  # layers per stage (pp * pp_virtual_stages numbers); [] = balanced
     optimizer: str = "zero1"  # "zero1" (sharded optimizer state when dp > 1) or "replicated" (DDP)
+    zero1_bucket_mb: float = 25.0  # zero1 gradient buckets: MiB of parameters of one owner each (0 = one per owner)
+    zero1_overlap: bool = True  # zero1: reduce each bucket as soon as backward completes it (False: after backward)
     activation_checkpointing: bool = False
 
     @property
@@ -227,6 +229,8 @@ class ParallelConfig:
         _need(s, self.pp == 1 or self.optimizer == "zero1",
               "pp > 1 needs optimizer: zero1 (DistributedMuonClip clips one grad norm over all stages)")
         _one_of(s, "optimizer", self.optimizer, ("zero1", "replicated"))
+        _need(s, self.zero1_bucket_mb >= 0, f"zero1_bucket_mb must be >= 0 (0 = one bucket per owner), got "
+              f"{self.zero1_bucket_mb}")
         _need(s, self.optimizer == "zero1" or (self.tp == 1 and self.ep == 1),
               f"tp={self.tp}, ep={self.ep} needs optimizer: zero1 (DistributedMuonClip reduces expert/sharded "
               "gradients over the right groups and orthogonalises the full TP matrices; DDP + MuonClip cannot)")

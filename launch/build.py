@@ -15,7 +15,6 @@ import muonclip
 from configs import JobConfig
 from launch.runtime import Runtime
 from models import Transformer
-from muonclip.placement import REPLICATED
 from parallel.init import init_sharded, load_hf_sharded
 from parallel.parallelize import apply_compile, parallelize
 from parallel.pipeline_parallel import Pipeline, StagePlan, pipeline_schedule, plan_stages, prune_to_stage
@@ -32,9 +31,7 @@ def build_model(cfg: JobConfig, rt: Runtime) -> tuple[Transformer, dict[str, Any
     if p.pp > 1:
         plan = stage_plan(cfg, rt)
         model = prune_to_stage(model, plan.layers, first=plan.has_first, last=plan.has_last)
-    placements = {name: REPLICATED for name, _ in model.named_parameters()}
-    if rt.groups.tp_size > 1 or rt.groups.ep_size > 1 or p.activation_checkpointing:
-        placements = parallelize(model, rt.pdims, rt.groups, p)
+    placements = parallelize(model, rt.pdims, rt.groups, p)  # EP/TP of size 1 change nothing; placements all the same
     init_sharded(model, rules, shapes, placements, rt.groups.ep_rank, cfg.train.seed, rt.device)
     if cfg.train.compile:
         apply_compile(model, fullgraph_dense=rt.groups.tp_size == 1 and not p.activation_checkpointing)
@@ -75,10 +72,12 @@ def stage_plan(cfg: JobConfig, rt: Runtime) -> StagePlan:
 
 def build_pipeline(cfg: JobConfig, rt: Runtime, model: Transformer) -> Pipeline:
     """The schedule that runs this rank's stages of ``model`` (build_model's pruned model), ``data.grad_accum``
-    micro batches per step, the loss (float32 mean cross entropy per micro batch) on the last stage."""
+    micro batches per step, the loss (float32 mean cross entropy per micro batch) on the last stage. The stages'
+    gradients are the sum over micro batches: DistributedMuonClip divides them (``grad_sum_divisor``), since its
+    reductions start inside the schedule's backward, before torch's own in-place scaling would run."""
     d = cfg.data
     return pipeline_schedule(model, stage_plan(cfg, rt), rt.groups.pp_group, rt.device, d.grad_accum, token_loss,
-                             cfg.parallel.schedule, micro_batch=(d.micro_batch_size, d.seq_len))
+                             cfg.parallel.schedule, micro_batch=(d.micro_batch_size, d.seq_len), scale_grads=False)
 
 
 def use_zero1(cfg: JobConfig, rt: Runtime) -> bool:
@@ -111,7 +110,11 @@ def build_optimizer(cfg: JobConfig, model: Transformer, placements: dict, rt: Ru
     if zero1:
         from muonclip.distributed import DistributedMuonClip
         opt = DistributedMuonClip(groups, placements, rt.groups, norm_group=rt.groups.stage_group,
-                                  pipeline_group=rt.groups.pp_group, **kwargs)
+                                  pipeline_group=rt.groups.pp_group, bucket_cap_mb=cfg.parallel.zero1_bucket_mb,
+                                  overlap_reduce=cfg.parallel.zero1_overlap, **kwargs)
+        opt.backward_passes_per_step = cfg.data.grad_accum  # micro batches, in a loop or a pipeline schedule
+        if cfg.parallel.pp > 1:
+            opt.grad_sum_divisor = cfg.data.grad_accum  # build_pipeline: backward sums the micro batches
     else:
         opt = muonclip.MuonClip(groups, **kwargs)
     opt.init_state()  # zero state for every owned trainable param now: checkpoints always hold the same keys

@@ -100,7 +100,8 @@ class Trainer:
         self.metrics.add_config("muon_coverage", coverage)
         self.model, self.placements = build_model(cfg, rt)  # with PP: this rank's stages' layers only
         self.pipeline = build_pipeline(cfg, rt, self.model) if cfg.parallel.pp > 1 else None
-        # the micro batch loss's weight in the step's gradient (pipeline schedules average over micro batches)
+        # the micro batch loss's weight in the step's gradient (under PP backward sums the micro batches and the
+        # optimizer divides the sum: build_pipeline)
         self.model.set_aux_loss_scale(1.0 if self.pipeline is not None else 1.0 / cfg.data.grad_accum)
         self.zero1 = use_zero1(cfg, rt)
         dp_group = rt.groups.dp_group if rt.groups.dp_size > 1 else None

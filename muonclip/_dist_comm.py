@@ -1,9 +1,10 @@
 """Collectives used by ``DistributedMuonClip``, with a per-rank count of the bytes each one sends.
 
-``CountingComm`` wraps the four torch.distributed calls the optimizer makes (reduce_scatter_single,
-all_gather_single, all_reduce, all_to_all_single) and adds to ``bytes_sent[op]`` the
-bytes this rank sends under the usual ring/direct algorithms: reduce-scatter and all-gather (G-1)/G of the
-full buffer, all-reduce 2(G-1)/G, all-to-all whatever leaves for other ranks. Groups of size 1 cost nothing.
+``CountingComm`` wraps the torch.distributed calls the optimizer makes (reduce, broadcast, all_reduce,
+all_to_all_single) and adds to ``bytes_sent[op]`` the bytes a rank sends under the usual pipelined ring/chain
+algorithms: reduce and broadcast (G-1)/G of the buffer (every rank but one sends it once: the group's average),
+all-reduce 2(G-1)/G, all-to-all whatever leaves for other ranks. Groups of size 1 cost nothing. Every call takes ``async_op`` and then returns the work handle
+(None where nothing was sent).
 
 ``orthogonalize_once`` runs Newton–Schulz for the Muon matrices one dp index owns across its tensor-parallel
 group: each matrix is orthogonalised on exactly one tp rank (its ``ns_rank``). Matrix shards are gathered
@@ -27,15 +28,15 @@ def group_size(group: Any) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-# gloo's reduce-scatter is slower than its all-reduce of the same buffer from a few MB on (2 gloo ranks, CPU,
-# 2026-12-01: 8 MB 12.2 vs 8.5 ms, 32 MB 62.1 vs 27.7 ms; 1 MB 3.6 vs 4.7 ms), although all-reduce sends twice
-# the bytes; NCCL's reduce-scatter is the cheaper one
+# gloo reduces a buffer to one rank more slowly than it all-reduces it from a few MB on (2 gloo ranks, CPU,
+# 2026-12-01: 8 MB 7.4 vs 5.7 ms, 32 MB 36.0 vs 24.6 ms; 1 MB 1.0 vs 1.8 ms), although all-reduce sends twice
+# the bytes; NCCL's reduce is the cheaper one
 GLOO_ALL_REDUCE_MIN_BYTES = 4 * 2**20
 
 
 def reduce_by_all_reduce(nbytes: int, backend: str, min_bytes: int | None = None) -> bool:
-    """Whether a ZeRO-1 gradient buffer of ``nbytes`` is reduced with an all-reduce (each owner then reads its
-    shard) instead of a reduce-scatter: on gloo from ``min_bytes`` (default GLOO_ALL_REDUCE_MIN_BYTES) on."""
+    """Whether a ZeRO-1 gradient bucket of ``nbytes`` is reduced with an all-reduce (its owner then reads it)
+    instead of a reduce to its owner: on gloo from ``min_bytes`` (default GLOO_ALL_REDUCE_MIN_BYTES) on."""
     if min_bytes is not None:
         return nbytes >= min_bytes
     return backend == "gloo" and nbytes >= GLOO_ALL_REDUCE_MIN_BYTES
@@ -45,33 +46,36 @@ class CountingComm:
     def __init__(self) -> None:
         self.bytes_sent: dict[str, int] = defaultdict(int)
 
-    def reduce_scatter(self, out: Tensor, inp: Tensor, group: Any) -> None:
+    def _count(self, op: str, nbytes: int) -> None:
+        self.bytes_sent[op] += nbytes
+
+    def reduce(self, t: Tensor, dst: int, group: Any, async_op: bool = False) -> Any:
+        """Sum ``t`` over ``group`` into ``t`` on its rank ``dst`` (a group rank); other ranks' ``t`` is scratch."""
         G = group_size(group)
         if G == 1:
-            out.copy_(inp)
-            return
-        dist.reduce_scatter_single(out, inp, op=dist.ReduceOp.SUM, group=group)
-        self.bytes_sent["reduce_scatter"] += (G - 1) * out.numel() * out.element_size()
+            return None
+        self._count("reduce", (G - 1) * t.numel() * t.element_size() // G)
+        return dist.reduce(t, dist.get_global_rank(group, dst), op=dist.ReduceOp.SUM, group=group,
+                           async_op=async_op)
 
-    def all_gather(self, out: Tensor, inp: Tensor, group: Any) -> None:
+    def broadcast(self, t: Tensor, src: int, group: Any, async_op: bool = False) -> Any:
         G = group_size(group)
         if G == 1:
-            out.copy_(inp)
-            return
-        dist.all_gather_single(out, inp, group=group)
-        self.bytes_sent["all_gather"] += (G - 1) * inp.numel() * inp.element_size()
+            return None
+        self._count("broadcast", (G - 1) * t.numel() * t.element_size() // G)
+        return dist.broadcast(t, dist.get_global_rank(group, src), group=group, async_op=async_op)
 
-    def all_reduce(self, t: Tensor, op: Any, group: Any) -> None:
+    def all_reduce(self, t: Tensor, op: Any, group: Any, async_op: bool = False) -> Any:
         G = dist.get_world_size(group)
         if G == 1:
-            return
-        dist.all_reduce(t, op=op, group=group)
-        self.bytes_sent["all_reduce"] += 2 * (G - 1) * t.numel() * t.element_size() // G
+            return None
+        self._count("all_reduce", 2 * (G - 1) * t.numel() * t.element_size() // G)
+        return dist.all_reduce(t, op=op, group=group, async_op=async_op)
 
     def all_to_all(self, out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int], group: Any) -> None:
         dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
         me = dist.get_rank(group)
-        self.bytes_sent["all_to_all"] += (inp.numel() - in_splits[me]) * inp.element_size()
+        self._count("all_to_all", (inp.numel() - in_splits[me]) * inp.element_size())
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Bookkeeping for ``DistributedMuonClip``: which rank owns each parameter and how buffers are packed.
 
 Pure Python, no communication: every rank that sees the same parameter structure computes the same answer,
-which is what lets one reduce-scatter / all-gather per bucket line up across ranks.
+which is what lets the per-bucket collectives line up across ranks.
 
 Ownership. Every parameter is owned WHOLE (never element-split) by one rank of its sharding group:
 ``dp_group`` for "replicated" and "tp_sharded" params, ``edp_group`` for "expert" stacks. A Muon parameter is
@@ -98,45 +98,42 @@ def assign_owners(slots: list[ParamSlot], dp_size: int, tp_size: int, edp_size: 
 
 @dataclass(eq=False)
 class Bucket:
-    """Params of one sharding group and dtype, packed owner by owner into ``group_size * shard_numel`` elements.
-
-    Owner o's params occupy ``[o * shard_numel, o * shard_numel + used_o)`` (zero padding after), so a
-    reduce-scatter hands owner o exactly its params' summed gradients and an all-gather returns every param.
-    """
+    """Params of ONE owner (a rank of the sharding group) and one dtype, packed back to back into ``numel``
+    elements: reduced to the owner, and broadcast from it after its update. No padding, whatever the sizes."""
 
     sharding: str
     dtype: torch.dtype
     group_size: int
-    shard_numel: int = 0
+    owner: int
+    numel: int = 0
     slots: list[ParamSlot] = field(default_factory=list)
-    offsets: list[int] = field(default_factory=list)  # flat offset of each slot in the full buffer
+    offsets: list[int] = field(default_factory=list)  # flat offset of each slot in the buffer
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
 
 
-def build_buckets(slots: list[ParamSlot], group_sizes: dict[str, int]) -> list[Bucket]:
-    """One bucket per (sharding group, dtype), in first-appearance order; slots ordered by (owner, index)."""
-    buckets: dict[tuple[str, torch.dtype], Bucket] = {}
-    for s in slots:
-        key = (s.sharding, s.param.dtype)
-        if key not in buckets:
-            buckets[key] = Bucket(s.sharding, s.param.dtype, group_sizes[s.sharding])
-        buckets[key].slots.append(s)
-    for b in buckets.values():
-        b.slots.sort(key=lambda s: (s.owner, s.index))
-        used = [0] * b.group_size
-        local = []
-        for s in b.slots:
-            local.append(used[s.owner])
-            used[s.owner] += s.param.numel()
-        b.shard_numel = max(used)
-        b.offsets = [s.owner * b.shard_numel + off for s, off in zip(b.slots, local)]
-    return list(buckets.values())
+def build_buckets(slots: list[ParamSlot], group_sizes: dict[str, int], cap_bytes: int | None = None) -> list[Bucket]:
+    """Buckets of one (sharding group, dtype, owner) each, listed in the order backward completes them.
 
-
-PERSISTENT_PADDING = 1.25  # a bucket keeps a persistent gradient buffer if padded size <= this x its parameters
-
-
-def persistent_bucket(b: Bucket) -> bool:
-    """Whether DistributedMuonClip keeps a persistent gradient buffer for ``b``: only where whole-tensor ownership
-    pads it little (a kept buffer holds its padding for the whole run)."""
-    used = sum(s.param.numel() for s in b.slots)
-    return b.group_size * b.shard_numel <= PERSISTENT_PADDING * used
+    Slots are taken in reverse index order (autograd produces the last layers' gradients first) and a bucket is
+    closed before it would hold more than ``cap_bytes`` (None or 0: one bucket per key; a tensor larger than the
+    cap is a bucket of its own). A bucket is complete when its lowest-index slot is, so buckets are listed by
+    that index, highest first: the order in which every rank of a group issues their collectives."""
+    open_: dict[tuple, Bucket] = {}
+    full_bytes: dict[tuple, int] = {}  # the cap counts FULL tensors, so tp ranks with uneven shards agree
+    buckets: list[Bucket] = []
+    for s in sorted(slots, key=lambda s: -s.index):
+        key = (s.sharding, s.param.dtype, s.owner)
+        nbytes = math.prod(s.full_shape) * s.param.element_size()
+        b = open_.get(key)
+        if b is None or (cap_bytes and full_bytes[key] + nbytes > cap_bytes):
+            b = open_[key] = Bucket(s.sharding, s.param.dtype, group_sizes[s.sharding], s.owner)
+            full_bytes[key] = 0
+            buckets.append(b)
+        full_bytes[key] += nbytes
+        b.slots.append(s)
+        b.offsets.append(b.numel)
+        b.numel += s.param.numel()
+    return sorted(buckets, key=lambda b: -min(s.index for s in b.slots))

@@ -1,16 +1,28 @@
 """ZeRO-1 MuonClip: optimizer state sharded over data parallelism, each Muon matrix orthogonalised once.
 
-Per step (each rank, after ``loss.backward()``)::
+Per step (each rank)::
 
-    opt.reduce_gradients()              # one reduce-scatter per (sharding group, dtype) bucket
+    loss.backward()                     # each gradient bucket's reduction starts as soon as backward completes it
+    opt.reduce_gradients()              # waits for them (and reduces any bucket backward did not complete)
     norm = opt.clip_grad_norm_(1.0)     # optional; global norm, one all_reduce of one scalar
-    opt.step()                          # Muon/AdamW on owned params, then one all-gather per bucket
+    opt.step()                          # bucket by bucket: Muon/AdamW on owned params, then the bucket's broadcast
     opt.zero_grad()
 
 (``step()`` reduces the gradients itself if ``reduce_gradients()`` was not called.) No DDP wrapper: this class
 does the gradient averaging. QK-Clip registers on it unchanged (``QKClip(specs, process_group=dp_group)``):
-its post-step hook runs after the parameter all-gather on every rank, with the same MAX-reduced logits, so
+its post-step hook runs after the parameter broadcasts on every rank, with the same MAX-reduced logits, so
 replicas stay identical; under TP the heads (rows) are local, so each tp rank clips its own rows.
+
+Gradient buckets (``_dist_layout.build_buckets``): the params of one owner, one dtype and one sharding group, up
+to ``bucket_cap_mb`` each, in backward order. Every parameter's ``.grad`` is a view into its bucket's persistent
+buffer, so backward accumulates in place and nothing is allocated per step. With ``overlap_reduce`` (default) a
+hook counts each parameter's gradient accumulations; once every param of a bucket has had
+``backward_passes_per_step`` of them (set it to the number of micro batches under gradient accumulation or
+pipeline schedules), the bucket is reduced to its owner asynchronously, while backward goes on (buckets start
+strictly in list order, the same on every rank). A bucket some param of which got fewer accumulations (unused
+in the forward, or accumulated by hand, as zero-bubble pipeline schedules do) is reduced in
+``reduce_gradients()`` instead; an accumulation into a bucket already in flight raises. In ``step()``, the
+update of one bucket overlaps the broadcasts of the buckets before it.
 
 Placement (``muonclip.placement.Placement``, from the parallelize step; names missing from ``placements`` are
 "replicated"):
@@ -25,8 +37,8 @@ Placement (``muonclip.placement.Placement``, from the parallelize step; names mi
   divided by the dp size (``expert_grad_divisor``): each expert's local gradient already sums the tokens of its
   EP group, so this gives the same global-mean gradient as the dense params.
 
-On each rank, all the matrices it orthogonalises that share a shape (e.g. the q/k/v projections of every layer,
-or several expert stacks) go through ONE batched Newton–Schulz call (``_dist_comm.orthogonalize_batched``).
+Within a bucket, the matrices this rank orthogonalises that share a shape (e.g. the q/k/v projections of its
+layers, or several expert stacks) go through ONE batched Newton–Schulz call (``_dist_comm.orthogonalize_batched``).
 
 Ownership is whole tensors (see ``_dist_layout``), so ``opt.state`` holds whole tensors for owned params only
 (the local TP shard for "tp_sharded"), as the checkpoint contract requires. Parameters with
@@ -47,7 +59,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from muonclip._dist_comm import CountingComm, NSItem, group_size, orthogonalize_once, reduce_by_all_reduce
-from muonclip._dist_layout import ParamSlot, assign_owners, build_buckets, persistent_bucket
+from muonclip._dist_layout import ParamSlot, assign_owners, build_buckets
 from muonclip.muon import adamw_step_, apply_muon_update_, muon_momentum_, orthogonalize
 from muonclip.newton_schulz import CoefficientSpec
 from muonclip.optimizer import MuonClip
@@ -79,8 +91,13 @@ class DistributedMuonClip(MuonClip):
         placements: {param name: Placement}; missing names are "replicated".
         groups: object with ``dp_group`` and optionally ``tp_group``, ``edp_group`` (``OptimizerGroups``).
         expert_grad_divisor: divisor of expert gradients after the edp sum (default: dp size).
+        bucket_cap_mb: the most MiB of (full) parameters in one gradient bucket; 0 = one bucket per owner.
+        overlap_reduce: start each bucket's reduction from backward (see module docstring); False = all in
+            ``reduce_gradients()``. ``backward_passes_per_step`` (attribute, default 1): backward passes per step.
+            ``grad_sum_divisor`` (attribute, default 1): set it to the number of micro batches where backward
+            sums their gradients instead of averaging them (pipeline schedules built with scale_grads=False).
         all_reduce_min_bytes: reduce buckets of at least this many bytes with an all-reduce instead of a
-            reduce-scatter (default: from 4 MiB on gloo, never on NCCL; ``_dist_comm.reduce_by_all_reduce``).
+            reduce to the owner (default: from 4 MiB on gloo, never on NCCL; ``_dist_comm.reduce_by_all_reduce``).
         norm_group: group spanning dp x tp for ``clip_grad_norm_`` and the structure check (default: world).
         pipeline_group: with pipeline parallelism, the ranks holding the other stages (same dp, tp index): the
             squared norm of this stage is summed over it too, so every stage clips by the same global norm.
@@ -92,6 +109,7 @@ class DistributedMuonClip(MuonClip):
                  *, ns_dtype: torch.dtype = torch.float32, ns_eps: float = 1e-7,
                  ns_coefficients: CoefficientSpec = "quintic", ns_path: str = "standard",
                  expert_grad_divisor: int | None = None, norm_group: Any = None, pipeline_group: Any = None,
+                 bucket_cap_mb: float = 25.0, overlap_reduce: bool = True,
                  all_reduce_min_bytes: int | None = None) -> None:
         self._frozen = False
         super().__init__(params, lr, momentum, nesterov, ns_steps, weight_decay, adamw_betas, adamw_eps,
@@ -114,21 +132,26 @@ class DistributedMuonClip(MuonClip):
         self._gather_tp_sizes()
         sizes = {"dp": self.dp_size, "edp": dist.get_world_size(self.edp_group)}
         assign_owners(self.slots, self.dp_size, group_size(self.tp_group), sizes["edp"])
-        self.buckets = build_buckets(self.slots, sizes)
+        if bucket_cap_mb < 0:
+            raise ValueError(f"DistributedMuonClip: bucket_cap_mb must be >= 0 (0 = one bucket per owner), got "
+                             f"{bucket_cap_mb}")
+        self.buckets = build_buckets(self.slots, sizes, int(bucket_cap_mb * 2**20))
         self._index = {"dp": dist.get_rank(self.dp_group), "edp": dist.get_rank(self.edp_group)}
         self._slot = {id(s.param): s for s in self.slots}
+        self._bucket_of = {id(s.param): i for i, b in enumerate(self.buckets) for s in b.slots}
         # a persistent buffer per bucket: backward accumulates the gradients into it (``.grad`` are views), the
-        # reduce-scatter and the parameter all-gather run in place in it, nothing is allocated per step. A bucket
-        # that whole-tensor ownership pads by more than PERSISTENT_PADDING (e.g. one huge embedding) keeps its
-        # gradients as plain tensors and gets a buffer per step instead: kept, its padding would stay allocated.
-        self._flat = [self._new_buffer(b) if persistent_bucket(b) else None for b in self.buckets]
-        # per bucket: all-reduce instead of reduce-scatter where that is faster (gloo, large buffers; see _dist_comm)
-        self._all_reduce = [reduce_by_all_reduce(b.group_size * b.shard_numel * b.dtype.itemsize,
-                                                 dist.get_backend(self._group(b)), all_reduce_min_bytes)
+        # reduction and the parameter broadcast run in place in it; nothing is allocated per step
+        self._flat = [torch.zeros(b.numel, dtype=b.dtype, device=b.slots[0].param.device) for b in self.buckets]
+        # per bucket: all-reduce instead of a reduce to the owner where that is faster (gloo, large buffers)
+        self._all_reduce = [reduce_by_all_reduce(b.nbytes, dist.get_backend(self._group(b)), all_reduce_min_bytes)
                             for b in self.buckets]
-        self._reduced = False
+        self.backward_passes_per_step = 1
+        self.grad_sum_divisor = 1  # also divide the reduced gradients by this (see the class docstring)
+        self._hooks = [s.param.register_post_accumulate_grad_hook(self._grad_accumulated)
+                       for s in self.slots] if overlap_reduce else []
         self.zero_grad()
-        self.last_step_stats: dict[str, float] = {"ns_seconds": 0.0, "ns_matrices": 0}
+        self.last_step_stats: dict[str, float] = {"ns_seconds": 0.0, "ns_matrices": 0, "buckets": len(self.buckets),
+                                                  "reduced_in_backward": 0}
         self._frozen = True
 
     # ------------------------------------------------------------------ setup
@@ -248,58 +271,85 @@ class DistributedMuonClip(MuonClip):
     # ------------------------------------------------------------------ gradients
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the persistent gradient buffers and point their parameters' ``.grad`` at their slices, so backward
-        accumulates straight into them (``set_to_none`` is ignored there); other gradients as torch's."""
+        """Zero the gradient buffers and point every managed parameter's ``.grad`` at its slice, so backward
+        accumulates straight into them (``set_to_none`` is ignored: the buffers are the gradients)."""
+        self._wait_all()  # nothing may still be reducing into a buffer that is zeroed
         for b, flat in zip(self.buckets, self._flat):
-            if flat is None:
-                for s in b.slots:
-                    if set_to_none:
-                        s.param.grad = None
-                    elif s.param.grad is not None:
-                        s.param.grad.zero_()
-                continue
             flat.zero_()
             for s, off in zip(b.slots, b.offsets):
                 s.param.grad = flat[off:off + s.param.numel()].view_as(s.param)
+        self._accumulated: dict[int, int] = {}  # id(param) -> gradient accumulations since zero_grad
+        self._incomplete = [len(b.slots) for b in self.buckets]  # params still short of backward_passes_per_step
+        self._works: list[Any] = [None] * len(self.buckets)
+        self._launched = 0  # buckets [0, _launched) have their reduction under way (or done)
+        self._in_backward = 0
+        self._reduced = False
 
     def _group(self, b: Any) -> Any:
-        """The group a bucket's gradients are reduced and its params gathered over (dp, or edp for experts)."""
+        """The group a bucket's gradients are reduced and its params broadcast over (dp, or edp for experts)."""
         return self.dp_group if b.sharding == "dp" else self.edp_group
 
-    @staticmethod
-    def _new_buffer(b: Any) -> Tensor:
-        return torch.zeros(b.group_size * b.shard_numel, dtype=b.dtype, device=b.slots[0].param.device)
+    def _grad_accumulated(self, p: Tensor) -> None:
+        """Post-accumulate-grad hook: count, and start the reductions of the buckets that are complete now."""
+        i = self._bucket_of[id(p)]
+        flat = self._flat[i]
+        if p.grad is None or p.grad.data_ptr() < flat.data_ptr() or p.grad.data_ptr() >= flat.data_ptr() + \
+                flat.numel() * flat.element_size():
+            return  # not accumulating into this optimizer's buffer (e.g. another optimizer took the params over)
+        if i < self._launched:
+            raise RuntimeError(f"DistributedMuonClip: a gradient of {self._slot[id(p)].name} was accumulated after "
+                               "its bucket's reduction had started: set opt.backward_passes_per_step to the number "
+                               f"of backward passes per step (now {self.backward_passes_per_step}) or build the "
+                               "optimizer with overlap_reduce=False")
+        n = self._accumulated[id(p)] = self._accumulated.get(id(p), 0) + 1
+        if n == self.backward_passes_per_step:
+            self._incomplete[i] -= 1
+            while self._launched < len(self.buckets) and self._incomplete[self._launched] == 0:
+                self._launch_reduce(self._launched)
+                self._in_backward += 1
+
+    @torch.no_grad()
+    def _launch_reduce(self, i: int) -> None:
+        """Start bucket i's reduction to its owner; gradients that are not views of the buffer are copied in."""
+        b, flat = self.buckets[i], self._flat[i]
+        for s, off in zip(b.slots, b.offsets):
+            view, grad = flat[off:off + s.param.numel()], s.param.grad
+            if grad is None:
+                view.zero_()
+            elif grad.data_ptr() != view.data_ptr():
+                view.copy_(grad.reshape(-1))
+        group = self._group(b)
+        if self._all_reduce[i]:
+            self._works[i] = self.comm.all_reduce(flat, dist.ReduceOp.SUM, group, async_op=True)
+        else:
+            self._works[i] = self.comm.reduce(flat, b.owner, group, async_op=True)
+        self._launched = i + 1
+
+    def _wait_all(self) -> None:
+        for i, work in enumerate(getattr(self, "_works", [])):
+            if work is not None:
+                work.wait()
+                self._works[i] = None
 
     @torch.no_grad()
     def reduce_gradients(self) -> None:
-        """Average gradients: each owner receives the full averaged gradient of its params (one in-place
-        reduce-scatter per bucket); ``p.grad`` of owned params becomes a view of its shard, other params' ``p.grad``
-        is set to None. Gradients that are not views of the buffers (no ``zero_grad()`` since the last step) are
-        copied in first. No-op if already done since the last ``step()``."""
+        """Average gradients: each owner receives the full averaged gradient of its params (the reductions
+        backward started, and the rest now, in bucket order); ``p.grad`` of owned params is a view of its
+        bucket's buffer, other params' ``p.grad`` is set to None. No-op if already done since the last step."""
         if self._reduced:
             return
-        for b, flat, by_all_reduce in zip(self.buckets, self._flat, self._all_reduce):
-            S, me = b.shard_numel, self._index[b.sharding]
-            flat = self._new_buffer(b) if flat is None else flat
+        while self._launched < len(self.buckets):
+            self._launch_reduce(self._launched)
+        for i, b in enumerate(self.buckets):
+            if self._works[i] is not None:
+                self._works[i].wait()
+                self._works[i] = None
+            mine = b.owner == self._index[b.sharding]
+            if mine:
+                divisor = self.dp_size if b.sharding == "dp" else self.expert_grad_divisor
+                self._flat[i].div_(divisor * self.grad_sum_divisor)
             for s, off in zip(b.slots, b.offsets):
-                view, grad = flat[off:off + s.param.numel()], s.param.grad
-                if grad is None:
-                    view.zero_()
-                elif grad.data_ptr() != view.data_ptr():
-                    view.copy_(grad.reshape(-1))
-            shard = flat[me * S:(me + 1) * S]
-            group = self._group(b)
-            if by_all_reduce:
-                self.comm.all_reduce(flat, dist.ReduceOp.SUM, group)  # every shard summed; this rank reads its own
-            else:
-                self.comm.reduce_scatter(shard, flat, group)
-            shard.div_(self.dp_size if b.sharding == "dp" else self.expert_grad_divisor)
-            for s, off in zip(b.slots, b.offsets):
-                if s.owner == me:
-                    start = off - me * S
-                    s.param.grad = shard[start:start + s.param.numel()].view_as(s.param)
-                else:
-                    s.param.grad = None
+                s.param.grad = self._flat[i][off:off + s.param.numel()].view_as(s.param) if mine else None
         self._reduced = True
 
     @torch.no_grad()
@@ -330,19 +380,43 @@ class DistributedMuonClip(MuonClip):
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Update the owned params bucket by bucket; each bucket's broadcast starts as soon as it is updated and
+        runs while the next buckets are (every ``.grad`` is None afterwards, until ``zero_grad()``)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self.reduce_gradients()
-        self.last_step_stats = {"ns_seconds": 0.0, "ns_matrices": 0}
-        self._muon_step([s for s in self._owned() if s.use_muon])
-        for s in self._owned():
-            if not s.use_muon:
-                self._adamw(s)
-        self._gather_params()
+        self.last_step_stats = {"ns_seconds": 0.0, "ns_matrices": 0, "buckets": len(self.buckets),
+                                "reduced_in_backward": self._in_backward}
+        for i, b in enumerate(self.buckets):
+            mine = b.owner == self._index[b.sharding]
+            owned = b.slots if mine else []
+            self._muon_step([s for s in owned if s.use_muon])
+            for s in owned:
+                if not s.use_muon:
+                    self._adamw(s)
+            self._launch_broadcast(i)
+        for i, b in enumerate(self.buckets):
+            if self._works[i] is not None:
+                self._works[i].wait()
+                self._works[i] = None
+            for s, off in zip(b.slots, b.offsets):
+                s.param.grad = None
+                if b.owner != self._index[b.sharding]:
+                    s.param.copy_(self._flat[i][off:off + s.param.numel()].view_as(s.param))
         self._reduced = False
         return loss
+
+    def _launch_broadcast(self, i: int) -> None:
+        """The owner sends bucket i's updated params to the group, in the (spent) gradient buffer."""
+        b, flat = self.buckets[i], self._flat[i]
+        if b.group_size == 1:
+            return
+        if b.owner == self._index[b.sharding]:
+            for s, off in zip(b.slots, b.offsets):
+                flat[off:off + s.param.numel()].copy_(s.param.reshape(-1))
+        self._works[i] = self.comm.broadcast(flat, b.owner, self._group(b), async_op=True)
 
     def _muon_step(self, owned: list[ParamSlot]) -> None:
         items = []
@@ -378,22 +452,3 @@ class DistributedMuonClip(MuonClip):
         adamw_step_(s.param, s.param.grad, state["exp_avg"], state["exp_avg_sq"], state["step"].item(),
                     lr=float(group["lr"]), betas=tuple(float(b) for b in group["adamw_betas"]),
                     eps=group["adamw_eps"], weight_decay=float(group["weight_decay"]))
-
-    def _gather_params(self) -> None:
-        """Owners broadcast their updated params: one all-gather per bucket, in the gradient buffer (its
-        gradients are spent); every managed ``.grad`` is then None until ``zero_grad()`` attaches them again."""
-        for b, flat in zip(self.buckets, self._flat):
-            for s in b.slots:
-                s.param.grad = None
-            if b.group_size == 1:
-                continue
-            S, me = b.shard_numel, self._index[b.sharding]
-            flat = self._new_buffer(b) if flat is None else flat
-            shard = flat[me * S:(me + 1) * S]
-            for s, off in zip(b.slots, b.offsets):
-                if s.owner == me:
-                    flat[off:off + s.param.numel()].copy_(s.param.reshape(-1))
-            self.comm.all_gather(flat, shard, self._group(b))  # in place
-            for s, off in zip(b.slots, b.offsets):
-                if s.owner != me:
-                    s.param.copy_(flat[off:off + s.param.numel()].view_as(s.param))

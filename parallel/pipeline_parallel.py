@@ -256,14 +256,16 @@ def build_pipeline(model: nn.Module, pp_rank: int, pp: int, pp_group: Any, devic
 def pipeline_schedule(holder: nn.Module, plan: StagePlan, pp_group: Any, device: torch.device,
                       n_microbatches: int, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                       schedule: str = "1f1b", micro_batch: tuple[int, int] | None = None,
-                      dtype: torch.dtype = torch.float32) -> Pipeline:
+                      dtype: torch.dtype = torch.float32, scale_grads: bool = True) -> Pipeline:
     """The stage views of a prepared (pruned, parallelized, initialised) ``holder`` and their schedule.
 
     ``micro_batch`` = (micro batch size, sequence length) declares every stage's input and output shapes
     (tokens, hidden states in ``dtype``, logits). Without it torch infers them by running each stage once on
     the first micro batch, or on uninitialised memory for later stages, which would leak into the per-step
     statistics the model records (max logits that QK-Clip acts on, router loads), so the trainer always
-    passes it."""
+    passes it. ``scale_grads=False``: the stages' gradients stay the SUM over micro batches (torch divides them
+    in place after the last backward otherwise; an optimizer that starts reducing them from backward divides
+    them itself)."""
     from torch.distributed.pipelining import PipelineStage
     from torch.distributed.pipelining import schedules as pps
 
@@ -284,11 +286,11 @@ def pipeline_schedule(holder: nn.Module, plan: StagePlan, pp_group: Any, device:
                           output_grads=(None,) if last else (hidden,))  # the loss starts the backward
         stages.append(PipelineStage(module, s, plan.n_stages, device, group=pp_group, **shapes))
     if schedule == "1f1b":
-        sched = pps.Schedule1F1B(stages[0], n_microbatches, loss_fn=loss_fn)
+        sched = pps.Schedule1F1B(stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
     else:
         cls = {"interleaved_1f1b": pps.ScheduleInterleaved1F1B, "zbv": pps.ScheduleZBVZeroBubble,
                "dualpipev": pps.ScheduleDualPipeV}[schedule]
-        sched = cls(stages, n_microbatches, loss_fn=loss_fn)
+        sched = cls(stages, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
     return Pipeline(sched, modules, plan, holder, pp_group)
 
 

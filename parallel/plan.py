@@ -8,21 +8,20 @@ device exactly as the trainer does (this rank's stages, EP and TP applied, so sh
 and the ZeRO-1 plan ``DistributedMuonClip`` would make (the same ``assign_owners`` / ``build_buckets``), then:
 
 - parameters, gradients (float32, every trainable local tensor; with ZeRO-1 its persistent gradient buffers,
-  padded per bucket, which the reduce-scatter and all-gather use in place) and optimizer state (Muon momentum,
-  AdamW two moments, of the parameters this rank owns);
-- the ZeRO-1 reduce-scatter's transient: on gloo (CPU) a copy of the largest bucket, which gloo makes;
+  one owner's params per bucket without padding, which the reduce and broadcast use in place) and optimizer
+  state (Muon momentum, AdamW two moments, of the parameters this rank owns);
 - activations saved per micro batch (an analytic count of the tensors autograd keeps per layer: norms,
   projections, attention probabilities, SwiGLU and routed-expert intermediates, logits), with and without
   activation checkpointing, times the micro batches in flight (``_in_flight``: 1 without PP; ``pp - p`` for
   1F1B, times 1 + (pp-1)/(pp v) interleaved, ``pp`` for a V);
-- the optimizer step's transients: ``DistributedMuonClip`` holds every owned momentum update, then batches all
-  matrices of one shape (the stack plus two Newton–Schulz iterates); ``MuonClip`` (one process) one matrix at a
-  time;
-- a peak estimate: the largest of three phases: backward (parameters, optimizer state, all gradients,
-  activations in flight), the reduce-scatter (+ its transient), the optimizer step (the gradients still held:
+- the optimizer step's transients: ``DistributedMuonClip`` goes bucket by bucket, holding the bucket's owned
+  momentum updates, then batching its matrices of one shape (the stack plus two Newton–Schulz iterates);
+  ``MuonClip`` (one process) one matrix at a time;
+- a peak estimate: the larger of two phases: backward (parameters, optimizer state, all gradients, activations
+  in flight; the gradient reductions run in place inside it) and the optimizer step (the gradients still held:
   the owned ones, or ZeRO-1's buffers, + its transients);
-- per-step bytes sent by this rank, per collective: DP/EDP reduce-scatter and all-gather and the grad-norm
-  all-reduce (exact: the counts ``CountingComm`` reports), the Newton–Schulz gathers/scatters over TP (exact),
+- per-step bytes sent by this rank, per collective: DP/EDP reduce (or all-reduce) and broadcast and the
+  grad-norm all-reduce (exact: the counts ``CountingComm`` reports), the Newton–Schulz gathers/scatters over TP (exact),
   TP all-reduces of activations (4 per layer per micro batch), EP all-to-all (expected under uniform routing),
   PP send/recv (activations forward, their gradients backward);
 - the largest matrix this rank orthogonalises (full shape, after the TP gather).
@@ -47,7 +46,6 @@ class RankPlan:
     params: int = 0  # bytes
     grads: int = 0
     optimizer: int = 0
-    zero_transient: int = 0  # reduce-scatter: the largest per-step buffer + gloo's copy of the input
     step_transient: int = 0  # Newton–Schulz: momentum updates held, the batched stack, two iterates
     owned_grads: int = 0  # gradients held through the optimizer step (ZeRO-1: its persistent buffers + owned)
     activations_per_micro: int = 0
@@ -67,7 +65,6 @@ class RankPlan:
         """Bytes held at the high point of each phase of a step."""
         base = self.params + self.optimizer
         return {"backward": base + self.grads + self.activations,
-                "reduce": base + self.grads + self.zero_transient,
                 "optimizer step": base + self.owned_grads + self.step_transient}
 
     @property
@@ -98,7 +95,7 @@ def _local_model(cfg, pp_rank: int, tp_rank: int, ep_rank: int):
     return model, placements, plan
 
 
-def _zero1_layout(model, placements, tp: int, dp: int, edp: int):
+def _zero1_layout(model, placements, tp: int, dp: int, edp: int, bucket_mb: float):
     """The slots and buckets DistributedMuonClip builds for this model (shapes, owners, packing)."""
     import muonclip
     from muonclip._dist_layout import ParamSlot, assign_owners, build_buckets
@@ -117,7 +114,7 @@ def _zero1_layout(model, placements, tp: int, dp: int, edp: int):
                 slot.tp_sizes = (param.shape[pl.shard_dim],) * tp
             slots.append(slot)
     assign_owners(slots, dp, tp, edp)
-    return slots, build_buckets(slots, {"dp": dp, "edp": edp})
+    return slots, build_buckets(slots, {"dp": dp, "edp": edp}, int(bucket_mb * 2**20))
 
 
 def _activations(cfg, layers: list[int], has_first: bool, has_last: bool, tp: int, ep: int) -> tuple[int, int]:
@@ -178,13 +175,13 @@ def _comm(cfg, slots, buckets, me: dict[str, int], tp_rank: int, plan, pp_rank: 
     from muonclip._dist_comm import reduce_by_all_reduce
 
     for b in buckets:
-        if b.group_size > 1:
-            full = b.group_size * b.shard_numel * F32
-            if reduce_by_all_reduce(full, _backend(cfg)):  # as DistributedMuonClip chooses
-                add("all_reduce", 2 * (b.group_size - 1) * full // b.group_size)
+        G = b.group_size
+        if G > 1:
+            if reduce_by_all_reduce(b.nbytes, _backend(cfg)):  # as DistributedMuonClip chooses
+                add("all_reduce", 2 * (G - 1) * b.nbytes // G)
             else:
-                add("reduce_scatter", (b.group_size - 1) * b.shard_numel * F32)
-            add("all_gather", (b.group_size - 1) * b.shard_numel * F32)
+                add("reduce", (G - 1) * b.nbytes // G)
+            add("broadcast", (G - 1) * b.nbytes // G)
     stage = dp * tp
     add("all_reduce", 2 * (stage - 1) * F32 // stage if stage > 1 else 0)  # the grad norm (one float)
     add("all_reduce", 2 * (pp - 1) * F32 // pp if pp > 1 else 0)
@@ -241,7 +238,7 @@ def plan_layout(cfg, world: int) -> list[RankPlan]:
         key = (pp_rank, t)  # local shapes do not depend on which experts a rank holds
         if key not in cache:
             model, placements, plan = _local_model(cfg, pp_rank, t, ep_rank)
-            slots, buckets = _zero1_layout(model, placements, p.tp, dp, edp)
+            slots, buckets = _zero1_layout(model, placements, p.tp, dp, edp, p.zero1_bucket_mb)
             cache[key] = (model, slots, buckets, plan)
         model, slots, buckets, plan = cache[key]
         me = {"dp": d, "edp": edp_rank}
@@ -254,27 +251,19 @@ def plan_layout(cfg, world: int) -> list[RankPlan]:
         owned = [s for s in slots if s.owner == me[s.sharding]]
         r.optimizer = sum(s.param.numel() * (1 if s.use_muon else 2) for s in owned) * F32
         muon = [s for s in owned if s.use_muon]
-        if world > 1 and p.optimizer == "zero1":  # DistributedMuonClip: all shards, then batched NS per shape
-            # gradients live in persistent per-bucket buffers (padded), reduced and gathered in place; a bucket
-            # padded too much (persistent_bucket) keeps plain gradients and gets a buffer per step
-            from muonclip._dist_layout import persistent_bucket
-
-            kept = [b for b in buckets if persistent_bucket(b)]
-            per_step = [b for b in buckets if not persistent_bucket(b)]
-            buffers = sum(b.group_size * b.shard_numel for b in kept)
-            plain = sum(s.param.numel() for b in per_step for s in b.slots)
-            r.grads = (buffers + plain) * F32
-            r.owned_grads = (buffers + sum(s.param.numel() for b in per_step for s in b.slots
-                                           if s.owner == me[s.sharding])) * F32
-            full = max((b.group_size * b.shard_numel for b in buckets if b.group_size > 1), default=0)
-            fresh = max((b.group_size * b.shard_numel for b in per_step), default=0)
-            staged = full if _backend(cfg) == "gloo" else 0  # gloo copies the reduce-scatter input (measured)
-            r.zero_transient = (fresh + staged) * F32
-            by_shape: dict[tuple, int] = {}
-            for s in muon:
-                key = tuple(s.full_shape[-2:])
-                by_shape[key] = by_shape.get(key, 0) + s.param.numel() * (p.tp if s.kind == "tp_sharded" else 1)
-            r.step_transient = (sum(s.param.numel() for s in muon) + 3 * max(by_shape.values(), default=0)) * F32
+        if world > 1 and p.optimizer == "zero1":  # DistributedMuonClip: bucket by bucket, batched NS per shape
+            # gradients live in persistent per-bucket buffers (no padding: one owner per bucket), reduced and
+            # broadcast in place, held through the step
+            r.owned_grads = r.grads
+            transients = [0]
+            for b in buckets:
+                mine = [s for s in b.slots if s.use_muon and b.owner == me[s.sharding]]
+                by_shape: dict[tuple, int] = {}
+                for s in mine:
+                    key = tuple(s.full_shape[-2:])
+                    by_shape[key] = by_shape.get(key, 0) + s.param.numel() * (p.tp if s.kind == "tp_sharded" else 1)
+                transients.append(sum(s.param.numel() for s in mine) + 3 * max(by_shape.values(), default=0))
+            r.step_transient = max(transients) * F32
         else:  # MuonClip: one parameter at a time (update, normalised copy, next iterate)
             r.owned_grads = r.grads
             r.step_transient = 3 * max((s.param.numel() for s in muon), default=0) * F32
@@ -299,13 +288,13 @@ def format_plan(plans: list[RankPlan], all_ranks: bool = False, budget_gib: floa
     rows = plans if all_ranks else _worst_per_stage(plans)
     kinds = sorted({k for r in rows for k in r.comm})
     head = ["rank", "(pp,dp,tp)", "layers", "params", "grads", "optim", "act/micro", "act/micro AC", "in flight",
-            "ZeRO transient", "NS transient", "peak", *kinds, "largest NS matrix"]
+            "NS transient", "peak", *kinds, "largest NS matrix"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         layers = _ranges(r.layers)
         cells = [str(r.rank), str(r.coords), layers, _size(r.params), _size(r.grads), _size(r.optimizer),
                  _size(r.activations_per_micro), _size(r.activations_per_micro_ac), f"{r.in_flight:.1f}",
-                 _size(r.zero_transient), _size(r.step_transient), f"**{_size(r.peak)}**", *[_size(r.comm.get(k, 0)) for k in kinds],
+                 _size(r.step_transient), f"**{_size(r.peak)}**", *[_size(r.comm.get(k, 0)) for k in kinds],
                  "x".join(map(str, r.largest_matrix)) if r.largest_matrix else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     worst = max(plans, key=lambda r: r.peak)

@@ -8,6 +8,7 @@ Process groups are built by hand (rank = dp_index * tp + tp_index, EP blocks of 
 from __future__ import annotations
 
 import copy
+import math
 import os
 import traceback
 import zlib
@@ -136,10 +137,25 @@ def _replicated_worker(rank: int, world: int) -> None:
     storages = {flat.untyped_storage().data_ptr() for flat in opt._flat}
     managed = [p for p in params.values() if p.requires_grad]
     assert all(p.grad is not None and p.grad.untyped_storage().data_ptr() in storages for p in managed)
-    sum((p * (i + 1)).sum() for i, p in enumerate(managed)).backward()
+
+    def backward() -> None:
+        sum((p * (i + 1)).sum() for i, p in enumerate(managed)).backward()
+
+    opt.backward_passes_per_step = 2
+    backward()  # the first of two passes: accumulated in place, no reduction started
     for i, p in enumerate(managed):
         assert p.grad.untyped_storage().data_ptr() in storages and torch.equal(p.grad, torch.full_like(p, i + 1.0))
+    assert opt._launched == 0
+    backward()  # the second: every bucket's reduction starts from backward's hooks
+    assert opt._in_backward == len(opt.buckets) > 1
+    opt.reduce_gradients()
+    for i, p in enumerate(managed):
+        assert (p.grad is not None) == opt.owns(p)
+        assert p.grad is None or torch.equal(p.grad, torch.full_like(p, 2 * (i + 1.0)))  # mean of equal sums
+    with pytest.raises(RuntimeError, match="backward_passes_per_step"):
+        backward()  # a third pass would accumulate into buffers already reduced
     opt.zero_grad()
+    opt.backward_passes_per_step = 1
 
     # each Muon matrix orthogonalised exactly once in the world per step (the 3-D stack counts 3)
     n_matrices = sum(1 if len(s) == 2 and "proj" in n else 0 for n, s in DENSE.items()) + 3
@@ -162,18 +178,21 @@ def _replicated_worker(rank: int, world: int) -> None:
     assert mine <= ref_bytes / world + largest, (mine, ref_bytes)
     assert 0 < mine < ref_bytes
 
-    # the all-reduce path (what gloo takes for large buckets) gives the same result as the reduce-scatter
+    # the all-reduce path (what gloo takes for large buckets) and 1 KiB buckets (one or two tensors each) give
+    # the same result as reducing one bucket per owner to it
     params_ar, ref_ar = _make(DENSE), _clone(_make(DENSE))
     opt_ar = DistributedMuonClip(build_param_groups(list(params_ar.items())), {}, OptimizerGroups(dp_group),
-                                 all_reduce_min_bytes=0, **HP)
+                                 all_reduce_min_bytes=0, bucket_cap_mb=2**-10, **HP)
     ref_opt_ar = MuonClip(build_param_groups(list(ref_ar.items())), **HP)
-    assert all(opt_ar._all_reduce) and not any(opt._all_reduce)  # DENSE's buckets are small: reduce-scatter
+    assert all(opt_ar._all_reduce) and not any(opt._all_reduce)  # DENSE's buckets are small: reduce
+    assert len(opt_ar.buckets) >= 6 > len(opt.buckets)
     for step in range(1, STEPS + 1):
         _dense_step(params_ar, ref_ar, opt_ar, ref_opt_ar, rank, world, step)
     for n, p in params_ar.items():
         _assert_close(p, ref_ar[n], n)
-        assert torch.equal(p, params[n]), n  # bitwise the reduce-scatter run's result
-    assert opt_ar.comm_bytes.get("all_reduce", 0) > 0 and "reduce_scatter" not in opt_ar.comm_bytes
+        assert torch.equal(p, params[n]), n  # bitwise the first run's result
+    assert opt_ar.comm_bytes.get("all_reduce", 0) > 0 and "reduce" not in opt_ar.comm_bytes
+    assert opt.comm_bytes.get("reduce", 0) > 0 and opt.comm_bytes.get("broadcast", 0) > 0
     # bad input: groups without names; ranks that disagree on the structure (clear error on every rank)
     with pytest.raises(ValueError, match="names"):
         DistributedMuonClip([{"params": [params["lm_head.weight"]], "use_muon": False}], {}, OptimizerGroups(), **HP)
@@ -203,12 +222,27 @@ def test_ownership_plan_covers_every_param_once_and_packs_buckets():
     costs = [ns_cost(s.full_shape) for s in slots if s.use_muon]
     assert max(cells.values()) <= sum(costs) / (dp * tp) + max(costs)
     assert slots[-1].full_shape == (64, 16)
-    (bucket,) = build_buckets(slots, {"dp": dp, "edp": dp})
-    covered = torch.zeros(dp * bucket.shard_numel, dtype=torch.int64)
-    for s, off in zip(bucket.slots, bucket.offsets):
-        assert s.owner * bucket.shard_numel <= off and off + s.param.numel() <= (s.owner + 1) * bucket.shard_numel
-        covered[off:off + s.param.numel()] += 1
-    assert covered.max() == 1 and covered.sum() == sum(s.param.numel() for s in slots)
+    for cap in (None, 8 * 1024):  # one bucket per owner; buckets of at most 8 KiB of full tensors
+        buckets = build_buckets(slots, {"dp": dp, "edp": dp}, cap)
+        assert sorted(s.name for b in buckets for s in b.slots) == sorted(s.name for s in slots)  # each once
+        for b in buckets:  # one owner, packed back to back without padding, filled in backward order
+            assert {s.owner for s in b.slots} == {b.owner}
+            assert b.offsets == [sum(s.param.numel() for s in b.slots[:k]) for k in range(len(b.slots))]
+            assert b.numel == sum(s.param.numel() for s in b.slots)
+            assert [s.index for s in b.slots] == sorted((s.index for s in b.slots), reverse=True)
+            full = sum(math.prod(s.full_shape) * 4 for s in b.slots)
+            assert cap is None or full <= cap or len(b.slots) == 1
+        firsts = [min(s.index for s in b.slots) for b in buckets]
+        assert firsts == sorted(firsts, reverse=True)  # listed in the order backward completes them
+        owners = len({s.owner for s in slots})
+        assert len(buckets) == owners if cap is None else len(buckets) > owners
+    # tp ranks with uneven shards of the same matrix form the same buckets (the cap counts full tensors)
+    other = [ParamSlot(s.index, s.name, torch.zeros(24, 16) if s.kind == "tp_sharded" else s.param, 0, s.use_muon,
+                       s.kind, s.shard_dim, (24, 40) if s.kind == "tp_sharded" else None) for s in slots]
+    for o, s in zip(other, slots):
+        o.owner, o.ns_rank = s.owner, s.ns_rank
+    assert [[s.name for s in b.slots] for b in build_buckets(other, {"dp": dp}, 8 * 1024)] == \
+        [[s.name for s in b.slots] for b in build_buckets(slots, {"dp": dp}, 8 * 1024)]
 
 
 # ---------------------------------------------------------------- (e) state_dict round trip, (f) QK-Clip
@@ -394,9 +428,47 @@ def _options_worker(rank: int, world: int) -> None:
     _tp_worker(rank, world, HP, group_options=ADAMW_LR)
 
 
+# ---------------------------------------------------------------- reductions started from backward
+def _overlap_worker(rank: int, world: int) -> None:
+    """A real model, gradient accumulation over 2 micro batches, 4 KiB buckets: with the reductions started by
+    backward's hooks the run is bitwise the run that reduces after backward, and every bucket did start there."""
+    from models import ModelConfig, Transformer
+
+    cfg = ModelConfig(vocab_size=64, dim=16, n_layers=2, n_heads=2, kv_lora_rank=8, qk_nope_head_dim=8,
+                      qk_rope_head_dim=4, v_head_dim=8, inter_dim=32, moe_inter_dim=8, n_routed_experts=4,
+                      max_seq_len=16)
+
+    def run(overlap: bool):
+        torch.manual_seed(0)
+        model = Transformer(cfg).double()
+        opt = DistributedMuonClip(build_param_groups(model.named_parameters()), {}, OptimizerGroups(),
+                                  bucket_cap_mb=4 / 1024, overlap_reduce=overlap, **HP)
+        opt.backward_passes_per_step = 2
+        started = []
+        for step in range(3):
+            for micro in range(2):
+                g = torch.Generator().manual_seed(100 * step + 10 * micro + rank)
+                tokens = torch.randint(0, cfg.vocab_size, (2, 9), generator=g)
+                logits = model(tokens[:, :-1])
+                (nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) / 2).backward()
+            opt.reduce_gradients()
+            opt.clip_grad_norm_(0.05)  # below the norms seen: clipping active
+            opt.step()
+            started.append(opt.last_step_stats["reduced_in_backward"])
+            opt.zero_grad()
+        return model, started, len(opt.buckets)
+
+    overlapped, started, n_buckets = run(True)
+    after, started_after, _ = run(False)
+    assert n_buckets >= 6 and started == [n_buckets] * 3 and started_after == [0] * 3, (n_buckets, started)
+    for (n, p), q in zip(overlapped.named_parameters(), after.parameters()):
+        assert torch.equal(p, q), n
+    _assert_identical(list(overlapped.parameters()), dist.group.WORLD, "params")
+
+
 # ---------------------------------------------------------------- one spawn per world size (startup dominates)
 CHECKS = {"replicated": _replicated_worker, "resume_qkclip": _resume_and_qkclip_worker, "tp": _tp_worker,
-          "experts": _expert_worker, "options": _options_worker}
+          "experts": _expert_worker, "options": _options_worker, "overlap": _overlap_worker}
 
 
 def _suite_worker(rank: int, world: int, out_dir: str, names: list[str]) -> None:
@@ -432,7 +504,7 @@ class _Suite:
 
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory) -> _Suite:
-    return _Suite(2, ["replicated", "resume_qkclip"], str(tmp_path_factory.mktemp("dist2")))
+    return _Suite(2, ["replicated", "resume_qkclip", "overlap"], str(tmp_path_factory.mktemp("dist2")))
 
 
 @pytest.fixture(scope="module")
@@ -442,6 +514,10 @@ def world4(tmp_path_factory) -> _Suite:
 
 def test_replicated_params_match_single_process_dp2(world2):
     world2.check("replicated")
+
+
+def test_reductions_started_by_backward_equal_reducing_after_it_dp2(world2):
+    world2.check("overlap")
 
 
 def test_state_dict_resume_and_qkclip_dp2(world2):

@@ -94,6 +94,7 @@ def test_override_forms():
     (["--train.device=tpu"], r"device must be one of"),
     (["--parallel.optimizer=zero3"], r"optimizer must be one of"),
     (["--parallel.optimizer=replicated", "--parallel.ep=2"], r"tp=1, ep=2 needs optimizer: zero1"),
+    (["--parallel.zero1_bucket_mb=-1"], r"parallel config: zero1_bucket_mb must be >= 0 \(0 = one bucket per owner\)"),
     (["--optim.qk_clip_mode=exact"], r"qk_clip_mode must be one of \['forward', 'post_step'\], got 'exact'"),
     (["--model.n_activated_experts=9"], r"n_activated_experts \(9\) must be in \[1, n_routed_experts=8\]"),
     (["--parallel.tp=3"], r"tp \(3\) must divide model.n_heads"),

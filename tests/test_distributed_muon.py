@@ -2,7 +2,7 @@
 
 Every rank gets different deterministic gradients; the reference is MuonClip on ONE full copy of the params
 with the dp-averaged gradients. Tolerance: TOL = 1e-12 absolute on params of size ~0.2 after 5 steps in
-float64 (the only differences are summation order in the reduce-scatter and the norm), replicas bitwise equal.
+float64 (the only differences are summation order in the gradient reduction and the norm), replicas bitwise equal.
 Process groups are built by hand (rank = dp_index * tp + tp_index, EP blocks of consecutive dp indices).
 """
 from __future__ import annotations

@@ -2,8 +2,9 @@
 # The GPU check: run when a GPU machine is lent (nothing else needs one). One script, each part under its own
 # time limit, results in $OUT (default benchmarks/results/gpu): NCCL init, a bf16-autocast training run of
 # configs/small_gpu.yaml for 20 steps on 1 GPU (tokens/s, MFU), the flex-attention max-logit probe against the
-# eager reference, Newton-Schulz per shape (bf16 vs float32), and throughput vs transformers.
-#   bash benchmarks/gpu_check.sh            # ~8 minutes on one H100/H200
+# eager reference, the model's attention_impl: flex against SDPA (tests/test_model.py), Newton-Schulz per shape
+# (bf16 vs float32), and throughput vs transformers.
+#   bash benchmarks/gpu_check.sh            # ~8 minutes on one H100/H200 (+ up to 5 for the flex test)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}
@@ -34,6 +35,8 @@ python -m benchmarks.gpu_probe mfu --config configs/small_gpu.yaml --metrics "$O
   >> "$OUT/summary.txt" 2>&1
 
 part probe 120 python -m benchmarks.gpu_probe max_logits
+# model.attention_impl: flex (flex attention's max scores as the max logits) against SDPA + the float32 probe
+part flex_model 300 python -m pytest -q tests/test_model.py -k flex_attention
 part ns 120 python benchmarks/ns.py --device cuda --config configs/small_gpu.yaml --rounds 5 --out "$OUT/ns.md"
 part throughput 150 python benchmarks/throughput_vs_hf.py --device cuda --batch 16 --seq 1024 --dim 1024 \
   --steps 10 --out "$OUT/throughput_vs_hf.md"

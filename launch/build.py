@@ -24,6 +24,9 @@ def build_model(cfg: JobConfig, rt: Runtime) -> tuple[Transformer, dict[str, Any
     """Build on meta -> keep this pipeline rank's layers (all of them without PP) -> parallelize (EP/TP/AC) ->
     allocate and initialise only this rank's shards (parallel/init.py): the global weights equal one process's
     for ``train.seed`` at any layout -> ``train.compile``: torch.compile per block."""
+    if cfg.model.attention_impl == "flex" and rt.device.type != "cuda":
+        raise ValueError(f"model.attention_impl: flex needs train.device cuda (flex attention's max scores are not "
+                         f"implemented on {rt.device.type}); use attention_impl: sdpa")
     with torch.device("meta"):
         model = Transformer(cfg.model)
     rules, shapes = model.init_rules(), {name: tuple(p.shape) for name, p in model.named_parameters()}
@@ -46,7 +49,7 @@ def load_released_weights(cfg: JobConfig, rt: Runtime, model: Transformer, place
     path = cfg.train.init_from
     hf_cfg = read_hf_config(path)
     released = from_hf_config(hf_cfg)
-    free = {"bias_update_speed", "seq_aux_loss_alpha", "init_std", "max_seq_len",  # training-only fields
+    free = {"bias_update_speed", "seq_aux_loss_alpha", "init_std", "max_seq_len", "attention_impl",  # training-only
             *(("n_kv_heads", "head_dim") if released.attn_type == "mla" else ())}  # MHA-only fields
     diff = [f"model.{f}: run {getattr(cfg.model, f)!r} vs {getattr(released, f)!r}"
             for f in vars(released) if f not in free and getattr(cfg.model, f) != getattr(released, f)]

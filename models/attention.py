@@ -1,6 +1,7 @@
 """Causal self-attention: MHA/GQA and MLA (multi-head latent attention), both recording per-head max logits."""
 from __future__ import annotations
 
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +16,9 @@ class _AttentionBase:
     """Shared forward of both attentions (``_qkv`` -> record max logits -> SDPA -> o_proj) and ``max_logits_H``:
     the running max of the pre-softmax scaled logit per head since the last reset (recorded in train mode)."""
 
-    def _init_stats(self, n_heads: int) -> None:
-        self.register_buffer("max_logits_H", torch.full((n_heads,), float("-inf")), persistent=False)
+    def _init_stats(self, cfg: ModelConfig) -> None:
+        self.register_buffer("max_logits_H", torch.full((cfg.n_heads,), float("-inf")), persistent=False)
+        self.attention_impl = cfg.attention_impl
 
     def reset_step_stats(self) -> None:
         self.max_logits_H.fill_(float("-inf"))
@@ -39,8 +41,13 @@ class _AttentionBase:
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         q, k, v = self._qkv(x_BTD)
-        self._record(q, k)
-        out = _sdpa(q, k, v, self.scale)
+        if self.attention_impl == "flex":
+            out, max_H = _flex_with_max(q, k, v, self.scale)
+            if self.training:
+                torch.maximum(self.max_logits_H, max_H, out=self.max_logits_H)
+        else:
+            self._record(q, k)
+            out = _sdpa(q, k, v, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -56,6 +63,35 @@ def _sdpa(q_BHTd, k_BHTd, v_BHTe, scale: float) -> torch.Tensor:
     return F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTe, is_causal=True, scale=scale)
 
 
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.lru_cache(maxsize=8)
+def _causal_block_mask(T: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(lambda b, h, q, kv: q >= kv, None, None, T, T, device=device)
+
+
+def _flex_with_max(q_BHTd, k_BHTd, v_BHTe, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal flex attention and the per-head max of its scaled logits [H] (float32), from flex's per-row max
+    scores (``AuxRequest(max_scores=True)``, CUDA only: torch raises on CPU), so no second q.k^T is formed.
+    Checked against SDPA + ``causal_max_logits`` by tests/test_model.py on CUDA (benchmarks/gpu_check.sh)."""
+    if not q_BHTd.is_cuda:
+        raise ValueError("model.attention_impl: flex needs CUDA tensors (flex attention's max scores are not "
+                         "implemented on CPU); use attention_impl: sdpa there")
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    T = q_BHTd.shape[2]
+    out, aux = _compiled_flex()(q_BHTd, k_BHTd, v_BHTe, block_mask=_causal_block_mask(T, str(q_BHTd.device)),
+                                scale=scale, return_aux=AuxRequest(max_scores=True))
+    return out, aux.max_scores.detach().float().amax(dim=(0, 2))
+
+
 class Attention(_AttentionBase, nn.Module):
     """Multi-head attention with grouped KV heads (n_kv_heads == n_heads is plain MHA)."""
 
@@ -69,7 +105,7 @@ class Attention(_AttentionBase, nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        self._init_stats(cfg.n_heads)
+        self._init_stats(cfg)
 
     def _qkv(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k [B, H, T, hd] after RoPE (k, v repeated to the query heads) and v [B, H, T, hd]."""
@@ -122,7 +158,7 @@ class MLAttention(_AttentionBase, nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.latent_norm_eps)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (self.dn + self.dv), bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * self.dv, cfg.dim, bias=bias)
-        self._init_stats(cfg.n_heads)
+        self._init_stats(cfg)
 
     @property
     def _q_weight(self) -> torch.Tensor:

@@ -20,6 +20,9 @@ class ModelConfig:
     qk_rope_head_dim: int = 16  # mla (shared rotary key)
     v_head_dim: int = 32  # mla
     attention_bias: bool = False  # mla: biases on q_a_proj, kv_a_proj_with_mqa and o_proj (DeepseekV3's attention_bias)
+    # "sdpa": scaled_dot_product_attention + the chunked float32 max-logit probe (the reference, any device);
+    # "flex" (CUDA only): compiled flex attention, whose per-row max scores are the recorded max logits
+    attention_impl: str = "sdpa"
     rope_theta: float = 10000.0
     # YaRN RoPE scaling (models/layers.py Yarn), on when yarn_factor > 1; DeepSeek-V3: 40, 4096, 32, 1, 1, 1
     yarn_factor: float = 1.0
@@ -54,6 +57,8 @@ class ModelConfig:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "inter_dim", "moe_inter_dim"):
             need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         need(self.attn_type in ("mha", "mla"), f"attn_type must be 'mha' or 'mla', got {self.attn_type!r}")
+        need(self.attention_impl in ("sdpa", "flex"),
+             f"attention_impl must be 'sdpa' or 'flex' (CUDA), got {self.attention_impl!r}")
         if self.attn_type == "mha":
             need(self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0,
                  f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")

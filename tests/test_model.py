@@ -236,10 +236,38 @@ def test_param_names_and_shapes():
     (dict(n_routed_experts=8, n_expert_groups=3), "divisible"), (dict(n_activated_experts=9), "n_activated_experts"),
     (dict(first_k_dense=5), "first_k_dense"), (dict(qk_rope_head_dim=5), "even"),
     (dict(n_expert_groups=4, n_limited_groups=1, n_activated_experts=3), "n_limited_groups"),
+    (dict(attention_impl="flash"), "attention_impl must be 'sdpa' or 'flex'"),
 ])
 def test_config_validation(bad, msg):
     with pytest.raises(ValueError, match=msg):
         ModelConfig(**{**TINY, **bad})
+
+
+def test_flex_attention_is_refused_off_cuda():
+    model = make(dtype=torch.float32, attention_impl="flex")
+    with pytest.raises(ValueError, match="attention_impl: flex needs CUDA"):
+        model(torch.zeros(1, 8, dtype=torch.long))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention's max scores need CUDA "
+                    "(benchmarks/gpu_check.sh runs this test when a GPU is lent)")
+@pytest.mark.parametrize("variant", VARIANTS[1:3])  # GQA and MLA (v narrower than q/k)
+def test_flex_attention_matches_sdpa_and_the_probe_on_cuda(variant):
+    """attention_impl flex: the same logits, max logits and gradients as SDPA + the float32 probe (float32)."""
+    ref = make(dtype=torch.float32, **variant).cuda().train()
+    flex = make(dtype=torch.float32, attention_impl="flex", **variant).cuda().train()
+    flex.load_state_dict(ref.state_dict())
+    tokens = torch.randint(0, 97, (2, 48), device="cuda")
+    for model in (ref, flex):
+        model.reset_step_stats()
+        model(tokens).float().pow(2).mean().backward()
+    torch.testing.assert_close(flex(tokens), ref(tokens), rtol=1e-4, atol=1e-4)
+    for a_ref, a_flex in zip(ref.layers, flex.layers):
+        torch.testing.assert_close(a_flex.self_attn.max_logits_H, a_ref.self_attn.max_logits_H, rtol=1e-4, atol=1e-5)
+        assert torch.isfinite(a_flex.self_attn.max_logits_H).all()
+    for (name, p_ref), p_flex in zip(ref.named_parameters(), flex.parameters()):
+        if p_ref.grad is not None:
+            torch.testing.assert_close(p_flex.grad, p_ref.grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
 def test_sequence_too_long():

@@ -149,6 +149,7 @@ class DistributedMuonClip(MuonClip):
         self.grad_sum_divisor = 1  # also divide the reduced gradients by this (see the class docstring)
         self._hooks = [s.param.register_post_accumulate_grad_hook(self._grad_accumulated)
                        for s in self.slots] if overlap_reduce else []
+        self._works: list[Any] = [None] * len(self.buckets)  # the collective in flight per bucket
         self.zero_grad()
         self.last_step_stats: dict[str, float] = {"ns_seconds": 0.0, "ns_matrices": 0, "buckets": len(self.buckets),
                                                   "reduced_in_backward": 0}
@@ -278,9 +279,12 @@ class DistributedMuonClip(MuonClip):
             flat.zero_()
             for s, off in zip(b.slots, b.offsets):
                 s.param.grad = flat[off:off + s.param.numel()].view_as(s.param)
-        self._accumulated: dict[int, int] = {}  # id(param) -> gradient accumulations since zero_grad
+        self._new_step()
+
+    def _new_step(self) -> None:
+        """Reset the per-step bookkeeping (after ``step()``, and by ``zero_grad()``)."""
+        self._accumulated: dict[int, int] = {}  # id(param) -> gradient accumulations into the buffers
         self._incomplete = [len(b.slots) for b in self.buckets]  # params still short of backward_passes_per_step
-        self._works: list[Any] = [None] * len(self.buckets)
         self._launched = 0  # buckets [0, _launched) have their reduction under way (or done)
         self._in_backward = 0
         self._reduced = False
@@ -325,11 +329,14 @@ class DistributedMuonClip(MuonClip):
             self._works[i] = self.comm.reduce(flat, b.owner, group, async_op=True)
         self._launched = i + 1
 
+    def _wait(self, i: int) -> None:
+        if self._works[i] is not None:
+            self._works[i].wait()
+            self._works[i] = None
+
     def _wait_all(self) -> None:
-        for i, work in enumerate(getattr(self, "_works", [])):
-            if work is not None:
-                work.wait()
-                self._works[i] = None
+        for i in range(len(self.buckets)):
+            self._wait(i)
 
     @torch.no_grad()
     def reduce_gradients(self) -> None:
@@ -341,9 +348,7 @@ class DistributedMuonClip(MuonClip):
         while self._launched < len(self.buckets):
             self._launch_reduce(self._launched)
         for i, b in enumerate(self.buckets):
-            if self._works[i] is not None:
-                self._works[i].wait()
-                self._works[i] = None
+            self._wait(i)
             mine = b.owner == self._index[b.sharding]
             if mine:
                 divisor = self.dp_size if b.sharding == "dp" else self.expert_grad_divisor
@@ -398,14 +403,12 @@ class DistributedMuonClip(MuonClip):
                     self._adamw(s)
             self._launch_broadcast(i)
         for i, b in enumerate(self.buckets):
-            if self._works[i] is not None:
-                self._works[i].wait()
-                self._works[i] = None
+            self._wait(i)
             for s, off in zip(b.slots, b.offsets):
                 s.param.grad = None
                 if b.owner != self._index[b.sharding]:
                     s.param.copy_(self._flat[i][off:off + s.param.numel()].view_as(s.param))
-        self._reduced = False
+        self._new_step()  # a backward before the next zero_grad() makes new .grad tensors: copied in when reduced
         return loss
 
     def _launch_broadcast(self, i: int) -> None:

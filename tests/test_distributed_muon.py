@@ -438,7 +438,7 @@ def _overlap_worker(rank: int, world: int) -> None:
                       qk_rope_head_dim=4, v_head_dim=8, inter_dim=32, moe_inter_dim=8, n_routed_experts=4,
                       max_seq_len=16)
 
-    def run(overlap: bool):
+    def run(overlap: bool, zero_grad: bool = True):
         torch.manual_seed(0)
         model = Transformer(cfg).double()
         opt = DistributedMuonClip(build_param_groups(model.named_parameters()), {}, OptimizerGroups(),
@@ -455,14 +455,18 @@ def _overlap_worker(rank: int, world: int) -> None:
             opt.clip_grad_norm_(0.05)  # below the norms seen: clipping active
             opt.step()
             started.append(opt.last_step_stats["reduced_in_backward"])
-            opt.zero_grad()
+            if zero_grad:
+                opt.zero_grad()
         return model, started, len(opt.buckets)
 
     overlapped, started, n_buckets = run(True)
     after, started_after, _ = run(False)
+    # without zero_grad() between steps backward makes fresh .grad tensors (step() leaves None): copied in
+    unzeroed, started_unzeroed, _ = run(True, zero_grad=False)
     assert n_buckets >= 6 and started == [n_buckets] * 3 and started_after == [0] * 3, (n_buckets, started)
-    for (n, p), q in zip(overlapped.named_parameters(), after.parameters()):
-        assert torch.equal(p, q), n
+    assert started_unzeroed == [n_buckets, 0, 0], started_unzeroed
+    for (n, p), q, r in zip(overlapped.named_parameters(), after.parameters(), unzeroed.parameters()):
+        assert torch.equal(p, q) and torch.equal(p, r), n
     _assert_identical(list(overlapped.parameters()), dist.group.WORLD, "params")
 
 

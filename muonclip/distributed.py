@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
@@ -147,7 +148,14 @@ class DistributedMuonClip(MuonClip):
                             for b in self.buckets]
         self.backward_passes_per_step = 1
         self.grad_sum_divisor = 1  # also divide the reduced gradients by this (see the class docstring)
-        self._hooks = [s.param.register_post_accumulate_grad_hook(self._grad_accumulated)
+        me = weakref.ref(self)  # the hooks must not keep a dropped optimizer (and its buffers) alive
+
+        def on_accumulated(p: Tensor) -> None:
+            opt = me()
+            if opt is not None:
+                opt._grad_accumulated(p)
+
+        self._hooks = [s.param.register_post_accumulate_grad_hook(on_accumulated)
                        for s in self.slots] if overlap_reduce else []
         self._works: list[Any] = [None] * len(self.buckets)  # the collective in flight per bucket
         self.zero_grad()

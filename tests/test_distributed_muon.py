@@ -8,9 +8,11 @@ Process groups are built by hand (rank = dp_index * tp + tp_index, EP blocks of 
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import os
 import traceback
+import weakref
 import zlib
 
 import pytest
@@ -457,7 +459,11 @@ def _overlap_worker(rank: int, world: int) -> None:
             started.append(opt.last_step_stats["reduced_in_backward"])
             if zero_grad:
                 opt.zero_grad()
-        return model, started, len(opt.buckets)
+        n_buckets, dropped = len(opt.buckets), weakref.ref(opt)
+        del opt
+        gc.collect()
+        assert dropped() is None  # the gradient hooks do not keep a dropped optimizer's buffers alive
+        return model, started, n_buckets
 
     overlapped, started, n_buckets = run(True)
     after, started_after, _ = run(False)

@@ -66,7 +66,7 @@ def format_line(step: int, total: int, m: dict[str, float]) -> str:
     return " | ".join(parts)
 
 
-SECTIONS = ("max_logit", "qk_clip", "router", "spike", "ckpt", "data")
+SECTIONS = ("max_logit", "qk_clip", "router", "spike", "ckpt", "data", "zero1")
 
 
 def define_metrics(run: Any) -> None:

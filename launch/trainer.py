@@ -360,6 +360,9 @@ class Trainer:
                    "tokens": self.step * self.tokens_per_step()}
         metrics.update({f"data/{name}/tokens": n for name, n in self.loader.tokens_per_source().items()})
         metrics.update(self.interval_stats.flush(group=self.rt.groups.pp_group))
+        if self.zero1:  # the share of gradient buckets whose reduction backward started (the rest waited for it)
+            stats = self.optimizer.last_step_stats
+            metrics["zero1/reduced_in_backward"] = stats["reduced_in_backward"] / max(stats["buckets"], 1)
         self.metrics.log(self.step, metrics)
 
     # ---------------------------------------------------------------- spikes

@@ -79,6 +79,10 @@ def test_pp2_matches_one_process(tmp_path, reference, schedule, virtual, layers,
     assert sum(r["qk_clip/clipped_heads"] for r in logged) > 0  # QK-Clip did clip
     single = [r for r in records(reference[layers].out_dir) if "loss" in r]
     assert [r["qk_clip/clipped_heads"] for r in logged] == [r["qk_clip/clipped_heads"] for r in single]
+    # every gradient bucket's reduction started inside the schedule's backward, except under zero-bubble schedules,
+    # which accumulate weight gradients by hand (no hooks): reduced after the schedule there
+    started = 0.0 if schedule in ("zbv", "dualpipev") else 1.0
+    assert {r["zero1/reduced_in_backward"] for r in logged} == {started}
 
 
 @pytest.mark.parametrize("extra", [["--data.micro_batch_size=1"], ["--data.micro_batch_size=1", "--parallel.ep=2"],
@@ -92,8 +96,8 @@ def test_pp2_with_dp2_ep2_or_tp2_matches_one_process(tmp_path, reference, extra)
 
 
 def test_pp2_with_the_sequence_wise_balance_loss_matches_one_process(tmp_path):
-    """The balance loss computed inside each stage reaches its router with the one-process weight (the schedule
-    averages micro batches itself), and its logged value sums every stage's layers."""
+    """The balance loss computed inside each stage reaches its router with the one-process weight (backward sums
+    the micro batches, the optimizer divides), and its logged value sums every stage's layers."""
     overrides = [*COMMON, "--train.steps=6", "--data.micro_batch_size=2", "--model.seq_aux_loss_alpha=50",
                  "--train.log_interval=1"]
     _, ref = train(tmp_path / "ref", *overrides)

@@ -231,6 +231,10 @@ def _check_against_single_process(tmp_path, ranks: list[dict], common: list[str]
             assert torch.equal(v, r["params"][k]), f"ranks diverged on {k}"
         assert r0["losses"] == r["losses"]
     assert r0["clipped"] > 0  # QK-Clip acted on the last step
+    # ZeRO-1: every gradient bucket's reduction was started by backward's hooks on the last micro batch
+    logged = [json.loads(line) for line in (tmp_path / "dp" / "metrics.jsonl").read_text().splitlines()]
+    started = {r["zero1/reduced_in_backward"] for r in logged if "zero1/reduced_in_backward" in r}
+    assert started == ({1.0} if "--parallel.optimizer=zero1" in common else set()), started
     cfg = debug_cfg(tmp_path / "single", *common, "--data.micro_batch_size=4")
     trainer = Trainer(cfg, init_runtime(cfg))
     single = trainer.fit()

@@ -28,9 +28,9 @@ def group_size(group: Any) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-# gloo reduces a buffer to one rank more slowly than it all-reduces it from a few MB on (2 gloo ranks, CPU,
-# 2026-12-01: 8 MB 7.4 vs 5.7 ms, 32 MB 36.0 vs 24.6 ms; 1 MB 1.0 vs 1.8 ms), although all-reduce sends twice
-# the bytes; NCCL's reduce is the cheaper one
+# gloo reduces a buffer to one rank more slowly than it all-reduces it from 4-8 MB on, although all-reduce sends
+# twice the bytes (benchmarks/collectives.py, 2 gloo ranks, CPU, 2026-12-01: 2 MB 3.4 vs 5.9 ms, 4 MB 5.6 vs 6.1,
+# 8 MB 12.6 vs 10.1, 32 MB 47.4 vs 43.9, 64 MB 111 vs 79); NCCL's reduce is the cheaper one
 GLOO_ALL_REDUCE_MIN_BYTES = 4 * 2**20
 
 

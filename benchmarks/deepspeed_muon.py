@@ -8,8 +8,9 @@ buckets reduced from backward, each matrix orthogonalised once), one by ``deepsp
 built-in Muon (``optimizer.type: Muon``; a client Muon does not work under DeepSpeed's ZeRO-1, which hands it
 flat partitions) under ``zero_optimization.stage: 1``. Every parameter is tagged ``use_muon`` from
 ``muonclip.build_param_groups``, so both run Muon on the same matrices and AdamW on the rest. Both take the
-same micro batch per step (a different one per rank) and take turns, step by step, so machine load hits them
-alike. Gradient clipping is off in both (DeepSpeed's default clips after orthogonalising).
+same micro batch (a different one per rank, repeated every step so the loss can fall: the first and last loss
+are printed) and take turns, step by step, so machine load hits them alike. Gradient clipping is off in both
+(DeepSpeed's default clips after orthogonalising).
 
 Timed per step (medians over ``--iters`` after ``--warmup``): forward, backward, and the optimizer step
 (ours: ``reduce_gradients()`` + ``step()`` + ``zero_grad()``; DeepSpeed: ``engine.step()``). The gradient
@@ -40,9 +41,12 @@ from muonclip import build_param_groups  # noqa: E402
 from muonclip.distributed import DistributedMuonClip, OptimizerGroups  # noqa: E402
 
 
-def batches(cfg: ModelConfig, rank: int, n: int, micro_batch: int, seq_len: int) -> list[torch.Tensor]:
+def batches(cfg: ModelConfig, rank: int, n: int, micro_batch: int, seq_len: int, fresh: bool) -> list[torch.Tensor]:
+    """One random micro batch per rank, taken ``n`` times (random tokens are unpredictable across batches, so
+    only a repeated batch shows that both optimizers train: their losses fall), or ``fresh`` ones per step."""
     g = torch.Generator().manual_seed(1234 + rank)
-    return [torch.randint(0, cfg.vocab_size, (micro_batch, seq_len + 1), generator=g) for _ in range(n)]
+    draw = lambda: torch.randint(0, cfg.vocab_size, (micro_batch, seq_len + 1), generator=g)  # noqa: E731
+    return [draw() for _ in range(n)] if fresh else [draw()] * n
 
 
 def loss_of(model, tokens: torch.Tensor) -> torch.Tensor:
@@ -66,6 +70,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--lr", type=float, default=0.02)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fresh-batches", action="store_true", help="a new random batch every step (loss cannot fall)")
     args = ap.parse_args()
     try:
         import deepspeed
@@ -98,7 +103,7 @@ def main() -> None:
     }
     engine, *_ = deepspeed.initialize(model=theirs, model_parameters=[p for p in theirs.parameters()
                                                                       if p.requires_grad], config=ds_config)
-    data = batches(cfg, rank, args.warmup + args.iters, args.micro_batch, args.seq_len)
+    data = batches(cfg, rank, args.warmup + args.iters, args.micro_batch, args.seq_len, args.fresh_batches)
     times: dict[str, dict[str, list[float]]] = {k: {"fwd": [], "bwd": [], "opt": []} for k in ("ours", "deepspeed")}
 
     def run(name: str, tokens: torch.Tensor, keep: bool) -> float:
@@ -123,10 +128,13 @@ def main() -> None:
                 times[name][key].append(dt)
         return loss.item()
 
+    losses: dict[str, list[float]] = {"ours": [], "deepspeed": []}
     for i, tokens in enumerate(data):
         for name in (("ours", "deepspeed") if i % 2 == 0 else ("deepspeed", "ours")):  # alternate who goes first
-            run(name, tokens, keep=i >= args.warmup)
+            losses[name].append(run(name, tokens, keep=i >= args.warmup))
     med = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
+    for name in med:  # both really train: first and last step's loss on this rank
+        med[name]["loss"] = (losses[name][0], losses[name][-1])
     gathered = [None] * world
     dist.all_gather_object(gathered, med)
     if rank == 0:
@@ -134,13 +142,13 @@ def main() -> None:
         print(f"# world={world} (gloo, CPU, {args.threads} thread/rank) deepspeed {deepspeed.__version__}, model "
               f"dim={cfg.dim} layers={cfg.n_layers} experts={cfg.n_routed_experts} params={n_params / 1e6:.2f}M, "
               f"micro batch {args.micro_batch}x{args.seq_len}, NS {ns_dtype}, {args.iters} steps after "
-              f"{args.warmup}, alternating")
-        print(f"{'setup':<11}{'rank':>5}{'fwd ms':>9}{'bwd ms':>9}{'opt ms':>9}{'bwd+opt':>9}")
+              f"{args.warmup}, alternating, {'fresh batches' if args.fresh_batches else 'one repeated batch'}")
+        print(f"{'setup':<11}{'rank':>5}{'fwd ms':>9}{'bwd ms':>9}{'opt ms':>9}{'bwd+opt':>9}{'loss first->last':>19}")
         for name in ("ours", "deepspeed"):
             for r, m in enumerate(gathered):
                 t = m[name]
                 print(f"{name:<11}{r:>5}{t['fwd'] * 1e3:>9.1f}{t['bwd'] * 1e3:>9.1f}{t['opt'] * 1e3:>9.1f}"
-                      f"{(t['bwd'] + t['opt']) * 1e3:>9.1f}")
+                      f"{(t['bwd'] + t['opt']) * 1e3:>9.1f}{t['loss'][0]:>10.3f} ->{t['loss'][1]:>6.3f}")
         for r, m in enumerate(gathered):
             o, d = m["ours"], m["deepspeed"]
             print(f"rank {r}: ours/deepspeed opt {o['opt'] / d['opt']:.2f}x, bwd+opt "

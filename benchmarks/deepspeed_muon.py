@@ -33,9 +33,9 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # DeepSpeed's Newton–Schulz
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script / torchrun
+from launch.build import token_loss  # noqa: E402
 from models import ModelConfig, Transformer  # noqa: E402
 from muonclip import build_param_groups  # noqa: E402
 from muonclip.distributed import DistributedMuonClip, OptimizerGroups  # noqa: E402
@@ -47,11 +47,6 @@ def batches(cfg: ModelConfig, rank: int, n: int, micro_batch: int, seq_len: int,
     g = torch.Generator().manual_seed(1234 + rank)
     draw = lambda: torch.randint(0, cfg.vocab_size, (micro_batch, seq_len + 1), generator=g)  # noqa: E731
     return [draw() for _ in range(n)] if fresh else [draw()] * n
-
-
-def loss_of(model, tokens: torch.Tensor) -> torch.Tensor:
-    logits = model(tokens[:, :-1])
-    return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
 
 
 def tag_use_muon(model: torch.nn.Module) -> None:
@@ -109,7 +104,7 @@ def main() -> None:
     def run(name: str, tokens: torch.Tensor, keep: bool) -> float:
         dist.barrier()
         t0 = time.perf_counter()
-        loss = loss_of(ours if name == "ours" else engine, tokens)
+        loss = token_loss((ours if name == "ours" else engine)(tokens[:, :-1]), tokens[:, 1:])
         t1 = time.perf_counter()
         if name == "ours":
             loss.backward()

@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script / torchrun
 import muonclip.optimizer as mc_optimizer  # noqa: E402
+from launch.build import token_loss  # noqa: E402
 from models import ModelConfig, Transformer  # noqa: E402
 from muonclip import MuonClip, adamw_step_, build_param_groups  # noqa: E402
 from muonclip.distributed import DistributedMuonClip, OptimizerGroups  # noqa: E402
@@ -98,7 +99,7 @@ def bench_zero1_backward(model, rank, world, iters, lr, overlap, batch):
     times, started = [], 0
     for it in range(iters + 1):
         logits = model(tokens[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss = token_loss(logits, tokens[:, 1:])
         t0 = time.perf_counter()
         loss.backward()
         opt.reduce_gradients()
@@ -110,27 +111,9 @@ def bench_zero1_backward(model, rank, world, iters, lr, overlap, batch):
                 state=opt.state_bytes(), ns_matrices=f"{started}/{len(opt.buckets)}b")
 
 
-def bench_local_muonclip(model, rank, world, iters, lr):
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = MuonClip(build_param_groups(model.named_parameters()), lr=lr)
-    timer = NSTimer()
-    times, ns = [], []
-    for it in range(iters + 1):
-        fake_grads(named, rank, it)
-        timer.seconds = 0.0
-        t0 = time.perf_counter()
-        opt.step()
-        times.append(time.perf_counter() - t0)
-        ns.append(timer.seconds)
-        opt.zero_grad()
-    mc_optimizer.orthogonalize = timer._orig
-    state = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values())
-    return dict(step_s=statistics.median(times[1:]), ns_s=statistics.median(ns[1:]), bytes=0, state=state,
-                ns_matrices=sum(p.numel() // (p.shape[-1] * p.shape[-2]) for g in opt.param_groups
-                                if g["use_muon"] for p in g["params"] if p.requires_grad))
-
-
-def bench_naive_muonclip(model, rank, world, iters, lr):
+def bench_muonclip(model, rank, world, iters, lr, sync):
+    """``MuonClip.step()`` on every rank: ``sync`` = after one flat all-reduce of the gradients (DDP + MuonClip,
+    "naive"), else on this rank's own gradients with no communication (one process, "local")."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = MuonClip(build_param_groups(model.named_parameters()), lr=lr)
     timer = NSTimer()
@@ -140,13 +123,14 @@ def bench_naive_muonclip(model, rank, world, iters, lr):
         fake_grads(named, rank, it)
         timer.seconds = 0.0
         t0 = time.perf_counter()
-        flat = torch.cat([p.grad.reshape(-1) for _, p in named])
-        dist.all_reduce(flat)
-        flat.div_(world)
-        offset = 0
-        for _, p in named:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
+        if sync:
+            flat = torch.cat([p.grad.reshape(-1) for _, p in named])
+            dist.all_reduce(flat)
+            flat.div_(world)
+            offset = 0
+            for _, p in named:
+                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
         opt.step()
         times.append(time.perf_counter() - t0)
         ns.append(timer.seconds)
@@ -156,7 +140,7 @@ def bench_naive_muonclip(model, rank, world, iters, lr):
                    for p in g["params"] if p.requires_grad)
     state = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values())
     return dict(step_s=statistics.median(times[1:]), ns_s=statistics.median(ns[1:]),
-                bytes=2 * (world - 1) * numel * 4 // world, state=state, ns_matrices=matrices)
+                bytes=2 * (world - 1) * numel * 4 // world if sync else 0, state=state, ns_matrices=matrices)
 
 
 def bench_zero1_adamw(model, rank, world, iters, lr):
@@ -210,7 +194,8 @@ def main() -> None:
     batch = (args.micro_batch, args.seq_len)
     schemes = [("zero1_muonclip", bench_zero1_muonclip),  # its default: all-reduce for large buckets on gloo
                ("zero1_muonclip_reduce", lambda *a: bench_zero1_muonclip(*a, all_reduce_min_bytes=2**62)),
-               ("local_muonclip", bench_local_muonclip), ("naive_muonclip", bench_naive_muonclip),
+               ("local_muonclip", lambda *a: bench_muonclip(*a, sync=False)),
+               ("naive_muonclip", lambda *a: bench_muonclip(*a, sync=True)),
                ("zero1_adamw", bench_zero1_adamw)]
     if args.backward:
         schemes += [("zero1_bwd_overlap", lambda *a: bench_zero1_backward(*a, overlap=True, batch=batch)),

@@ -283,10 +283,10 @@ class DistributedMuonClip(MuonClip):
         """Zero the gradient buffers and point every managed parameter's ``.grad`` at its slice, so backward
         accumulates straight into them (``set_to_none`` is ignored: the buffers are the gradients)."""
         self._wait_all()  # nothing may still be reducing into a buffer that is zeroed
-        for b, flat in zip(self.buckets, self._flat):
+        for i, flat in enumerate(self._flat):
             flat.zero_()
-            for s, off in zip(b.slots, b.offsets):
-                s.param.grad = flat[off:off + s.param.numel()].view_as(s.param)
+            for s, view in self._views(i):
+                s.param.grad = view
         self._new_step()
 
     def _new_step(self) -> None:
@@ -301,12 +301,20 @@ class DistributedMuonClip(MuonClip):
         """The group a bucket's gradients are reduced and its params broadcast over (dp, or edp for experts)."""
         return self.dp_group if b.sharding == "dp" else self.edp_group
 
+    def _owns_bucket(self, i: int) -> bool:
+        b = self.buckets[i]
+        return b.owner == self._index[b.sharding]
+
+    def _views(self, i: int) -> list[tuple[ParamSlot, Tensor]]:
+        """Each param of bucket i with its slice of the bucket's buffer, shaped like the param."""
+        flat = self._flat[i]
+        return [(s, flat[off:off + s.param.numel()].view_as(s.param))
+                for s, off in zip(self.buckets[i].slots, self.buckets[i].offsets)]
+
     def _grad_accumulated(self, p: Tensor) -> None:
         """Post-accumulate-grad hook: count, and start the reductions of the buckets that are complete now."""
         i = self._bucket_of[id(p)]
-        flat = self._flat[i]
-        if p.grad is None or p.grad.data_ptr() < flat.data_ptr() or p.grad.data_ptr() >= flat.data_ptr() + \
-                flat.numel() * flat.element_size():
+        if p.grad is None or p.grad.untyped_storage().data_ptr() != self._flat[i].untyped_storage().data_ptr():
             return  # not accumulating into this optimizer's buffer (e.g. another optimizer took the params over)
         if i < self._launched:
             raise RuntimeError(f"DistributedMuonClip: a gradient of {self._slot[id(p)].name} was accumulated after "
@@ -324,12 +332,12 @@ class DistributedMuonClip(MuonClip):
     def _launch_reduce(self, i: int) -> None:
         """Start bucket i's reduction to its owner; gradients that are not views of the buffer are copied in."""
         b, flat = self.buckets[i], self._flat[i]
-        for s, off in zip(b.slots, b.offsets):
-            view, grad = flat[off:off + s.param.numel()], s.param.grad
+        for s, view in self._views(i):
+            grad = s.param.grad
             if grad is None:
                 view.zero_()
             elif grad.data_ptr() != view.data_ptr():
-                view.copy_(grad.reshape(-1))
+                view.copy_(grad)
         group = self._group(b)
         if self._all_reduce[i]:
             self._works[i] = self.comm.all_reduce(flat, dist.ReduceOp.SUM, group, async_op=True)
@@ -357,12 +365,12 @@ class DistributedMuonClip(MuonClip):
             self._launch_reduce(self._launched)
         for i, b in enumerate(self.buckets):
             self._wait(i)
-            mine = b.owner == self._index[b.sharding]
+            mine = self._owns_bucket(i)
             if mine:
                 divisor = self.dp_size if b.sharding == "dp" else self.expert_grad_divisor
                 self._flat[i].div_(divisor * self.grad_sum_divisor)
-            for s, off in zip(b.slots, b.offsets):
-                s.param.grad = self._flat[i][off:off + s.param.numel()].view_as(s.param) if mine else None
+            for s, view in self._views(i):
+                s.param.grad = view if mine else None
         self._reduced = True
 
     @torch.no_grad()
@@ -403,31 +411,31 @@ class DistributedMuonClip(MuonClip):
         self.last_step_stats = {"ns_seconds": 0.0, "ns_matrices": 0, "buckets": len(self.buckets),
                                 "reduced_in_backward": self._in_backward}
         for i, b in enumerate(self.buckets):
-            mine = b.owner == self._index[b.sharding]
-            owned = b.slots if mine else []
+            owned = b.slots if self._owns_bucket(i) else []
             self._muon_step([s for s in owned if s.use_muon])
             for s in owned:
                 if not s.use_muon:
                     self._adamw(s)
             self._launch_broadcast(i)
-        for i, b in enumerate(self.buckets):
+        for i in range(len(self.buckets)):
             self._wait(i)
-            for s, off in zip(b.slots, b.offsets):
+            mine = self._owns_bucket(i)
+            for s, view in self._views(i):
                 s.param.grad = None
-                if b.owner != self._index[b.sharding]:
-                    s.param.copy_(self._flat[i][off:off + s.param.numel()].view_as(s.param))
+                if not mine:
+                    s.param.copy_(view)
         self._new_step()  # a backward before the next zero_grad() makes new .grad tensors: copied in when reduced
         return loss
 
     def _launch_broadcast(self, i: int) -> None:
         """The owner sends bucket i's updated params to the group, in the (spent) gradient buffer."""
-        b, flat = self.buckets[i], self._flat[i]
+        b = self.buckets[i]
         if b.group_size == 1:
             return
-        if b.owner == self._index[b.sharding]:
-            for s, off in zip(b.slots, b.offsets):
-                flat[off:off + s.param.numel()].copy_(s.param.reshape(-1))
-        self._works[i] = self.comm.broadcast(flat, b.owner, self._group(b), async_op=True)
+        if self._owns_bucket(i):
+            for s, view in self._views(i):
+                view.copy_(s.param)
+        self._works[i] = self.comm.broadcast(self._flat[i], b.owner, self._group(b), async_op=True)
 
     def _muon_step(self, owned: list[ParamSlot]) -> None:
         items = []

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: run when a GPU machine is lent (nothing else needs one). One script, each part under its own
-# time limit, results in $OUT (default benchmarks/results/gpu): NCCL init, a bf16-autocast training run of
-# configs/small_gpu.yaml for 20 steps on 1 GPU (tokens/s, MFU), the flex-attention max-logit probe against the
+# time limit, results in $OUT (default benchmarks/results/gpu): NCCL init, a bf16 training run (bf16 parameters,
+# float32 masters) of configs/small_gpu.yaml for 20 steps on 1 GPU (tokens/s, MFU), a bf16 step under CUDA's sync
+# debug mode with the dtype audit and optimizer-state offload, the flex-attention max-logit probe against the
 # eager reference, the model's attention_impl: flex against SDPA (tests/test_model.py), Newton-Schulz per shape
 # (bf16 vs float32), and throughput vs transformers.
 #   bash benchmarks/gpu_check.sh            # ~8 minutes on one H100/H200 (+ up to 5 for the flex test)
@@ -26,7 +27,7 @@ cat "$OUT/gpu.txt" >> "$OUT/summary.txt"
 
 part nccl 60 torchrun --standalone --nproc_per_node=1 -m benchmarks.gpu_probe nccl
 
-# 20 steps, 1 GPU, bf16 autocast, the real config (ZeRO-1 falls back to the plain optimizer at world 1); the
+# 20 steps, 1 GPU, bf16 parameters, the real config (ZeRO-1 falls back to the plain optimizer at world 1); the
 # micro batch is cut to fit one device with activation checkpointing on
 part train_small_gpu 300 python train.py --config configs/small_gpu.yaml --train.steps=20 --train.log_interval=5 \
   --train.eval_interval=0 --train.ckpt_interval=0 --schedule.warmup_steps=2 --data.grad_accum=1 \
@@ -34,6 +35,8 @@ part train_small_gpu 300 python train.py --config configs/small_gpu.yaml --train
 python -m benchmarks.gpu_probe mfu --config configs/small_gpu.yaml --metrics "$OUT/small_gpu_run/metrics.jsonl" \
   >> "$OUT/summary.txt" 2>&1
 
+# bf16 parameters: no host sync in a step (sync_debug_mode error), GEMM dtypes, offloaded state = same losses
+part bf16 180 python -m benchmarks.gpu_probe bf16
 part probe 120 python -m benchmarks.gpu_probe max_logits
 # model.attention_impl: flex (flex attention's max scores as the max logits) against SDPA + the float32 probe
 part flex_model 300 python -m pytest -q tests/test_model.py -k flex_attention

@@ -3,6 +3,7 @@
     torchrun --nproc_per_node=1 -m benchmarks.gpu_probe nccl      # NCCL init + all-reduce
     python -m benchmarks.gpu_probe mfu --config C --metrics M     # tokens/s and MFU of a training run
     python -m benchmarks.gpu_probe max_logits                     # flex attention max scores vs our probe
+    python -m benchmarks.gpu_probe bf16                           # bf16 step: CUDA syncs, GEMM dtypes, offload
 """
 from __future__ import annotations
 
@@ -107,16 +108,71 @@ def max_logits() -> None:
           f"flex attention + max scores {times['with_flex']:.2f} ms, SDPA + chunked probe {times['sdpa_and_probe']:.2f} ms")
 
 
+def bf16(device: str = "cuda") -> None:
+    """A bf16-parameter training step of a small MoE on the GPU, as the CPU tests prove it by measurement:
+    (1) ``torch.cuda.set_sync_debug_mode("error")`` over a whole step (forward, backward, optimizer, QK-Clip,
+    router bias): no op may synchronise with the host; (2) the dtype audit (tests/audit.py): share of matmul FLOPs
+    in bf16 and the float32 regions; (3) optim.offload_state (pinned host memory, copies on a side stream): the
+    same losses as without, and the state resident on the host; (4) peak device memory of each. ``device="cpu"``
+    runs (2)-(3) only (a dry run of this probe)."""
+    from configs import load_config
+    from launch.trainer import Trainer, init_runtime
+    from tests.audit import OpAudit
+
+    cuda = device == "cuda"
+    common = [f"--train.device={device}", "--train.dtype=bfloat16", "--train.param_dtype=bfloat16", "--train.steps=8",
+              "--train.eval_interval=0", "--train.ckpt_interval=0", "--schedule.warmup_steps=1", "--data.grad_accum=2",
+              "--data.micro_batch_size=4", "--train.resume=none", "--logging.wandb_mode=disabled",
+              "--logging.progress_bar=false", "--model.dim=512", "--model.n_layers=4", "--model.n_routed_experts=16",
+              "--model.moe_inter_dim=512", "--data.seq_len=256", "--model.max_seq_len=256"]
+    losses = {}
+    for offload in (False, True):
+        cfg = load_config("configs/tiny.yaml", [*common, f"--optim.offload_state={offload}",
+                                                f"--train.output_dir=outputs/gpu_bf16_{offload}"])
+        torch.manual_seed(0)
+        trainer = Trainer(cfg, init_runtime(cfg))
+        trainer.train_step()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                trainer.train_step()
+                print(f"bf16 offload={offload}: a whole training step ran under sync_debug_mode('error'): no sync")
+            except RuntimeError as e:
+                print(f"bf16 offload={offload}: HOST SYNC in a training step: {str(e).splitlines()[0]}")
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        if not offload:
+            with OpAudit() as audit:
+                trainer.train_step()
+            model = [r for r in audit.records if r.region != "optimizer"]
+            bf = sum(r.flops for r in model if set(r.dtypes) == {torch.bfloat16})
+            regions = sorted({r.region.rsplit(".", 1)[-1] for r in model if set(r.dtypes) != {torch.bfloat16}})
+            print(f"bf16 audit: {bf / sum(r.flops for r in model):.1%} of matmul FLOPs in bf16; float32 in {regions}")
+        result = trainer.fit()
+        losses[offload] = [result.losses[s] for s in sorted(result.losses)]
+        opt = trainer.optimizer
+        print(f"bf16 offload={offload}: losses {[round(x, 4) for x in losses[offload]]}; optimizer state on device "
+              f"{opt.state_bytes('device') / 2**20:.1f} MiB, host {opt.state_bytes('host') / 2**20:.1f} MiB"
+              + (f"; peak device memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else ""))
+    diff = max(abs(a - b) for a, b in zip(losses[False], losses[True]))
+    print(f"bf16 offload vs not: max loss difference {diff:.2e} (0 unless CUDA kernels are nondeterministic)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["nccl", "mfu", "max_logits"])
+    p.add_argument("what", choices=["nccl", "mfu", "max_logits", "bf16"])
     p.add_argument("--config")
     p.add_argument("--metrics")
+    p.add_argument("--device", default="cuda", help="bf16: cpu for a dry run")
     a = p.parse_args()
     if a.what == "nccl":
         nccl()
     elif a.what == "mfu":
         mfu(a.config, a.metrics)
+    elif a.what == "bf16":
+        bf16(a.device)
     else:
         max_logits()
 

@@ -52,6 +52,12 @@ class OptimConfig:
     # batch and clip layer by layer, so every head is <= tau on that batch after every step (one extra forward).
     qk_clip_mode: str = "forward"
     grad_clip: float = 1.0  # global grad-norm clip before Muon; 0 disables
+    # with train.param_dtype bfloat16: keep a float32 master copy of each parameter with its optimizer state (on
+    # the owner under ZeRO-1) and update that; false updates the bf16 parameters directly (a comparison baseline)
+    master_weights: bool = True
+    # keep the owner's float32 master weights, Muon momentum and AdamW moments in host memory (pinned on CUDA)
+    # and stream them to the device bucket by bucket for the update (parallel.optimizer zero1, or one process)
+    offload_state: bool = False
 
     def __post_init__(self) -> None:
         s = "optim"
@@ -162,7 +168,10 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps in the whole run (the schedule spans them)
     seed: int = 0  # model init (identical on all ranks)
     device: str = "auto"  # "auto" (cuda if available), "cpu" or "cuda"
-    dtype: str = "float32"  # compute dtype: "float32" or "bfloat16" (autocast, float32 master weights)
+    dtype: str = "float32"  # compute dtype of the GEMMs: "float32" or "bfloat16" (autocast)
+    # the model's parameters: "float32", or "bfloat16" (bf16 parameters and activations, float32 gradient
+    # buffers, float32 master weights with the optimizer state; needs dtype bfloat16). See README "Precision".
+    param_dtype: str = "float32"
     log_interval: int = 10
     eval_interval: int = 100  # validation every N steps and at the end; 0 disables
     ckpt_interval: int = 0  # checkpoint every N steps and at the end; 0 disables
@@ -182,6 +191,9 @@ class TrainConfig:
         _need(s, self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         _one_of(s, "device", self.device, ("auto", "cpu", "cuda"))
         _one_of(s, "dtype", self.dtype, ("float32", "bfloat16"))
+        _one_of(s, "param_dtype", self.param_dtype, ("float32", "bfloat16"))
+        _need(s, self.param_dtype == "float32" or self.dtype == "bfloat16",
+              f"param_dtype {self.param_dtype} computes in {self.param_dtype}: set dtype: {self.param_dtype} too")
         _need(s, self.log_interval >= 1, f"log_interval must be >= 1, got {self.log_interval}")
         for name in ("eval_interval", "ckpt_interval"):
             _need(s, getattr(self, name) >= 0, f"{name} must be >= 0 (0 disables), got {getattr(self, name)}")
@@ -205,6 +217,9 @@ class ParallelConfig:
     optimizer: str = "zero1"  # "zero1" (sharded optimizer state when dp > 1) or "replicated" (DDP)
     zero1_bucket_mb: float = 25.0  # zero1 gradient buckets: MiB of parameters of one owner each (0 = one per owner)
     zero1_overlap: bool = True  # zero1: reduce each bucket as soon as backward completes it (False: after backward)
+    # the dtype gradients are reduced in over data parallelism (they accumulate in float32 buffers either way);
+    # "bfloat16" halves the bytes, as Megatron's --grad-reduce-in-bf16
+    grad_reduce_dtype: str = "float32"
     activation_checkpointing: bool = False
 
     @property
@@ -231,6 +246,7 @@ class ParallelConfig:
         _one_of(s, "optimizer", self.optimizer, ("zero1", "replicated"))
         _need(s, self.zero1_bucket_mb >= 0, f"zero1_bucket_mb must be >= 0 (0 = one bucket per owner), got "
               f"{self.zero1_bucket_mb}")
+        _one_of(s, "grad_reduce_dtype", self.grad_reduce_dtype, ("float32", "bfloat16"))
         _need(s, self.optimizer == "zero1" or (self.tp == 1 and self.ep == 1),
               f"tp={self.tp}, ep={self.ep} needs optimizer: zero1 (DistributedMuonClip reduces expert/sharded "
               "gradients over the right groups and orthogonalises the full TP matrices; DDP + MuonClip cannot)")

@@ -18,12 +18,14 @@ from models import Transformer
 from parallel.init import init_sharded, load_hf_sharded
 from parallel.parallelize import apply_compile, parallelize
 from parallel.pipeline_parallel import Pipeline, StagePlan, pipeline_schedule, plan_stages, prune_to_stage
+from parallel.precision import PrecisionPolicy
 
 
 def build_model(cfg: JobConfig, rt: Runtime) -> tuple[Transformer, dict[str, Any]]:
-    """Build on meta -> keep this pipeline rank's layers (all of them without PP) -> parallelize (EP/TP/AC) ->
-    allocate and initialise only this rank's shards (parallel/init.py): the global weights equal one process's
-    for ``train.seed`` at any layout -> ``train.compile``: torch.compile per block."""
+    """Build on meta -> keep this pipeline rank's layers (all of them without PP) -> parallelize (EP/TP, the
+    precision policy's parameter dtypes, AC) -> allocate and initialise only this rank's shards
+    (parallel/init.py): the global weights equal one process's for ``train.seed`` at any layout (bf16 parameters:
+    the float32 draws rounded) -> ``train.compile``: torch.compile per block."""
     if cfg.model.attention_impl == "flex" and rt.device.type != "cuda":
         raise ValueError(f"model.attention_impl: flex needs train.device cuda (flex attention's max scores are not "
                          f"implemented on {rt.device.type}); use attention_impl: sdpa")
@@ -34,15 +36,18 @@ def build_model(cfg: JobConfig, rt: Runtime) -> tuple[Transformer, dict[str, Any
     if p.pp > 1:
         plan = stage_plan(cfg, rt)
         model = prune_to_stage(model, plan.layers, first=plan.has_first, last=plan.has_last)
-    placements = parallelize(model, rt.pdims, rt.groups, p)  # EP/TP of size 1 change nothing; placements all the same
+    # EP/TP of size 1 change nothing; placements all the same
+    placements = parallelize(model, rt.pdims, rt.groups, p, PrecisionPolicy.from_config(cfg))
     init_sharded(model, rules, shapes, placements, rt.groups.ep_rank, cfg.train.seed, rt.device)
     if cfg.train.compile:
         apply_compile(model, fullgraph_dense=rt.groups.tp_size == 1 and not p.activation_checkpointing)
     return model, placements
 
 
-def load_released_weights(cfg: JobConfig, rt: Runtime, model: Transformer, placements: dict[str, Any]) -> int:
-    """``train.init_from``: this rank's parameters from an HF directory (checked against the run's model).
+def load_released_weights(cfg: JobConfig, rt: Runtime, model: Transformer, placements: dict[str, Any],
+                          optimizer: Any) -> int:
+    """``train.init_from``: this rank's parameters from an HF directory (checked against the run's model), into the
+    float32 masters this rank keeps (then rounded into the bf16 parameters) and the parameters elsewhere.
     Returns the number of multi-token-prediction layers the directory has (not read: our model has none)."""
     from models.hf_interop import HFTensors, from_hf_config, read_hf_config
 
@@ -59,7 +64,8 @@ def load_released_weights(cfg: JobConfig, rt: Runtime, model: Transformer, place
                          f"{path} --print-config")
     with torch.device("meta"):
         shapes = {name: tuple(p.shape) for name, p in Transformer(cfg.model).named_parameters()}
-    load_hf_sharded(model, shapes, placements, rt.groups.ep_rank, HFTensors(path))
+    load_hf_sharded(model, shapes, placements, rt.groups.ep_rank, HFTensors(path), targets=optimizer.master_params())
+    optimizer.sync_params_from_masters()
     return getattr(hf_cfg, "num_nextn_predict_layers", 0) or 0
 
 
@@ -80,7 +86,8 @@ def build_pipeline(cfg: JobConfig, rt: Runtime, model: Transformer) -> Pipeline:
     reductions start inside the schedule's backward, before torch's own in-place scaling would run."""
     d = cfg.data
     return pipeline_schedule(model, stage_plan(cfg, rt), rt.groups.pp_group, rt.device, d.grad_accum, token_loss,
-                             cfg.parallel.schedule, micro_batch=(d.micro_batch_size, d.seq_len), scale_grads=False)
+                             cfg.parallel.schedule, micro_batch=(d.micro_batch_size, d.seq_len),
+                             dtype=PrecisionPolicy.from_config(cfg).activation_dtype, scale_grads=False)
 
 
 def use_zero1(cfg: JobConfig, rt: Runtime) -> bool:
@@ -103,13 +110,16 @@ def ns_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def build_optimizer(cfg: JobConfig, model: Transformer, placements: dict, rt: Runtime, zero1: bool):
-    o = cfg.optim
+    """ZeRO-1 ``DistributedMuonClip``, or ``MuonClip``: alone, under DDP (float32 parameters), or averaging its
+    float32 gradient buffers over dp itself (bf16 parameters: DDP's buckets would hold bf16 gradients)."""
+    o, policy = cfg.optim, PrecisionPolicy.from_config(cfg)
     adamw_lr = {"lr": o.lr * o.adamw_lr_scale}
     groups = muonclip.build_param_groups(model.named_parameters(), weight_decay=o.weight_decay,
                                          group_options={"adamw": adamw_lr, "adamw_no_decay": adamw_lr})
     kwargs = dict(lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, ns_steps=o.ns_steps,
                   weight_decay=o.weight_decay, adamw_betas=o.adamw_betas, adamw_eps=o.adamw_eps,
-                  ns_dtype=ns_dtype(o.ns_dtype, rt.device), ns_coefficients=o.ns_coefficients, ns_path=o.ns_path)
+                  ns_dtype=ns_dtype(o.ns_dtype, rt.device), ns_coefficients=o.ns_coefficients, ns_path=o.ns_path,
+                  master_weights=policy.master_weights, offload_state=o.offload_state, reduce_dtype=policy.reduce_dtype)
     if zero1:
         from muonclip.distributed import DistributedMuonClip
         opt = DistributedMuonClip(groups, placements, rt.groups, norm_group=rt.groups.stage_group,
@@ -119,9 +129,15 @@ def build_optimizer(cfg: JobConfig, model: Transformer, placements: dict, rt: Ru
         if cfg.parallel.pp > 1:
             opt.grad_sum_divisor = cfg.data.grad_accum  # build_pipeline: backward sums the micro batches
     else:
-        opt = muonclip.MuonClip(groups, **kwargs)
+        reduce_group = rt.groups.dp_group if rt.groups.dp_size > 1 and policy.low_precision else None
+        opt = muonclip.MuonClip(groups, reduce_group=reduce_group, **kwargs)
     opt.init_state()  # zero state for every owned trainable param now: checkpoints always hold the same keys
     return opt
+
+
+def wraps_in_ddp(cfg: JobConfig, rt: Runtime, zero1: bool) -> bool:
+    """Plain data parallelism of float32 parameters goes through DDP (bf16 ones: ``MuonClip`` reduces them)."""
+    return rt.groups.dp_size > 1 and not zero1 and not PrecisionPolicy.from_config(cfg).low_precision
 
 
 def build_data(cfg: JobConfig, rt: Runtime) -> tuple[data_lib.BatchLoader, data_lib.Datasets]:

@@ -36,12 +36,13 @@ from launch import checkpoint as ckpt
 from launch import monitor as monitor_lib
 from launch import watchdog as watchdog_lib
 from launch.build import (build_data, build_model, build_optimizer, build_pipeline, load_released_weights,
-                          token_loss, tokens_per_step, use_zero1)
+                          token_loss, tokens_per_step, use_zero1, wraps_in_ddp)
 from launch.checkpoint import shard_views
 from launch.hooks import RouterBiasUpdate, register_post_step
 from launch.metrics import MetricsLogger, environment_info
 from launch.preemption import PreemptionHandler
 from launch.runtime import Runtime, init_runtime
+from parallel.precision import PrecisionPolicy
 from launch.schedule import schedule_fn
 from models import Transformer
 
@@ -106,7 +107,7 @@ class Trainer:
         self.zero1 = use_zero1(cfg, rt)
         dp_group = rt.groups.dp_group if rt.groups.dp_size > 1 else None
         self.train_model = self.model
-        if rt.groups.dp_size > 1 and not self.zero1:
+        if wraps_in_ddp(cfg, rt, self.zero1):
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, process_group=dp_group, broadcast_buffers=False,  # buffers = per-rank step stats
                 device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
@@ -117,24 +118,24 @@ class Trainer:
         post_step = o.qk_clip and o.qk_clip_mode == "post_step"
         # inf: measure + reduce the forward's max logits (logging), never clip
         tau = o.qk_clip_tau if o.qk_clip and not post_step else math.inf
+        # QK-Clip clips each query/key weight right after its update, on its float32 master (muonclip/qk_clip.py)
         self.qkclip = muonclip.QKClip(self.model.qk_clip_specs(), tau=tau, process_group=dp_group)
-        self.qkclip_post = (muonclip.QKClip(self.model.qk_clip_specs(), tau=o.qk_clip_tau, process_group=dp_group)
-                            if post_step else None)
+        self.qkclip.register(self.optimizer)
+        self.qkclip_post = (muonclip.QKClip(self.model.qk_clip_specs(), tau=o.qk_clip_tau, process_group=dp_group,
+                                            optimizer=self.optimizer) if post_step else None)
         self.router_hook = RouterBiasUpdate(self.model.moe_routers(), process_group=dp_group)
-        self.manual_hooks = [h for h in (register_post_step(self.optimizer, self.qkclip),
-                                         register_post_step(self.optimizer, self.router_hook)) if h is not None]
+        self.manual_hooks = [h for h in (register_post_step(self.optimizer, self.router_hook),) if h is not None]
         m = cfg.monitor
         self.detector = monitor_lib.SpikeDetector(m.spike_window, m.spike_threshold, m.spike_min_history)
         self.rollbacks = (monitor_lib.RollbackPolicy(max_rollbacks=m.max_rollbacks, reset_after=m.rollback_reset_after,
                                                      batches_per_step=cfg.data.grad_accum) if m.rollback else None)
         # max logits / router loads over the whole logging interval, not just the logged step
         self.interval_stats = monitor_lib.IntervalStats()
-        self.autocast = (torch.autocast(rt.device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bfloat16"
-                         else nullcontext())
+        self.autocast = PrecisionPolicy.from_config(cfg).autocast(rt.device.type)
         self.ckpt_root = ckpt.checkpoint_root(cfg.train.output_dir)
         self.last_ckpt_step: int | None = None
         if not self._resume() and cfg.train.init_from:
-            n_mtp = load_released_weights(cfg, rt, self.model, self.placements)
+            n_mtp = load_released_weights(cfg, rt, self.model, self.placements, self.optimizer)
             self.metrics.write(f"weights from {cfg.train.init_from} (train.init_from), fresh optimizer state"
                                + (f"; its {n_mtp} multi-token-prediction layer(s) skipped (not modelled here)"
                                   if n_mtp else ""))
@@ -233,12 +234,10 @@ class Trainer:
                 router.expert_load_E.copy_(load_E)
 
     def _clip_gradients(self) -> torch.Tensor:
-        max_norm = self.cfg.optim.grad_clip or math.inf  # inf: measure only
-        if self.zero1:
-            self.optimizer.reduce_gradients()
-            return self.optimizer.clip_grad_norm_(max_norm)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        """Reduce the gradients (ZeRO-1 buckets; bf16 parameters' float32 buffers without DDP) and clip their
+        global norm (float32)."""
+        self.optimizer.reduce_gradients()
+        return self.optimizer.clip_grad_norm_(self.cfg.optim.grad_clip or math.inf)  # inf: measure only
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -387,8 +386,12 @@ class Trainer:
         return True
 
     # ---------------------------------------------------------------- checkpoints
-    def checkpoint_tensors(self) -> dict[str, Any]:
-        tensors = {**self.model.state_dict(), **ckpt.optimizer_state(self.optimizer)}
+    def checkpoint_tensors(self, saving: bool = False) -> dict[str, Any]:
+        """The model's weights under their names (float32 masters where this rank keeps them: the master IS the
+        checkpoint's weight) and the optimizer state by name. ``saving``: a bf16 parameter whose master another
+        rank keeps (ZeRO-1) is left to that rank; a load fills it, rounded, straight from the checkpoint."""
+        model = ckpt.model_state(self.model, self.optimizer, saving)
+        tensors = {**model, **ckpt.optimizer_state(self.optimizer)}
         return shard_views(tensors, self.placements, self.rt.groups)
 
     def save(self) -> None:
@@ -396,7 +399,7 @@ class Trainer:
                  "detector": self.detector.state_dict(),
                  "rollbacks": self.rollbacks.state_dict() if self.rollbacks is not None else None}
         meta = {"config": config_to_dict(self.cfg), "world_size": self.rt.world_size}
-        args = (self.ckpt_root, self.step, self.checkpoint_tensors(), meta, extra)
+        args = (self.ckpt_root, self.step, self.checkpoint_tensors(saving=True), meta, extra)
         kwargs = dict(keep=self.cfg.train.ckpt_keep, config_text=dump_config(self.cfg))
         t0 = time.perf_counter()
         if self.saver is not None:
@@ -427,6 +430,7 @@ class Trainer:
     def load(self, path, restore_monitor: bool = True) -> None:
         _, extra = ckpt.load_checkpoint(path, self.checkpoint_tensors(), config_to_dict(self.cfg)["model"],
                                         verify=self.cfg.train.ckpt_verify)
+        self.optimizer.sync_params_from_masters()  # the bf16 parameters = their loaded masters, rounded
         self.step = int(extra["step"])
         self.loader.load_state_dict(extra["loader"])
         ckpt.set_rng_state(extra["rng"], self.rt.device)

@@ -14,11 +14,14 @@ from .layers import RMSNorm, Yarn, apply_rope, causal_max_logits, rope_cos_sin
 
 class _AttentionBase:
     """Shared forward of both attentions (``_qkv`` -> record max logits -> SDPA -> o_proj) and ``max_logits_H``:
-    the running max of the pre-softmax scaled logit per head since the last reset (recorded in train mode)."""
+    the running max of the pre-softmax scaled logit per head since the last reset (recorded in train mode, unless
+    ``record_stats`` is off: activation checkpointing turns it off while it recomputes, so the float32 probe runs
+    once per layer and micro batch)."""
 
     def _init_stats(self, cfg: ModelConfig) -> None:
         self.register_buffer("max_logits_H", torch.full((cfg.n_heads,), float("-inf")), persistent=False)
         self.attention_impl = cfg.attention_impl
+        self.record_stats = True  # False while activation checkpointing recomputes this forward (no second probe)
 
     def reset_step_stats(self) -> None:
         self.max_logits_H.fill_(float("-inf"))
@@ -26,8 +29,11 @@ class _AttentionBase:
     def init_weights(self, std: float, out_std: float) -> None:
         init_module_(self, self.init_rules(std, out_std))
 
+    def _records(self) -> bool:
+        return self.training and self.record_stats
+
     def _record(self, q_BHTd: torch.Tensor, k_BHTd: torch.Tensor) -> None:
-        if self.training:
+        if self._records():
             # in place: QK-Clip specs hold a reference to this buffer
             torch.maximum(self.max_logits_H, causal_max_logits(q_BHTd, k_BHTd, self.scale), out=self.max_logits_H)
 
@@ -43,7 +49,7 @@ class _AttentionBase:
         q, k, v = self._qkv(x_BTD)
         if self.attention_impl == "flex":
             out, max_H = _flex_with_max(q, k, v, self.scale)
-            if self.training:
+            if self._records():
                 torch.maximum(self.max_logits_H, max_H, out=self.max_logits_H)
         else:
             self._record(q, k)

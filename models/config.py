@@ -32,6 +32,9 @@ class ModelConfig:
     yarn_mscale: float = 1.0
     yarn_mscale_all_dim: float = 0.0
     max_seq_len: int = 512
+    # keep the residual stream (embeddings, block inputs/outputs) in float32 when the parameters are bf16
+    # (Megatron's --fp32-residual-connection); norms still feed bf16 into the GEMMs. Changes no weight.
+    fp32_residual: bool = False
     norm_eps: float = 1e-6  # the block and final RMSNorms (DeepseekV3's rms_norm_eps)
     latent_norm_eps: float = 1e-6  # MLA's q_a / kv_a RMSNorms (DeepseekV3 hard-codes 1e-6 for them)
     # feed-forward

@@ -44,23 +44,37 @@ def _generator(seed: int, name: str, index: int | None, device: torch.device) ->
     return torch.Generator(device=device).manual_seed(param_seed(seed, name, index))
 
 
+def _draw_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Random draws are made in >= float32 and rounded: a bf16 parameter starts as the rounded float32 value."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _normal_(t: torch.Tensor, std: float, generator: torch.Generator) -> None:
+    if t.dtype == _draw_dtype(t.dtype):
+        t.normal_(0.0, std, generator=generator)
+    else:
+        draw = torch.empty(t.shape, dtype=_draw_dtype(t.dtype), device=t.device)
+        t.copy_(draw.normal_(0.0, std, generator=generator))
+
+
 @torch.no_grad()
 def fill_(t: torch.Tensor, rule: InitRule, seed: int, name: str, expert_offset: int = 0,
           shard: tuple[int, int, tuple[int, ...]] | None = None) -> None:
     """Initialise ``t``, which holds global parameter ``name`` (whole, or experts ``expert_offset..`` of a stack,
-    or ``shard = (dim, offset, global_shape)``: the slice ``[offset, offset + t.shape[dim])`` along ``dim``)."""
+    or ``shard = (dim, offset, global_shape)``: the slice ``[offset, offset + t.shape[dim])`` along ``dim``).
+    A bf16 ``t`` gets the float32 draws rounded, so it starts as the float32 model rounded to bf16."""
     if rule.kind == "ones":
         t.fill_(1.0)
     elif rule.kind == "zeros":
         t.zero_()
     elif rule.per_expert:
         for i in range(t.shape[0]):
-            t[i].normal_(0.0, rule.std, generator=_generator(seed, name, expert_offset + i, t.device))
+            _normal_(t[i], rule.std, _generator(seed, name, expert_offset + i, t.device))
     elif shard is None:
-        t.normal_(0.0, rule.std, generator=_generator(seed, name, None, t.device))
+        _normal_(t, rule.std, _generator(seed, name, None, t.device))
     else:
         dim, offset, global_shape = shard
-        full = torch.empty(global_shape, dtype=t.dtype, device=t.device)
+        full = torch.empty(global_shape, dtype=_draw_dtype(t.dtype), device=t.device)
         full.normal_(0.0, rule.std, generator=_generator(seed, name, None, t.device))
         t.copy_(full.narrow(dim, offset, t.shape[dim]))
 

@@ -18,9 +18,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Statistics in >= float32; the output in the narrower of the input's and the weight's dtypes, so a
+        float32 residual stream (``fp32_residual``) still feeds bf16 into the bf16 projections after it."""
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 -> float32; float64 stays
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        out_dtype = min(x.dtype, self.weight.dtype, key=lambda dt: dt.itemsize)
+        return self.weight * xf.to(out_dtype)
 
     def init_rules(self) -> dict[str, InitRule]:
         return {"weight": ONES}

@@ -48,10 +48,13 @@ class Router(nn.Module):
         self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts), requires_grad=False)
         self.register_buffer("expert_load_E", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.register_buffer("seq_aux_loss_stat", torch.zeros(2), persistent=False)
+        self.record_stats = True  # False while activation checkpointing recomputes this forward
 
-    def forward(self, x_TD: torch.Tensor, n_seqs: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Returns (expert ids [T, K] int64, combine weights [T, K] float32, the sequence-wise balance loss or
-        None); ``x_TD`` holds ``n_seqs`` sequences of equal length one after the other."""
+    def forward(self, x_TD: torch.Tensor, n_seqs: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                   torch.Tensor | None]:
+        """Returns (expert ids [T, K] int64, combine weights [T, K] float32, tokens per expert [E] int64, the
+        sequence-wise balance loss or None); ``x_TD`` holds ``n_seqs`` sequences of equal length one after the
+        other. The weight and the bias may be bf16 and float32 respectively: scores are computed in float32."""
         ct = torch.promote_types(x_TD.dtype, torch.float32)  # routing in >= float32
         with torch.autocast(x_TD.device.type, enabled=False):  # autocast would run this linear in bf16
             scores_TE = torch.sigmoid(F.linear(x_TD.to(ct), self.weight.to(ct)))
@@ -69,10 +72,12 @@ class Router(nn.Module):
         if self.norm_topk_prob:
             w_TK = w_TK / (w_TK.sum(-1, keepdim=True) + 1e-20)
         w_TK = w_TK * self.route_scale
-        with torch.no_grad():
-            self.expert_load_E += torch.bincount(idx_TK.flatten(), minlength=self.n_experts).float()
+        counts_E = expert_counts(idx_TK, self.n_experts)
+        if self.record_stats:
+            with torch.no_grad():
+                self.expert_load_E += counts_E
         aux = self._seq_aux_loss(scores_TE, idx_TK, n_seqs) if self.training and self.seq_aux_loss_alpha else None
-        return idx_TK, w_TK, aux
+        return idx_TK, w_TK, counts_E, aux
 
     def _seq_aux_loss(self, scores_TE: torch.Tensor, idx_TK: torch.Tensor, n_seqs: int) -> torch.Tensor:
         E, K = self.n_experts, self.top_k
@@ -83,8 +88,9 @@ class Router(nn.Module):
             n_seqs, T * K))
         f_SE = selected_SE * (E / (K * T))
         aux = self.seq_aux_loss_alpha * (f_SE * probs_STE.mean(1)).sum(-1).mean()
-        with torch.no_grad():
-            self.seq_aux_loss_stat += torch.stack([aux.detach().float(), aux.new_ones((), dtype=torch.float32)])
+        if self.record_stats:
+            with torch.no_grad():
+                self.seq_aux_loss_stat += torch.stack([aux.detach().float(), aux.new_ones((), dtype=torch.float32)])
         return aux
 
     @torch.no_grad()
@@ -102,6 +108,13 @@ class Router(nn.Module):
 
     def init_weights(self, std: float) -> None:
         init_module_(self, self.init_rules(std))
+
+
+def expert_counts(idx_TK: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Tokens routed to each expert, int64 [E]: a scatter-add into zeros (``torch.bincount`` reads its input's
+    minimum on the host on CUDA, a synchronisation)."""
+    flat = idx_TK.flatten()
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 class GroupedExperts(nn.Module):
@@ -145,11 +158,18 @@ class GroupedExperts(nn.Module):
             outs.append(h @ self.down_proj[e].T)
         return torch.cat(outs) if outs else x_TD.new_zeros(0, self.down_proj.shape[1])
 
+    def compute_dtype(self, device_type: str) -> torch.dtype:
+        """The dtype the expert GEMMs run in: autocast's where it is on (``grouped_mm`` has no autocast kernel, so
+        the MoE casts for it, as autocast does for a matmul), else the weights' (bf16 with bf16 parameters)."""
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return self.down_proj.dtype
+
     def _grouped(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         if x_TD.shape[0] == 0:
             return x_TD.new_zeros(0, self.down_proj.shape[1])
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)  # end row of each expert's block
-        dt = x_TD.dtype  # weights in the activations' dtype (as autocast does for a matmul)
+        dt = x_TD.dtype  # the MoE cast the rows to compute_dtype; float32 weights are cast to it here
         gate_TI = F.grouped_mm(x_TD, self.gate_proj.to(dt).transpose(1, 2), offs=offs_E)
         up_TI = F.grouped_mm(x_TD, self.up_proj.to(dt).transpose(1, 2), offs=offs_E)
         return F.grouped_mm(F.silu(gate_TI) * up_TI, self.down_proj.to(dt).transpose(1, 2), offs=offs_E)
@@ -183,19 +203,20 @@ class MoE(nn.Module):
                                if cfg.n_shared_experts > 0 else None)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """Dispatch rows in the experts' compute dtype (bf16 under bf16 parameters or autocast, so an expert-parallel
+        all-to-all moves bf16), combine the top-k outputs weighted in >= float32, return the input's dtype."""
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(-1, D)
-        idx_TK, w_TK, aux = self.gate(x_TD, n_seqs=B)
-        flat_expert = idx_TK.flatten()
-        order = torch.argsort(flat_expert, stable=True)
+        idx_TK, w_TK, counts_E, aux = self.gate(x_TD, n_seqs=B)
+        order = torch.argsort(idx_TK.flatten(), stable=True)
         token_of = order // self.top_k
-        counts_E = torch.bincount(flat_expert, minlength=self.gate.n_experts)
-        y_sorted = self.experts(x_TD[token_of], counts_E)
+        y_sorted = self.experts(x_TD[token_of].to(self.experts.compute_dtype(x_TD.device.type)), counts_E)
         acc = torch.promote_types(y_sorted.dtype, torch.float32)  # bf16 -> float32; float64 stays
-        y_sorted = (y_sorted.to(acc) * w_TK.flatten()[order, None].to(acc)).to(x_TD.dtype)
-        out_TD = torch.zeros_like(x_TD).index_add_(0, token_of, y_sorted)
+        y_sorted = y_sorted.to(acc) * w_TK.flatten()[order, None].to(acc)
+        out_TD = torch.zeros(x_TD.shape, dtype=acc, device=x_TD.device).index_add_(0, token_of, y_sorted)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
+        out_TD = out_TD.to(x_TD.dtype)
         if aux is not None:
             out_TD = _AddAuxLoss.apply(out_TD, aux, self.aux_loss_scale)
         return out_TD.view(B, T, D)

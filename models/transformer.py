@@ -73,6 +73,8 @@ class Transformer(nn.Module):
         if x.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {x.shape[1]} exceeds max_seq_len {self.cfg.max_seq_len}")
         h_BTD = self.embed_tokens(x) if self.embed_tokens is not None else x
+        if self.cfg.fp32_residual:  # bf16 parameters, float32 residual stream (blocks add bf16 outputs into it)
+            h_BTD = h_BTD.to(torch.promote_types(h_BTD.dtype, torch.float32))
         for layer in self.layers:
             h_BTD = layer(h_BTD)
         if self.lm_head is None:

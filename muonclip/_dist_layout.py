@@ -99,7 +99,8 @@ def assign_owners(slots: list[ParamSlot], dp_size: int, tp_size: int, edp_size: 
 @dataclass(eq=False)
 class Bucket:
     """Params of ONE owner (a rank of the sharding group) and one dtype, packed back to back into ``numel``
-    elements: reduced to the owner, and broadcast from it after its update. No padding, whatever the sizes."""
+    elements: reduced to the owner, and broadcast from it after its update. No padding, whatever the sizes.
+    ``dtype`` is the parameters'; the gradient buffer is ``grad_dtype`` (float32 for bf16 parameters)."""
 
     sharding: str
     dtype: torch.dtype
@@ -110,8 +111,13 @@ class Bucket:
     offsets: list[int] = field(default_factory=list)  # flat offset of each slot in the buffer
 
     @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+    def grad_dtype(self) -> torch.dtype:
+        """The gradient buffer's dtype: gradients accumulate in >= float32."""
+        return torch.promote_types(self.dtype, torch.float32)
+
+    def nbytes(self, dtype: torch.dtype | None = None) -> int:
+        """The bucket's size in bytes in ``dtype`` (default: the parameters')."""
+        return self.numel * (dtype or self.dtype).itemsize
 
 
 def build_buckets(slots: list[ParamSlot], group_sizes: dict[str, int], cap_bytes: int | None = None) -> list[Bucket]:

@@ -37,6 +37,14 @@ Placement (``muonclip.placement.Placement``, from the parallelize step; names mi
   divided by the dp size (``expert_grad_divisor``): each expert's local gradient already sums the tokens of its
   EP group, so this gives the same global-mean gradient as the dense params.
 
+bf16 parameters (``MuonClip``'s precision contract, as Megatron's distributed optimizer): the bucket buffers are
+float32 (each bf16 ``.grad`` is added in by the hook and dropped; ``.grad`` of a bf16 parameter stays None, read
+``opt.grad(p)``), reduced in ``reduce_dtype`` (float32, or bf16: a transient bf16 copy of the bucket travels); the
+float32 master of a parameter lives in its owner's state only (sharded like the momentum); the owner updates the
+master, runs the update hooks on it (QK-Clip clips there, before anything leaves the rank), rounds it into the
+parameter and broadcasts the bf16 parameter from the bucket buffer's first half (half the bytes of float32).
+``offload_state`` streams each bucket's owned state from host memory for its update.
+
 Within a bucket, the matrices this rank orthogonalises that share a shape (e.g. the q/k/v projections of its
 layers, or several expert stacks) go through ONE batched Newton–Schulz call (``_dist_comm.orthogonalize_batched``).
 
@@ -61,7 +69,8 @@ from torch.distributed.tensor import DTensor
 
 from muonclip._dist_comm import CountingComm, NSItem, group_size, orthogonalize_once, reduce_by_all_reduce
 from muonclip._dist_layout import ParamSlot, assign_owners, build_buckets
-from muonclip.muon import adamw_step_, apply_muon_update_, muon_momentum_, orthogonalize
+from muonclip.main_grads import accumulate_
+from muonclip.muon import apply_muon_update_, muon_momentum_, orthogonalize
 from muonclip.newton_schulz import CoefficientSpec
 from muonclip.optimizer import MuonClip
 from muonclip.placement import REPLICATED, Placement
@@ -111,10 +120,12 @@ class DistributedMuonClip(MuonClip):
                  ns_coefficients: CoefficientSpec = "quintic", ns_path: str = "standard",
                  expert_grad_divisor: int | None = None, norm_group: Any = None, pipeline_group: Any = None,
                  bucket_cap_mb: float = 25.0, overlap_reduce: bool = True,
-                 all_reduce_min_bytes: int | None = None) -> None:
+                 all_reduce_min_bytes: int | None = None, master_weights: bool = True, offload_state: bool = False,
+                 reduce_dtype: torch.dtype = torch.float32) -> None:
         self._frozen = False
         super().__init__(params, lr, momentum, nesterov, ns_steps, weight_decay, adamw_betas, adamw_eps,
-                         ns_dtype=ns_dtype, ns_eps=ns_eps, ns_coefficients=ns_coefficients, ns_path=ns_path)
+                         ns_dtype=ns_dtype, ns_eps=ns_eps, ns_coefficients=ns_coefficients, ns_path=ns_path,
+                         master_weights=master_weights, offload_state=offload_state, reduce_dtype=reduce_dtype)
         if not dist.is_initialized():
             raise ValueError("DistributedMuonClip needs torch.distributed initialised (use MuonClip for 1 process)")
         self.comm = CountingComm()
@@ -140,12 +151,16 @@ class DistributedMuonClip(MuonClip):
         self._index = {"dp": dist.get_rank(self.dp_group), "edp": dist.get_rank(self.edp_group)}
         self._slot = {id(s.param): s for s in self.slots}
         self._bucket_of = {id(s.param): i for i, b in enumerate(self.buckets) for s in b.slots}
-        # a persistent buffer per bucket: backward accumulates the gradients into it (``.grad`` are views), the
-        # reduction and the parameter broadcast run in place in it; nothing is allocated per step
-        self._flat = [torch.zeros(b.numel, dtype=b.dtype, device=b.slots[0].param.device) for b in self.buckets]
+        # a persistent buffer per bucket (float32 for bf16 params): backward accumulates the gradients into it
+        # (``.grad`` are views of float32 params), the reduction and the parameter broadcast run in place in it
+        self._flat = [torch.zeros(b.numel, dtype=b.grad_dtype, device=b.slots[0].param.device) for b in self.buckets]
+        self._wire: list[Tensor | None] = [None] * len(self.buckets)  # a bucket's gradients in reduce_dtype
+        self._grad_views = [self._slices(i, b.grad_dtype) for i, b in enumerate(self.buckets)]
+        self._param_views = [self._slices(i, b.dtype) for i, b in enumerate(self.buckets)]
+        self._grad_of = {id(s.param): view for views in self._grad_views for s, view in views}
         # per bucket: all-reduce instead of a reduce to the owner where that is faster (gloo, large buffers)
-        self._all_reduce = [reduce_by_all_reduce(b.nbytes, dist.get_backend(self._group(b)), all_reduce_min_bytes)
-                            for b in self.buckets]
+        self._all_reduce = [reduce_by_all_reduce(b.nbytes(self._reduce_dtype(b)), dist.get_backend(self._group(b)),
+                                                 all_reduce_min_bytes) for b in self.buckets]
         self.backward_passes_per_step = 1
         self.grad_sum_divisor = 1  # also divide the reduced gradients by this (see the class docstring)
         me = weakref.ref(self)  # the hooks must not keep a dropped optimizer (and its buffers) alive
@@ -155,8 +170,10 @@ class DistributedMuonClip(MuonClip):
             if opt is not None:
                 opt._grad_accumulated(p)
 
+        self.overlap_reduce = overlap_reduce
         self._hooks = [s.param.register_post_accumulate_grad_hook(on_accumulated)
-                       for s in self.slots] if overlap_reduce else []
+                       for s in self.slots if overlap_reduce or s.param.dtype != self._flat[self._bucket_of[
+                           id(s.param)]].dtype]  # bf16 grads are always moved into the float32 buckets
         self._works: list[Any] = [None] * len(self.buckets)  # the collective in flight per bucket
         self.zero_grad()
         self.last_step_stats: dict[str, float] = {"ns_seconds": 0.0, "ns_matrices": 0, "buckets": len(self.buckets),
@@ -242,23 +259,22 @@ class DistributedMuonClip(MuonClip):
     def owned_names(self) -> list[str]:
         return [s.name for s in self.slots if self.owns(s.param)]
 
+    def updated_elsewhere(self, p: Tensor) -> bool:
+        """Whether another rank (the owner) updates ``p`` and broadcasts it here."""
+        return id(p) in self._slot and not self.owns(p)
+
     def _owned(self) -> list[ParamSlot]:
         return [s for s in self.slots if s.owner == self._index[s.sharding]]
 
-    def init_state(self) -> None:
-        """Create zero state for every owned param (so a checkpoint can be loaded in place)."""
-        for s in self._owned():
-            state = self.state[s.param]
-            if s.use_muon:
-                state.setdefault("momentum_buffer", torch.zeros_like(s.param, memory_format=torch.preserve_format))
-            elif "step" not in state:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(s.param, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(s.param, memory_format=torch.preserve_format)
+    def _make_main_grads(self, trainable: list[Tensor]) -> None:
+        return None  # the float32 gradient buckets below take that role
 
-    def state_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for st in self.state.values() for t in st.values()
-                   if isinstance(t, Tensor))
+    def init_state(self) -> None:
+        """Create zero state and the float32 masters for every owned param (so a checkpoint can be loaded in
+        place)."""
+        for s in self._owned():
+            if not self.state.get(s.param):
+                self._init_param_state(s.param, s.use_muon)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         params = [p for g in self.param_groups for p in g["params"]]
@@ -277,17 +293,38 @@ class DistributedMuonClip(MuonClip):
         """Bytes this rank has sent so far, per collective kind (reset with ``opt.comm.bytes_sent.clear()``)."""
         return dict(self.comm.bytes_sent)
 
+    @torch.no_grad()
+    def scale_rows_(self, p: Tensor, scale_R: Tensor) -> None:
+        """``p[r, :] *= scale_R[r]`` outside a step (QK-Clip's post-step mode; collective over ``p``'s sharding
+        group when ``p`` is bf16): the owner scales its float32 master and broadcasts the rounded parameter, so
+        every replica holds the same bf16 values; a float32 ``p`` is scaled in place on every rank."""
+        s = self._slot.get(id(p))
+        if s is None or not self._keeps_master(p):
+            return super().scale_rows_(p, scale_R)
+        if self.owns(p):
+            super().scale_rows_(p, scale_R)
+        self.comm.broadcast(p.data, s.owner, self._group(s))
+
     # ------------------------------------------------------------------ gradients
+    def grad(self, p: Tensor) -> Tensor | None:
+        """The reduced float32 gradient of an owned ``p`` after ``reduce_gradients()`` (a view of its bucket), else
+        None."""
+        if not self._reduced or not self.owns(p):
+            return None
+        return self._grad_of[id(p)]
+
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradient buffers and point every managed parameter's ``.grad`` at its slice, so backward
-        accumulates straight into them (``set_to_none`` is ignored: the buffers are the gradients)."""
+        """Zero the gradient buffers and point every managed float32 parameter's ``.grad`` at its slice, so backward
+        accumulates straight into them (``set_to_none`` is ignored: the buffers are the gradients; a bf16
+        parameter's ``.grad`` stays None: the hook adds each backward's into the buffer)."""
         self._wait_all()  # nothing may still be reducing into a buffer that is zeroed
         for i, flat in enumerate(self._flat):
             flat.zero_()
             for s, view in self._views(i):
-                s.param.grad = view
+                s.param.grad = view if s.param.dtype == view.dtype else None
         self._new_step()
+        self._stale = [False] * len(self.buckets)
 
     def _new_step(self) -> None:
         """Reset the per-step bookkeeping (after ``step()``, and by ``zero_grad()``)."""
@@ -301,26 +338,44 @@ class DistributedMuonClip(MuonClip):
         """The group a bucket's gradients are reduced and its params broadcast over (dp, or edp for experts)."""
         return self.dp_group if b.sharding == "dp" else self.edp_group
 
+    def _reduce_dtype(self, b: Any) -> torch.dtype:
+        """The dtype bucket ``b``'s gradients travel in: ``reduce_dtype`` unless the buffer is narrower/wider
+        (float64 tests keep float64)."""
+        return self.reduce_dtype if b.grad_dtype == torch.float32 else b.grad_dtype
+
     def _owns_bucket(self, i: int) -> bool:
         b = self.buckets[i]
         return b.owner == self._index[b.sharding]
 
-    def _views(self, i: int) -> list[tuple[ParamSlot, Tensor]]:
-        """Each param of bucket i with its slice of the bucket's buffer, shaped like the param."""
-        flat = self._flat[i]
-        return [(s, flat[off:off + s.param.numel()].view_as(s.param))
+    def _slices(self, i: int, dtype: torch.dtype) -> list[tuple[ParamSlot, Tensor]]:
+        """Each param of bucket i with its slice of the bucket's buffer seen in ``dtype``, shaped like the param:
+        the gradients (the buffer's dtype), or the parameters (bf16 ones in the float32 buffer's first half)."""
+        flat = self._flat[i] if dtype == self._flat[i].dtype else self._flat[i].view(dtype)
+        return [(s, flat[off:off + s.param.numel()].view(s.param.shape))
                 for s, off in zip(self.buckets[i].slots, self.buckets[i].offsets)]
 
+    def _views(self, i: int) -> list[tuple[ParamSlot, Tensor]]:
+        """Each param of bucket i with its gradient slice."""
+        return self._grad_views[i]
+
     def _grad_accumulated(self, p: Tensor) -> None:
-        """Post-accumulate-grad hook: count, and start the reductions of the buckets that are complete now."""
+        """Post-accumulate-grad hook: move a bf16 gradient into its float32 bucket; count, and start the
+        reductions of the buckets that are complete now."""
         i = self._bucket_of[id(p)]
-        if p.grad is None or p.grad.untyped_storage().data_ptr() != self._flat[i].untyped_storage().data_ptr():
+        flat = self._flat[i]
+        low = p.dtype != flat.dtype
+        if p.grad is None or not low and p.grad.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr():
             return  # not accumulating into this optimizer's buffer (e.g. another optimizer took the params over)
         if i < self._launched:
             raise RuntimeError(f"DistributedMuonClip: a gradient of {self._slot[id(p)].name} was accumulated after "
                                "its bucket's reduction had started: set opt.backward_passes_per_step to the number "
                                f"of backward passes per step (now {self.backward_passes_per_step}) or build the "
                                "optimizer with overlap_reduce=False")
+        if low:
+            self._fresh(i)
+            accumulate_(self._grad_of[id(p)], p)
+        if not self.overlap_reduce:
+            return
         n = self._accumulated[id(p)] = self._accumulated.get(id(p), 0) + 1
         if n == self.backward_passes_per_step:
             self._incomplete[i] -= 1
@@ -328,21 +383,35 @@ class DistributedMuonClip(MuonClip):
                 self._launch_reduce(self._launched)
                 self._in_backward += 1
 
+    def _fresh(self, i: int) -> None:
+        """Zero bucket i if a step spent it and no ``zero_grad()`` came since (its buffer holds last step's
+        reduced gradients and broadcast parameters)."""
+        if self._stale[i]:
+            self._flat[i].zero_()
+            self._stale[i] = False
+
     @torch.no_grad()
     def _launch_reduce(self, i: int) -> None:
-        """Start bucket i's reduction to its owner; gradients that are not views of the buffer are copied in."""
+        """Start bucket i's reduction to its owner; gradients that are not in the buffer are copied (float32) or
+        added (bf16: accumulated by hand, e.g. by zero-bubble pipeline schedules) in."""
         b, flat = self.buckets[i], self._flat[i]
+        self._fresh(i)
         for s, view in self._views(i):
             grad = s.param.grad
-            if grad is None:
+            if s.param.dtype != flat.dtype:
+                if grad is not None:
+                    accumulate_(view, s.param)
+            elif grad is None:
                 view.zero_()
             elif grad.data_ptr() != view.data_ptr():
                 view.copy_(grad)
         group = self._group(b)
+        wire = flat if self._reduce_dtype(b) == flat.dtype else flat.to(self._reduce_dtype(b))
+        self._wire[i] = wire if wire is not flat else None
         if self._all_reduce[i]:
-            self._works[i] = self.comm.all_reduce(flat, dist.ReduceOp.SUM, group, async_op=True)
+            self._works[i] = self.comm.all_reduce(wire, dist.ReduceOp.SUM, group, async_op=True)
         else:
-            self._works[i] = self.comm.reduce(flat, b.owner, group, async_op=True)
+            self._works[i] = self.comm.reduce(wire, b.owner, group, async_op=True)
         self._launched = i + 1
 
     def _wait(self, i: int) -> None:
@@ -353,12 +422,14 @@ class DistributedMuonClip(MuonClip):
     def _wait_all(self) -> None:
         for i in range(len(self.buckets)):
             self._wait(i)
+            self._wire[i] = None
 
     @torch.no_grad()
     def reduce_gradients(self) -> None:
         """Average gradients: each owner receives the full averaged gradient of its params (the reductions
-        backward started, and the rest now, in bucket order); ``p.grad`` of owned params is a view of its
-        bucket's buffer, other params' ``p.grad`` is set to None. No-op if already done since the last step."""
+        backward started, and the rest now, in bucket order); ``p.grad`` of owned float32 params is a view of its
+        bucket's buffer (``opt.grad(p)`` for any owned param), other params' ``p.grad`` is set to None. No-op if
+        already done since the last step."""
         if self._reduced:
             return
         while self._launched < len(self.buckets):
@@ -367,10 +438,13 @@ class DistributedMuonClip(MuonClip):
             self._wait(i)
             mine = self._owns_bucket(i)
             if mine:
+                if self._wire[i] is not None:
+                    self._flat[i].copy_(self._wire[i])
                 divisor = self.dp_size if b.sharding == "dp" else self.expert_grad_divisor
                 self._flat[i].div_(divisor * self.grad_sum_divisor)
+            self._wire[i] = None
             for s, view in self._views(i):
-                s.param.grad = view if mine else None
+                s.param.grad = view if mine and s.param.dtype == view.dtype else None
         self._reduced = True
 
     @torch.no_grad()
@@ -381,12 +455,12 @@ class DistributedMuonClip(MuonClip):
         if float(norm_type) != 2.0:
             raise ValueError(f"DistributedMuonClip.clip_grad_norm_ supports norm_type=2 only, got {norm_type}")
         self.reduce_gradients()
-        owned = [s for s in self._owned() if s.param.grad is not None]
-        acc = torch.float64 if any(s.param.dtype == torch.float64 for s in owned) else torch.float32
+        owned = [(s, view) for i in range(len(self.buckets)) if self._owns_bucket(i) for s, view in self._views(i)]
+        acc = torch.float64 if any(view.dtype == torch.float64 for _, view in owned) else torch.float32
         sq = torch.zeros(1, dtype=acc, device=self._device)
-        for s in owned:
+        for s, grad in owned:
             if s.kind == "tp_sharded" or self.tp_rank == 0:
-                sq += torch.linalg.vector_norm(s.param.grad, dtype=acc).square().to(self._device)
+                sq += torch.linalg.vector_norm(grad, dtype=acc).square().to(self._device)
         self.comm.all_reduce(sq, dist.ReduceOp.SUM, self.norm_group)
         if self.pipeline_group is not None:
             self.comm.all_reduce(sq, dist.ReduceOp.SUM, self.pipeline_group)
@@ -394,64 +468,79 @@ class DistributedMuonClip(MuonClip):
         if math.isinf(max_norm):  # measure only
             return total
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for s in owned:
-            s.param.grad.mul_(coef.to(device=s.param.grad.device, dtype=s.param.grad.dtype))
+        for _, grad in owned:
+            grad.mul_(coef.to(device=grad.device, dtype=grad.dtype))
         return total
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Update the owned params bucket by bucket; each bucket's broadcast starts as soon as it is updated and
-        runs while the next buckets are (every ``.grad`` is None afterwards, until ``zero_grad()``)."""
+        """Update the owned params bucket by bucket (their float32 masters where the params are bf16, the state
+        streamed from host memory with ``offload_state``); each bucket's broadcast starts as soon as it is updated
+        and runs while the next buckets are (every ``.grad`` is None afterwards, until ``zero_grad()``)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self.reduce_gradients()
+        self.init_state()  # (no-op once created) new state before it is lent to the device
         self.last_step_stats = {"ns_seconds": 0.0, "ns_matrices": 0, "buckets": len(self.buckets),
                                 "reduced_in_backward": self._in_backward}
-        for i, b in enumerate(self.buckets):
-            owned = b.slots if self._owns_bucket(i) else []
-            self._muon_step([s for s in owned if s.use_muon])
-            for s in owned:
-                if not s.use_muon:
-                    self._adamw(s)
+        mine = {i for i in range(len(self.buckets)) if self._owns_bucket(i)}
+        lent = None if self.offload is None else self.offload.lend_in_turn(
+            [[self.state[s.param] for s in self.buckets[i].slots] for i in sorted(mine)])
+        for i in range(len(self.buckets)):
+            if i in mine:
+                if lent is not None:
+                    next(lent)  # bucket i's state is on the device now (the previous bucket's went home)
+                self._update_bucket(i)
             self._launch_broadcast(i)
+        for _ in lent or ():  # the last bucket's state goes home
+            pass
         for i in range(len(self.buckets)):
             self._wait(i)
-            mine = self._owns_bucket(i)
-            for s, view in self._views(i):
+            for s, view in self._param_views[i]:
                 s.param.grad = None
-                if not mine:
+                if i not in mine:
                     s.param.copy_(view)
         self._new_step()  # a backward before the next zero_grad() makes new .grad tensors: copied in when reduced
+        self._stale = [True] * len(self.buckets)
         return loss
 
+    def _update_bucket(self, i: int) -> None:
+        owned = self.buckets[i].slots
+        self._muon_step([(s, g) for s, g in self._views(i) if s.use_muon])
+        for s in owned:
+            if not s.use_muon:
+                self._adamw_update(s.param, self.param_groups[s.group_index])
+
     def _launch_broadcast(self, i: int) -> None:
-        """The owner sends bucket i's updated params to the group, in the (spent) gradient buffer."""
+        """The owner sends bucket i's updated params (bf16 where they are) to the group, in the (spent) gradient
+        buffer."""
         b = self.buckets[i]
         if b.group_size == 1:
             return
         if self._owns_bucket(i):
-            for s, view in self._views(i):
+            for s, view in self._param_views[i]:
                 view.copy_(s.param)
-        self._works[i] = self.comm.broadcast(self._flat[i], b.owner, self._group(b), async_op=True)
+        wire = self._flat[i] if b.dtype == b.grad_dtype else self._flat[i].view(b.dtype)[:b.numel]
+        self._works[i] = self.comm.broadcast(wire, b.owner, self._group(b), async_op=True)
 
-    def _muon_step(self, owned: list[ParamSlot]) -> None:
+    def _muon_step(self, owned: list[tuple[ParamSlot, Tensor]]) -> None:
         items = []
-        for s in owned:
+        for s, grad in owned:
             group = self.param_groups[s.group_index]
             state = self.state[s.param]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(s.param.grad, memory_format=torch.preserve_format)
-            update = muon_momentum_(s.param.grad, state["momentum_buffer"], group["momentum"], group["nesterov"])
+            update = muon_momentum_(grad, state["momentum_buffer"], group["momentum"], group["nesterov"])
             items.append(NSItem(update.to(self.ns_dtype), s.ns_rank, s.shard_dim, s.tp_sizes,
                                 group["ns_steps"], group["ns_eps"]))
         outs = orthogonalize_once(items, self._orthogonalize, self.comm, self.tp_group)
-        for s, out in zip(owned, outs):
+        for (s, _), out in zip(owned, outs):
             group = self.param_groups[s.group_index]
-            apply_muon_update_(s.param, out, lr=float(group["lr"]), weight_decay=float(group["weight_decay"]),
+            weight = self.weight(s.param)
+            apply_muon_update_(weight, out, lr=float(group["lr"]), weight_decay=float(group["weight_decay"]),
                                shape=s.full_shape)
+            self._finish_update(s.param, weight)
 
     def _orthogonalize(self, update: Tensor, item: NSItem) -> Tensor:
         t0 = time.perf_counter()
@@ -459,15 +548,3 @@ class DistributedMuonClip(MuonClip):
         self.last_step_stats["ns_seconds"] += time.perf_counter() - t0
         self.last_step_stats["ns_matrices"] += update.numel() // (update.shape[-2] * update.shape[-1])
         return out
-
-    def _adamw(self, s: ParamSlot) -> None:
-        group = self.param_groups[s.group_index]
-        state = self.state[s.param]
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(s.param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(s.param, memory_format=torch.preserve_format)
-        state["step"] += 1
-        adamw_step_(s.param, s.param.grad, state["exp_avg"], state["exp_avg_sq"], state["step"].item(),
-                    lr=float(group["lr"]), betas=tuple(float(b) for b in group["adamw_betas"]),
-                    eps=group["adamw_eps"], weight_decay=float(group["weight_decay"]))

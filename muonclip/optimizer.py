@@ -11,6 +11,15 @@ Usage with any model::
 Per-parameter state: Muon ``momentum_buffer``; AdamW ``exp_avg``, ``exp_avg_sq``, ``step`` (float32 scalar
 tensor, as in ``torch.optim.AdamW``), so ``state_dict``/``load_state_dict`` behave like torch optimizers.
 
+bf16 (or fp16) parameters, Megatron-style: each gets a float32 ``master`` in its state (``master_weights``), the
+state is float32, the update is applied to the master and the parameter is its rounded copy; gradients accumulate
+in float32 buffers (``muonclip.main_grads``: the bf16 ``.grad`` is added in and dropped after every backward, so
+read them with ``opt.grad(p)``, clip with ``opt.clip_grad_norm_`` and zero with ``opt.zero_grad()``). With
+``reduce_group`` the float32 gradients are averaged over that data-parallel group by ``reduce_gradients()`` (DDP's
+buckets would hold bf16). ``register_update_hook`` runs code on the master right after each update (QK-Clip
+clips there, so master and parameter stay consistent); ``offload_state`` keeps the state in host memory
+(``muonclip.offload``).
+
 Distributed parameters (``DTensor``, e.g. after FSDP2 ``fully_shard``): momentum and AdamW run on the local
 shard. Newton–Schulz needs whole matrices: replicated tensors and expert stacks sharded on the expert dim
 (Shard(0) of a 3-D tensor) are orthogonalised locally; matrix-sharded tensors are all-gathered, orthogonalised
@@ -18,6 +27,8 @@ on every rank (redundant but simple) and sliced back to the local shard. Partial
 """
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
 from typing import Any, Callable, Iterable
 
 import torch
@@ -28,8 +39,15 @@ try:
 except ImportError:  # torch built without distributed support: no DTensor can reach us
     DTensor = ()  # isinstance(x, ()) is always False
 
+from torch.utils.hooks import RemovableHandle
+
+from muonclip.main_grads import MainGrads
 from muonclip.muon import adamw_step_, apply_muon_update_, muon_momentum_, orthogonalize
 from muonclip.newton_schulz import NS_DTYPES, CoefficientSpec, choose_path, ns_schedule
+from muonclip.offload import StateOffload
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+UpdateHook = Callable[[Tensor, Tensor], None]
 
 
 def _scalar(x: float | Tensor) -> float:
@@ -40,13 +58,8 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _params_with_grad(group: dict[str, Any]) -> Iterable[Tensor]:
-    for p in group["params"]:
-        if p.grad is None:
-            continue
-        if p.grad.is_sparse:
-            raise RuntimeError("MuonClip does not support sparse gradients")
-        yield p
+def low_precision(p: Tensor) -> bool:
+    return p.dtype in LOW_PRECISION
 
 
 class MuonClip(torch.optim.Optimizer):
@@ -68,6 +81,11 @@ class MuonClip(torch.optim.Optimizer):
             or explicit (a, b, c) triples (see ``muonclip.newton_schulz``).
         ns_path: ``"standard"`` (default, as ``torch.optim.Muon``), ``"gram"`` (iterate on the small Gram matrix)
             or ``"auto"`` (the one with fewer FLOPs per shape).
+        master_weights: keep a float32 master of every bf16/fp16 parameter (default); False updates them in
+            place in their own dtype (a baseline that shows what the master buys).
+        offload_state: keep the optimizer state (masters included) in host memory between steps.
+        reduce_group: average the float32 gradients over this process group in ``reduce_gradients()`` (bf16
+            parameters under plain data parallelism; None: none). ``reduce_dtype``: the dtype they travel in.
     """
 
     def __init__(
@@ -85,6 +103,10 @@ class MuonClip(torch.optim.Optimizer):
         ns_eps: float = 1e-7,
         ns_coefficients: CoefficientSpec = "quintic",
         ns_path: str = "standard",
+        master_weights: bool = True,
+        offload_state: bool = False,
+        reduce_group: Any = None,
+        reduce_dtype: torch.dtype = torch.float32,
     ) -> None:
         if ns_dtype not in NS_DTYPES:
             raise ValueError(f"MuonClip ns_dtype must be one of {NS_DTYPES}, got {ns_dtype}")
@@ -97,9 +119,18 @@ class MuonClip(torch.optim.Optimizer):
             raise ValueError("MuonClip expects param groups (dicts with 'use_muon'), got a single tensor; "
                              "build them with muonclip.build_param_groups(model.named_parameters())")
         self.ns_dtype, self.ns_coefficients, self.ns_path = ns_dtype, ns_coefficients, ns_path
+        self.master_weights, self.reduce_group, self.reduce_dtype = master_weights, reduce_group, reduce_dtype
+        self._update_hooks: OrderedDict[int, UpdateHook] = OrderedDict()  # weak-referenceable, for RemovableHandle
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay,
                         adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps, ns_eps=ns_eps)
         super().__init__(params, defaults)
+        trainable = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        if any(isinstance(p, DTensor) and low_precision(p) for p in trainable):
+            raise ValueError("MuonClip: bf16/fp16 DTensor parameters are not supported; keep FSDP2's sharded "
+                             "parameters float32 (MixedPrecisionPolicy(param_dtype=torch.bfloat16) for compute)")
+        self.offload = StateOffload(trainable[0].device) if offload_state and trainable else None
+        self._main = self._make_main_grads(trainable)
+        self._reduced = False
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         index = len(self.param_groups)
@@ -129,27 +160,183 @@ class MuonClip(torch.optim.Optimizer):
                 if torch.is_complex(p):
                     raise ValueError(f"MuonClip: Muon does not support complex params (group {index}, #{j})")
 
+    # ------------------------------------------------------------------ precision: masters and float32 gradients
+    def _make_main_grads(self, trainable: list[Tensor]) -> MainGrads | None:
+        """Float32 gradient buffers for the low-precision parameters (DistributedMuonClip has its own buckets)."""
+        low = [p for p in trainable if low_precision(p)]
+        return MainGrads(low) if low else None
+
+    def _keeps_master(self, p: Tensor) -> bool:
+        return self.master_weights and low_precision(p)
+
+    def grad(self, p: Tensor) -> Tensor | None:
+        """The gradient the update uses: the float32 buffer of a bf16 parameter, else ``p.grad``."""
+        if self._main is not None and p in self._main:
+            return self._main.grad(p)
+        return p.grad
+
+    def weight(self, p: Tensor) -> Tensor:
+        """What the update changes: ``p``'s float32 master where this rank keeps one, else ``p`` itself."""
+        return self.state[p].get("master", p) if p in self.state else p
+
+    def master_params(self) -> dict[str, Tensor]:
+        """{parameter name: float32 master} for the masters this rank keeps (needs group "names")."""
+        out = {}
+        for group in self.param_groups:
+            for name, p in zip(group.get("names", ()), group["params"]):
+                master = self.state.get(p, {}).get("master")
+                if master is not None:
+                    out[name] = master
+        return out
+
+    @torch.no_grad()
+    def sync_params_from_masters(self) -> None:
+        """Round every master this rank keeps into its parameter (after masters were loaded or edited)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                master = self.state.get(p, {}).get("master")
+                if master is not None:
+                    p.copy_(master)
+
+    def register_update_hook(self, hook: UpdateHook) -> RemovableHandle:
+        """``hook(param, weight)`` runs right after each parameter's update, on the rank that updates it, before
+        the new value reaches the model (bf16 rounding; under ZeRO-1 the broadcast): ``weight`` is the float32
+        master (or the parameter). Edit ``weight`` in place there (QK-Clip does) and every copy follows."""
+        handle = RemovableHandle(self._update_hooks)
+        self._update_hooks[handle.id] = hook
+        return handle
+
+    def updated_elsewhere(self, p: Tensor) -> bool:
+        """Whether another rank updates ``p`` and sends it here (ZeRO-1); never for this optimizer."""
+        return False
+
+    def master_elsewhere(self, p: Tensor) -> bool:
+        """Whether ``p``'s float32 master lives on another rank (ZeRO-1 non-owners of a bf16 parameter)."""
+        return self.updated_elsewhere(p) and self._keeps_master(p)
+
+    def _finish_update(self, p: Tensor, weight: Tensor) -> None:
+        for hook in self._update_hooks.values():
+            hook(p, weight)
+        if weight is not p:
+            p.copy_(weight)  # round to nearest even
+
+    @torch.no_grad()
+    def scale_rows_(self, p: Tensor, scale_R: Tensor) -> None:
+        """``p[r, :] *= scale_R[r]`` outside a step, on the master where there is one, then rounded into ``p``
+        (QK-Clip's post-step mode)."""
+        from muonclip.qk_clip import scale_rows_
+
+        weight = self.weight(p)
+        scale_rows_(weight, scale_R)
+        if weight is not p:
+            p.copy_(weight)
+
+    # ------------------------------------------------------------------ state
     @torch.no_grad()
     def init_state(self) -> None:
-        """Create zero state for every trainable param now (checkpoint loading can then load in place).
-
-        Same values the first ``step()`` would create; params with ``requires_grad=False`` get no state.
-        """
+        """Create zero state (and the float32 masters) for every trainable param now (checkpoint loading can then
+        load in place). Same values the first ``step()`` would create; params with ``requires_grad=False`` get no
+        state."""
         for group in self.param_groups:
             for p in group["params"]:
                 if not p.requires_grad or self.state.get(p):
                     continue
-                state = self.state[p]
-                if group["use_muon"]:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                else:
-                    self._init_adamw_state(p, state)
+                self._init_param_state(p, group["use_muon"])
 
-    @staticmethod
-    def _init_adamw_state(p: Tensor, state: dict[str, Any]) -> None:
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    def _init_param_state(self, p: Tensor, use_muon: bool) -> dict[str, Any]:
+        state = self.state[p]
+        if self._keeps_master(p):
+            state["master"] = p.detach().float()
+        like = self.weight(p)  # float32 state for a bf16 parameter
+        if use_muon:
+            state["momentum_buffer"] = torch.zeros_like(like, memory_format=torch.preserve_format)
+        else:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(like, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
+        if self.offload is not None:
+            self.offload.send_home(state)
+        return state
+
+    def state_bytes(self, where: str | None = None) -> int:
+        """Bytes of this rank's optimizer state (masters included): ``"host"`` (offloaded), ``"device"`` or all."""
+        total = 0
+        for st in self.state.values():
+            for value in st.values():
+                if isinstance(value, Tensor):
+                    on_host = self.offload is not None and self.offload.is_home(value)
+                    if where is None or (where == "host") == on_host:
+                        total += value.numel() * value.element_size()
+        return total
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, but the float32 state (masters, moments) of bf16 parameters stays float32 (torch would
+        cast it to the parameter's dtype) and offloaded state goes back to host memory."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved = state_dict.get("state", {})
+        wide = {i: st for i, st in saved.items() if isinstance(i, int) and i < len(params) and low_precision(params[i])}
+        super().load_state_dict({**state_dict, "state": {i: st for i, st in saved.items() if i not in wide}})
+        for i, st in wide.items():
+            p = params[i]
+            self.state[p] = {k: v.to(p.device) if isinstance(v, Tensor) and k != "step" else v for k, v in st.items()}
+        if self.offload is not None:
+            for st in self.state.values():
+                self.offload.send_home(st)
+
+    # ------------------------------------------------------------------ gradients
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        if self._main is not None:
+            self._main.zero_()
+        self._reduced = False
+
+    @torch.no_grad()
+    def reduce_gradients(self) -> None:
+        """Average the float32 gradients over ``reduce_group`` (once per step; a no-op without it)."""
+        if self.reduce_group is None or self._reduced:
+            return
+        import torch.distributed as dist
+
+        others = [p for g in self.param_groups for p in g["params"]
+                  if p.requires_grad and (self._main is None or p not in self._main)]
+        if others:
+            raise ValueError("MuonClip(reduce_group=...) averages the float32 buffers of bf16 parameters; wrap "
+                             "float32 parameters in DistributedDataParallel instead")
+        size = dist.get_world_size(self.reduce_group)
+        wire = self._main.flat if self.reduce_dtype == self._main.flat.dtype else self._main.flat.to(self.reduce_dtype)
+        dist.all_reduce(wire, op=dist.ReduceOp.SUM, group=self.reduce_group)
+        if wire is not self._main.flat:
+            self._main.flat.copy_(wire)
+        self._main.flat.div_(size)
+        self._main.mark_all()
+        self._reduced = True
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """Scale all gradients (float32 buffers included) so their global L2 norm is at most ``max_norm``; return
+        the norm before clipping (``max_norm`` inf: measure only). The same arithmetic as
+        ``torch.nn.utils.clip_grad_norm_``."""
+        self.reduce_gradients()
+        grads = [g for g in (self.grad(p) for group in self.param_groups for p in group["params"]) if g is not None]
+        total = torch.nn.utils.get_total_norm(grads, 2.0)
+        if math.isinf(max_norm):
+            return total
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.device))
+        return total
+
+    # ------------------------------------------------------------------ step
+    def _params_with_grad(self, group: dict[str, Any]) -> list[Tensor]:
+        out = []
+        for p in group["params"]:
+            g = self.grad(p)
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise RuntimeError("MuonClip does not support sparse gradients")
+            out.append(p)
+        return out
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -157,26 +344,31 @@ class MuonClip(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.reduce_gradients()
         for group in self.param_groups:
-            if group["use_muon"]:
-                self._muon_group(group)
-            else:
-                self._adamw_group(group)
+            params = self._params_with_grad(group)
+            for p in params:
+                if not self.state.get(p):
+                    self._init_param_state(p, group["use_muon"])
+            update = self._muon_update if group["use_muon"] else self._adamw_update
+            if self.offload is None:
+                for p in params:
+                    update(p, group)
+            else:  # one parameter's state on the device at a time, the next one's fetched meanwhile
+                for i, _ in enumerate(self.offload.lend_in_turn([[self.state[p]] for p in params])):
+                    update(params[i], group)
         return loss
 
-    def _muon_group(self, group: dict[str, Any]) -> None:
+    def _muon_update(self, p: Tensor, group: dict[str, Any]) -> None:
         lr, wd = _scalar(group["lr"]), _scalar(group["weight_decay"])
-        for p in _params_with_grad(group):
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
-            update = muon_momentum_(_local(p.grad), _local(state["momentum_buffer"]), group["momentum"],
-                                    group["nesterov"])
-            if isinstance(p.grad, DTensor):
-                update = self._orthogonalize_dtensor(p.grad, update, group)
-            else:
-                update = orthogonalize(update, group["ns_steps"], eps=group["ns_eps"], **self._ns_options())
-            apply_muon_update_(_local(p), update, lr=lr, weight_decay=wd, shape=p.shape)
+        grad, state, weight = self.grad(p), self.state[p], self.weight(p)
+        update = muon_momentum_(_local(grad), _local(state["momentum_buffer"]), group["momentum"], group["nesterov"])
+        if isinstance(grad, DTensor):
+            update = self._orthogonalize_dtensor(grad, update, group)
+        else:
+            update = orthogonalize(update, group["ns_steps"], eps=group["ns_eps"], **self._ns_options())
+        apply_muon_update_(_local(weight), update, lr=lr, weight_decay=wd, shape=p.shape)
+        self._finish_update(p, weight)
 
     def _ns_options(self) -> dict[str, Any]:
         return dict(ns_dtype=self.ns_dtype, coefficients=self.ns_coefficients, path=self.ns_path)
@@ -194,13 +386,11 @@ class MuonClip(torch.optim.Optimizer):
         out = orthogonalize(full, group["ns_steps"], **ns)
         return distribute_tensor(out, grad.device_mesh, placements, src_data_rank=None).to_local()
 
-    def _adamw_group(self, group: dict[str, Any]) -> None:
+    def _adamw_update(self, p: Tensor, group: dict[str, Any]) -> None:
         lr, wd = _scalar(group["lr"]), _scalar(group["weight_decay"])
         betas = tuple(_scalar(b) for b in group["adamw_betas"])
-        for p in _params_with_grad(group):
-            state = self.state[p]
-            if "step" not in state:
-                self._init_adamw_state(p, state)
-            state["step"] += 1
-            adamw_step_(_local(p), _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
-                        state["step"].item(), lr=lr, betas=betas, eps=group["adamw_eps"], weight_decay=wd)
+        state, weight = self.state[p], self.weight(p)
+        state["step"] += 1
+        adamw_step_(_local(weight), _local(self.grad(p)), _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
+                    state["step"].item(), lr=lr, betas=betas, eps=group["adamw_eps"], weight_decay=wd)
+        self._finish_update(p, weight)

@@ -20,6 +20,14 @@ MAX all-reduce over ``process_group`` (the ranks that hold the same heads but se
 data/FSDP/context parallel, never the tensor-parallel group).
 No ``.item()``: gammas stay tensors, so the hook does not synchronise a GPU stream.
 
+With master weights (bf16 parameters, ``MuonClip``/``DistributedMuonClip``), a clip must act on the float32 master
+and the bf16 parameter together, or the two drift apart (and ZeRO-1 replicas, which hold no master, with them).
+``register(optimizer)`` on such an optimizer therefore MAX-reduces the max logits in a step pre-hook and clips each
+query/key weight in the optimizer's update hook, right after its update and before it is rounded into the
+parameter and broadcast; ``apply()`` and ``apply_post_step()`` outside a step go through ``optimizer.scale_rows_``
+(give the optimizer to the constructor), which scales the master and re-rounds (ZeRO-1: the owner does and
+broadcasts).
+
 Two modes:
 
 * ``apply()`` (Kimi K2, Algorithm 1; the default): S_max is what the step's own forward pass recorded, and the
@@ -119,20 +127,24 @@ class QKClip:
         specs: the list from ``model.qk_clip_specs()``, or a callable returning it (re-read on every call).
         tau: logit threshold (Kimi K2 uses 100); ``math.inf`` only measures and reduces, never touching weights.
         process_group: group over which to MAX-reduce max logits (None: no communication).
+        optimizer: the optimizer keeping master weights (anything with ``scale_rows_``, e.g. ``MuonClip``): clips
+            outside a step scale through it. ``register`` sets it.
 
     After a call, ``last_max_logits`` is the reduced [L, H] float32 tensor (rows padded with -inf if layers have
     different head counts) and ``last_clipped`` a 0-dim int64 tensor counting clipped heads.
     """
 
     def __init__(self, specs: Sequence[Spec] | Callable[[], Sequence[Spec]], tau: float = 100.0,
-                 process_group: dist.ProcessGroup | None = None) -> None:
+                 process_group: dist.ProcessGroup | None = None, optimizer: Any = None) -> None:
         if not tau > 0:
             raise ValueError(f"QKClip tau must be > 0, got {tau}")
         self._specs = specs
         self.tau = float(tau)
         self.process_group = process_group
+        self.optimizer = optimizer
         self.last_max_logits: Tensor | None = None
         self.last_clipped: Tensor | None = None
+        self._pending: dict[int, tuple[Tensor, Tensor]] = {}  # id(weight) -> (weight, row scales) in this step
         for i, spec in enumerate(self.specs()):
             check_spec(spec, i)
 
@@ -140,8 +152,46 @@ class QKClip:
         return list(self._specs() if callable(self._specs) else self._specs)
 
     def register(self, optimizer: torch.optim.Optimizer) -> Any:
-        """Run after every ``optimizer.step()``; returns the hook handle (``.remove()`` to undo)."""
-        return optimizer.register_step_post_hook(lambda opt, args, kwargs: self.apply())
+        """Clip at every ``optimizer.step()``; returns a handle (``.remove()`` to undo). On an optimizer with
+        ``register_update_hook`` (the MuonClip family) each weight is clipped right after its own update, on its
+        master (see the module docstring); on any other optimizer ``apply()`` runs after the step."""
+        if not hasattr(optimizer, "register_update_hook"):
+            return optimizer.register_step_post_hook(lambda opt, args, kwargs: self.apply())
+        self.optimizer = optimizer
+        return _Handles([optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._reduce_for_step()),
+                         optimizer.register_update_hook(self._clip_updated),
+                         optimizer.register_step_post_hook(lambda opt, args, kwargs: self._clip_rest())])
+
+    @torch.no_grad()
+    def _reduce_for_step(self) -> None:
+        """Before the step: reduce the max logits (one MAX all-reduce) and note each weight's row scales."""
+        specs, flat, counts = self._reduced_max_logits()
+        self._pending = {}
+        if self.tau != math.inf:
+            for spec, max_H in zip(specs, flat.split(counts)):
+                for key, scale_R in row_scales(spec, head_gammas(max_H, self.tau)).items():
+                    self._pending[id(spec[key])] = (spec[key], scale_R)
+
+    def _clip_updated(self, param: Tensor, weight: Tensor) -> None:
+        """The optimizer's update hook: ``param`` was just updated; clip its master (or itself) ``weight``."""
+        entry = self._pending.pop(id(param), None)
+        if entry is not None:
+            scale_rows_(weight, entry[1])
+
+    @torch.no_grad()
+    def _clip_rest(self) -> None:
+        """After the step: weights the step did not update here (no gradient, frozen) and that no other rank
+        updated for this one (ZeRO-1 owners broadcast theirs) are clipped in place."""
+        for weight, scale_R in self._pending.values():
+            if not self.optimizer.updated_elsewhere(weight):
+                self._scale(weight, scale_R)
+        self._pending = {}
+
+    def _scale(self, weight: Tensor, scale_R: Tensor) -> None:
+        if self.optimizer is not None and hasattr(self.optimizer, "scale_rows_"):
+            self.optimizer.scale_rows_(weight, scale_R)
+        else:
+            scale_rows_(weight, scale_R)
 
     def __call__(self, *_args: Any, **_kwargs: Any) -> None:
         self.apply()
@@ -152,18 +202,24 @@ class QKClip:
     @torch.no_grad()
     def apply(self) -> None:
         """Clip with the max logits the step's forward recorded in ``spec["max_logits"]`` (one MAX all-reduce)."""
+        specs, flat, counts = self._reduced_max_logits()
+        for spec, max_H in zip(specs, flat.split(counts)):
+            self._clip_layer(spec, max_H)
+
+    def _reduced_max_logits(self) -> tuple[list[Spec], Tensor, list[int]]:
+        """The specs, every layer's recorded max logits MAX-reduced over ``process_group`` (one collective),
+        concatenated, and the head count of each layer; stored as ``last_max_logits`` / ``last_clipped``."""
         specs = self.specs()
-        if not specs:
-            return
         for i, spec in enumerate(specs):
             check_spec(spec, i)
         counts = [spec["n_heads"] for spec in specs]
+        if not specs:
+            return specs, torch.zeros(0), counts
         flat = torch.cat([spec["max_logits"].detach().reshape(-1).float() for spec in specs])
         if self.process_group is not None:
             dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=self.process_group)
-        for spec, max_H in zip(specs, flat.split(counts)):
-            self._clip_layer(spec, max_H)
         self._store(flat, counts)
+        return specs, flat, counts
 
     @torch.no_grad()
     def apply_post_step(self, run_forward: Callable[[], Any]) -> None:
@@ -219,7 +275,7 @@ class QKClip:
     def _clip_layer(self, spec: Spec, max_H: Tensor) -> None:
         if self.tau != math.inf:  # tau = inf: only measure and reduce (monitoring without clipping)
             for key, scale_R in row_scales(spec, head_gammas(max_H, self.tau)).items():
-                scale_rows_(spec[key], scale_R)
+                self._scale(spec[key], scale_R)
 
     def _store(self, flat: Tensor, counts: list[int]) -> None:
         """``last_clipped`` and ``last_max_logits`` [L, max H] from all layers' max logits concatenated."""
@@ -231,3 +287,14 @@ class QKClip:
             for i, row in enumerate(flat.split(counts)):
                 padded[i, : row.numel()] = row
             self.last_max_logits = padded
+
+
+class _Handles:
+    """Several hook handles removed together."""
+
+    def __init__(self, handles: list[Any]):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()

@@ -48,19 +48,20 @@ def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gr
     return _AllToAll.apply(x, out_splits, in_splits, group)
 
 
-def local_expert_order(recv_counts_SL: torch.Tensor) -> torch.Tensor:
+def local_expert_order(recv_counts_SL: torch.Tensor, n: int) -> torch.Tensor:
     """Index that reorders rows received as (source rank, local expert) blocks into (local expert, source).
 
-    ``recv_counts_SL[s, l]``: rows from source ``s`` for local expert ``l``. Pure; returns int64 [N].
+    ``recv_counts_SL[s, l]``: rows from source ``s`` for local expert ``l``; ``n``: their total (known on the host
+    from the split sizes, so no ``repeat_interleave`` reads a size from the device). Pure; returns int64 [n].
     """
     S, L = recv_counts_SL.shape
     flat = recv_counts_SL.reshape(-1)
     starts_SL = (torch.cumsum(flat, 0) - flat).view(S, L)
     lengths_LS = recv_counts_SL.t().reshape(-1)
     starts_LS = starts_SL.t().reshape(-1)
-    n = int(lengths_LS.sum())
-    block_start = torch.repeat_interleave(torch.cumsum(lengths_LS, 0) - lengths_LS, lengths_LS)
-    return torch.repeat_interleave(starts_LS, lengths_LS) + torch.arange(n, device=flat.device) - block_start
+    block_start = torch.repeat_interleave(torch.cumsum(lengths_LS, 0) - lengths_LS, lengths_LS, output_size=n)
+    return (torch.repeat_interleave(starts_LS, lengths_LS, output_size=n) + torch.arange(n, device=flat.device)
+            - block_start)
 
 
 class ExpertParallelExperts(GroupedExperts):
@@ -88,10 +89,10 @@ class ExpertParallelExperts(GroupedExperts):
         recv_counts = torch.empty_like(counts_E)
         dist.all_to_all_single(recv_counts, counts_E, group=self.ep_group)  # [P*L] from each source: its L counts
         recv_counts_SL = recv_counts.view(P, L)
-        # one host sync for both split lists
+        # the one host synchronisation of the MoE step: all_to_all_single takes its split sizes as host lists
         send_splits, recv_splits = torch.stack([counts_E.view(P, L).sum(1), recv_counts_SL.sum(1)]).tolist()
         x_recv = _all_to_all(x_TD, recv_splits, send_splits, self.ep_group)
-        order = local_expert_order(recv_counts_SL)
+        order = local_expert_order(recv_counts_SL, sum(recv_splits))
         x_local = x_recv[order]
         y_local = super().forward(x_local, recv_counts_SL.sum(0))
         if x_local.shape[0] == 0:  # keep the all-to-alls and the local params in the graph on every rank

@@ -37,9 +37,11 @@ def init_sharded(model: nn.Module, rules: dict[str, InitRule], global_shapes: di
 
 @torch.no_grad()
 def load_hf_sharded(model: nn.Module, global_shapes: dict[str, tuple[int, ...]], placements: dict[str, Placement],
-                    ep_rank: int, source) -> None:
+                    ep_rank: int, source, targets: dict[str, torch.Tensor] | None = None) -> None:
     """Overwrite this rank's (allocated) parameters with a released checkpoint's, reading only this rank's
-    slices: its stage's layers, its experts, its tensor-parallel slices (``source``: ``models.hf_interop.HFTensors``)."""
+    slices: its stage's layers, its experts, its tensor-parallel slices (``source``: ``models.hf_interop.HFTensors``).
+    ``targets``: {name: tensor} to fill instead of the parameter (the optimizer's float32 masters)."""
+    targets = targets or {}
     for name, p in model.named_parameters():
         placement = placements.get(name)
         kwargs = {}
@@ -48,7 +50,7 @@ def load_hf_sharded(model: nn.Module, global_shapes: dict[str, tuple[int, ...]],
         elif placement is not None and placement.kind == "tp_sharded" and tuple(p.shape) != global_shapes[name]:
             dim = placement.shard_dim
             kwargs = {"shard": (dim, dist.get_rank(placement.tp_group) * p.shape[dim])}
-        p.copy_(source.local(name, tuple(p.shape), **kwargs))
+        targets.get(name, p).copy_(source.local(name, tuple(p.shape), **kwargs))
 
 
 __all__ = ["init_sharded", "load_hf_sharded"]

@@ -1,5 +1,6 @@
-"""One place that turns the plain model into the parallel one, in a fixed order: EP, TP, activation checkpointing
-(``parallelize``); ``apply_compile`` (``train.compile``) comes last, on the parallel model.
+"""One place that turns the plain model into the parallel one, in a fixed order: EP, TP, precision (bf16
+parameters, parallel/precision.py), activation checkpointing (``parallelize``); ``apply_compile``
+(``train.compile``) comes last, on the parallel model.
 
 Data-parallel gradient synchronisation is not applied here: ``DistributedMuonClip`` (ZeRO-1) reduces
 gradients itself (or the trainer wraps with DDP). The returned placements tell the optimizer how each
@@ -11,7 +12,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
-import torch
 from torch import nn
 from torch.distributed._composable import checkpoint as composable_checkpoint
 
@@ -19,6 +19,7 @@ from muonclip.placement import Placement
 
 from parallel.expert_parallel import apply_expert_parallel, expert_placements
 from parallel.dims import ParallelDims, ParallelGroups
+from parallel.precision import PrecisionPolicy, apply_precision
 from parallel.tensor_parallel import apply_tensor_parallel, tp_placements
 
 
@@ -33,25 +34,24 @@ class ParallelizeConfig:
     activation_checkpointing: bool = False
 
 
-_STEP_STATS = ("max_logits_H", "expert_load_E", "seq_aux_loss_stat")
-
-
 @contextmanager
-def _keep_step_stats(module: nn.Module) -> Iterator[None]:
-    """Restores the per-step statistic buffers after a recomputation, so they count each forward once."""
-    saved = [(m, name, getattr(m, name).clone()) for m in module.modules() for name in _STEP_STATS
-             if isinstance(getattr(m, name, None), torch.Tensor)]
+def _no_step_stats(module: nn.Module) -> Iterator[None]:
+    """A recomputation records no per-step statistics (max logits, expert loads, balance-loss values): the modules
+    that keep them skip it (the float32 max-logit probe is not run again), so each forward counts once."""
+    recording = [m for m in module.modules() if getattr(m, "record_stats", False)]
+    for m in recording:
+        m.record_stats = False
     try:
         yield
     finally:
-        for m, name, value in saved:
-            getattr(m, name).copy_(value)
+        for m in recording:
+            m.record_stats = True
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each block in backward (composable API: parameter names unchanged)."""
     for block in model.layers:
-        composable_checkpoint(block, context_fn=lambda b=block: (nullcontext(), _keep_step_stats(b)))
+        composable_checkpoint(block, context_fn=lambda b=block: (nullcontext(), _no_step_stats(b)))
 
 
 def apply_compile(model: nn.Module, fullgraph_dense: bool = True) -> None:
@@ -65,8 +65,10 @@ def apply_compile(model: nn.Module, fullgraph_dense: bool = True) -> None:
 
 
 def parallelize(model: nn.Module, pdims: ParallelDims, groups: ParallelGroups,
-                cfg: _ParallelizeOptions = ParallelizeConfig()) -> dict[str, Placement]:
-    """Apply EP, then TP, then activation checkpointing to ``model`` in place; return a placement per param.
+                cfg: _ParallelizeOptions = ParallelizeConfig(),
+                precision: PrecisionPolicy = PrecisionPolicy()) -> dict[str, Placement]:
+    """Apply EP, then TP, then the precision policy (parameter dtypes), then activation checkpointing to ``model``
+    in place; return a placement per param.
 
     ``model``: a ``models.Transformer`` built on meta (then allocate and initialise the shards with
     ``parallel.init.init_sharded``: the same global weights at any layout) or built and initialised identically
@@ -78,6 +80,7 @@ def parallelize(model: nn.Module, pdims: ParallelDims, groups: ParallelGroups,
     pdims.check_model(model.cfg)
     apply_expert_parallel(model, groups.ep_rank, groups.ep_size, groups.ep_group)
     apply_tensor_parallel(model, groups.tp_rank, groups.tp_size, groups.tp_group)
+    apply_precision(model, precision)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     placements = {name: Placement("replicated") for name, _ in model.named_parameters()}

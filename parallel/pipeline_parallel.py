@@ -192,6 +192,7 @@ class Pipeline:
     plan: StagePlan
     holder: nn.Module  # the pruned model the views share
     group: Any  # the pipeline group
+    dtype: torch.dtype = torch.float32  # the hidden states stages send (the precision policy's activation dtype)
 
     @property
     def stages(self) -> list[int]:
@@ -228,14 +229,14 @@ class Pipeline:
                 if self.owners[s] != me:
                     continue
                 if s > 0 and self.owners[s - 1] != me:
-                    h = torch.empty(*inputs_BT.shape, self.holder.cfg.dim, device=inputs_BT.device)
+                    h = torch.empty(*inputs_BT.shape, self.holder.cfg.dim, dtype=self.dtype, device=inputs_BT.device)
                     dist.recv(h, src=dist.get_global_rank(self.group, self.owners[s - 1]), group=self.group)
                 h = module[s](h)
                 if s == self.n_stages - 1:
                     loss = loss_fn(h, targets_BT)
                     total = loss if total is None else total + loss
                 elif self.owners[s + 1] != me:
-                    dist.send(h.float().contiguous(), dst=dist.get_global_rank(self.group, self.owners[s + 1]),
+                    dist.send(h.to(self.dtype).contiguous(), dst=dist.get_global_rank(self.group, self.owners[s + 1]),
                               group=self.group)
         return total if total is not None else torch.zeros((), device=micro_batches[0][0].device)
 
@@ -260,7 +261,8 @@ def pipeline_schedule(holder: nn.Module, plan: StagePlan, pp_group: Any, device:
     """The stage views of a prepared (pruned, parallelized, initialised) ``holder`` and their schedule.
 
     ``micro_batch`` = (micro batch size, sequence length) declares every stage's input and output shapes
-    (tokens, hidden states in ``dtype``, logits). Without it torch infers them by running each stage once on
+    (tokens, hidden states in ``dtype``: bf16 with bf16 parameters, logits). Without it torch infers them by
+    running each stage once on
     the first micro batch, or on uninitialised memory for later stages, which would leak into the per-step
     statistics the model records (max logits that QK-Clip acts on, router loads), so the trainer always
     passes it. ``scale_grads=False``: the stages' gradients stay the SUM over micro batches (torch divides them
@@ -291,7 +293,7 @@ def pipeline_schedule(holder: nn.Module, plan: StagePlan, pp_group: Any, device:
         cls = {"interleaved_1f1b": pps.ScheduleInterleaved1F1B, "zbv": pps.ScheduleZBVZeroBubble,
                "dualpipev": pps.ScheduleDualPipeV}[schedule]
         sched = cls(stages, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
-    return Pipeline(sched, modules, plan, holder, pp_group)
+    return Pipeline(sched, modules, plan, holder, pp_group, dtype)
 
 
 __all__ = ["SCHEDULES", "Pipeline", "StagePlan", "balanced_split", "build_pipeline", "pipeline_schedule",

@@ -7,9 +7,12 @@ For every rank (pipeline index p, data-parallel index d, tensor-parallel rank t)
 device exactly as the trainer does (this rank's stages, EP and TP applied, so shapes are the real local ones)
 and the ZeRO-1 plan ``DistributedMuonClip`` would make (the same ``assign_owners`` / ``build_buckets``), then:
 
-- parameters, gradients (float32, every trainable local tensor; with ZeRO-1 its persistent gradient buffers,
-  one owner's params per bucket without padding, which the reduce and broadcast use in place) and optimizer
-  state (Muon momentum, AdamW two moments, of the parameters this rank owns);
+- parameters (in the precision policy's dtype: 2 bytes with ``train.param_dtype: bfloat16``, the router bias 4),
+  gradients (float32, every trainable local tensor; with ZeRO-1 its persistent gradient buffers, one owner's
+  params per bucket without padding, which the reduce and broadcast use in place) and optimizer state of the
+  parameters this rank owns: the float32 master of a bf16 parameter (4 bytes), Muon momentum (4) or AdamW's two
+  moments (8) and step counter, on the device or, with ``optim.offload_state``, in host memory (all but the
+  counters);
 - activations saved per micro batch (an analytic count of the tensors autograd keeps per layer: norms,
   projections, attention probabilities, SwiGLU and routed-expert intermediates, logits), with and without
   activation checkpointing, times the micro batches in flight (``_in_flight``: 1 without PP; ``pp - p`` for
@@ -20,10 +23,11 @@ and the ZeRO-1 plan ``DistributedMuonClip`` would make (the same ``assign_owners
 - a peak estimate: the larger of two phases: backward (parameters, optimizer state, all gradients, activations
   in flight; the gradient reductions run in place inside it) and the optimizer step (the gradients still held:
   the owned ones, or ZeRO-1's buffers, + its transients);
-- per-step bytes sent by this rank, per collective: DP/EDP reduce (or all-reduce) and broadcast and the
-  grad-norm all-reduce (exact: the counts ``CountingComm`` reports), the Newton–Schulz gathers/scatters over TP (exact),
-  TP all-reduces of activations (4 per layer per micro batch), EP all-to-all (expected under uniform routing),
-  PP send/recv (activations forward, their gradients backward);
+- per-step bytes sent by this rank, per collective: DP/EDP reduce (or all-reduce; in ``parallel.grad_reduce_dtype``)
+  and broadcast (the parameters' dtype) and the grad-norm all-reduce (exact: the counts ``CountingComm`` reports),
+  the Newton–Schulz gathers/scatters over TP (exact), TP all-reduces of activations (4 per layer per micro batch),
+  EP all-to-all (expected under uniform routing), PP send/recv (activations forward, their gradients backward),
+  activations in the policy's compute/activation dtype;
 - the largest matrix this rank orthogonalises (full shape, after the TP gather).
 """
 from __future__ import annotations
@@ -35,6 +39,8 @@ from typing import Any
 
 import torch
 
+from parallel.precision import LOW_PRECISION, PrecisionPolicy, apply_precision
+
 F32 = 4
 
 
@@ -45,7 +51,8 @@ class RankPlan:
     layers: list[int]
     params: int = 0  # bytes
     grads: int = 0
-    optimizer: int = 0
+    optimizer: int = 0  # on the device
+    optimizer_host: int = 0  # offloaded to host memory (optim.offload_state)
     step_transient: int = 0  # Newton–Schulz: momentum updates held, the batched stack, two iterates
     owned_grads: int = 0  # gradients held through the optimizer step (ZeRO-1: its persistent buffers + owned)
     activations_per_micro: int = 0
@@ -73,7 +80,8 @@ class RankPlan:
 
 
 def _local_model(cfg, pp_rank: int, tp_rank: int, ep_rank: int):
-    """The meta model a rank builds (launch/build.py): its stages' layers, EP and TP applied; and placements."""
+    """The meta model a rank builds (launch/build.py): its stages' layers, EP, TP and the parameter dtypes applied;
+    and placements."""
     from models import Transformer
     from parallel.expert_parallel import apply_expert_parallel, expert_placements
     from parallel.pipeline_parallel import plan_stages, prune_to_stage
@@ -89,6 +97,7 @@ def _local_model(cfg, pp_rank: int, tp_rank: int, ep_rank: int):
             model = prune_to_stage(model, plan.layers, first=plan.has_first, last=plan.has_last)
         apply_expert_parallel(model, ep_rank, p.ep, None)
         apply_tensor_parallel(model, tp_rank, p.tp, None)
+        apply_precision(model, PrecisionPolicy.from_config(cfg))
     placements = {name: Placement("replicated") for name, _ in model.named_parameters()}
     placements.update(expert_placements(model))
     placements.update(tp_placements(model, "planned"))  # a stand-in group: nothing is communicated here
@@ -174,14 +183,16 @@ def _comm(cfg, slots, buckets, me: dict[str, int], tp_rank: int, plan, pp_rank: 
 
     from muonclip._dist_comm import reduce_by_all_reduce
 
+    policy = PrecisionPolicy.from_config(cfg)
     for b in buckets:
         G = b.group_size
         if G > 1:
-            if reduce_by_all_reduce(b.nbytes, _backend(cfg)):  # as DistributedMuonClip chooses
-                add("all_reduce", 2 * (G - 1) * b.nbytes // G)
+            wire = b.nbytes(policy.reduce_dtype if b.grad_dtype == torch.float32 else b.grad_dtype)
+            if reduce_by_all_reduce(wire, _backend(cfg)):  # as DistributedMuonClip chooses
+                add("all_reduce", 2 * (G - 1) * wire // G)
             else:
-                add("reduce", (G - 1) * b.nbytes // G)
-            add("broadcast", (G - 1) * b.nbytes // G)
+                add("reduce", (G - 1) * wire // G)
+            add("broadcast", (G - 1) * b.nbytes() // G)  # the parameters, in their dtype
     stage = dp * tp
     add("all_reduce", 2 * (stage - 1) * F32 // stage if stage > 1 else 0)  # the grad norm (one float)
     add("all_reduce", 2 * (pp - 1) * F32 // pp if pp > 1 else 0)
@@ -196,17 +207,18 @@ def _comm(cfg, slots, buckets, me: dict[str, int], tp_rank: int, plan, pp_rank: 
     tokens = d.micro_batch_size * d.seq_len
     micro = d.grad_accum
     layers = plan.layers if plan is not None else list(range(m.n_layers))
+    compute = min(policy.compute_dtype.itemsize, policy.activation_dtype.itemsize)  # GEMM outputs (bf16 or fp32)
     if tp > 1:  # attention and FFN outputs forward, their input gradients backward
-        add("tp_all_reduce", len(layers) * 4 * micro * 2 * (tp - 1) * tokens * m.dim * F32 // tp)
+        add("tp_all_reduce", len(layers) * 4 * micro * 2 * (tp - 1) * tokens * m.dim * compute // tp)
     if p.ep > 1:  # dispatch + combine forward and backward; (ep-1)/ep of the routed rows leave the rank
         moe = sum(1 for i in layers if i >= m.first_k_dense)
         rows = tokens * m.n_activated_experts
-        add("ep_all_to_all", moe * 4 * micro * rows * m.dim * F32 * (p.ep - 1) // p.ep)
+        add("ep_all_to_all", moe * 4 * micro * rows * m.dim * policy.compute_dtype.itemsize * (p.ep - 1) // p.ep)
     if plan is not None:
         owner = plan.owners
         sends = sum(1 for s in plan.stages if s + 1 < plan.n_stages and owner[s + 1] != pp_rank)
         sends += sum(1 for s in plan.stages if s > 0 and owner[s - 1] != pp_rank)  # gradients back
-        add("pp_send", sends * micro * tokens * m.dim * F32)
+        add("pp_send", sends * micro * tokens * m.dim * policy.activation_dtype.itemsize)
     return out
 
 
@@ -215,6 +227,13 @@ def _backend(cfg) -> str:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return "nccl" if device == "cuda" else "gloo"
+
+
+def _state_elements(slot, policy) -> int:
+    """Float32 optimizer-state elements per parameter element: the master of a bf16 parameter, then Muon's
+    momentum or AdamW's two moments."""
+    master = 1 if policy.master_weights and slot.param.dtype in LOW_PRECISION else 0
+    return master + (1 if slot.use_muon else 2)
 
 
 def plan_layout(cfg, world: int) -> list[RankPlan]:
@@ -229,6 +248,8 @@ def plan_layout(cfg, world: int) -> list[RankPlan]:
         raise ValueError(f"plan: parallel.ep ({p.ep}) must divide dp ({dp})")
     cfg = replace(cfg, parallel=replace(p, dp=dp))
     edp = dp // p.ep
+    policy = PrecisionPolicy.from_config(cfg)
+    sharded = world > 1 and p.optimizer == "zero1"  # ZeRO-1 (else MuonClip: every rank holds every state)
     cache: dict[tuple[int, int, int], Any] = {}
     out = []
     for rank in range(world):
@@ -246,12 +267,14 @@ def plan_layout(cfg, world: int) -> list[RankPlan]:
         has_first = plan.has_first if plan is not None else True
         has_last = plan.has_last if plan is not None else True
         r = RankPlan(rank, (pp_rank, d, t), layers, activation_checkpointing=p.activation_checkpointing)
-        r.params = sum(q.numel() for q in model.parameters()) * F32
-        r.grads = sum(q.numel() for q in model.parameters() if q.requires_grad) * F32
-        owned = [s for s in slots if s.owner == me[s.sharding]]
-        r.optimizer = sum(s.param.numel() * (1 if s.use_muon else 2) for s in owned) * F32
+        r.params = sum(q.numel() * q.element_size() for q in model.parameters())
+        r.grads = sum(q.numel() for q in model.parameters() if q.requires_grad) * F32  # float32 buffers
+        owned = [s for s in slots if s.owner == me[s.sharding]] if sharded else slots
+        state = sum(s.param.numel() * _state_elements(s, policy) for s in owned) * F32
+        counters = sum(1 for s in owned if not s.use_muon) * F32  # AdamW's step, a float32 scalar
+        r.optimizer, r.optimizer_host = (counters, state) if cfg.optim.offload_state else (state + counters, 0)
         muon = [s for s in owned if s.use_muon]
-        if world > 1 and p.optimizer == "zero1":  # DistributedMuonClip: bucket by bucket, batched NS per shape
+        if sharded:  # DistributedMuonClip: bucket by bucket, batched NS per shape
             # gradients live in persistent per-bucket buffers (no padding: one owner per bucket), reduced and
             # broadcast in place, held through the step
             r.owned_grads = r.grads
@@ -287,12 +310,14 @@ def _size(n: int) -> str:
 def format_plan(plans: list[RankPlan], all_ranks: bool = False, budget_gib: float = 80.0) -> str:
     rows = plans if all_ranks else _worst_per_stage(plans)
     kinds = sorted({k for r in rows for k in r.comm})
-    head = ["rank", "(pp,dp,tp)", "layers", "params", "grads", "optim", "act/micro", "act/micro AC", "in flight",
-            "NS transient", "peak", *kinds, "largest NS matrix"]
+    host = any(r.optimizer_host for r in rows)
+    head = ["rank", "(pp,dp,tp)", "layers", "params", "grads", "optim", *(["optim (host)"] if host else []),
+            "act/micro", "act/micro AC", "in flight", "NS transient", "peak", *kinds, "largest NS matrix"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         layers = _ranges(r.layers)
         cells = [str(r.rank), str(r.coords), layers, _size(r.params), _size(r.grads), _size(r.optimizer),
+                 *([_size(r.optimizer_host)] if host else []),
                  _size(r.activations_per_micro), _size(r.activations_per_micro_ac), f"{r.in_flight:.1f}",
                  _size(r.step_transient), f"**{_size(r.peak)}**", *[_size(r.comm.get(k, 0)) for k in kinds],
                  "x".join(map(str, r.largest_matrix)) if r.largest_matrix else "-"]

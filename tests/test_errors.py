@@ -28,7 +28,7 @@ def test_config_errors_are_one_line_and_exit_2(tmp_path):
     assert proc.stderr.splitlines() == [f"error: unknown key 'lrr' in section 'optim' ({bad}). Did you mean 'lr'? "
                                         "Valid keys in 'optim': lr, momentum, nesterov, ns_steps, ns_dtype, ns_coefficients, ns_path, weight_decay, "
                                         "adamw_betas, adamw_eps, adamw_lr_scale, qk_clip, qk_clip_tau, qk_clip_mode, "
-                                        "grad_clip"]
+                                        "grad_clip, master_weights, offload_state"]
     bad.write_bytes(b"optim:\n  lr: \xff\n")
     proc = _train("--config", str(bad))
     assert proc.returncode == 2

@@ -143,7 +143,7 @@ def test_moe_matches_dense_reference():
     x = torch.randn(2, 5, 32, dtype=torch.float64)
     out = moe(x)
     x_TD = x.reshape(-1, 32)
-    idx, w, _ = moe.gate(x_TD)
+    idx, w, _, _ = moe.gate(x_TD)
     ref = moe.shared_experts(x_TD).clone()
     ex = moe.experts
     for t in range(x_TD.shape[0]):
@@ -163,14 +163,15 @@ def test_router_group_limit_bias_and_weights():
     x = torch.randn(64, 32)
     with torch.no_grad():
         r.e_score_correction_bias.copy_(torch.randn(8))
-    idx, w, _ = r(x)
+    idx, w, counts, _ = r(x)
     scores = torch.sigmoid(x @ r.weight.T)
     choice = scores + r.e_score_correction_bias
     groups = choice.view(64, 4, 2).topk(2, -1).values.sum(-1).topk(2, -1).indices
     assert all(set((idx[t] // 2).tolist()) <= set(groups[t].tolist()) for t in range(64))
     # weights come from unbiased scores, normalised then scaled
     torch.testing.assert_close(w, scores.gather(1, idx) / scores.gather(1, idx).sum(-1, keepdim=True) * 2.0)
-    assert torch.equal(r.expert_load_E, torch.bincount(idx.flatten(), minlength=8).float())
+    assert torch.equal(counts, torch.bincount(idx.flatten(), minlength=8)) and counts.dtype == torch.int64
+    assert torch.equal(r.expert_load_E, counts.float())
 
 
 def test_bias_update_rule():
@@ -286,10 +287,10 @@ def test_router_and_max_logit_probe_stay_float32_under_bf16_autocast():
     router.init_weights(1.0)
     x = torch.randn(256, 64)
     q, k = torch.randn(2, 4, 64, 32), torch.randn(2, 4, 64, 32)
-    idx, w, _ = router(x)
+    idx, w, _, _ = router(x)
     probe = causal_max_logits(q, k, 0.17)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        idx_ac, w_ac, _ = router(x)
+        idx_ac, w_ac, _, _ = router(x)
         probe_ac = causal_max_logits(q, k, 0.17)
     assert w_ac.dtype == torch.float32 and torch.equal(w_ac, w) and torch.equal(idx_ac, idx)
     assert probe_ac.dtype == torch.float32 and torch.equal(probe_ac, probe)

@@ -78,7 +78,47 @@ def test_plan_of_the_whole_model_adds_up():
     params = dict(model.named_parameters())
     assert plan.params == 4 * sum(p.numel() for p in params.values())
     assert plan.grads == 4 * sum(p.numel() for p in params.values() if p.requires_grad)
-    state = sum(p.numel() * (1 if g["use_muon"] else 2) for g in muonclip.build_param_groups(params.items())
-                for p in g["params"] if p.requires_grad)
-    assert plan.optimizer == 4 * state
+    groups = muonclip.build_param_groups(params.items())
+    state = sum(p.numel() * (1 if g["use_muon"] else 2) for g in groups for p in g["params"] if p.requires_grad)
+    counters = sum(1 for g in groups if not g["use_muon"] for p in g["params"] if p.requires_grad)  # AdamW steps
+    assert plan.optimizer == 4 * state + 4 * counters and plan.optimizer_host == 0
     assert "fits in 80 GiB" in format_plan([plan])
+
+
+def _states(rank: int, world: int, out: str, overrides: list[str]) -> None:
+    from launch.trainer import Trainer, init_runtime
+
+    torch.set_num_threads(1)
+    cfg = debug_cfg(out, *overrides)
+    trainer = Trainer(cfg, init_runtime(cfg))
+    trainer.train_step()
+    opt = trainer.optimizer
+    buffers = opt._flat if hasattr(opt, "_flat") else [opt._main.flat]
+    Path(out, f"rank{rank}.json").write_text(json.dumps({
+        "params": sum(p.numel() * p.element_size() for p in trainer.model.parameters()),
+        "grads": sum(b.numel() * b.element_size() for b in buffers),
+        "optimizer": opt.state_bytes("device"), "optimizer_host": opt.state_bytes("host")}))
+
+
+BF16 = ["--train.param_dtype=bfloat16", "--train.dtype=bfloat16", "--train.steps=2", "--train.eval_interval=0",
+        "--schedule.warmup_steps=1", "--data.grad_accum=2"]
+
+
+@pytest.mark.parametrize("world,layout", [
+    (1, []),
+    (2, ["--data.micro_batch_size=2"]),
+    (2, ["--data.micro_batch_size=2", "--optim.offload_state=true"]),
+    (2, ["--data.micro_batch_size=2", "--parallel.ep=2"]),
+    (2, ["--parallel.pp=2"]),
+    (2, ["--data.micro_batch_size=2", "--parallel.optimizer=replicated"]),
+], ids=["1proc", "dp2", "dp2-offload", "dp2-ep2", "pp2", "dp2-replicated"])
+def test_planned_states_of_a_bf16_run_are_the_bytes_allocated(tmp_path, world, layout):
+    """bf16 parameters (2 bytes, the router bias 4), float32 gradient buffers (4), and per owned parameter its float32
+    master (4) + Muon momentum (4) or AdamW moments (8) and step: the planner's bytes equal the tensors each rank
+    allocated, exactly, the optimizer state split into device and host memory."""
+    run_distributed(_states, world, str(tmp_path), [*BF16, *layout])
+    plans = plan_layout(debug_cfg(tmp_path, *BF16, *layout), world)
+    for rank, plan in enumerate(plans):
+        measured = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert measured == {"params": plan.params, "grads": plan.grads, "optimizer": plan.optimizer,
+                            "optimizer_host": plan.optimizer_host}, rank

@@ -11,8 +11,26 @@ import torch
 import torch.distributed as dist
 
 
+def model_state(model: torch.nn.Module, optimizer: Any, saving: bool = False) -> dict[str, torch.Tensor]:
+    """The model's state dict with each parameter replaced by its float32 master where this rank keeps one, so a
+    checkpoint holds the master weights (a bf16 run resumes bitwise, exports exactly, and loads float32 checkpoints
+    and the reverse). ``saving``: a bf16 parameter whose master another rank keeps (ZeRO-1) is left out, so that
+    rank's float32 value is the one written; loading fills such a parameter straight from the checkpoint
+    (rounded to bf16, as its owner rounds the master)."""
+    state = model.state_dict()
+    masters = optimizer.master_params() if hasattr(optimizer, "master_params") else {}
+    params = dict(model.named_parameters())
+    for name in list(state):
+        if name in masters:
+            state[name] = masters[name]
+        elif saving and name in params and getattr(optimizer, "master_elsewhere", lambda p: False)(params[name]):
+            del state[name]
+    return state
+
+
 def optimizer_state(optimizer: Any) -> dict[str, torch.Tensor]:
-    """``optim/{fqn}/{key}`` -> tensor for every parameter whose state this rank owns (needs group "names")."""
+    """``optim/{fqn}/{key}`` -> tensor for every parameter whose state this rank owns (needs group "names"). The
+    float32 masters are the model's weights in the checkpoint (``model_state``), not optimizer state."""
     out: dict[str, torch.Tensor] = {}
     for group in optimizer.param_groups:
         names = group.get("names")
@@ -20,7 +38,7 @@ def optimizer_state(optimizer: Any) -> dict[str, torch.Tensor]:
             raise ValueError("checkpoint: optimizer param groups need a 'names' list (muonclip.build_param_groups)")
         for name, p in zip(names, group["params"]):
             for key, value in optimizer.state.get(p, {}).items():
-                if isinstance(value, torch.Tensor):
+                if isinstance(value, torch.Tensor) and key != "master":
                     out[f"optim/{name}/{key}"] = value
     return out
 

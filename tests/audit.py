@@ -1,0 +1,284 @@
+"""Measurements that stand in for a GPU on a CPU: which dtype each GEMM runs in (and its FLOPs, and which part of the
+model it belongs to), which ops would synchronise a CUDA stream with the host, and how many bytes of which dtype
+every collective moves.
+
+- ``OpAudit``: a TorchFunctionMode tags every autograd node a forward op creates with the region it ran in (the
+  innermost module, or ``max_logit_probe`` inside ``causal_max_logits``), and a TorchDispatchMode records every
+  matmul-class op with its input dtypes, FLOPs and region: forward ops by the module running them, backward ops by
+  the autograd node executing them (``torch._C._current_autograd_node``), so a backward GEMM is charged to the
+  forward region that created it. Optimizer ops are recorded as region ``optimizer`` (global step hooks).
+- ``NoDeviceSync``: fails on every op that reads a device value on the host on CUDA (bincount, nonzero, unique,
+  masked_select, boolean indexing, repeat_interleave without output_size, .item()/_local_scalar_dense, tolist),
+  except where ``allow`` says so.
+- ``WireAudit``: wraps the torch.distributed calls and records (call, dtype, elements) per call.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.module_tracker import ModuleTracker
+
+aten = torch.ops.aten
+
+
+def _shape(t: Any) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def matmul_flops(name: str, args: tuple, out: Any) -> int | None:
+    """FLOPs of a matmul-class aten op (None: not one)."""
+    if name in ("mm", "bmm"):
+        a, b = args[0], args[1]
+        return 2 * a.numel() * b.shape[-1]
+    if name in ("addmm", "baddbmm"):
+        a, b = args[1], args[2]
+        return 2 * a.numel() * b.shape[-1]
+    if name == "_grouped_mm":  # [M, K] x [E, K, N] (rows split by offs), [K, M] x [M, N] (weight grad), 3D x 3D
+        a, b = args[0], args[1]
+        batch = a.shape[0] if a.ndim == 3 and b.ndim == 3 else 1
+        return 2 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1]
+    if name.startswith("_scaled_dot_product") and name.endswith("_backward"):
+        grad_out, q, k, v = args[:4]
+        return sdpa_backward_flop_count(_shape(grad_out), _shape(q), _shape(k), _shape(v))
+    if name.startswith("_scaled_dot_product"):
+        q, k, v = args[:3]
+        return sdpa_flop_count(_shape(q), _shape(k), _shape(v))
+    return None
+
+
+def operands(name: str, args: tuple) -> tuple:
+    """The matrix operands of a matmul-class op: SDPA's q, k, v (and the output gradient in backward), not the
+    float32 softmax statistics (logsumexp) its backward also takes."""
+    if name.startswith("_scaled_dot_product"):
+        return args[:4] if name.endswith("_backward") else args[:3]
+    return args
+
+
+@dataclass
+class OpRecord:
+    op: str
+    dtypes: tuple[torch.dtype, ...]  # of the floating-point matrix operands (``operands``)
+    flops: int
+    region: str  # innermost module name, "max_logit_probe" or "optimizer"
+    backward: bool
+
+
+class _Tagger(TorchFunctionMode):
+    """Tags the autograd nodes each forward op creates with the region it runs in."""
+
+    def __init__(self, audit: "OpAudit"):
+        super().__init__()
+        self.audit = audit
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        region = None
+        for t in outs:
+            node = getattr(t, "grad_fn", None) if isinstance(t, torch.Tensor) else None
+            stack = [node] if node is not None else []
+            while stack:
+                n = stack.pop()
+                if n is None or n in self.audit.node_region:
+                    continue
+                region = region or self.audit.region()
+                self.audit.node_region[n] = region
+                stack.extend(next_fn for next_fn, _ in n.next_functions)
+        return out
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, audit: "OpAudit"):
+        super().__init__()
+        self.audit = audit
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.__name__.split(".")[0]
+        flops = matmul_flops(name, args, out)
+        if flops is not None:
+            node = torch._C._current_autograd_node()
+            region = self.audit.node_region.get(node, "?") if node is not None else self.audit.region()
+            dtypes = tuple(a.dtype for a in operands(name, args) if isinstance(a, torch.Tensor)
+                           and a.is_floating_point())
+            self.audit.records.append(OpRecord(name, dtypes, flops, region, node is not None))
+        return out
+
+
+class OpAudit:
+    """``with OpAudit() as audit: <forward, backward, optimizer.step()>`` then read ``audit.records``."""
+
+    def __init__(self) -> None:
+        self.records: list[OpRecord] = []
+        self.node_region: dict[Any, str] = {}
+        self._tracker = ModuleTracker()
+        self._probe = 0
+        self._optimizer = False
+
+    def region(self) -> str:
+        if self._optimizer:
+            return "optimizer"
+        if self._probe:
+            return "max_logit_probe"
+        return max(self._tracker.parents, key=len)
+
+    @contextlib.contextmanager
+    def _probe_region(self):
+        import models.attention as attention
+
+        original = attention.causal_max_logits
+
+        def tagged(*args, **kwargs):
+            self._probe += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._probe -= 1
+
+        attention.causal_max_logits = tagged
+        try:
+            yield
+        finally:
+            attention.causal_max_logits = original
+
+    @contextlib.contextmanager
+    def _optimizer_region(self):
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        def pre(*_):
+            self._optimizer = True
+
+        def post(*_):
+            self._optimizer = False
+
+        handles = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def __enter__(self) -> "OpAudit":
+        self._stack = contextlib.ExitStack()
+        for ctx in (self._tracker, self._probe_region(), self._optimizer_region(), _Tagger(self), _Recorder(self)):
+            self._stack.enter_context(ctx)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def flops_by(self, key: Callable[[OpRecord], Any], records: list[OpRecord] | None = None) -> dict[Any, int]:
+        out: dict[Any, int] = defaultdict(int)
+        for r in self.records if records is None else records:
+            out[key(r)] += r.flops
+        return dict(out)
+
+
+# ------------------------------------------------------------------------------------------------ host syncs
+SYNCING = {aten.bincount.default, aten.nonzero.default, aten.masked_select.default, aten._local_scalar_dense.default,
+           aten.is_nonzero.default, aten.unique_consecutive.default, aten._unique.default, aten._unique2.default,
+           aten.unique_dim.default, aten.equal.default}
+
+
+class NoDeviceSync(TorchDispatchMode):
+    """Raises on ops that synchronise a CUDA stream with the host. ``allow(func, args)`` -> True excuses one
+    (e.g. AdamW's step counter, a CPU scalar also on CUDA). ``Tensor.tolist`` calls are allowed only from the
+    functions named (qualified name, e.g. ``ExpertParallelExperts.forward``) in ``tolist_from`` and counted in
+    ``tolist_calls``."""
+
+    def __init__(self, allow: Callable[[Any, tuple], bool] = lambda func, args: False,
+                 tolist_from: tuple[str, ...] = ()):
+        super().__init__()
+        self.allow, self.tolist_from = allow, tolist_from
+        self.tolist_calls: dict[str, int] = defaultdict(int)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        bad = func in SYNCING
+        if func is aten.repeat_interleave.Tensor or func is aten.repeat_interleave.self_Tensor:
+            bad = kwargs.get("output_size") is None
+        if func is aten.index.Tensor:
+            bad = any(i is not None and i.dtype == torch.bool for i in args[1])
+        if bad and not self.allow(func, args):
+            raise AssertionError(f"host synchronisation on CUDA: {func}")
+        return func(*args, **kwargs)
+
+    def __enter__(self):
+        self._tolist = torch.Tensor.tolist
+        audit, original = self, self._tolist
+
+        def tolist(t):
+            caller = sys._getframe(1).f_code.co_qualname
+            if caller not in audit.tolist_from:
+                raise AssertionError(f"host synchronisation on CUDA: .tolist() in {caller}")
+            audit.tolist_calls[caller] += 1
+            return original(t)
+
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+
+# ------------------------------------------------------------------------------------------------ collectives
+@dataclass
+class WireRecord:
+    call: str
+    dtype: torch.dtype
+    numel: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+class WireAudit:
+    """Records every tensor handed to a torch.distributed collective or point-to-point call (``records``)."""
+
+    CALLS = ("all_to_all_single", "send", "recv", "broadcast", "reduce", "all_reduce", "all_gather_into_tensor",
+             "reduce_scatter_tensor")
+
+    def __init__(self) -> None:
+        self.records: list[WireRecord] = []
+
+    def __enter__(self) -> "WireAudit":
+        self._saved = {name: getattr(dist, name) for name in self.CALLS + ("P2POp",)}
+        for name in self.CALLS:
+            setattr(dist, name, self._wrap(name, self._saved[name]))
+        p2p_op = self._saved["P2POp"]
+
+        def p2p(op, tensor, *args, **kwargs):  # the pipeline schedules' isend/irecv, batched or not
+            self.records.append(WireRecord(f"p2p_{op.__name__}", tensor.dtype, tensor.numel()))
+            return p2p_op(op, tensor, *args, **kwargs)
+
+        dist.P2POp = p2p
+        return self
+
+    def _wrap(self, name: str, fn):
+        def call(tensor, *args, **kwargs):
+            t = args[0] if name == "all_to_all_single" else tensor  # (output, input, ...): the input is sent
+            self.records.append(WireRecord(name, t.dtype, t.numel()))
+            return fn(tensor, *args, **kwargs)
+        return call
+
+    def __exit__(self, *exc) -> None:
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+
+    def by_call(self) -> dict[tuple[str, torch.dtype], int]:
+        """Elements per (call, dtype)."""
+        out: dict[tuple[str, torch.dtype], int] = defaultdict(int)
+        for r in self.records:
+            out[(r.call, r.dtype)] += r.numel
+        return dict(out)

@@ -143,9 +143,9 @@ def bf16(device: str = "cuda") -> None:
                 print(f"bf16 offload={offload}: HOST SYNC in a training step: {str(e).splitlines()[0]}")
             finally:
                 torch.cuda.set_sync_debug_mode(0)
+        with OpAudit() as audit:  # both runs take the same steps
+            trainer.train_step()
         if not offload:
-            with OpAudit() as audit:
-                trainer.train_step()
             model = [r for r in audit.records if r.region != "optimizer"]
             bf = sum(r.flops for r in model if set(r.dtypes) == {torch.bfloat16})
             regions = sorted({r.region.rsplit(".", 1)[-1] for r in model if set(r.dtypes) != {torch.bfloat16}})

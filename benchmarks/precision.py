@@ -54,7 +54,7 @@ def timing(steps: int, work: Path) -> dict[str, dict]:
     for name, overrides in SETUPS.items():
         if name == "bf16_pure":
             continue  # the same GEMMs as bf16
-        cfg = load_config(TINY, quiet(work / name, *overrides, f"--train.steps={steps + 2}", "--train.eval_interval=0",
+        cfg = load_config(TINY, quiet(work / name, *overrides, "--train.steps=300", "--train.eval_interval=0",
                                       "--train.ckpt_interval=0"))
         trainers[name] = Trainer(cfg, init_runtime(cfg))
     out = {}

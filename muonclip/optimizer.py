@@ -247,13 +247,13 @@ class MuonClip(torch.optim.Optimizer):
         state = self.state[p]
         if self._keeps_master(p):
             state["master"] = p.detach().float()
-        like = self.weight(p)  # float32 state for a bf16 parameter
+        wide = torch.promote_types(p.dtype, torch.float32)  # float32 state for a bf16 parameter, master or not
         if use_muon:
-            state["momentum_buffer"] = torch.zeros_like(like, memory_format=torch.preserve_format)
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=wide, memory_format=torch.preserve_format)
         else:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(like, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros_like(p, dtype=wide, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=wide, memory_format=torch.preserve_format)
         if self.offload is not None:
             self.offload.send_home(state)
         return state

@@ -19,7 +19,7 @@ and the ZeRO-1 plan ``DistributedMuonClip`` would make (the same ``assign_owners
   1F1B, times 1 + (pp-1)/(pp v) interleaved, ``pp`` for a V);
 - the optimizer step's transients: ``DistributedMuonClip`` goes bucket by bucket, holding the bucket's owned
   momentum updates, then batching its matrices of one shape (the stack plus two Newton–Schulz iterates);
-  ``MuonClip`` (one process) one matrix at a time;
+  ``MuonClip`` (one process) one matrix at a time; with offloaded state, two groups' state on the device;
 - a peak estimate: the larger of two phases: backward (parameters, optimizer state, all gradients, activations
   in flight; the gradient reductions run in place inside it) and the optimizer step (the gradients still held:
   the owned ones, or ZeRO-1's buffers, + its transients);
@@ -290,6 +290,12 @@ def plan_layout(cfg, world: int) -> list[RankPlan]:
         else:  # MuonClip: one parameter at a time (update, normalised copy, next iterate)
             r.owned_grads = r.grads
             r.step_transient = 3 * max((s.param.numel() for s in muon), default=0) * F32
+        if cfg.optim.offload_state:  # one group's state lent to the device, the next one's prefetched
+            groups = ([[s for s in b.slots if b.owner == me[s.sharding]] for b in buckets] if sharded
+                      else [[s] for s in slots])
+            lent = sorted((sum(s.param.numel() * _state_elements(s, policy) for s in g) * F32 for g in groups),
+                          reverse=True)
+            r.step_transient += sum(lent[:2])
         r.activations_per_micro, r.activations_per_micro_ac = _activations(cfg, layers, has_first, has_last, p.tp,
                                                                            p.ep)
         r.in_flight = _in_flight(cfg, pp_rank)

@@ -219,3 +219,13 @@ def test_qk_clip_scales_the_float32_master_and_the_bf16_parameter_is_its_roundin
     assert all(torch.equal(got[n], expected[n]) for n in got)
     params = dict(clipped.model.named_parameters())
     assert all(torch.equal(params[n], m.to(BF16)) for n, m in got.items())
+
+
+def test_without_masters_the_bf16_parameters_are_updated_in_place(tmp_path):
+    """optim.master_weights: false (a baseline: what the master buys): no master, float32 state, bf16 updates."""
+    trainer, result = run(tmp_path, *BF16_RUN, "--optim.master_weights=false")
+    opt = trainer.optimizer
+    assert opt.master_params() == {} and len(result.losses) == 12
+    assert result.losses[12] < result.losses[1] - 1.0
+    states = [t for st in opt.state.values() for k, t in st.items() if k != "step"]
+    assert states and all(t.dtype == torch.float32 for t in states)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from models import ModelConfig
 from muonclip.newton_schulz import NS_PATHS, NS_SCHEDULES
+from parallel.fp8_storage import FP8_POINTS
+from parallel.recompute import RECOMPUTE_MODES, RECOMPUTE_MODULES
 
 NS_DTYPE_NAMES = ("auto", "float32", "bfloat16", "float64")
 
@@ -220,11 +222,24 @@ class ParallelConfig:
     # the dtype gradients are reduced in over data parallelism (they accumulate in float32 buffers either way);
     # "bfloat16" halves the bytes, as Megatron's --grad-reduce-in-bf16
     grad_reduce_dtype: str = "float32"
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False  # = recompute: full
+    # activation recomputation (parallel/recompute.py): "none", "full" (each block) or "selective" (the modules of
+    # recompute_modules; [] = all: norm, swiglu, mla_up_proj, moe_down_proj)
+    recompute: str = "none"
+    recompute_modules: list[str] = field(default_factory=list)
+    # tensors kept for backward stored as FP8-E4M3 in 1x128 tiles with float32 scales (parallel/fp8_storage.py; no
+    # FP8 compute): "moe_up_input" (the rows entering the routed experts), "swiglu_input" (gate and up)
+    fp8_activations: list[str] = field(default_factory=list)
+    # tensors kept for backward in host memory (parallel/activation_offload.py; pinned + a side stream on CUDA)
+    activation_offload: bool = False
 
     @property
     def schedule(self) -> str:
         return self.pp_schedule or ("1f1b" if self.pp_virtual_stages == 1 else "interleaved_1f1b")
+
+    @property
+    def recompute_mode(self) -> str:
+        return "full" if self.activation_checkpointing else self.recompute
 
     def __post_init__(self) -> None:
         s = "parallel"
@@ -247,6 +262,18 @@ class ParallelConfig:
         _need(s, self.zero1_bucket_mb >= 0, f"zero1_bucket_mb must be >= 0 (0 = one bucket per owner), got "
               f"{self.zero1_bucket_mb}")
         _one_of(s, "grad_reduce_dtype", self.grad_reduce_dtype, ("float32", "bfloat16"))
+        _one_of(s, "recompute", self.recompute, RECOMPUTE_MODES)
+        _need(s, not self.activation_checkpointing or self.recompute in ("none", "full"),
+              f"activation_checkpointing: true means recompute: full; it conflicts with recompute: {self.recompute}")
+        bad = sorted(set(self.recompute_modules) - set(RECOMPUTE_MODULES))
+        _need(s, not bad, f"recompute_modules {bad} unknown: choose from {list(RECOMPUTE_MODULES)}")
+        _need(s, not self.recompute_modules or self.recompute == "selective",
+              "recompute_modules needs recompute: selective")
+        bad = sorted(set(self.fp8_activations) - set(FP8_POINTS))
+        _need(s, not bad, f"fp8_activations {bad} unknown: choose from {list(FP8_POINTS)}")
+        _need(s, not self.fp8_activations or self.recompute_mode != "full",
+              "fp8_activations compress what the layers keep for backward; with recompute: full (or "
+              "activation_checkpointing: true) they keep only their inputs: use recompute: selective or none")
         _need(s, self.optimizer == "zero1" or (self.tp == 1 and self.ep == 1),
               f"tp={self.tp}, ep={self.ep} needs optimizer: zero1 (DistributedMuonClip reduces expert/sharded "
               "gradients over the right groups and orthogonalises the full TP matrices; DDP + MuonClip cannot)")

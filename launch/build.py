@@ -40,7 +40,8 @@ def build_model(cfg: JobConfig, rt: Runtime) -> tuple[Transformer, dict[str, Any
     placements = parallelize(model, rt.pdims, rt.groups, p, PrecisionPolicy.from_config(cfg))
     init_sharded(model, rules, shapes, placements, rt.groups.ep_rank, cfg.train.seed, rt.device)
     if cfg.train.compile:
-        apply_compile(model, fullgraph_dense=rt.groups.tp_size == 1 and not p.activation_checkpointing)
+        plain = p.recompute_mode == "none" and not p.fp8_activations and not p.activation_offload
+        apply_compile(model, fullgraph_dense=rt.groups.tp_size == 1 and plain)
     return model, placements
 
 
@@ -85,7 +86,7 @@ def build_pipeline(cfg: JobConfig, rt: Runtime, model: Transformer) -> Pipeline:
     gradients are the sum over micro batches: DistributedMuonClip divides them (``grad_sum_divisor``), since its
     reductions start inside the schedule's backward, before torch's own in-place scaling would run."""
     d = cfg.data
-    return pipeline_schedule(model, stage_plan(cfg, rt), rt.groups.pp_group, rt.device, d.grad_accum, token_loss,
+    return pipeline_schedule(model, stage_plan(cfg, rt), rt.groups.pp_group, rt.device, d.grad_accum, None,
                              cfg.parallel.schedule, micro_batch=(d.micro_batch_size, d.seq_len),
                              dtype=PrecisionPolicy.from_config(cfg).activation_dtype, scale_grads=False)
 

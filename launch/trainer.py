@@ -36,7 +36,7 @@ from launch import checkpoint as ckpt
 from launch import monitor as monitor_lib
 from launch import watchdog as watchdog_lib
 from launch.build import (build_data, build_model, build_optimizer, build_pipeline, load_released_weights,
-                          token_loss, tokens_per_step, use_zero1, wraps_in_ddp)
+                          tokens_per_step, use_zero1, wraps_in_ddp)
 from launch.checkpoint import shard_views
 from launch.hooks import RouterBiasUpdate, register_post_step
 from launch.metrics import MetricsLogger, environment_info
@@ -172,8 +172,7 @@ class Trainer:
             sync = micro == accum - 1 or not hasattr(self.train_model, "no_sync")
             with (nullcontext() if sync else self.train_model.no_sync()):
                 with self.autocast:
-                    logits_BTV = self.train_model(inputs_BT)
-                loss = token_loss(logits_BTV, targets_BT)
+                    loss = self.train_model(inputs_BT, targets_BT)  # float32 mean cross entropy
                 (loss / accum).backward()
             loss_sum += loss.detach()
             self._progress()
@@ -202,7 +201,7 @@ class Trainer:
                 pipe.schedule.step(*([inputs_BT] if pipe.has_first else []),
                                    target=targets_BT if pipe.has_last else None, losses=losses)
             else:
-                losses = [pipe.forward_losses([(x.to(device), y.to(device)) for x, y in batches], token_loss)]
+                losses = [pipe.forward_losses([(x.to(device), y.to(device)) for x, y in batches])]
         total = torch.stack([x.detach().float() for x in losses]).sum() if pipe.has_last else torch.zeros(
             (), device=device)
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.rt.groups.pp_group)
@@ -257,8 +256,7 @@ class Trainer:
             batches = []
         for inputs_BT, targets_BT in batches:
             with self.autocast:
-                logits_BTV = self.model(inputs_BT.to(self.rt.device))
-            total += token_loss(logits_BTV, targets_BT.to(self.rt.device))
+                total += self.model(inputs_BT.to(self.rt.device), targets_BT.to(self.rt.device))
             n += 1
             self._progress()
         self.model.train()

@@ -46,15 +46,20 @@ class _AttentionBase:
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        q, k, v = self._qkv(x_BTD)
+        out = self.attend(*self._qkv(x_BTD))
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def attend(self, q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, v_BHTe: torch.Tensor) -> torch.Tensor:
+        """The attention core (recording the max logits): [B, H, T, value head dim]. A region memory techniques wrap
+        (parallel/regions.py): what it keeps for backward are q, k and v."""
         if self.attention_impl == "flex":
-            out, max_H = _flex_with_max(q, k, v, self.scale)
+            out, max_H = _flex_with_max(q_BHTd, k_BHTd, v_BHTe, self.scale)
             if self._records():
                 torch.maximum(self.max_logits_H, max_H, out=self.max_logits_H)
         else:
-            self._record(q, k)
-            out = _sdpa(q, k, v, self.scale)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+            self._record(q_BHTd, k_BHTd)
+            out = _sdpa(q_BHTd, k_BHTd, v_BHTe, self.scale)
+        return out[..., :self.v_dim]  # MLA's v may arrive padded to the q/k width (qkv_up)
 
 
 def _sdpa(q_BHTd, k_BHTd, v_BHTe, scale: float) -> torch.Tensor:
@@ -111,6 +116,7 @@ class Attention(_AttentionBase, nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.v_dim = cfg.head_dim
         self._init_stats(cfg)
 
     def _qkv(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -164,6 +170,7 @@ class MLAttention(_AttentionBase, nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.latent_norm_eps)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (self.dn + self.dv), bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * self.dv, cfg.dim, bias=bias)
+        self.v_dim = self.dv
         self._init_stats(cfg)
 
     @property
@@ -172,23 +179,30 @@ class MLAttention(_AttentionBase, nn.Module):
 
     def _qkv(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k [B, H, T, dn + dr] (nope | rope parts, the rotary key shared by all heads) and v [B, H, T, dv]."""
-        B, T, _ = x_BTD.shape
+        q_in = self.q_a_layernorm(self.q_a_proj(x_BTD)) if hasattr(self, "q_b_proj") else self.q_proj(x_BTD)
+        kv_c, k_rope = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.dr], dim=-1)
+        return self.qkv_up(q_in, self.kv_a_layernorm(kv_c), k_rope)
+
+    def qkv_up(self, q_in: torch.Tensor, kv_c: torch.Tensor, k_rope: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The up-projections from the latents (q_b_proj, or q itself without q compression; kv_b_proj), RoPE and
+        the assembly of q, k, v (v zero-padded to the q/k width for SDPA: see ``_sdpa``): a region memory techniques
+        wrap (parallel/regions.py)."""
+        B, T, _ = q_in.shape
         dn, dr, dv = self.dn, self.dr, self.dv
-        if hasattr(self, "q_b_proj"):
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
-        else:
-            q = self.q_proj(x_BTD)
+        q = self.q_b_proj(q_in) if hasattr(self, "q_b_proj") else q_in
         q = q.view(B, T, -1, dn + dr).transpose(1, 2)
         q_nope, q_rope = q.split([dn, dr], dim=-1)
-        kv_c, k_rope = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, dr], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(kv_c)).view(B, T, -1, dn + dv).transpose(1, 2)
+        kv = self.kv_b_proj(kv_c).view(B, T, -1, dn + dv).transpose(1, 2)
         k_nope, v = kv.split([dn, dv], dim=-1)
         H = q.shape[1]
-        cos, sin = rope_cos_sin(T, dr, self.rope_theta, x_BTD.device, q.dtype, self.yarn)
+        cos, sin = rope_cos_sin(T, dr, self.rope_theta, q.device, q.dtype, self.yarn)
         q_rope = apply_rope(q_rope, cos, sin)
         k_rope = apply_rope(k_rope.view(B, 1, T, dr), cos, sin).expand(B, H, T, dr)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope], dim=-1)
+        if self.attention_impl == "sdpa" and dv < dn + dr:
+            v = F.pad(v, (0, dn + dr - dv))
         return q, k, v
 
     def qk_clip_spec(self) -> dict:

@@ -35,6 +35,9 @@ class ModelConfig:
     # keep the residual stream (embeddings, block inputs/outputs) in float32 when the parameters are bf16
     # (Megatron's --fp32-residual-connection); norms still feed bf16 into the GEMMs. Changes no weight.
     fp32_residual: bool = False
+    # the loss over token chunks of this many tokens without forming the [tokens, vocab] float32 logits
+    # (models/loss.py); 0 = the whole logits at once; -1 = automatic (chunks of <= 256 MiB of float32 logits)
+    loss_chunk_tokens: int = 0
     norm_eps: float = 1e-6  # the block and final RMSNorms (DeepseekV3's rms_norm_eps)
     latent_norm_eps: float = 1e-6  # MLA's q_a / kv_a RMSNorms (DeepseekV3 hard-codes 1e-6 for them)
     # feed-forward
@@ -92,6 +95,8 @@ class ModelConfig:
             need(self.n_shared_experts >= 0, "n_shared_experts must be >= 0")
         need(self.bias_update_speed >= 0, "bias_update_speed must be >= 0")
         need(self.seq_aux_loss_alpha >= 0, f"seq_aux_loss_alpha must be >= 0, got {self.seq_aux_loss_alpha}")
+        need(self.loss_chunk_tokens >= -1, f"loss_chunk_tokens must be >= 0 tokens, or -1 (automatic), got "
+             f"{self.loss_chunk_tokens}")
 
     @property
     def qk_head_dim(self) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -104,8 +105,27 @@ def apply_rope(x_BHTd: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor)
     return torch.stack((out_even, out_odd), dim=-1).flatten(-2)
 
 
+def autocast_off(device_type: str):
+    """Autocast disabled (for a float32 computation under bf16 autocast); nothing to disable on meta tensors (the
+    memory planner runs the model on them), which autocast does not know."""
+    return nullcontext() if device_type == "meta" else torch.autocast(device_type, enabled=False)
+
+
+def gemm_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
+    """The dtype autocast runs GEMMs in where it is on, else ``default`` (for ops autocast does not cover, e.g.
+    ``grouped_mm``, or that run with autocast off and cast themselves)."""
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return default
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
 class FeedForward(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)). ``act`` is the SwiGLU itself (a region memory techniques wrap:
+    parallel/regions.py)."""
 
     def __init__(self, dim: int, inter_dim: int):
         super().__init__()
@@ -114,7 +134,10 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(inter_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
+
+    def act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return swiglu(gate, up)
 
     def init_rules(self, std: float, out_std: float) -> dict[str, InitRule]:
         return {"gate_proj.weight": normal(std), "up_proj.weight": normal(std), "down_proj.weight": normal(out_std)}
@@ -132,10 +155,12 @@ def causal_max_logits(q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, scale: float, 
     """
     B, H, T, _ = q_BHTd.shape
     out_H = torch.full((H,), float("-inf"), device=q_BHTd.device, dtype=torch.float32)
+    if q_BHTd.is_meta:  # shapes only (the memory planner runs the model on meta tensors): nothing to measure
+        return out_H
     key_pos = torch.arange(T, device=q_BHTd.device)
     for start in range(0, T, chunk):
         q_chunk = q_BHTd[:, :, start:start + chunk].float()
-        with torch.autocast(q_BHTd.device.type, enabled=False):
+        with autocast_off(q_BHTd.device.type):
             s_BHCT = torch.matmul(q_chunk, k_BHTd.float().transpose(-1, -2)) * scale
         q_pos = torch.arange(start, start + q_chunk.shape[2], device=q_BHTd.device)
         s_BHCT = s_BHCT.masked_fill(key_pos[None, :] > q_pos[:, None], float("-inf"))

@@ -7,7 +7,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .init import ZEROS, InitRule, init_module_, normal, prefixed
-from .layers import FeedForward
+from .layers import FeedForward, autocast_off, gemm_dtype, swiglu
 
 
 class _AddAuxLoss(torch.autograd.Function):
@@ -56,7 +56,7 @@ class Router(nn.Module):
         sequence-wise balance loss or None); ``x_TD`` holds ``n_seqs`` sequences of equal length one after the
         other. The weight and the bias may be bf16 and float32 respectively: scores are computed in float32."""
         ct = torch.promote_types(x_TD.dtype, torch.float32)  # routing in >= float32
-        with torch.autocast(x_TD.device.type, enabled=False):  # autocast would run this linear in bf16
+        with autocast_off(x_TD.device.type):  # autocast would run this linear in bf16
             scores_TE = torch.sigmoid(F.linear(x_TD.to(ct), self.weight.to(ct)))
         choice_TE = scores_TE.detach() + self.e_score_correction_bias.to(ct)
         if self.n_groups > 1:
@@ -154,25 +154,35 @@ class GroupedExperts(nn.Module):
     def _loop(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         outs = []
         for e, x_e in enumerate(torch.split(x_TD, counts_E.tolist())):
-            h = F.silu(x_e @ self.gate_proj[e].T) * (x_e @ self.up_proj[e].T)
+            h = self.act(x_e @ self.gate_proj[e].T, x_e @ self.up_proj[e].T)
             outs.append(h @ self.down_proj[e].T)
         return torch.cat(outs) if outs else x_TD.new_zeros(0, self.down_proj.shape[1])
 
     def compute_dtype(self, device_type: str) -> torch.dtype:
         """The dtype the expert GEMMs run in: autocast's where it is on (``grouped_mm`` has no autocast kernel, so
         the MoE casts for it, as autocast does for a matmul), else the weights' (bf16 with bf16 parameters)."""
-        if torch.is_autocast_enabled(device_type):
-            return torch.get_autocast_dtype(device_type)
-        return self.down_proj.dtype
+        return gemm_dtype(device_type, self.down_proj.dtype)
 
     def _grouped(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         if x_TD.shape[0] == 0:
             return x_TD.new_zeros(0, self.down_proj.shape[1])
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)  # end row of each expert's block
+        gate_TI, up_TI = self.up_gemms(x_TD, offs_E)
+        return self.act_down(gate_TI, up_TI, offs_E)
+
+    # the regions memory techniques wrap (parallel/regions.py): the up GEMMs (their input rows are what they keep
+    # for backward), the SwiGLU, and the SwiGLU with the down GEMM
+    def up_gemms(self, x_TD: torch.Tensor, offs_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dt = x_TD.dtype  # the MoE cast the rows to compute_dtype; float32 weights are cast to it here
-        gate_TI = F.grouped_mm(x_TD, self.gate_proj.to(dt).transpose(1, 2), offs=offs_E)
-        up_TI = F.grouped_mm(x_TD, self.up_proj.to(dt).transpose(1, 2), offs=offs_E)
-        return F.grouped_mm(F.silu(gate_TI) * up_TI, self.down_proj.to(dt).transpose(1, 2), offs=offs_E)
+        return (F.grouped_mm(x_TD, self.gate_proj.to(dt).transpose(1, 2), offs=offs_E),
+                F.grouped_mm(x_TD, self.up_proj.to(dt).transpose(1, 2), offs=offs_E))
+
+    def act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return swiglu(gate, up)
+
+    def act_down(self, gate_TI: torch.Tensor, up_TI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+        h_TI = self.act(gate_TI, up_TI)
+        return F.grouped_mm(h_TI, self.down_proj.to(h_TI.dtype).transpose(1, 2), offs=offs_E)
 
     def init_rules(self, std: float, out_std: float) -> dict[str, InitRule]:
         return {"gate_proj": normal(std, per_expert=True), "up_proj": normal(std, per_expert=True),

@@ -10,6 +10,7 @@ from .attention import build_attention
 from .config import ModelConfig
 from .init import InitRule, init_module_, normal, prefixed, reset_step_stats_
 from .layers import FeedForward, RMSNorm
+from .loss import head_loss
 from .moe import MoE, Router
 
 
@@ -64,12 +65,14 @@ class Transformer(nn.Module):
         self.layers = LayerStack({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.head_in_loss = False  # a pipeline's last stage: return the normed hidden states, the loss applies the head
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T] (or hidden states [B, T, D] on a stage without embeddings) -> float32 logits [B, T, V]
-        (or hidden states on a stage without the head)."""
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] (or hidden states [B, T, D] on a stage without embeddings) -> float32 logits [B, T, V], or
+        with ``targets`` [B, T] the mean cross entropy (float32; ``head_loss``: chunked with
+        ``cfg.loss_chunk_tokens``, never forming the logits) (or hidden states on a stage without the head)."""
         if x.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {x.shape[1]} exceeds max_seq_len {self.cfg.max_seq_len}")
         h_BTD = self.embed_tokens(x) if self.embed_tokens is not None else x
@@ -79,8 +82,17 @@ class Transformer(nn.Module):
             h_BTD = layer(h_BTD)
         if self.lm_head is None:
             return h_BTD
-        logits_BTV = self.lm_head(self.norm(h_BTD))
+        h_BTD = self.norm(h_BTD)
+        if self.head_in_loss:
+            return h_BTD
+        if targets is not None:
+            return self.head_loss(h_BTD, targets)
+        logits_BTV = self.lm_head(h_BTD)
         return logits_BTV.to(torch.promote_types(logits_BTV.dtype, torch.float32))  # bf16 -> float32
+
+    def head_loss(self, h_BTD: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+        """The LM head and the mean cross entropy on final-normed hidden states (models/loss.py)."""
+        return head_loss(h_BTD, self.lm_head.weight, targets_BT, self.cfg.loss_chunk_tokens)
 
     def init_rules(self) -> dict[str, InitRule]:
         """How each parameter (global name) starts: normal(init_std), normal(init_std / sqrt(2 n_layers)) for the

@@ -27,6 +27,7 @@ from torch import nn
 
 from models import GroupedExperts
 from muonclip.placement import Placement
+from parallel.recompute import collective
 
 
 class _AllToAll(torch.autograd.Function):
@@ -35,9 +36,12 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any) -> torch.Tensor:
         ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
-        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
+
+        def exchange() -> torch.Tensor:
+            out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+            dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+            return out
+        return collective(exchange)  # a recomputed block gets its forward's result back
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -84,13 +88,7 @@ class ExpertParallelExperts(GroupedExperts):
     def forward(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         if counts_E.numel() != self.n_global:
             raise ValueError(f"expert parallel: got counts for {counts_E.numel()} experts, expected {self.n_global}")
-        P, L = self.ep_size, self.n_local
-        counts_E = counts_E.to(torch.int64)
-        recv_counts = torch.empty_like(counts_E)
-        dist.all_to_all_single(recv_counts, counts_E, group=self.ep_group)  # [P*L] from each source: its L counts
-        recv_counts_SL = recv_counts.view(P, L)
-        # the one host synchronisation of the MoE step: all_to_all_single takes its split sizes as host lists
-        send_splits, recv_splits = torch.stack([counts_E.view(P, L).sum(1), recv_counts_SL.sum(1)]).tolist()
+        recv_counts_SL, send_splits, recv_splits = collective(lambda: self._exchange_counts(counts_E))
         x_recv = _all_to_all(x_TD, recv_splits, send_splits, self.ep_group)
         order = local_expert_order(recv_counts_SL, sum(recv_splits))
         x_local = x_recv[order]
@@ -99,6 +97,17 @@ class ExpertParallelExperts(GroupedExperts):
             y_local = y_local + x_local.sum() * 0 + sum(p.sum() for p in self.parameters()) * 0
         y_recv = torch.empty_like(y_local).index_copy(0, order, y_local)
         return _all_to_all(y_recv, send_splits, recv_splits, self.ep_group)
+
+    def _exchange_counts(self, counts_E: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
+        """Rows each source sends this rank per local expert [P, L], and the split sizes of both all-to-alls."""
+        P, L = self.ep_size, self.n_local
+        counts_E = counts_E.to(torch.int64)
+        recv_counts = torch.empty_like(counts_E)
+        dist.all_to_all_single(recv_counts, counts_E, group=self.ep_group)  # [P*L] from each source: its L counts
+        recv_counts_SL = recv_counts.view(P, L)
+        # the one host synchronisation of the MoE step: all_to_all_single takes its split sizes as host lists
+        send_splits, recv_splits = torch.stack([counts_E.view(P, L).sum(1), recv_counts_SL.sum(1)]).tolist()
+        return recv_counts_SL, send_splits, recv_splits
 
     def extra_repr(self) -> str:
         return (f"experts {self.expert_offset}..{self.expert_offset + self.n_local - 1} of {self.n_global}, "

@@ -1,6 +1,11 @@
 """One place that turns the plain model into the parallel one, in a fixed order: EP, TP, precision (bf16
-parameters, parallel/precision.py), activation checkpointing (``parallelize``); ``apply_compile``
-(``train.compile``) comes last, on the parallel model.
+parameters, parallel/precision.py), recomputation (parallel/recompute.py), FP8 activation storage
+(parallel/fp8_storage.py), activation offload (parallel/activation_offload.py) (``parallelize``);
+``apply_compile`` (``train.compile``) comes last, on the parallel model.
+
+The memory techniques stack in that order: FP8 storage wraps the regions recomputation wrapped, so it compresses
+what the recomputation keeps; offload wraps every block outermost, so it moves what is left (the FP8 tensors stay on
+the device: the innermost saved-tensor hooks decide).
 
 Data-parallel gradient synchronisation is not applied here: ``DistributedMuonClip`` (ZeRO-1) reduces
 gradients itself (or the trainer wraps with DDP). The returned placements tell the optimizer how each
@@ -8,50 +13,36 @@ parameter is laid out.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
-from typing import Iterator, Protocol
+from dataclasses import dataclass, field
 
 from torch import nn
-from torch.distributed._composable import checkpoint as composable_checkpoint
 
 from muonclip.placement import Placement
 
-from parallel.expert_parallel import apply_expert_parallel, expert_placements
+from parallel.activation_offload import apply_activation_offload
 from parallel.dims import ParallelDims, ParallelGroups
+from parallel.expert_parallel import apply_expert_parallel, expert_placements
+from parallel.fp8_storage import apply_fp8_storage
 from parallel.precision import PrecisionPolicy, apply_precision
+from parallel.recompute import RECOMPUTE_MODULES, apply_recompute
 from parallel.tensor_parallel import apply_tensor_parallel, tp_placements
-
-
-class _ParallelizeOptions(Protocol):
-    activation_checkpointing: bool
 
 
 @dataclass(frozen=True)
 class ParallelizeConfig:
-    """Options of the parallelize step (any object with these attributes is accepted)."""
+    """Options of the parallelize step (``configs.ParallelConfig`` has them all; any object with these attributes
+    is accepted)."""
 
-    activation_checkpointing: bool = False
-
-
-@contextmanager
-def _no_step_stats(module: nn.Module) -> Iterator[None]:
-    """A recomputation records no per-step statistics (max logits, expert loads, balance-loss values): the modules
-    that keep them skip it (the float32 max-logit probe is not run again), so each forward counts once."""
-    recording = [m for m in module.modules() if getattr(m, "record_stats", False)]
-    for m in recording:
-        m.record_stats = False
-    try:
-        yield
-    finally:
-        for m in recording:
-            m.record_stats = True
+    activation_checkpointing: bool = False  # = recompute "full"
+    recompute: str = "none"  # "none", "full", "selective"
+    recompute_modules: list[str] = field(default_factory=list)  # selective: [] = all of RECOMPUTE_MODULES
+    fp8_activations: list[str] = field(default_factory=list)
+    activation_offload: bool = False
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each block in backward (composable API: parameter names unchanged)."""
-    for block in model.layers:
-        composable_checkpoint(block, context_fn=lambda b=block: (nullcontext(), _no_step_stats(b)))
+    """Recompute each block in backward (``apply_recompute(model, "full")``)."""
+    apply_recompute(model, "full")
 
 
 def apply_compile(model: nn.Module, fullgraph_dense: bool = True) -> None:
@@ -65,10 +56,10 @@ def apply_compile(model: nn.Module, fullgraph_dense: bool = True) -> None:
 
 
 def parallelize(model: nn.Module, pdims: ParallelDims, groups: ParallelGroups,
-                cfg: _ParallelizeOptions = ParallelizeConfig(),
+                cfg: ParallelizeConfig = ParallelizeConfig(),
                 precision: PrecisionPolicy = PrecisionPolicy()) -> dict[str, Placement]:
-    """Apply EP, then TP, then the precision policy (parameter dtypes), then activation checkpointing to ``model``
-    in place; return a placement per param.
+    """Apply EP, TP, the precision policy (parameter dtypes), recomputation, FP8 storage and activation offload to
+    ``model`` in place, in that order; return a placement per param.
 
     ``model``: a ``models.Transformer`` built on meta (then allocate and initialise the shards with
     ``parallel.init.init_sharded``: the same global weights at any layout) or built and initialised identically
@@ -81,8 +72,12 @@ def parallelize(model: nn.Module, pdims: ParallelDims, groups: ParallelGroups,
     apply_expert_parallel(model, groups.ep_rank, groups.ep_size, groups.ep_group)
     apply_tensor_parallel(model, groups.tp_rank, groups.tp_size, groups.tp_group)
     apply_precision(model, precision)
-    if cfg.activation_checkpointing:
-        apply_activation_checkpointing(model)
+    mode = "full" if cfg.activation_checkpointing else cfg.recompute
+    modules = cfg.recompute_modules or RECOMPUTE_MODULES
+    apply_recompute(model, mode, modules)
+    apply_fp8_storage(model, cfg.fp8_activations, recomputed=set(modules) if mode == "selective" else set())
+    if cfg.activation_offload:
+        model.activation_offload = apply_activation_offload(model)
     placements = {name: Placement("replicated") for name, _ in model.named_parameters()}
     placements.update(expert_placements(model))
     placements.update(tp_placements(model, groups.tp_group))

@@ -192,6 +192,7 @@ class Pipeline:
     plan: StagePlan
     holder: nn.Module  # the pruned model the views share
     group: Any  # the pipeline group
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # the last stage's output, targets -> loss
     dtype: torch.dtype = torch.float32  # the hidden states stages send (the precision policy's activation dtype)
 
     @property
@@ -215,8 +216,7 @@ class Pipeline:
         return self.plan.has_last
 
     @torch.no_grad()
-    def forward_losses(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
-                       loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def forward_losses(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Forward only (validation), any schedule: each micro batch goes through the stages in order with plain
         send/recv along the pipeline group; the sum of the losses on the rank holding the last stage (0
         elsewhere). Independent of the training schedule's own ``eval`` (zbv's fails in torch 2.13)."""
@@ -233,7 +233,7 @@ class Pipeline:
                     dist.recv(h, src=dist.get_global_rank(self.group, self.owners[s - 1]), group=self.group)
                 h = module[s](h)
                 if s == self.n_stages - 1:
-                    loss = loss_fn(h, targets_BT)
+                    loss = self.loss_fn(h, targets_BT)
                     total = loss if total is None else total + loss
                 elif self.owners[s + 1] != me:
                     dist.send(h.to(self.dtype).contiguous(), dst=dist.get_global_rank(self.group, self.owners[s + 1]),
@@ -242,7 +242,7 @@ class Pipeline:
 
 
 def build_pipeline(model: nn.Module, pp_rank: int, pp: int, pp_group: Any, device: torch.device,
-                   n_microbatches: int, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                   n_microbatches: int, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                    schedule: str = "1f1b", virtual: int = 1, layers_per_stage: list[int] | None = None,
                    prepare: Callable[[nn.Module], None] | None = None) -> Pipeline:
     """This rank's stages of ``model`` (not modified; build it on meta and pass ``prepare`` to allocate and
@@ -255,15 +255,17 @@ def build_pipeline(model: nn.Module, pp_rank: int, pp: int, pp_group: Any, devic
 
 
 def pipeline_schedule(holder: nn.Module, plan: StagePlan, pp_group: Any, device: torch.device,
-                      n_microbatches: int, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                      n_microbatches: int, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                       schedule: str = "1f1b", micro_batch: tuple[int, int] | None = None,
                       dtype: torch.dtype = torch.float32, scale_grads: bool = True) -> Pipeline:
     """The stage views of a prepared (pruned, parallelized, initialised) ``holder`` and their schedule.
 
+    ``loss_fn`` None (the trainer's): the last stage ends at the final norm and the schedule's loss is the
+    model's ``head_loss`` (the LM head and cross entropy, chunked with ``model.loss_chunk_tokens``: the logits
+    never leave it); otherwise the last stage returns logits and ``loss_fn(logits, targets)`` is the loss.
     ``micro_batch`` = (micro batch size, sequence length) declares every stage's input and output shapes
-    (tokens, hidden states in ``dtype``: bf16 with bf16 parameters, logits). Without it torch infers them by
-    running each stage once on
-    the first micro batch, or on uninitialised memory for later stages, which would leak into the per-step
+    (tokens, hidden states in ``dtype``: bf16 with bf16 parameters; the last stage's normed hidden states or
+    logits). Without it torch infers them by running each stage once on the first micro batch, or on uninitialised memory for later stages, which would leak into the per-step
     statistics the model records (max logits that QK-Clip acts on, router loads), so the trainer always
     passes it. ``scale_grads=False``: the stages' gradients stay the SUM over micro batches (torch divides them
     in place after the last backward otherwise; an optimizer that starts reducing them from backward divides
@@ -271,19 +273,27 @@ def pipeline_schedule(holder: nn.Module, plan: StagePlan, pp_group: Any, device:
     from torch.distributed.pipelining import PipelineStage
     from torch.distributed.pipelining import schedules as pps
 
+    head_in_loss = loss_fn is None
+    if head_in_loss:
+        loss_fn = holder.head_loss
     modules, stages = [], []
     for s in plan.stages:
         first, last = s == 0, s == plan.n_stages - 1
         module = stage_view(holder, plan.ranges[s], first=first, last=last)
+        module.head_in_loss = last and head_in_loss
         modules.append(module)
         shapes = {}
         if micro_batch is not None:
             B, T = micro_batch
             hidden = torch.empty(B, T, holder.cfg.dim, dtype=dtype, device="meta")
             received = hidden.clone().requires_grad_()  # so the stage computes the gradient it sends back
+            if head_in_loss:  # the final norm's output: the narrower of the stream's and the norm weight's dtypes
+                normed = min(dtype, holder.norm.weight.dtype if last else dtype, key=lambda t: t.itemsize)
+                out = torch.empty(B, T, holder.cfg.dim, dtype=normed, device="meta")
+            else:
+                out = torch.empty(B, T, holder.cfg.vocab_size, dtype=torch.float32, device="meta")
             shapes = dict(input_args=torch.empty(B, T, dtype=torch.long, device="meta") if first else received,
-                          output_args=torch.empty(B, T, holder.cfg.vocab_size, dtype=torch.float32, device="meta")
-                          if last else hidden,
+                          output_args=out if last else hidden,
                           input_grads=(None,) if first else (hidden,),  # tokens get no gradient
                           output_grads=(None,) if last else (hidden,))  # the loss starts the backward
         stages.append(PipelineStage(module, s, plan.n_stages, device, group=pp_group, **shapes))
@@ -293,7 +303,7 @@ def pipeline_schedule(holder: nn.Module, plan: StagePlan, pp_group: Any, device:
         cls = {"interleaved_1f1b": pps.ScheduleInterleaved1F1B, "zbv": pps.ScheduleZBVZeroBubble,
                "dualpipev": pps.ScheduleDualPipeV}[schedule]
         sched = cls(stages, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
-    return Pipeline(sched, modules, plan, holder, pp_group, dtype)
+    return Pipeline(sched, modules, plan, holder, pp_group, loss_fn, dtype)
 
 
 __all__ = ["SCHEDULES", "Pipeline", "StagePlan", "balanced_split", "build_pipeline", "pipeline_schedule",

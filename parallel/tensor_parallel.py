@@ -34,6 +34,7 @@ from torch import nn
 
 from models import Attention, FeedForward, MLAttention
 from muonclip.placement import Placement
+from parallel.recompute import collective
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -52,9 +53,11 @@ class _CopyToTP(torch.autograd.Function):
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
-        x = x.contiguous().clone()
-        dist.all_reduce(x, group=group)
-        return x
+        def all_reduce() -> torch.Tensor:
+            out = x.contiguous().clone()
+            dist.all_reduce(out, group=group)
+            return out
+        return collective(all_reduce)  # a recomputed block gets its forward's result back
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -192,7 +192,7 @@ SYNCING = {aten.bincount.default, aten.nonzero.default, aten.masked_select.defau
 class NoDeviceSync(TorchDispatchMode):
     """Raises on ops that synchronise a CUDA stream with the host. ``allow(func, args)`` -> True excuses one
     (e.g. AdamW's step counter, a CPU scalar also on CUDA). ``Tensor.tolist`` calls are allowed only from the
-    functions named (qualified name, e.g. ``ExpertParallelExperts.forward``) in ``tolist_from`` and counted in
+    functions named (qualified name, e.g. ``ExpertParallelExperts._exchange_counts``) in ``tolist_from`` and counted in
     ``tolist_calls``."""
 
     def __init__(self, allow: Callable[[Any, tuple], bool] = lambda func, args: False,
@@ -282,3 +282,75 @@ class WireAudit:
         for r in self.records:
             out[(r.call, r.dtype)] += r.numel
         return dict(out)
+
+
+# ------------------------------------------------------------------------------------------------ saved tensors
+class SavedBytes:
+    """Bytes autograd keeps for backward while the block runs, by where they live: ``device`` (tensors and FP8
+    tiles) and ``host`` (moved by activation offload). Weights (parameters, views and casts of them) do not count;
+    a tensor counts its whole storage (what a saved view keeps alive), each storage once however many ops save it.
+
+    Saved-tensor hooks nest and only the innermost applies, so an outermost counting hook alone would miss what
+    the techniques' own hooks keep: their pack functions (parallel/fp8_storage.py, parallel/activation_offload.py)
+    are wrapped to count what they return. Recomputation's hooks keep nothing (its regions' inputs are saved
+    through the hooks around them, and counted there)."""
+
+    def __init__(self, model: torch.nn.Module | None = None):
+        from parallel.regions import param_storages
+
+        self.storages = param_storages(model) if model is not None else set()
+        self.device = self.host = 0
+        self._seen: set[int] = set()  # storages (device) and host copies counted
+
+    def _count(self, original: Any) -> None:
+        from parallel.activation_offload import _Offloaded
+        from parallel.fp8_storage import Fp8Tiles
+        from parallel.regions import is_weight
+
+        if isinstance(original, Fp8Tiles):
+            if id(original) not in self._seen:
+                self._seen.add(id(original))
+                self.device += original.nbytes
+        elif isinstance(original, _Offloaded):
+            if id(original.host) not in self._seen:
+                self._seen.add(id(original.host))
+                self.host += original.nbytes
+        elif isinstance(original, torch.Tensor) and not isinstance(original, torch.nn.Parameter) \
+                and not is_weight(original, self.storages):
+            storage = original.untyped_storage()
+            if storage.data_ptr() not in self._seen:
+                self._seen.add(storage.data_ptr())
+                self.device += storage.nbytes()
+
+    def __enter__(self) -> "SavedBytes":
+        import parallel.activation_offload as offload
+        import parallel.fp8_storage as fp8
+
+        self._saved = (fp8._pack, offload.ActivationOffload.pack)
+        meter = self
+
+        def fp8_pack(storages, seen, t):
+            out = self._saved[0](storages, seen, t)
+            meter._count(out)
+            return out
+
+        def offload_pack(self_, t):
+            out = meter._saved[1](self_, t)
+            meter._count(out)
+            return out
+
+        fp8._pack, offload.ActivationOffload.pack = fp8_pack, offload_pack
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._outer, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def _outer(self, t):
+        self._count(t)
+        return t
+
+    def __exit__(self, *exc) -> None:
+        import parallel.activation_offload as offload
+        import parallel.fp8_storage as fp8
+
+        self._hooks.__exit__(*exc)
+        fp8._pack, offload.ActivationOffload.pack = self._saved

@@ -87,8 +87,11 @@ def test_pp2_matches_one_process(tmp_path, reference, schedule, virtual, layers,
 
 @pytest.mark.parametrize("extra", [["--data.micro_batch_size=1"], ["--data.micro_batch_size=1", "--parallel.ep=2"],
                                    ["--data.micro_batch_size=2", "--parallel.tp=2",
-                                    "--parallel.activation_checkpointing=true"]],
-                         ids=["pp2xdp2", "pp2xdp2xep2", "pp2xtp2+ac"])
+                                    "--parallel.activation_checkpointing=true"],
+                                   ["--data.micro_batch_size=1", "--parallel.ep=2", "--parallel.recompute=full"],
+                                   ["--data.micro_batch_size=2", "--parallel.tp=2", "--parallel.recompute=selective",
+                                    "--parallel.activation_offload=true"]],
+                         ids=["pp2xdp2", "pp2xdp2xep2", "pp2xtp2+ac", "pp2xdp2xep2+full", "pp2xtp2+selective+offload"])
 def test_pp2_with_dp2_ep2_or_tp2_matches_one_process(tmp_path, reference, extra):
     overrides = [*COMMON, "--parallel.pp=2", *extra]
     run_distributed(_worker, 4, str(tmp_path), overrides)

@@ -156,11 +156,11 @@ def _sync_worker(rank: int, world: int, out: str, overrides: list[str]) -> None:
     trainer.train_step()
     counters = {st["step"].data_ptr() for st in trainer.optimizer.state.values() if "step" in st}
     mode = NoDeviceSync(lambda func, args: func is torch.ops.aten._local_scalar_dense.default
-                        and args[0].data_ptr() in counters, tolist_from=("ExpertParallelExperts.forward",))
+                        and args[0].data_ptr() in counters, tolist_from=("ExpertParallelExperts._exchange_counts",))
     with mode:
         trainer.train_step()
     n_moe = cfg.model.n_layers - cfg.model.first_k_dense
-    assert dict(mode.tolist_calls) == {"ExpertParallelExperts.forward": n_moe * cfg.data.grad_accum}
+    assert dict(mode.tolist_calls) == {"ExpertParallelExperts._exchange_counts": n_moe * cfg.data.grad_accum}
 
 
 def test_an_expert_parallel_step_synchronises_only_for_the_split_sizes(tmp_path):

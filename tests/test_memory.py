@@ -1,0 +1,211 @@
+"""Memory techniques (issue: fit Kimi K2 in 80 GB): the chunked loss, selective recomputation, FP8 activation
+storage and activation offload, each against the plain path: same loss and gradients, fewer saved bytes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.loss import chunk_size, head_loss
+from tests.audit import SavedBytes
+
+
+def saved_bytes(fn, *args) -> tuple[int, object]:
+    """Device bytes autograd keeps for backward while ``fn(*args)`` runs (tests/audit.py), and its result."""
+    with SavedBytes(fn if isinstance(fn, torch.nn.Module) else None) as saved:
+        out = fn(*args)
+    return saved.device, out
+
+
+@pytest.mark.parametrize("dtype,chunk,tol", [(torch.float64, 7, 1e-12), (torch.float32, 64, 2e-6),
+                                             (torch.float32, -1, 2e-6), (torch.bfloat16, 50, 2e-2)])
+def test_the_chunked_loss_equals_the_whole_logits_and_keeps_no_logits(dtype, chunk, tol):
+    """Loss and both gradients equal the unchunked path (float64 to 1e-12; bf16 to bf16 rounding of the weight
+    gradient, which sums per-chunk GEMMs); the unchunked path keeps the [tokens, vocab] float32 log-probabilities
+    for backward, the chunked one nothing but its input."""
+    g = torch.Generator().manual_seed(0)
+    N, D, V = 200, 32, 1000
+    h = torch.randn(N, D, generator=g, dtype=torch.float32).to(dtype).requires_grad_()
+    w = torch.nn.Parameter((torch.randn(V, D, generator=g) * 0.3).to(dtype))
+    t = torch.randint(0, V, (N,), generator=g)
+    results = {}
+    for c in (0, chunk):
+        h.grad, w.grad = None, None
+        saved, loss = saved_bytes(head_loss, h.view(4, 50, D), w, t.view(4, 50), c)
+        loss.backward()
+        results[c] = (saved, loss.detach(), h.grad.clone(), w.grad.clone())
+    (saved0, *ref), (saved1, *got) = results[0], results[chunk]
+    assert got[0].dtype == torch.promote_types(dtype, torch.float32)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    assert saved0 >= N * V * 4 and saved1 == N * D * h.element_size() + N * 8  # h and the targets only
+    assert chunk_size(-1, 163840) == 409  # automatic: <= 256 MiB of float32 logits per chunk
+
+
+def test_a_run_with_the_chunked_loss_follows_the_whole_logits_run(tmp_path):
+    """configs/debug.yaml, 6 steps, 1 process and pp=2: model.loss_chunk_tokens=100 gives the losses of the
+    unchunked run (float32 rounding of the summed weight gradient only)."""
+    from launch.trainer import Trainer, init_runtime
+    from tests.test_train import debug_cfg
+
+    losses = {}
+    for chunk in (0, 100):
+        cfg = debug_cfg(tmp_path / str(chunk), "--train.steps=6", "--train.eval_interval=3",
+                        "--schedule.warmup_steps=1", f"--model.loss_chunk_tokens={chunk}")
+        result = Trainer(cfg, init_runtime(cfg)).fit()
+        losses[chunk] = ([result.losses[s] for s in range(1, 7)], result.val_losses)
+    assert losses[100][0] == pytest.approx(losses[0][0], rel=1e-5)
+    assert losses[100][1] == pytest.approx(losses[0][1], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ recompute, FP8, offload
+from launch.trainer import Trainer, init_runtime  # noqa: E402
+from tests.test_train import debug_cfg  # noqa: E402
+
+# the chunked loss, so the [tokens, vocab] log-probabilities do not swamp the blocks' activations
+MLA_MOE = ["--model.n_layers=3", "--model.q_lora_rank=32", "--train.steps=3", "--train.eval_interval=0",
+           "--schedule.warmup_steps=1", "--data.grad_accum=2", "--optim.qk_clip_tau=0.05", "--model.loss_chunk_tokens=64",
+           "--model.dim=128", "--data.micro_batch_size=8"]
+
+
+def one_step(tmp_path, *overrides):
+    """A trainer's first step: the update of every parameter, the max logits and router loads; and the bytes
+    autograd keeps on the device (and on the host with offload) for one more forward."""
+    cfg = debug_cfg(tmp_path, *MLA_MOE, *overrides)
+    trainer = Trainer(cfg, init_runtime(cfg))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train_step()
+    params = {n: p.detach() - before[n] for n, p in trainer.model.named_parameters()}  # the step's update
+    stats = ([a.self_attn.max_logits_H.clone() for a in trainer.model.layers],
+             [r.expert_load_E.clone() for r in trainer.model.moe_routers()])
+    inputs, targets = trainer.loader.next_batch()
+    with SavedBytes(trainer.model) as saved:
+        loss = trainer.model(inputs, targets)
+    loss.backward()
+    return params, stats, saved.device, saved.host
+
+
+@pytest.fixture(scope="module")
+def plain_step(tmp_path_factory):
+    return one_step(tmp_path_factory.mktemp("plain"))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["--parallel.recompute=full"],
+    ["--parallel.recompute=selective"],
+    *[["--parallel.recompute=selective", f"--parallel.recompute_modules=[{m}]"]
+      for m in ("norm", "swiglu", "mla_up_proj", "moe_down_proj")],
+], ids=["full", "selective", "norm", "swiglu", "mla_up_proj", "moe_down_proj"])
+def test_recompute_gives_bitwise_the_step_of_the_plain_model_and_keeps_less(tmp_path, plain_step, overrides):
+    """float32: every recompute module, all of them and full recompute give bitwise the update of a step of the
+    plain model, record the same max logits and router loads (once: the probe is not re-run), and keep fewer
+    bytes for backward."""
+    params, stats, device_bytes, host = one_step(tmp_path, *overrides)
+    ref_params, ref_stats, ref_bytes, _ = plain_step
+    assert all(torch.equal(params[n], ref_params[n]) for n in ref_params)
+    assert all(torch.equal(a, b) for a, b in zip(stats[0] + stats[1], ref_stats[0] + ref_stats[1]))
+    assert device_bytes < ref_bytes and host == 0, (device_bytes, ref_bytes)
+
+
+@pytest.mark.parametrize("overrides", [[], ["--parallel.recompute=selective"], ["--parallel.recompute=full"]],
+                         ids=["plain", "selective", "full"])
+def test_activation_offload_moves_what_blocks_keep_to_the_host_with_bitwise_the_same_step(tmp_path, overrides):
+    """The bytes a run keeps for backward are split between the device and the host, none lost or doubled
+    (device + host = the run without offload), most of them on the host, and the step is bitwise the same."""
+    params, stats, device_bytes, _ = one_step(tmp_path / "on_device", *overrides)
+    params_off, stats_off, device_off, host = one_step(tmp_path / "offload", *overrides,
+                                                       "--parallel.activation_offload=true")
+    assert all(torch.equal(params_off[n], params[n]) for n in params)
+    assert all(torch.equal(a, b) for a, b in zip(stats_off[0] + stats_off[1], stats[0] + stats[1]))
+    assert device_off + host == device_bytes and host > 0.3 * device_bytes, (device_off, host, device_bytes)
+
+
+def test_fp8_tiles_round_each_element_within_e4m3s_spacing_of_its_tile_scale():
+    """1 x 128 tiles along the last dimension (200 = one full tile + a zero-padded one), float32 scales amax/448:
+    every element within 2^-4 of itself (3 mantissa bits) or 2^-10 of its tile scale (E4M3's subnormal spacing),
+    an all-zero tile exact, the shape and dtype back, 1 byte per element + 4 per tile stored."""
+    from parallel.fp8_storage import TILE, dequantize, quantize
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 200, generator=g) * torch.logspace(-6, 3, 5)[None, :, None]  # magnitudes 1e-6 .. 1e3
+    x[0, 0, :128] = 0
+    x[1, 2, 7] = 1e4  # one large element: its tile's scale follows it, nothing clipped
+    for dtype in (torch.float32, torch.bfloat16):
+        t = x.to(dtype)
+        q = quantize(t)
+        back = dequantize(q)
+        assert back.shape == t.shape and back.dtype == dtype
+        assert q.data.dtype == torch.float8_e4m3fn and q.nbytes == 15 * 2 * TILE + 15 * 2 * 4
+        scale = q.scale.repeat_interleave(TILE, -1)[:, :200].reshape(t.shape)
+        ref = t.float()
+        err = (back.float() - ref).abs()
+        bound = ref.abs() * 2**-4 + scale * 2**-10 + (ref.abs() * 2**-8 if dtype == torch.bfloat16 else 0)
+        assert (err <= bound * (1 + 1e-6)).all(), (err - bound).max()
+        assert torch.equal(back[0, 0, :128], t[0, 0, :128])
+        assert back[1, 2, 7] == t[1, 2, 7]  # the tile maximum maps to 448 exactly
+
+
+def _gradients(tmp_path, *overrides):
+    cfg = debug_cfg(tmp_path, *MLA_MOE, *overrides)
+    trainer = Trainer(cfg, init_runtime(cfg))
+    inputs, targets = trainer.loader.next_batch()
+    loss = trainer.model(inputs, targets)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def test_fp8_storage_changes_only_the_gradients_slightly_and_keeps_fewer_bytes(tmp_path, plain_step):
+    """FP8 storage of the routed experts' input rows and of the SwiGLU inputs: the forward is unchanged (the same
+    loss, max logits and router loads), the gradients of the layers that read FP8 activations differ from the
+    plain ones by a few percent of their norm at most (3 mantissa bits), and fewer bytes are kept; with selective
+    recomputation the SwiGLU's recomputation inputs are stored in FP8 too."""
+    points = "--parallel.fp8_activations=[moe_up_input, swiglu_input]"
+    loss, grads = _gradients(tmp_path / "plain_grads")
+    loss8, grads8 = _gradients(tmp_path / "fp8_grads", points)
+    assert torch.equal(loss8, loss) and grads8.keys() == grads.keys()
+    errors = {n: float((grads8[n] - grads[n]).norm() / grads[n].norm()) for n in grads}
+    assert max(errors.values()) < 0.05 and errors["layers.2.mlp.experts.gate_proj"] > 0, errors
+    _, ref_stats, ref_bytes, _ = plain_step
+    _, stats, device_bytes, _ = one_step(tmp_path / "fp8", points)
+    assert all(torch.equal(a, b) for a, b in zip(stats[0] + stats[1], ref_stats[0] + ref_stats[1]))
+    assert device_bytes < 0.85 * ref_bytes, (device_bytes, ref_bytes)
+    _, _, selective, _ = one_step(tmp_path / "sel", "--parallel.recompute=selective")
+    _, _, selective_fp8, _ = one_step(tmp_path / "sel_fp8", "--parallel.recompute=selective", points)
+    assert selective_fp8 < 0.85 * selective, (selective_fp8, selective)
+
+
+# ------------------------------------------------------------------------------------------------ with parallelism
+def _wire_worker(rank: int, world: int, out: str, overrides: list[str]) -> None:
+    from pathlib import Path
+
+    from tests.audit import WireAudit
+
+    torch.set_num_threads(1)
+    cfg = debug_cfg(out, *MLA_MOE, "--train.steps=4", *overrides)
+    trainer = Trainer(cfg, init_runtime(cfg))
+    losses = [trainer.train_step().loss_t]
+    with WireAudit() as wire:
+        losses.append(trainer.train_step().loss_t)
+    torch.save({"calls": [(r.call, r.dtype, r.numel) for r in wire.records], "losses": torch.stack(losses),
+                "params": {n: p.detach() for n, p in trainer.model.named_parameters()}}, Path(out) / f"rank{rank}.pt")
+
+
+@pytest.mark.parametrize("layout", [["--data.micro_batch_size=4", "--parallel.ep=2"], ["--parallel.tp=2"]],
+                         ids=["dp2-ep2", "tp2"])
+def test_recompute_repeats_no_collective_and_gives_bitwise_the_same_run_under_ep_and_tp(tmp_path, layout):
+    """Full recompute runs every block's forward again in backward, but its expert-parallel all-to-alls (rows and
+    counts) and tensor-parallel all-reduces are not sent again: the recomputation gets their forward's results
+    back. Every collective of a step, call by call, is the one of the run without recompute, and the losses and
+    parameters are bitwise equal; selective recompute likewise."""
+    from tests.dist_utils import run_distributed
+
+    runs = {}
+    for mode in ("none", "full", "selective"):
+        run_distributed(_wire_worker, 2, str(tmp_path / mode), [*layout, f"--parallel.recompute={mode}"])
+        runs[mode] = [torch.load(tmp_path / mode / f"rank{r}.pt") for r in range(2)]
+    for mode in ("full", "selective"):
+        for plain, other in zip(runs["none"], runs[mode]):
+            assert other["calls"] == plain["calls"], mode
+            assert torch.equal(other["losses"], plain["losses"])
+            assert all(torch.equal(other["params"][n], p) for n, p in plain["params"].items())
+    kinds = {call for call, _, _ in runs["none"][0]["calls"]}
+    assert ("all_to_all_single" if "--parallel.ep=2" in layout else "all_reduce") in kinds

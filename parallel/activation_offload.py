@@ -10,8 +10,8 @@ the innermost hooks decide, as K2 offloads the "remaining" activations.
 A storage several ops save (or several views of it) is copied once, and each saved tensor comes back as its view
 of the copy. On CUDA the host copies are pinned and run on a side stream (the device-to-host copy starts once the producing
 kernel is issued, so micro batch i's activations travel while i+1 computes); when backward asks for a tensor, the
-ones packed just before it (the next ones backward will need) are prefetched on the side stream, up to
-``prefetch_bytes``. On CPU the same mechanism runs with plain copies into distinct host tensors, counted in
+tensors the block forward before it kept (the next ones backward will need) are prefetched on the side stream, so
+at most two blocks' tensors are back on the device at a time. On CPU the same mechanism runs with plain copies into distinct host tensors, counted in
 ``host_bytes`` (the CPU tests check gradients bitwise equal to no offload).
 """
 from __future__ import annotations
@@ -28,10 +28,10 @@ from parallel.regions import is_weight, param_storages, saved_tensors_chain
 class _HostCopy:
     """One device storage's bytes in host memory (``host``), maybe on their way back (``fetched``)."""
 
-    __slots__ = ("host", "fetched", "event", "nbytes", "index", "consumed")
+    __slots__ = ("host", "fetched", "event", "nbytes", "index", "consumed", "block_call")
 
-    def __init__(self, host: torch.Tensor, event: Any, index: int):
-        self.host, self.event, self.index = host, event, index
+    def __init__(self, host: torch.Tensor, event: Any, index: int, block_call: int):
+        self.host, self.event, self.index, self.block_call = host, event, index, block_call
         self.fetched: torch.Tensor | None = None
         self.nbytes = host.numel()
         self.consumed = False
@@ -56,8 +56,8 @@ class _Offloaded:
 
 
 class ActivationOffload:
-    def __init__(self, min_bytes: int = 2**16, prefetch_bytes: int = 2**28):
-        self.min_bytes, self.prefetch_bytes = min_bytes, prefetch_bytes
+    def __init__(self, min_bytes: int = 2**16):
+        self.min_bytes = min_bytes
         self.device: torch.device | None = None  # the first offloaded tensor's (the model is built on meta)
         self.cuda = False
         self._stream = None
@@ -69,6 +69,7 @@ class ActivationOffload:
         self.peak_host_bytes = 0
         self._storages: set[int] = set()
         self._base = 0  # the index of self._copies[0]
+        self._block_calls = 0  # block forwards so far (a copy remembers the one it came from)
 
     # ------------------------------------------------------------------ hooks
     def pack(self, t: torch.Tensor) -> _Offloaded | None:
@@ -98,7 +99,7 @@ class ActivationOffload:
             raw.record_stream(self._stream)  # keep the device memory until the copy has read it
         else:
             host.copy_(raw)
-        copy = _HostCopy(host, event, self._base + len(self._copies))
+        copy = _HostCopy(host, event, self._base + len(self._copies), self._block_calls)
         self._copies.append(copy)
         self.host_bytes += copy.nbytes
         self.peak_host_bytes = max(self.peak_host_bytes, self.host_bytes)
@@ -131,15 +132,12 @@ class ActivationOffload:
             copy.fetched = copy.host.clone()
 
     def _prefetch_before(self, copy: _HostCopy) -> None:
-        """Start fetching the storages copied just before ``copy`` (backward needs them next), up to
-        ``prefetch_bytes`` of them."""
-        budget, i = self.prefetch_bytes, copy.index - self._base - 1
-        while budget > 0 and i >= 0:
+        """Start fetching the storages the block forward before ``copy``'s kept (backward needs them next)."""
+        i = copy.index - self._base - 1
+        while i >= 0 and self._copies[i].block_call >= copy.block_call - 1:
             earlier = self._copies[i]
-            if not earlier.consumed:
-                if earlier.fetched is None:
-                    self._fetch(earlier)
-                budget -= earlier.nbytes
+            if not earlier.consumed and earlier.fetched is None:
+                self._fetch(earlier)
             i -= 1
 
     # ------------------------------------------------------------------ per block
@@ -151,6 +149,7 @@ class ActivationOffload:
         def enter(*_):
             # not while backward recomputes the block (full recompute): the recomputation keeps its own tensors
             if torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
+                self._block_calls += 1
                 ctx = saved_tensors_chain(self.pack, self.unpack)
                 ctx.__enter__()
                 contexts.append(ctx)

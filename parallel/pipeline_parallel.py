@@ -185,6 +185,35 @@ def stage_owners(pp: int, virtual: int, schedule: str) -> list[int]:
     return owners
 
 
+def rank_actions(schedule: str, pp: int, virtual: int, n_microbatches: int, pp_rank: int) -> list[tuple[str, int]]:
+    """The compute actions pipeline rank ``pp_rank`` runs in one step, in order, as torch's schedule orders them:
+    ("F", stage) forward of a micro batch, ("B", stage) its backward (full, or the input half "I" of zero-bubble
+    schedules, after which its activations are gone; "W" weight halves are left out). The memory planner counts the
+    activations in flight from it."""
+    from types import SimpleNamespace
+
+    from torch.distributed.pipelining import schedules as pps
+
+    if schedule == "1f1b":  # Schedule1F1B: min(M, pp - rank) warm-up forwards, then backward/forward pairs
+        warmup = min(n_microbatches, pp - pp_rank)
+        out = [("F", pp_rank)] * warmup
+        for _ in range(n_microbatches - warmup):
+            out += [("B", pp_rank), ("F", pp_rank)]
+        return out + [("B", pp_rank)] * warmup
+    cls = {"interleaved_1f1b": pps.ScheduleInterleaved1F1B, "zbv": pps.ScheduleZBVZeroBubble,
+           "dualpipev": pps.ScheduleDualPipeV}[schedule]
+    rounds = max(1, n_microbatches // pp)
+    fake = SimpleNamespace(n_local_stages=virtual, microbatches_per_round=n_microbatches // rounds, pp_group_size=pp,
+                           _n_microbatches=n_microbatches, num_stages=pp * virtual)
+    out: list[tuple[str, int]] = []
+    for action in cls._calculate_single_rank_operations(fake, pp_rank):
+        for a in (action.sub_actions or (action,)) if action is not None else ():
+            kind = a.computation_type.value
+            if kind in ("F", "B", "I"):
+                out.append(("F" if kind == "F" else "B", a.stage_index))
+    return out
+
+
 @dataclass
 class Pipeline:
     schedule: Any  # a torch.distributed.pipelining schedule: step(inputs, target=..., losses=[...])
@@ -307,4 +336,5 @@ def pipeline_schedule(holder: nn.Module, plan: StagePlan, pp_group: Any, device:
 
 
 __all__ = ["SCHEDULES", "Pipeline", "StagePlan", "balanced_split", "build_pipeline", "pipeline_schedule",
-           "plan_stages", "prune_to_stage", "split_layers", "stage_ids", "stage_owners", "stage_view", "unit_costs"]
+           "plan_stages", "prune_to_stage", "rank_actions", "split_layers", "stage_ids", "stage_owners", "stage_view",
+           "unit_costs"]

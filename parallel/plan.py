@@ -13,10 +13,12 @@ and the ZeRO-1 plan ``DistributedMuonClip`` would make (the same ``assign_owners
   parameters this rank owns: the float32 master of a bf16 parameter (4 bytes), Muon momentum (4) or AdamW's two
   moments (8) and step counter, on the device or, with ``optim.offload_state``, in host memory (all but the
   counters);
-- activations saved per micro batch (an analytic count of the tensors autograd keeps per layer: norms,
-  projections, attention probabilities, SwiGLU and routed-expert intermediates, logits), with and without
-  activation checkpointing, times the micro batches in flight (``_in_flight``: 1 without PP; ``pp - p`` for
-  1F1B, times 1 + (pp-1)/(pp v) interleaved, ``pp`` for a V);
+- activations: the storages autograd keeps per micro batch, layer by layer, with recomputation, FP8 storage,
+  activation offload (host) and the chunked loss acting on them as the mechanisms do (parallel/plan_activations.py,
+  equal to the measured saved bytes), plus the stage inputs/outputs a pipeline schedule holds; their high point
+  over the step follows this rank's actions in torch's own schedule (``rank_actions``: forwards add a micro batch
+  of a stage, backwards free it), plus, once, full recompute's rebuilt block, the loss's logits and one layer's
+  gradients; and the recomputation's extra forward FLOPs per step;
 - the optimizer step's transients: ``DistributedMuonClip`` goes bucket by bucket, holding the bucket's owned
   momentum updates, then batching its matrices of one shape (the stack plus two Newton–Schulz iterates);
   ``MuonClip`` (one process) one matrix at a time; with offloaded state, two groups' state on the device;
@@ -55,23 +57,22 @@ class RankPlan:
     optimizer_host: int = 0  # offloaded to host memory (optim.offload_state)
     step_transient: int = 0  # Newton–Schulz: momentum updates held, the batched stack, two iterates
     owned_grads: int = 0  # gradients held through the optimizer step (ZeRO-1: its persistent buffers + owned)
-    activations_per_micro: int = 0
-    activations_per_micro_ac: int = 0
-    in_flight: float = 1
-    activation_checkpointing: bool = False
+    activations_per_micro: int = 0  # on the device, one micro batch through all of this rank's stages
+    activations_host_per_micro: int = 0  # offloaded
+    saved_per_micro: int = 0  # what autograd keeps (device + host): no stage tensors, no replayed collectives
+    in_flight: float = 1  # the high point of the activations, in micro batches
+    activations: int = 0  # the high point over the step's schedule, on the device
+    activations_host: int = 0
+    backward_transient: int = 0  # full recompute's rebuilt block, the loss's logits and one layer's gradients
+    recompute_flops: float = 0.0  # extra forward FLOPs per step recomputation costs
     comm: dict[str, int] = field(default_factory=dict)  # bytes sent per step
     largest_matrix: tuple[int, ...] | None = None
-
-    @property
-    def activations(self) -> int:
-        per = self.activations_per_micro_ac if self.activation_checkpointing else self.activations_per_micro
-        return int(per * self.in_flight)
 
     @property
     def phases(self) -> dict[str, int]:
         """Bytes held at the high point of each phase of a step."""
         base = self.params + self.optimizer
-        return {"backward": base + self.grads + self.activations,
+        return {"backward": base + self.grads + self.activations + self.backward_transient,
                 "optimizer step": base + self.owned_grads + self.step_transient}
 
     @property
@@ -126,49 +127,74 @@ def _zero1_layout(model, placements, tp: int, dp: int, edp: int, bucket_mb: floa
     return slots, build_buckets(slots, {"dp": dp, "edp": edp}, int(bucket_mb * 2**20))
 
 
-def _activations(cfg, layers: list[int], has_first: bool, has_last: bool, tp: int, ep: int) -> tuple[int, int]:
-    """Bytes autograd keeps for one micro batch on this rank (float32), without and with checkpointing."""
-    m, d = cfg.model, cfg.data
-    B, T, D = d.micro_batch_size, d.seq_len, m.dim
-    BT = B * T
-    H = m.n_heads // tp
-    probs = B * H * T * T * 2 if _backend(cfg) == "gloo" else 0  # CPU SDPA keeps the probabilities; flash does not
-    if m.attn_type == "mla":
-        qk, v = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
-        attn = BT * (D + (m.q_lora_rank or 0) * 2 + H * qk * 3 + m.kv_lora_rank * 2 + m.qk_rope_head_dim * 2
-                     + H * (m.qk_nope_head_dim + v) + H * v * 2) + probs
+def _activation_plan(cfg, plan, pp_rank: int, tp: int, ep: int, policy: PrecisionPolicy,
+                     largest_param: int) -> dict[str, float]:
+    """Per micro batch and at the high point of the step (``rank_actions``), device and host; the backward
+    transient, the larger of the loss's backward (its logits' working set, the head weight's gradient) and a
+    layer's (full recompute's rebuilt block, one layer's activation gradients, FP8 dequantisation, the largest
+    parameter's gradient before it joins its float32 buffer); the recomputation's extra forward FLOPs per step."""
+    from parallel.pipeline_parallel import rank_actions
+    from parallel.plan_activations import Techniques, loss_transient, micro_batch, recompute_transient
+
+    m, d, p = cfg.model, cfg.data, cfg.parallel
+    tech = Techniques.from_config(cfg)
+    held = d.micro_batch_size * d.seq_len * m.dim * policy.activation_dtype.itemsize  # a stage's input or output
+    buffers = 0  # torch's PipelineStage allocates a receive buffer per micro batch: inputs, and output gradients
+    if plan is None:
+        stages = {0: (list(range(m.n_layers)), True, True)}
+        actions = [("F", 0), ("B", 0)]  # micro batch after micro batch
     else:
-        hd = m.head_dim
-        attn = BT * (D + H * hd * 3 + (m.n_kv_heads // tp) * hd * 4 + H * hd * 2) + probs
-    total, per_layer_max = 0, 0
-    for i in layers:
-        if i < m.first_k_dense:
-            ffn = BT * (D + 3 * (m.inter_dim // tp))
-        else:
-            routed = BT * m.n_activated_experts
-            shared = 3 * m.moe_inter_dim * m.n_shared_experts // tp
-            ffn = BT * (D + m.n_routed_experts + shared) + routed * (2 * D + 3 * m.moe_inter_dim)
-        layer = (attn + ffn + 2 * BT * D) * F32  # + the two RMSNorm outputs
-        total += layer
-        per_layer_max = max(per_layer_max, layer)
-    head = BT * m.vocab_size * 2 * F32 + BT * D * F32 if has_last else 0
-    embed = BT * D * F32 if has_first else 0
-    checkpointed = len(layers) * BT * D * F32 + per_layer_max + head + embed  # layer inputs + one recomputed
-    return total + head + embed, checkpointed
+        stages = {s: (plan.ranges[s], s == 0, s == plan.n_stages - 1) for s in plan.stages}
+        actions = rank_actions(p.schedule, p.pp, p.pp_virtual_stages, d.grad_accum, pp_rank)
+        buffers = sum(d.grad_accum * held * ((not first) + (not last)) for _, first, last in stages.values())
+    per_stage = {}
+    for s, (layers, first, last) in stages.items():
+        mb = micro_batch(cfg, layers, first, last, tp, ep, policy, tech)
+        output_held = 0 if plan is None or last else held  # a stage's output, kept for its backward
+        per_stage[s] = (mb.device + output_held, mb.host, mb)
+    device = peak_device = buffers
+    host = peak_host = 0
+    for kind, s in actions:
+        sign = 1 if kind == "F" else -1
+        device += sign * per_stage[s][0]
+        host += sign * per_stage[s][1]
+        peak_device, peak_host = max(peak_device, device), max(peak_host, host)
+    mbs = [mb for _, _, mb in per_stage.values()]
+    grad_bytes = policy.param_dtype.itemsize  # autograd's gradient of a parameter, before it is added to its buffer
+    layer_bytes = max((max(mb.per_layer.values(), default=0) for mb in mbs), default=0)
+    layer = (max(recompute_transient(mb, tech) for mb in mbs) + max(mb.quantize_transient for mb in mbs)
+             + layer_bytes + largest_param * grad_bytes)
+    loss = loss_transient(cfg, policy, tech) if any(last for _, _, last in stages.values()) else 0
+    transient = max(layer, loss)
+    per_micro = sum(v[0] for v in per_stage.values())
+    return {"per_micro": per_micro, "host_per_micro": sum(v[1] for v in per_stage.values()),
+            "saved_per_micro": sum(mb.device + mb.host - mb.replayed for _, _, mb in per_stage.values()),
+            "peak": peak_device, "peak_host": peak_host, "in_flight": peak_device / max(per_micro, 1),
+            "transient": transient, "recompute_flops": _recompute_flops(cfg, stages, tp, tech)}
 
 
-def _in_flight(cfg, pp_rank: int) -> float:
-    """Micro batches whose activations (through all of this rank's layers) are held at once: 1 without PP;
-    1F1B: ``pp - p``; interleaved: that times 1 + (pp-1)/(pp v) (Narayanan et al. 2021, section 2.2); a V (zbv,
-    dualpipev): ``pp`` (each rank holds a first-half and a second-half stage)."""
-    p, m = cfg.parallel, cfg.data.grad_accum
-    if p.pp == 1:
-        return 1
-    if p.schedule == "1f1b":
-        return min(m, p.pp - pp_rank)
-    if p.schedule == "interleaved_1f1b":
-        return min(m, (p.pp - pp_rank) * (1 + (p.pp - 1) / (p.pp * p.pp_virtual_stages)))
-    return min(m, p.pp)
+def _recompute_flops(cfg, stages: dict, tp: int, tech) -> float:
+    """Extra forward FLOPs per step of this rank's recomputation: full recomputes every layer's forward (2 FLOPs
+    per parameter used per token); selective the regions' GEMMs (the MLA up-projections, the routed experts' down
+    GEMMs; norms and SwiGLU are elementwise)."""
+    m, d = cfg.model, cfg.data
+    N = d.micro_batch_size * d.seq_len
+    layers = [i for layers, _, _ in stages.values() for i in layers]
+    per_micro = 0.0
+    if tech.recompute == "full":
+        from parallel.pipeline_parallel import unit_costs
+
+        _, costs, _ = unit_costs(m)
+        per_micro = sum(2 * N * costs[i] / tp for i in layers)
+    if "mla_up_proj" in tech.selective and m.attn_type == "mla":
+        H = m.n_heads // tp
+        up = (m.q_lora_rank * H * (m.qk_nope_head_dim + m.qk_rope_head_dim) if m.q_lora_rank else 0) + \
+            m.kv_lora_rank * H * (m.qk_nope_head_dim + m.v_head_dim)
+        per_micro += len(layers) * 2 * N * up
+    if "moe_down_proj" in tech.selective:
+        moe = sum(1 for i in layers if i >= m.first_k_dense)
+        per_micro += moe * 2 * N * m.n_activated_experts * m.moe_inter_dim * m.dim
+    return per_micro * d.grad_accum
 
 
 def _comm(cfg, slots, buckets, me: dict[str, int], tp_rank: int, plan, pp_rank: int) -> dict[str, int]:
@@ -264,9 +290,7 @@ def plan_layout(cfg, world: int) -> list[RankPlan]:
         model, slots, buckets, plan = cache[key]
         me = {"dp": d, "edp": edp_rank}
         layers = plan.layers if plan is not None else list(range(cfg.model.n_layers))
-        has_first = plan.has_first if plan is not None else True
-        has_last = plan.has_last if plan is not None else True
-        r = RankPlan(rank, (pp_rank, d, t), layers, activation_checkpointing=p.activation_checkpointing)
+        r = RankPlan(rank, (pp_rank, d, t), layers)
         r.params = sum(q.numel() * q.element_size() for q in model.parameters())
         r.grads = sum(q.numel() for q in model.parameters() if q.requires_grad) * F32  # float32 buffers
         owned = [s for s in slots if s.owner == me[s.sharding]] if sharded else slots
@@ -296,9 +320,11 @@ def plan_layout(cfg, world: int) -> list[RankPlan]:
             lent = sorted((sum(s.param.numel() * _state_elements(s, policy) for s in g) * F32 for g in groups),
                           reverse=True)
             r.step_transient += sum(lent[:2])
-        r.activations_per_micro, r.activations_per_micro_ac = _activations(cfg, layers, has_first, has_last, p.tp,
-                                                                           p.ep)
-        r.in_flight = _in_flight(cfg, pp_rank)
+        acts = _activation_plan(cfg, plan, pp_rank, p.tp, p.ep, policy, max(q.numel() for q in model.parameters()))
+        r.activations_per_micro, r.activations_host_per_micro = acts["per_micro"], acts["host_per_micro"]
+        r.saved_per_micro = acts["saved_per_micro"]
+        r.activations, r.activations_host, r.in_flight = acts["peak"], acts["peak_host"], acts["in_flight"]
+        r.backward_transient, r.recompute_flops = acts["transient"], acts["recompute_flops"]
         r.comm = _comm(cfg, slots, buckets, me, t, plan, pp_rank)
         shapes = [s.full_shape for s in muon]
         r.largest_matrix = max(shapes, key=lambda s: s[-1] * s[-2]) if shapes else None
@@ -316,16 +342,18 @@ def _size(n: int) -> str:
 def format_plan(plans: list[RankPlan], all_ranks: bool = False, budget_gib: float = 80.0) -> str:
     rows = plans if all_ranks else _worst_per_stage(plans)
     kinds = sorted({k for r in rows for k in r.comm})
-    host = any(r.optimizer_host for r in rows)
-    head = ["rank", "(pp,dp,tp)", "layers", "params", "grads", "optim", *(["optim (host)"] if host else []),
-            "act/micro", "act/micro AC", "in flight", "NS transient", "peak", *kinds, "largest NS matrix"]
+    host = any(r.optimizer_host or r.activations_host for r in rows)
+    head = ["rank", "(pp,dp,tp)", "layers", "params", "grads", "optim", "act/micro", "in flight", "activations",
+            "bwd transient", "NS transient", "peak", *(["host (optim + act)"] if host else []), "recompute GFLOP",
+            *kinds, "largest NS matrix"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         layers = _ranges(r.layers)
         cells = [str(r.rank), str(r.coords), layers, _size(r.params), _size(r.grads), _size(r.optimizer),
-                 *([_size(r.optimizer_host)] if host else []),
-                 _size(r.activations_per_micro), _size(r.activations_per_micro_ac), f"{r.in_flight:.1f}",
-                 _size(r.step_transient), f"**{_size(r.peak)}**", *[_size(r.comm.get(k, 0)) for k in kinds],
+                 _size(r.activations_per_micro), f"{r.in_flight:.1f}", _size(r.activations),
+                 _size(r.backward_transient), _size(r.step_transient), f"**{_size(r.peak)}**",
+                 *([_size(r.optimizer_host + r.activations_host)] if host else []), f"{r.recompute_flops / 1e9:,.0f}",
+                 *[_size(r.comm.get(k, 0)) for k in kinds],
                  "x".join(map(str, r.largest_matrix)) if r.largest_matrix else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     worst = max(plans, key=lambda r: r.peak)

@@ -288,7 +288,9 @@ class WireAudit:
 class SavedBytes:
     """Bytes autograd keeps for backward while the block runs, by where they live: ``device`` (tensors and FP8
     tiles) and ``host`` (moved by activation offload). Weights (parameters, views and casts of them) do not count;
-    a tensor counts its whole storage (what a saved view keeps alive), each storage once however many ops save it.
+    a tensor counts its whole storage (what a saved view keeps alive), each storage once however many ops save it
+    while it lives (a storage freed in backward and its address reused later counts again: the counts add up over
+    micro batches).
 
     Saved-tensor hooks nest and only the innermost applies, so an outermost counting hook alone would miss what
     the techniques' own hooks keep: their pack functions (parallel/fp8_storage.py, parallel/activation_offload.py)
@@ -300,7 +302,7 @@ class SavedBytes:
 
         self.storages = param_storages(model) if model is not None else set()
         self.device = self.host = 0
-        self._seen: set[int] = set()  # storages (device) and host copies counted
+        self._storages: dict[int, Any] = {}  # storages counted (device, FP8 tiles, host copies): address -> weak ref
 
     def _count(self, original: Any) -> None:
         from parallel.activation_offload import _Offloaded
@@ -308,19 +310,25 @@ class SavedBytes:
         from parallel.regions import is_weight
 
         if isinstance(original, Fp8Tiles):
-            if id(original) not in self._seen:
-                self._seen.add(id(original))
+            if self._new(original.data):
                 self.device += original.nbytes
         elif isinstance(original, _Offloaded):
-            if id(original.host) not in self._seen:
-                self._seen.add(id(original.host))
+            if self._new(original.host):
                 self.host += original.nbytes
         elif isinstance(original, torch.Tensor) and not isinstance(original, torch.nn.Parameter) \
-                and not is_weight(original, self.storages):
-            storage = original.untyped_storage()
-            if storage.data_ptr() not in self._seen:
-                self._seen.add(storage.data_ptr())
-                self.device += storage.nbytes()
+                and not is_weight(original, self.storages) and self._new(original):
+            self.device += original.untyped_storage().nbytes()
+
+    def _new(self, t: torch.Tensor) -> bool:
+        """Whether ``t``'s storage is not counted yet (or was freed since and its address reused)."""
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        storage = t.untyped_storage()
+        known = self._storages.get(storage.data_ptr())
+        if known is not None and not known.expired():
+            return False
+        self._storages[storage.data_ptr()] = StorageWeakRef(storage)
+        return True
 
     def __enter__(self) -> "SavedBytes":
         import parallel.activation_offload as offload

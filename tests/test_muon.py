@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import io
 import re
+import statistics
 
 import pytest
 import torch
@@ -107,22 +108,29 @@ def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
 def test_gram_path_equals_the_standard_iteration(shape, coefficients):
     """Iterating on the A x A Gram matrix gives the standard iteration's result: to 1e-12 in float64 (1e-10 with
     singular values spread over 1e4: the gram path amplifies rounding there). In float32 (the only low precision
-    it runs in) it is as close to that as the standard path on well-conditioned rectangular matrices (within 2x),
-    and within 2e-3 relative on ill-conditioned ones (standard: ~1e-5)."""
-    G = torch.randn(*shape, generator=torch.Generator().manual_seed(6), dtype=F64)
-    for X, atol in ((G, 1e-12), (_ill_conditioned(G), 1e-10)):
-        ref = muonclip.newton_schulz(X, dtype=F64, coefficients=coefficients)
-        gram = muonclip.newton_schulz(X, dtype=F64, coefficients=coefficients, path="gram")
-        torch.testing.assert_close(gram, ref, rtol=0, atol=atol)
-    ref = muonclip.newton_schulz(G, dtype=F64, coefficients=coefficients)
-    err = {path: _rel(muonclip.newton_schulz(G.float(), coefficients=coefficients, path=path), ref)
-           for path in ("standard", "gram")}
+    it runs in), over 16 Gaussian matrices, its median error is that of the standard path on rectangular ones
+    (within 1.5x; measured 0.75-1.13x, single matrices up to 3x: one sample depends on the CPU's GEMM kernels),
+    and its median error on ill-conditioned ones is below 5e-3 relative (measured 3e-4 to 2.7e-3, worst on 8 x 96
+    with polar_express; standard: below 3e-5)."""
+    ratios, ill_errors = [], []
+    for seed in range(16):
+        G = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+        ill = _ill_conditioned(G)
+        if seed == 0:
+            for X, atol in ((G, 1e-12), (ill, 1e-10)):
+                ref = muonclip.newton_schulz(X, dtype=F64, coefficients=coefficients)
+                gram = muonclip.newton_schulz(X, dtype=F64, coefficients=coefficients, path="gram")
+                torch.testing.assert_close(gram, ref, rtol=0, atol=atol)
+        ref = muonclip.newton_schulz(G, dtype=F64, coefficients=coefficients)
+        err = {path: _rel(muonclip.newton_schulz(G.float(), coefficients=coefficients, path=path), ref)
+               for path in ("standard", "gram")}
+        ratios.append(err["gram"] / err["standard"])
+        ref = muonclip.newton_schulz(ill, dtype=F64, coefficients=coefficients)
+        ill_errors.append(_rel(muonclip.newton_schulz(ill.float(), coefficients=coefficients, path="gram"), ref))
+        assert _rel(muonclip.newton_schulz(ill.float(), coefficients=coefficients), ref) < 3e-5
     if shape[-1] != shape[-2]:
-        assert err["gram"] < 2 * err["standard"], err
-    ill = _ill_conditioned(G)
-    ref = muonclip.newton_schulz(ill, dtype=F64, coefficients=coefficients)
-    assert _rel(muonclip.newton_schulz(ill.float(), coefficients=coefficients, path="gram"), ref) < 2e-3
-    assert _rel(muonclip.newton_schulz(ill.float(), coefficients=coefficients), ref) < 3e-5
+        assert statistics.median(ratios) < 1.5, ratios
+    assert statistics.median(ill_errors) < 5e-3, ill_errors
     with pytest.raises(ValueError, match="gram Newton-Schulz path diverges in torch.bfloat16"):
         muonclip.newton_schulz(G, dtype=torch.bfloat16, path="gram")
     assert muonclip.newton_schulz(G, dtype=torch.bfloat16, path="auto").dtype == torch.bfloat16  # standard

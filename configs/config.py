@@ -216,6 +216,9 @@ class ParallelConfig:
     pp_schedule: str = ""  # "1f1b", "interleaved_1f1b", "zbv", "dualpipev"; "" = 1f1b, or interleaved_1f1b
     pp_virtual_stages: int = 1  # stages per pipeline rank (2 for zbv / dualpipev)
     pp_layers: list[int] = field(default_factory=list)  # layers per stage (pp * pp_virtual_stages numbers); [] = balanced
+    # micro batches per schedule call (a round; the step runs grad_accum / pp_microbatches rounds, gradients summed):
+    # torch's stages hold a receive buffer per micro batch of a call, so a round bounds that memory; 0 = all in one
+    pp_microbatches: int = 0
     optimizer: str = "zero1"  # "zero1" (sharded optimizer state when dp > 1) or "replicated" (DDP)
     zero1_bucket_mb: float = 25.0  # zero1 gradient buckets: MiB of parameters of one owner each (0 = one per owner)
     zero1_overlap: bool = True  # zero1: reduce each bucket as soon as backward completes it (False: after backward)
@@ -237,6 +240,10 @@ class ParallelConfig:
     def schedule(self) -> str:
         return self.pp_schedule or ("1f1b" if self.pp_virtual_stages == 1 else "interleaved_1f1b")
 
+    def microbatches_per_round(self, grad_accum: int) -> int:
+        """Micro batches per pipeline schedule call (``pp_microbatches``, or all ``grad_accum`` of the step)."""
+        return self.pp_microbatches or grad_accum
+
     @property
     def recompute_mode(self) -> str:
         return "full" if self.activation_checkpointing else self.recompute
@@ -254,6 +261,8 @@ class ParallelConfig:
         if self.schedule in ("zbv", "dualpipev"):
             _need(s, self.pp_virtual_stages == 2, f"pp_schedule {self.schedule} places exactly 2 stages per rank "
                   f"(a V): set pp_virtual_stages: 2, got {self.pp_virtual_stages}")
+        _need(s, self.pp_microbatches >= 0,
+              f"pp_microbatches must be >= 0 (0 = all the step's micro batches per round), got {self.pp_microbatches}")
         _need(s, all(isinstance(n, int) and n >= 1 for n in self.pp_layers),
               f"pp_layers must be a list of positive layer counts, got {self.pp_layers!r}")
         _need(s, self.pp == 1 or self.optimizer == "zero1",
@@ -339,11 +348,17 @@ class JobConfig:
             _need("parallel", not p.pp_layers or (len(p.pp_layers) == stages and sum(p.pp_layers) == m.n_layers),
                   f"pp_layers {p.pp_layers} must list {stages} layer counts (pp * pp_virtual_stages) that sum to "
                   f"model.n_layers ({m.n_layers})")
-            _need("data", d.grad_accum >= p.pp,
-                  f"grad_accum ({d.grad_accum}) is the number of pipeline micro batches: it must be >= parallel.pp "
-                  f"({p.pp}) to fill the pipeline")
-            _need("data", p.schedule != "dualpipev" or d.grad_accum >= stages,
-                  f"grad_accum ({d.grad_accum}): dualpipev needs at least as many micro batches as stages ({stages})")
+            per_round = p.microbatches_per_round(d.grad_accum)
+            _need("parallel", d.grad_accum % per_round == 0,
+                  f"pp_microbatches ({p.pp_microbatches}) must divide data.grad_accum ({d.grad_accum}): each round "
+                  "runs the same number of micro batches")
+            what = "grad_accum" if not p.pp_microbatches else "pp_microbatches"
+            _need("data" if what == "grad_accum" else "parallel", per_round >= p.pp,
+                  f"{what} ({per_round}) is the number of micro batches per pipeline round: it must be >= "
+                  f"parallel.pp ({p.pp}) to fill the pipeline")
+            _need("data" if what == "grad_accum" else "parallel", p.schedule != "dualpipev" or per_round >= stages,
+                  f"{what} ({per_round}): dualpipev needs at least as many micro batches per round as stages "
+                  f"({stages})")
             _need("optim", not (self.optim.qk_clip and self.optim.qk_clip_mode == "post_step"),
                   "qk_clip_mode: post_step re-runs a forward after the update, which a pipeline cannot do per stage "
                   "in order yet: use qk_clip_mode: forward with parallel.pp > 1")

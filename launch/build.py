@@ -81,12 +81,14 @@ def stage_plan(cfg: JobConfig, rt: Runtime) -> StagePlan:
 
 
 def build_pipeline(cfg: JobConfig, rt: Runtime, model: Transformer) -> Pipeline:
-    """The schedule that runs this rank's stages of ``model`` (build_model's pruned model), ``data.grad_accum``
-    micro batches per step, the loss (float32 mean cross entropy per micro batch) on the last stage. The stages'
-    gradients are the sum over micro batches: DistributedMuonClip divides them (``grad_sum_divisor``), since its
-    reductions start inside the schedule's backward, before torch's own in-place scaling would run."""
+    """The schedule that runs this rank's stages of ``model`` (build_model's pruned model), one round of
+    ``parallel.pp_microbatches`` micro batches per call (the trainer runs ``data.grad_accum`` of them per step),
+    the loss (float32 mean cross entropy per micro batch) on the last stage. The stages' gradients are the sum over
+    micro batches: DistributedMuonClip divides them (``grad_sum_divisor``), since its reductions start inside the
+    schedule's backward, before torch's own in-place scaling would run."""
     d = cfg.data
-    return pipeline_schedule(model, stage_plan(cfg, rt), rt.groups.pp_group, rt.device, d.grad_accum, None,
+    per_round = cfg.parallel.microbatches_per_round(d.grad_accum)
+    return pipeline_schedule(model, stage_plan(cfg, rt), rt.groups.pp_group, rt.device, per_round, None,
                              cfg.parallel.schedule, micro_batch=(d.micro_batch_size, d.seq_len),
                              dtype=PrecisionPolicy.from_config(cfg).activation_dtype, scale_grads=False)
 

@@ -189,17 +189,24 @@ class Trainer:
         return StepResult(loss_avg.detach(), torch.as_tensor(grad_norm).detach(), lr=cfg.optim.lr * lr_scale)
 
     def _pipeline_step(self, batches: list, train: bool) -> torch.Tensor:
-        """The micro batches through this rank's stages (``schedule.step``, or a forward for validation):
-        the sum of their losses, summed over the pipeline group so every rank has it (the last stage computed
-        it). Every rank reads the same batches, so loaders stay identical across stages."""
+        """The micro batches through this rank's stages (``schedule.step`` per round of
+        ``parallel.pp_microbatches``, gradients adding up across rounds; or a forward for validation): the sum of
+        their losses, summed over the pipeline group so every rank has it (the last stage computed it). Every rank
+        reads the same batches, so loaders stay identical across stages."""
         pipe, device = self.pipeline, self.rt.device
-        inputs_BT = torch.cat([x for x, _ in batches]).to(device)
-        targets_BT = torch.cat([y for _, y in batches]).to(device)
         losses: list[torch.Tensor] = []
         with self.autocast:
             if train:
-                pipe.schedule.step(*([inputs_BT] if pipe.has_first else []),
-                                   target=targets_BT if pipe.has_last else None, losses=losses)
+                per_round = self.cfg.parallel.microbatches_per_round(len(batches))
+                for start in range(0, len(batches), per_round):
+                    round_ = batches[start:start + per_round]
+                    inputs_BT = torch.cat([x for x, _ in round_]).to(device)
+                    targets_BT = torch.cat([y for _, y in round_]).to(device)
+                    round_losses: list[torch.Tensor] = []  # torch's step replaces the list's contents
+                    pipe.schedule.step(*([inputs_BT] if pipe.has_first else []),
+                                       target=targets_BT if pipe.has_last else None, losses=round_losses,
+                                       return_outputs=False)
+                    losses += round_losses
             else:
                 losses = [pipe.forward_losses([(x.to(device), y.to(device)) for x, y in batches])]
         total = torch.stack([x.detach().float() for x in losses]).sum() if pipe.has_last else torch.zeros(

@@ -139,14 +139,15 @@ def _activation_plan(cfg, plan, pp_rank: int, tp: int, ep: int, policy: Precisio
     m, d, p = cfg.model, cfg.data, cfg.parallel
     tech = Techniques.from_config(cfg)
     held = d.micro_batch_size * d.seq_len * m.dim * policy.activation_dtype.itemsize  # a stage's input or output
-    buffers = 0  # torch's PipelineStage allocates a receive buffer per micro batch: inputs, and output gradients
+    buffers = 0  # torch's PipelineStage allocates a receive buffer per micro batch of a round: inputs, output grads
     if plan is None:
         stages = {0: (list(range(m.n_layers)), True, True)}
         actions = [("F", 0), ("B", 0)]  # micro batch after micro batch
     else:
         stages = {s: (plan.ranges[s], s == 0, s == plan.n_stages - 1) for s in plan.stages}
-        actions = rank_actions(p.schedule, p.pp, p.pp_virtual_stages, d.grad_accum, pp_rank)
-        buffers = sum(d.grad_accum * held * ((not first) + (not last)) for _, first, last in stages.values())
+        per_round = p.microbatches_per_round(d.grad_accum)  # one schedule call; rounds run one after another
+        actions = rank_actions(p.schedule, p.pp, p.pp_virtual_stages, per_round, pp_rank)
+        buffers = sum(per_round * held * ((not first) + (not last)) for _, first, last in stages.values())
     per_stage = {}
     for s, (layers, first, last) in stages.items():
         mb = micro_batch(cfg, layers, first, last, tp, ep, policy, tech)

@@ -64,6 +64,7 @@ def _check(results: list[dict], ref) -> None:
     ("interleaved_1f1b", 2, 4, ["--data.micro_batch_size=2"]),
     ("zbv", 2, 4, ["--data.micro_batch_size=2"]),
     ("dualpipev", 2, 4, ["--data.micro_batch_size=1", "--data.grad_accum=4"]),  # needs micro batches >= stages
+    ("1f1b", 1, 2, ["--data.micro_batch_size=1", "--data.grad_accum=4", "--parallel.pp_microbatches=2"]),  # 2 rounds
 ])
 def test_pp2_matches_one_process(tmp_path, reference, schedule, virtual, layers, batch):
     overrides = [*COMMON, *batch, "--parallel.pp=2", f"--parallel.pp_schedule={schedule}",
@@ -168,13 +169,17 @@ def test_a_spike_on_the_last_stage_rolls_every_stage_back(tmp_path):
 
 
 @pytest.mark.parametrize("override,message", [
-    (["--data.grad_accum=1"], r"grad_accum \(1\) is the number of pipeline micro batches: it must be >= parallel.pp"),
+    (["--data.grad_accum=1"], r"grad_accum \(1\) is the number of micro batches per pipeline round: it must be >= "
+                              r"parallel.pp"),
+    (["--data.grad_accum=4", "--parallel.pp_microbatches=3"], r"pp_microbatches \(3\) must divide data.grad_accum"),
+    (["--data.grad_accum=4", "--parallel.pp_microbatches=1"], r"pp_microbatches \(1\) is the number of micro "
+                                                              r"batches per pipeline round: it must be >= parallel.pp"),
     (["--optim.qk_clip_mode=post_step"], "qk_clip_mode: post_step re-runs a forward"),
     (["--parallel.pp_layers=[1, 2]"], r"pp_layers \[1, 2\] must list 2 layer counts"),
     (["--parallel.optimizer=replicated"], "pp > 1 needs optimizer: zero1"),
     (["--parallel.pp_schedule=zbv"], "places exactly 2 stages per rank"),
     (["--parallel.pp_schedule=dualpipev", "--parallel.pp_virtual_stages=2", "--model.n_layers=4"],
-     r"dualpipev needs at least as many micro batches as stages \(4\)"),
+     r"dualpipev needs at least as many micro batches per round as stages \(4\)"),
 ])
 def test_pipeline_config_errors(override, message):
     with pytest.raises(ValueError, match=message):

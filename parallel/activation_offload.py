@@ -4,8 +4,8 @@ CPU RAM", streamed by a copy engine while the pipeline computes.
 A saved-tensor hook pair (``torch.autograd.graph.saved_tensors_hooks``) around every block's forward: each tensor
 autograd keeps for backward there (past the recompute boundary: with recomputation, what the recomputation keeps),
 except weights and tensors under ``min_bytes``, is copied into host memory and dropped from the device; backward
-gets it back. Regions that compress their saved tensors to FP8 (parallel/fp8_storage.py) keep them on the device:
-the innermost hooks decide, as K2 offloads the "remaining" activations.
+gets it back. Regions that compress their saved tensors to FP8 (parallel/fp8_storage.py) hand
+their tiles on to these hooks, so the FP8 copies travel to the host too: K2 offloads "all remaining activations".
 
 A storage several ops save (or several views of it) is copied once, and each saved tensor comes back as its view
 of the copy. On CUDA the host copies are pinned and run on a side stream (the device-to-host copy starts once the producing

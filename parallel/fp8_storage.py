@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,7 @@ class Fp8Tiles:
     scale: torch.Tensor
     shape: torch.Size
     dtype: torch.dtype
+    stored: ClassVar[tuple[str, ...]] = ("data", "scale")  # what activation offload moves to the host
 
     @property
     def nbytes(self) -> int:
@@ -82,7 +83,7 @@ def _pack(param_storages: set[int], seen: dict, t: torch.Tensor) -> Fp8Tiles | N
 def fp8_saved(module: nn.Module, method: Callable) -> Callable:
     """``method`` with every non-weight floating-point tensor autograd saves in it stored as FP8 tiles."""
     def run(*args, **kwargs):
-        with saved_tensors_chain(partial(_pack, param_storages(module), {}), dequantize):
+        with saved_tensors_chain(partial(_pack, param_storages(module), {}), dequantize, pass_on=True):
             return method(*args, **kwargs)
     return run
 

@@ -6,7 +6,7 @@ mechanisms themselves act (parallel/recompute.py, fp8_storage.py, activation_off
 - ``full`` recompute keeps each block's input and the results of its collectives (replayed, not re-sent), and
   rebuilds one block's activations during its backward (``recompute_transient``);
 - FP8 storage stores its points' tensors as 1 byte per element + a float32 scale per 128;
-- activation offload moves every storage a block keeps (>= 64 KiB, not FP8) to the host;
+- activation offload moves every storage a block keeps (>= 64 KiB, FP8 tiles too) to the host;
 - the chunked loss keeps no [tokens, vocab] log-probabilities.
 
 Each storage counts once (what tests/audit.py ``SavedBytes`` measures), in its dtype: the activation dtype of the
@@ -46,6 +46,14 @@ class Saved:
             tiles = math.ceil(self.cols / TILE)
             return self.rows * tiles * (TILE + 4)
         return self.rows * self.cols * self.itemsize
+
+    def offloaded(self, min_bytes: int) -> int:
+        """The bytes activation offload moves to the host: each storage of at least ``min_bytes`` (FP8 tiles are
+        two, their data and their scales)."""
+        if self.fp8_stored:
+            tiles = self.rows * math.ceil(self.cols / TILE)
+            return sum(n for n in (tiles * TILE, tiles * 4) if n >= min_bytes)
+        return self.nbytes if self.nbytes >= min_bytes else 0
 
 
 @dataclass(frozen=True)
@@ -201,7 +209,7 @@ def micro_batch(cfg, layers: list[int], has_first: bool, has_last: bool, tp: int
         else:
             items = saved_items(cfg, layer, tp, ep, policy, tech)
         out.quantize_transient = max([out.quantize_transient] + [16 * x.rows * x.cols for x in items if x.fp8_stored])
-        host = sum(x.nbytes for x in items if tech.offload and not x.fp8_stored and x.nbytes >= OFFLOAD_MIN_BYTES)
+        host = sum(x.offloaded(OFFLOAD_MIN_BYTES) for x in items) if tech.offload else 0
         total = sum(x.nbytes for x in items)
         out.device += total - host
         out.host += host

@@ -13,6 +13,7 @@ hooks they use (``saved_tensors_chain``: what one technique leaves alone reaches
 """
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -64,26 +65,35 @@ def wrap_region(model: nn.Module, region: str, wrapper: Wrapper) -> int:
 
 
 @contextmanager
-def saved_tensors_chain(pack: Callable[[torch.Tensor], Any], unpack: Callable[[Any], torch.Tensor]) -> Iterator[None]:
+def saved_tensors_chain(pack: Callable[[torch.Tensor], Any], unpack: Callable[[Any], torch.Tensor],
+                        pass_on: bool = False) -> Iterator[None]:
     """``torch.autograd.graph.saved_tensors_hooks(pack, unpack)``, except that a tensor ``pack`` declines (returns
     None) goes to the hooks that were active around it (torch uses only the innermost pair): so FP8 storage,
-    activation offload and recomputation stack, each taking what it handles."""
+    activation offload and recomputation stack, each taking what it handles. ``pass_on``: what ``pack`` returns is
+    a dataclass whose tensor fields go on to the hooks around (FP8 tiles are then offloaded like the rest)."""
     outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    onward = pass_on and outer is not None
 
     def pack_chained(t: torch.Tensor) -> tuple[bool, Any]:
         mine = pack(t)
         if mine is not None:
-            return True, mine
+            return True, (_map_tensors(mine, outer[0]) if onward else mine)
         return False, (outer[0](t) if outer is not None else t)
 
     def unpack_chained(packed: tuple[bool, Any]) -> torch.Tensor:
         mine, value = packed
         if mine:
-            return unpack(value)
+            return unpack(_map_tensors(value, outer[1]) if onward else value)
         return outer[1](value) if outer is not None else value
 
     with torch.autograd.graph.saved_tensors_hooks(pack_chained, unpack_chained):
         yield
+
+
+def _map_tensors(obj: Any, fn: Callable) -> Any:
+    """A copy of dataclass ``obj`` with ``fn`` applied to its fields named in ``obj.stored`` (its tensors, or what
+    the hooks around made of them)."""
+    return dataclasses.replace(obj, **{name: fn(getattr(obj, name)) for name in obj.stored})
 
 
 __all__ = ["REGIONS", "is_weight", "param_storages", "saved_tensors_chain", "wrap_region"]

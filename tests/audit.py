@@ -286,16 +286,17 @@ class WireAudit:
 
 # ------------------------------------------------------------------------------------------------ saved tensors
 class SavedBytes:
-    """Bytes autograd keeps for backward while the block runs, by where they live: ``device`` (tensors and FP8
-    tiles) and ``host`` (moved by activation offload). Weights (parameters, views and casts of them) do not count;
+    """Bytes autograd keeps for backward while the block runs, by where they live: ``device`` (tensors, FP8 tiles'
+    data and scales) and ``host`` (moved by activation offload). Weights (parameters, views and casts of them) do not count;
     a tensor counts its whole storage (what a saved view keeps alive), each storage once however many ops save it
     while it lives (a storage freed in backward and its address reused later counts again: the counts add up over
     micro batches).
 
     Saved-tensor hooks nest and only the innermost applies, so an outermost counting hook alone would miss what
-    the techniques' own hooks keep: their pack functions (parallel/fp8_storage.py, parallel/activation_offload.py)
-    are wrapped to count what they return. Recomputation's hooks keep nothing (its regions' inputs are saved
-    through the hooks around them, and counted there)."""
+    the techniques' own hooks keep: activation offload's pack (parallel/activation_offload.py) is wrapped to count
+    what it returns. FP8 storage hands its tiles on to the hooks around it (parallel/regions.py, ``pass_on``), and
+    recomputation's hooks keep nothing (its regions' inputs are saved through the hooks around them): both are
+    counted there."""
 
     def __init__(self, model: torch.nn.Module | None = None):
         from parallel.regions import param_storages
@@ -306,13 +307,9 @@ class SavedBytes:
 
     def _count(self, original: Any) -> None:
         from parallel.activation_offload import _Offloaded
-        from parallel.fp8_storage import Fp8Tiles
         from parallel.regions import is_weight
 
-        if isinstance(original, Fp8Tiles):
-            if self._new(original.data):
-                self.device += original.nbytes
-        elif isinstance(original, _Offloaded):
+        if isinstance(original, _Offloaded):
             if self._new(original.host):
                 self.host += original.nbytes
         elif isinstance(original, torch.Tensor) and not isinstance(original, torch.nn.Parameter) \
@@ -332,22 +329,16 @@ class SavedBytes:
 
     def __enter__(self) -> "SavedBytes":
         import parallel.activation_offload as offload
-        import parallel.fp8_storage as fp8
 
-        self._saved = (fp8._pack, offload.ActivationOffload.pack)
+        self._saved = offload.ActivationOffload.pack
         meter = self
 
-        def fp8_pack(storages, seen, t):
-            out = self._saved[0](storages, seen, t)
-            meter._count(out)
-            return out
-
         def offload_pack(self_, t):
-            out = meter._saved[1](self_, t)
+            out = meter._saved(self_, t)
             meter._count(out)
             return out
 
-        fp8._pack, offload.ActivationOffload.pack = fp8_pack, offload_pack
+        offload.ActivationOffload.pack = offload_pack
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._outer, lambda t: t)
         self._hooks.__enter__()
         return self
@@ -358,7 +349,6 @@ class SavedBytes:
 
     def __exit__(self, *exc) -> None:
         import parallel.activation_offload as offload
-        import parallel.fp8_storage as fp8
 
         self._hooks.__exit__(*exc)
-        fp8._pack, offload.ActivationOffload.pack = self._saved
+        offload.ActivationOffload.pack = self._saved

@@ -106,11 +106,14 @@ def test_recompute_gives_bitwise_the_step_of_the_plain_model_and_keeps_less(tmp_
     assert device_bytes < ref_bytes and host == 0, (device_bytes, ref_bytes)
 
 
-@pytest.mark.parametrize("overrides", [[], ["--parallel.recompute=selective"], ["--parallel.recompute=full"]],
-                         ids=["plain", "selective", "full"])
+@pytest.mark.parametrize("overrides", [[], ["--parallel.recompute=selective"], ["--parallel.recompute=full"],
+                                       ["--parallel.recompute=selective",
+                                        "--parallel.fp8_activations=[moe_up_input, swiglu_input]"]],
+                         ids=["plain", "selective", "full", "selective+fp8"])
 def test_activation_offload_moves_what_blocks_keep_to_the_host_with_bitwise_the_same_step(tmp_path, overrides):
     """The bytes a run keeps for backward are split between the device and the host, none lost or doubled
-    (device + host = the run without offload), most of them on the host, and the step is bitwise the same."""
+    (device + host = the run without offload; FP8 tiles travel too), most of them on the host, and the step is
+    bitwise the same."""
     params, stats, device_bytes, _ = one_step(tmp_path / "on_device", *overrides)
     params_off, stats_off, device_off, host = one_step(tmp_path / "offload", *overrides,
                                                        "--parallel.activation_offload=true")

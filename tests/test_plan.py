@@ -133,7 +133,7 @@ ACT = ["--train.param_dtype=bfloat16", "--train.dtype=bfloat16", "--model.n_laye
 FP8 = "--parallel.fp8_activations=[moe_up_input, swiglu_input]"
 SETTINGS = {"none": [], "none+fp8": [FP8], "full": ["--parallel.recompute=full"],
             "selective": ["--parallel.recompute=selective"], "selective+fp8": ["--parallel.recompute=selective", FP8],
-            "selective+offload": ["--parallel.recompute=selective", "--parallel.activation_offload=true"]}
+            "selective+fp8+offload": ["--parallel.recompute=selective", FP8, "--parallel.activation_offload=true"]}
 
 
 def _activation_worker(rank: int, world: int, out: str, layout: list[str]) -> None:

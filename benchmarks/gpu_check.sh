@@ -2,10 +2,11 @@
 # The GPU check: run when a GPU machine is lent (nothing else needs one). One script, each part under its own
 # time limit, results in $OUT (default benchmarks/results/gpu): NCCL init, a bf16 training run (bf16 parameters,
 # float32 masters) of configs/small_gpu.yaml for 20 steps on 1 GPU (tokens/s, MFU), a bf16 step under CUDA's sync
-# debug mode with the dtype audit and optimizer-state offload, the flex-attention max-logit probe against the
+# debug mode with the dtype audit and optimizer-state offload, the memory techniques (peak memory, activation
+# offload's losses and syncs), the flex-attention max-logit probe against the
 # eager reference, the model's attention_impl: flex against SDPA (tests/test_model.py), Newton-Schulz per shape
 # (bf16 vs float32), and throughput vs transformers.
-#   bash benchmarks/gpu_check.sh            # ~8 minutes on one H100/H200 (+ up to 5 for the flex test)
+#   bash benchmarks/gpu_check.sh            # ~10 minutes on one H100/H200 (+ up to 5 for the flex test)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}
@@ -37,6 +38,8 @@ python -m benchmarks.gpu_probe mfu --config configs/small_gpu.yaml --metrics "$O
 
 # bf16 parameters: no host sync in a step (sync_debug_mode error), GEMM dtypes, offloaded state = same losses
 part bf16 180 python -m benchmarks.gpu_probe bf16
+# recompute / FP8 storage / activation offload (pinned buffers, side stream): peak memory, step time, same losses
+part memory 240 python -m benchmarks.gpu_probe memory
 part probe 120 python -m benchmarks.gpu_probe max_logits
 # model.attention_impl: flex (flex attention's max scores as the max logits) against SDPA + the float32 probe
 part flex_model 300 python -m pytest -q tests/test_model.py -k flex_attention

@@ -4,6 +4,7 @@
     python -m benchmarks.gpu_probe mfu --config C --metrics M     # tokens/s and MFU of a training run
     python -m benchmarks.gpu_probe max_logits                     # flex attention max scores vs our probe
     python -m benchmarks.gpu_probe bf16                           # bf16 step: CUDA syncs, GEMM dtypes, offload
+    python -m benchmarks.gpu_probe memory                         # recompute / FP8 / activation offload on CUDA
 """
 from __future__ import annotations
 
@@ -99,7 +100,7 @@ def max_logits() -> None:
     for fn in (with_flex, sdpa_and_probe):
         t0 = time.perf_counter()
         for _ in range(10):
-            out = fn()
+            fn()
         torch.cuda.synchronize()
         times[fn.__name__] = (time.perf_counter() - t0) / 10 * 1e3
     ref, got = sdpa_and_probe(), with_flex()
@@ -160,12 +161,68 @@ def bf16(device: str = "cuda") -> None:
     print(f"bf16 offload vs not: max loss difference {diff:.2e} (0 unless CUDA kernels are nondeterministic)")
 
 
+def memory(device: str = "cuda") -> None:
+    """The memory techniques on the GPU (bf16 parameters, a small MoE at micro batch 8 x 1024): per setting the peak
+    device memory of a step, the step time (median of 5) and the losses of 4 steps; activation offload (pinned
+    host buffers, a side stream, prefetch) must give the losses of the same setting without it and a lower peak,
+    and a step with it runs under ``sync_debug_mode("error")``. ``device="cpu"``: a dry run."""
+    from configs import load_config
+    from launch.trainer import Trainer, init_runtime
+
+    cuda = device == "cuda"
+    common = [f"--train.device={device}", "--train.dtype=bfloat16", "--train.param_dtype=bfloat16",
+              "--train.eval_interval=0", "--train.ckpt_interval=0", "--schedule.warmup_steps=1", "--train.resume=none",
+              "--logging.wandb_mode=disabled", "--logging.progress_bar=false", "--model.dim=512", "--model.n_layers=4",
+              "--model.n_routed_experts=16", "--model.moe_inter_dim=512", "--data.micro_batch_size=8",
+              "--data.seq_len=1024" if cuda else "--data.seq_len=256", "--model.max_seq_len=1024",
+              "--model.loss_chunk_tokens=-1"]
+    fp8 = "--parallel.fp8_activations=[moe_up_input, swiglu_input]"
+    settings = {"none": [], "selective": ["--parallel.recompute=selective"],
+                "selective+fp8": ["--parallel.recompute=selective", fp8],
+                "selective+fp8+offload": ["--parallel.recompute=selective", fp8, "--parallel.activation_offload=true"],
+                "full": ["--parallel.recompute=full"]}
+    losses = {}
+    for name, overrides in settings.items():
+        cfg = load_config("configs/tiny.yaml", [*common, *overrides, f"--train.output_dir=outputs/gpu_memory_{name}"])
+        torch.manual_seed(0)
+        trainer = Trainer(cfg, init_runtime(cfg))
+        losses[name] = [float(trainer.train_step().loss_t) for _ in range(4)]
+        times = []
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(5):
+            t0 = time.perf_counter()
+            trainer.train_step()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        sync = ""
+        if cuda and "offload" in name:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                trainer.train_step()
+                sync = "; a step ran under sync_debug_mode('error')"
+            except RuntimeError as e:
+                sync = f"; HOST SYNC: {str(e).splitlines()[0]}"
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        print(f"memory {name}: peak {peak:.2f} GiB, step {statistics.median(times) * 1e3:.0f} ms, "
+              f"losses {[round(x, 4) for x in losses[name]]}{sync}")
+        del trainer
+        if cuda:
+            torch.cuda.empty_cache()
+    diff = max(abs(a - b) for a, b in zip(losses["selective+fp8"], losses["selective+fp8+offload"]))
+    print(f"memory: offload vs not, max loss difference {diff:.2e} (0 unless CUDA kernels are nondeterministic)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["nccl", "mfu", "max_logits", "bf16"])
+    p.add_argument("what", choices=["nccl", "mfu", "max_logits", "bf16", "memory"])
     p.add_argument("--config")
     p.add_argument("--metrics")
-    p.add_argument("--device", default="cuda", help="bf16: cpu for a dry run")
+    p.add_argument("--device", default="cuda", help="bf16, memory: cpu for a dry run")
     a = p.parse_args()
     if a.what == "nccl":
         nccl()
@@ -173,6 +230,8 @@ def main() -> None:
         mfu(a.config, a.metrics)
     elif a.what == "bf16":
         bf16(a.device)
+    elif a.what == "memory":
+        memory(a.device)
     else:
         max_logits()
 

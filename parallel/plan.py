@@ -60,7 +60,7 @@ class RankPlan:
     activations_per_micro: int = 0  # on the device, one micro batch through all of this rank's stages
     activations_host_per_micro: int = 0  # offloaded
     saved_per_micro: int = 0  # what autograd keeps (device + host): no stage tensors, no replayed collectives
-    in_flight: float = 1  # the high point of the activations, in micro batches
+    in_flight: float = 1  # the most micro batches between forward and backward (chunks / stages on the rank)
     activations: int = 0  # the high point over the step's schedule, on the device
     activations_host: int = 0
     backward_transient: int = 0  # full recompute's rebuilt block, the loss's logits and one layer's gradients
@@ -154,12 +154,13 @@ def _activation_plan(cfg, plan, pp_rank: int, tp: int, ep: int, policy: Precisio
         output_held = 0 if plan is None or last else held  # a stage's output, kept for its backward
         per_stage[s] = (mb.device + output_held, mb.host, mb)
     device = peak_device = buffers
-    host = peak_host = 0
+    host = peak_host = chunks = peak_chunks = 0
     for kind, s in actions:
         sign = 1 if kind == "F" else -1
         device += sign * per_stage[s][0]
         host += sign * per_stage[s][1]
-        peak_device, peak_host = max(peak_device, device), max(peak_host, host)
+        chunks += sign
+        peak_device, peak_host, peak_chunks = max(peak_device, device), max(peak_host, host), max(peak_chunks, chunks)
     mbs = [mb for _, _, mb in per_stage.values()]
     grad_bytes = policy.param_dtype.itemsize  # autograd's gradient of a parameter, before it is added to its buffer
     layer_bytes = max((max(mb.per_layer.values(), default=0) for mb in mbs), default=0)
@@ -170,7 +171,7 @@ def _activation_plan(cfg, plan, pp_rank: int, tp: int, ep: int, policy: Precisio
     per_micro = sum(v[0] for v in per_stage.values())
     return {"per_micro": per_micro, "host_per_micro": sum(v[1] for v in per_stage.values()),
             "saved_per_micro": sum(mb.device + mb.host - mb.replayed for _, _, mb in per_stage.values()),
-            "peak": peak_device, "peak_host": peak_host, "in_flight": peak_device / max(per_micro, 1),
+            "peak": peak_device, "peak_host": peak_host, "in_flight": peak_chunks / len(stages),
             "transient": transient, "recompute_flops": _recompute_flops(cfg, stages, tp, tech)}
 
 

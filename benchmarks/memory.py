@@ -1,0 +1,149 @@
+"""The memory techniques on this CPU (parallel/recompute.py, fp8_storage.py, activation_offload.py, models/loss.py):
+per setting, the bytes one step keeps for backward (measured and planned), the peak RSS growth of a step, the
+step time; and what 300 steps of configs/tiny.yaml reach with FP8 activation storage against none.
+
+    python benchmarks/memory.py                   # saved bytes, peak RSS, step times (minutes)
+    python benchmarks/memory.py --full-runs       # + 300-step tiny.yaml runs: none (2 seeds, the noise) and FP8
+
+configs/tiny.yaml's model at micro batch 16 x 256, float32, one process, one torch thread. Saved bytes come from
+a counting saved_tensors_hooks (tests/audit.py SavedBytes); peak RSS from VmHWM in a fresh process per setting
+(MALLOC_MMAP_THRESHOLD_=65536 so freed blocks go back); step times are medians of steps interleaved across the
+settings in one process. On a CPU, offload's host copies live in the same memory as the "device": its RSS is not a
+saving here. Results go to benchmarks/results/memory.md (``--out``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from configs import load_config  # noqa: E402
+from launch.trainer import Trainer, init_runtime  # noqa: E402
+from parallel.plan import plan_layout  # noqa: E402
+from tests.audit import SavedBytes  # noqa: E402
+
+FP8 = "--parallel.fp8_activations=[moe_up_input, swiglu_input]"
+SETTINGS = {
+    "none": [],
+    "full": ["--parallel.recompute=full"],
+    "selective": ["--parallel.recompute=selective"],
+    "none+fp8": [FP8],
+    "selective+fp8": ["--parallel.recompute=selective", FP8],
+    "selective+fp8+offload": ["--parallel.recompute=selective", FP8, "--parallel.activation_offload=true"],
+    "chunked loss": ["--model.loss_chunk_tokens=512"],
+}
+TINY = ROOT / "configs" / "tiny.yaml"
+SHAPE = ["--data.micro_batch_size=16", "--data.seq_len=256"]
+
+
+def quiet(out: Path, *overrides: str) -> list[str]:
+    return [f"--train.output_dir={out}", "--train.resume=none", "--logging.wandb_mode=disabled",
+            "--logging.progress_bar=false", "--train.eval_interval=0", "--train.ckpt_interval=0", *overrides]
+
+
+def _vm(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def one_setting(name: str, work: Path) -> dict:
+    """In this (fresh) process: one warm-up step, then the saved bytes and the RSS growth of the next step."""
+    torch.set_num_threads(1)
+    cfg = load_config(TINY, quiet(work / name, *SHAPE, *SETTINGS[name]))
+    trainer = Trainer(cfg, init_runtime(cfg))
+    trainer.train_step()
+    base = _vm("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
+    with SavedBytes(trainer.model) as saved:
+        trainer.train_step()
+    plan = plan_layout(cfg, 1)[0]
+    return {"device": saved.device, "host": saved.host, "peak": _vm("VmHWM") - base,
+            "planned_saved": plan.saved_per_micro, "planned_host": plan.activations_host_per_micro,
+            "planned_peak": plan.peak}
+
+
+def timing(steps: int, work: Path) -> dict[str, float]:
+    torch.set_num_threads(1)
+    trainers = {}
+    for name, overrides in SETTINGS.items():
+        cfg = load_config(TINY, quiet(work / f"t_{name}", *SHAPE, *overrides))
+        trainers[name] = Trainer(cfg, init_runtime(cfg))
+        trainers[name].train_step()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    for _ in range(steps):
+        for name, trainer in trainers.items():
+            t0 = time.perf_counter()
+            trainer.train_step()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def full_run(name: str, overrides: list[str], steps: int, work: Path) -> dict:
+    out = work / f"full_{name}"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(TINY),
+           *quiet(out, *overrides, f"--train.steps={steps}", f"--train.eval_interval={steps}")]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    return {"val_loss": val[-1], "minutes": (time.perf_counter() - t0) / 60}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--setting", help=argparse.SUPPRESS)  # internal: measure one setting in this process
+    p.add_argument("--timing-steps", type=int, default=6)
+    p.add_argument("--full-runs", action="store_true", help="also train tiny.yaml for --steps: none x 2 seeds, FP8")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--work", default="outputs/bench_memory")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory.md"))
+    a = p.parse_args()
+    work = Path(a.work)
+    if a.setting:
+        print(json.dumps(one_setting(a.setting, work)))
+        return
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    measured = {}
+    for name in SETTINGS:
+        run = subprocess.run([sys.executable, __file__, "--setting", name, "--work", str(work)], check=True,
+                             cwd=ROOT, env=env, capture_output=True, text=True)
+        measured[name] = json.loads(run.stdout.strip().splitlines()[-1])
+    times = timing(a.timing_steps, work)
+    mib = 2**20
+    lines = [f"# Memory techniques (benchmarks/memory.py, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
+             "1 thread)", "", "configs/tiny.yaml's model (float32), micro batch 16 x 256, one process.", "",
+             "| setting | saved for backward: device | host | planned (device + host) | peak RSS growth of a step | "
+             "planned peak | step (median) | vs none |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, m in measured.items():
+        lines.append(f"| {name} | {m['device'] / mib:.1f} MiB | {m['host'] / mib:.1f} MiB | "
+                     f"{m['planned_saved'] / mib:.1f} MiB | {m['peak'] / mib:.1f} MiB | {m['planned_peak'] / mib:.1f} "
+                     f"MiB | {times[name]:.3f} s | {times[name] / times['none']:.2f}x |")
+    if a.full_runs:
+        runs = {"none (seed 0)": [], "none (seed 1)": ["--train.seed=1"], "fp8 (seed 0)": [FP8]}
+        results = {name: full_run(name.split()[0] + name.split()[-1][:-1], o, a.steps, work)
+                   for name, o in runs.items()}
+        lines += ["", f"## {a.steps} steps of configs/tiny.yaml (train.py, OMP_NUM_THREADS=1)", "",
+                  "| setup | validation loss | vs none (seed 0) | minutes |", "|---|---:|---:|---:|"]
+        ref = results["none (seed 0)"]["val_loss"]
+        for name, r in results.items():
+            lines.append(f"| {name} | {r['val_loss']:.4f} | {100 * (r['val_loss'] / ref - 1):+.2f}% | "
+                         f"{r['minutes']:.1f} |")
+    text = "\n".join(lines) + "\n"
+    Path(a.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,7 @@
 """The memory techniques on this CPU (parallel/recompute.py, fp8_storage.py, activation_offload.py, models/loss.py):
-per setting, the bytes one step keeps for backward (measured and planned), the peak RSS growth of a step, the
-step time; and what 300 steps of configs/tiny.yaml reach with FP8 activation storage against none.
+per setting, the bytes one step keeps for backward (measured and planned), the peak RSS growth of building a
+trainer and its first step (measured and planned), the step time; and what 300 steps of configs/tiny.yaml reach
+with FP8 activation storage against none.
 
     python benchmarks/memory.py                   # saved bytes, peak RSS, step times (minutes)
     python benchmarks/memory.py --full-runs       # + 300-step tiny.yaml runs: none (2 seeds, the noise) and FP8
@@ -14,9 +15,9 @@ saving here. Results go to benchmarks/results/memory.md (``--out``).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -31,6 +32,7 @@ from configs import load_config  # noqa: E402
 from launch.trainer import Trainer, init_runtime  # noqa: E402
 from parallel.plan import plan_layout  # noqa: E402
 from tests.audit import SavedBytes  # noqa: E402
+from benchmarks._tiny_runs import TINY, interleaved_step_times, quiet, runs_table, train_run  # noqa: E402
 
 FP8 = "--parallel.fp8_activations=[moe_up_input, swiglu_input]"
 SETTINGS = {
@@ -42,13 +44,8 @@ SETTINGS = {
     "selective+fp8+offload": ["--parallel.recompute=selective", FP8, "--parallel.activation_offload=true"],
     "chunked loss": ["--model.loss_chunk_tokens=512"],
 }
-TINY = ROOT / "configs" / "tiny.yaml"
 SHAPE = ["--data.micro_batch_size=16", "--data.seq_len=256"]
-
-
-def quiet(out: Path, *overrides: str) -> list[str]:
-    return [f"--train.output_dir={out}", "--train.resume=none", "--logging.wandb_mode=disabled",
-            "--logging.progress_bar=false", "--train.eval_interval=0", "--train.ckpt_interval=0", *overrides]
+STEP_ONLY = ["--train.eval_interval=0", "--train.ckpt_interval=0"]
 
 
 def _vm(key: str) -> int:
@@ -59,13 +56,19 @@ def _vm(key: str) -> int:
 
 
 def one_setting(name: str, work: Path) -> dict:
-    """In this (fresh) process: one warm-up step, then the saved bytes and the RSS growth of the next step."""
+    """In this (fresh) process, after a warm-up trainer (imports, the data index): the peak RSS growth from
+    building the setting's trainer through its first step (parameters, gradients and optimizer state included,
+    as the planner's peak), and the bytes that step keeps for backward."""
     torch.set_num_threads(1)
-    cfg = load_config(TINY, quiet(work / name, *SHAPE, *SETTINGS[name]))
-    trainer = Trainer(cfg, init_runtime(cfg))
-    trainer.train_step()
+    cfg = load_config(TINY, quiet(work / name, *STEP_ONLY, *SHAPE, *SETTINGS[name]))
+    warm = Trainer(cfg, init_runtime(cfg))
+    warm.train_step()
+    warm.close()
+    del warm
+    gc.collect()
     base = _vm("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
+    trainer = Trainer(cfg, init_runtime(cfg))
     with SavedBytes(trainer.model) as saved:
         trainer.train_step()
     plan = plan_layout(cfg, 1)[0]
@@ -78,27 +81,10 @@ def timing(steps: int, work: Path) -> dict[str, float]:
     torch.set_num_threads(1)
     trainers = {}
     for name, overrides in SETTINGS.items():
-        cfg = load_config(TINY, quiet(work / f"t_{name}", *SHAPE, *overrides))
+        cfg = load_config(TINY, quiet(work / f"t_{name}", *STEP_ONLY, *SHAPE, *overrides))
         trainers[name] = Trainer(cfg, init_runtime(cfg))
         trainers[name].train_step()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in trainers}
-    for _ in range(steps):
-        for name, trainer in trainers.items():
-            t0 = time.perf_counter()
-            trainer.train_step()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def full_run(name: str, overrides: list[str], steps: int, work: Path) -> dict:
-    out = work / f"full_{name}"
-    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(TINY),
-           *quiet(out, *overrides, f"--train.steps={steps}", f"--train.eval_interval={steps}")]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    val = [r["val_loss"] for r in records if "val_loss" in r]
-    return {"val_loss": val[-1], "minutes": (time.perf_counter() - t0) / 60}
+    return interleaved_step_times(trainers, steps)
 
 
 def main() -> None:
@@ -124,22 +110,17 @@ def main() -> None:
     mib = 2**20
     lines = [f"# Memory techniques (benchmarks/memory.py, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
              "1 thread)", "", "configs/tiny.yaml's model (float32), micro batch 16 x 256, one process.", "",
-             "| setting | saved for backward: device | host | planned (device + host) | peak RSS growth of a step | "
-             "planned peak | step (median) | vs none |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| setting | saved for backward: device | host | planned (device + host) | peak RSS growth: build + "
+             "first step | planned peak | step (median) | vs none |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in measured.items():
         lines.append(f"| {name} | {m['device'] / mib:.1f} MiB | {m['host'] / mib:.1f} MiB | "
                      f"{m['planned_saved'] / mib:.1f} MiB | {m['peak'] / mib:.1f} MiB | {m['planned_peak'] / mib:.1f} "
                      f"MiB | {times[name]:.3f} s | {times[name] / times['none']:.2f}x |")
     if a.full_runs:
         runs = {"none (seed 0)": [], "none (seed 1)": ["--train.seed=1"], "fp8 (seed 0)": [FP8]}
-        results = {name: full_run(name.split()[0] + name.split()[-1][:-1], o, a.steps, work)
-                   for name, o in runs.items()}
-        lines += ["", f"## {a.steps} steps of configs/tiny.yaml (train.py, OMP_NUM_THREADS=1)", "",
-                  "| setup | validation loss | vs none (seed 0) | minutes |", "|---|---:|---:|---:|"]
-        ref = results["none (seed 0)"]["val_loss"]
-        for name, r in results.items():
-            lines.append(f"| {name} | {r['val_loss']:.4f} | {100 * (r['val_loss'] / ref - 1):+.2f}% | "
-                         f"{r['minutes']:.1f} |")
+        results = {name: train_run(work / f"full_{i}", [*o, f"--train.eval_interval={a.steps}"], a.steps)
+                   for i, (name, o) in enumerate(runs.items())}
+        lines += runs_table(a.steps, results, "none (seed 0)")
     text = "\n".join(lines) + "\n"
     Path(a.out).write_text(text)
     print(text)

@@ -16,10 +16,6 @@ benchmarks/results/precision.md (``--out``).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +29,7 @@ from configs import load_config  # noqa: E402
 from launch.trainer import Trainer, init_runtime  # noqa: E402
 from parallel.plan import plan_layout  # noqa: E402
 from tests.audit import OpAudit  # noqa: E402
+from benchmarks._tiny_runs import TINY, interleaved_step_times, quiet, runs_table, train_run  # noqa: E402
 
 SETUPS = {
     "float32": [],
@@ -40,12 +37,6 @@ SETUPS = {
     "bf16": ["--train.dtype=bfloat16", "--train.param_dtype=bfloat16"],
     "bf16_pure": ["--train.dtype=bfloat16", "--train.param_dtype=bfloat16", "--optim.master_weights=false"],
 }
-TINY = ROOT / "configs" / "tiny.yaml"
-
-
-def quiet(out: Path, *overrides: str) -> list[str]:
-    return [f"--train.output_dir={out}", "--train.resume=none", "--logging.wandb_mode=disabled",
-            "--logging.progress_bar=false", *overrides]
 
 
 def timing(steps: int, work: Path) -> dict[str, dict]:
@@ -64,16 +55,11 @@ def timing(steps: int, work: Path) -> dict[str, dict]:
         model = [r for r in audit.records if r.region != "optimizer"]
         flops = audit.flops_by(lambda r: set(r.dtypes) == {torch.bfloat16}, model)
         total = sum(flops.values())
-        out[name] = {"times": [], "bf16_share": flops.get(True, 0) / total, "gflop": total / 1e9,
+        out[name] = {"bf16_share": flops.get(True, 0) / total, "gflop": total / 1e9,
                      "fp32_regions": sorted({r.region.rsplit(".", 1)[-1] for r in model
                                              if set(r.dtypes) != {torch.bfloat16}})}
-    for _ in range(steps):
-        for name, trainer in trainers.items():
-            t0 = time.perf_counter()
-            trainer.train_step()
-            out[name]["times"].append(time.perf_counter() - t0)
-    for name, row in out.items():
-        row["step_s"] = statistics.median(row.pop("times"))
+    for name, step_s in interleaved_step_times(trainers, steps).items():
+        out[name]["step_s"] = step_s
     return out
 
 
@@ -85,18 +71,6 @@ def planned_bytes(world: int, layout: list[str]) -> dict[str, dict]:
         plan = plan_layout(cfg, world)[0]
         out[name] = {**plan.comm, "params": plan.params, "grads": plan.grads, "optimizer": plan.optimizer}
     return out
-
-
-def full_run(name: str, steps: int, work: Path) -> dict:
-    out = work / f"full_{name}"
-    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(TINY),
-           *quiet(out, *SETUPS[name], f"--train.steps={steps}", "--train.ckpt_interval=0")]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    val = [r["val_loss"] for r in records if "val_loss" in r]
-    loss = [r["loss"] for r in records if "loss" in r]
-    return {"val_loss": val[-1], "train_loss": loss[-1], "minutes": (time.perf_counter() - t0) / 60}
 
 
 def main() -> None:
@@ -127,14 +101,8 @@ def main() -> None:
         for name, row in b.items():
             lines.append(f"| {name} | " + " | ".join(f"{row.get(k, 0) / 2**20:.2f} MiB" for k in keys) + " |")
     if a.full_runs:
-        lines += ["", f"## {a.steps} steps of configs/tiny.yaml (train.py, OMP_NUM_THREADS=1)", "",
-                  "| setup | validation loss | vs float32 | last training loss | minutes |",
-                  "|---|---:|---:|---:|---:|"]
-        runs = {name: full_run(name, a.steps, work) for name in SETUPS}
-        for name, r in runs.items():
-            rel = r["val_loss"] / runs["float32"]["val_loss"] - 1
-            lines.append(f"| {name} | {r['val_loss']:.4f} | {100 * rel:+.2f}% | {r['train_loss']:.4f} | "
-                         f"{r['minutes']:.1f} |")
+        runs = {name: train_run(work / f"full_{name}", SETUPS[name], a.steps) for name in SETUPS}
+        lines += runs_table(a.steps, runs, "float32")
     text = "\n".join(lines) + "\n"
     Path(a.out).write_text(text)
     print(text)

@@ -1,5 +1,6 @@
 """The documented command-line entry points start: run as ``python path/to/script.py`` (what torchrun does) from
-another directory, each must import the project and print its --help."""
+another directory, each must import the project and print its --help (``_name.py`` files are helpers the scripts
+import, not entry points)."""
 from __future__ import annotations
 
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["train.py", *sorted(str(p.relative_to(ROOT)) for d in ("benchmarks", "scripts")
-                               for p in (ROOT / d).glob("*.py"))]
+                               for p in (ROOT / d).glob("*.py") if not p.name.startswith("_"))]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -176,6 +176,41 @@ def test_a_stopped_rank_is_named_within_the_timeout(tmp_path):
         proc.kill()
 
 
+def test_a_pipeline_step_longer_than_the_timeout_runs_and_a_stopped_stage_is_still_named(tmp_path):
+    """Under PP the trainer reports progress per pipeline action (a chunk's forward or backward), not per step:
+    steps of 128 micro batches, each longer than train.dist_timeout_s, run (before, the watchdog ended the job as
+    "all ranks stuck" in the first step); a SIGSTOP'd stage is then named as silent within the timeout."""
+    out, log = tmp_path / "run", tmp_path / "log"
+    timeout = 2
+    proc = start(train_cmd(out, "--parallel.pp=2", "--data.grad_accum=128", "--data.micro_batch_size=8",
+                           "--train.eval_interval=0", "--train.steps=100000", f"--train.dist_timeout_s={timeout}",
+                           launcher=[*TORCHRUN[:-1], "--nproc_per_node=2", "--shutdown-timeout=2"]), log)
+    workers = []
+    try:
+        wait_for(lambda: len(losses(out)) >= 1 or proc.poll() is not None, 300, "a step")
+        started = time.monotonic()
+        wait_for(lambda: len(losses(out)) >= 2 or proc.poll() is not None, 300, "another step")
+        step_s = time.monotonic() - started
+        assert proc.poll() is None and "error" not in log.read_text(), log.read_text()[-2000:]
+        assert step_s > timeout, f"a step took {step_s:.1f} s: not longer than the timeout, nothing was tested"
+        workers = wait_for(lambda: children(proc.pid) if len(children(proc.pid)) == 2 else None, 30, "2 workers")
+        os.kill(workers[1], signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        line = wait_for(lambda: next((ln for ln in log.read_text().splitlines()
+                                      if ln.startswith("error [rank 0]: rank(s) 1 silent")), None),
+                        timeout + 20, "the watchdog's line")
+        assert time.monotonic() - stopped_at < timeout + 3
+        assert f"ending the job (train.dist_timeout_s={timeout})" in line
+        assert proc.wait(timeout=60) != 0
+    finally:
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.kill()
+
+
 def test_a_torchrun_restart_resumes_from_the_latest_checkpoint(tmp_path):
     """--max-restarts=1: a worker killed mid-run makes torchrun restart both, which resume from `latest` by
     themselves and redo the lost steps with the same losses."""

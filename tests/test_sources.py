@@ -488,3 +488,30 @@ def test_the_blend_pattern_is_the_sainte_lague_apportionment_of_every_prefix(wei
     assert (np.abs(np.bincount(pattern, minlength=3) - w * period) <= 1).all()
     assert any(_highest_averages(list(w), n, lambda s: s + 1) != _highest_averages(list(w), n, lambda s: 2 * s + 1)
                for n in range(1, 50))  # the two rules differ here: the test can tell them apart
+
+
+def test_publishing_a_prefix_never_leaves_the_old_index_beside_a_new_bin(tmp_path, monkeypatch):
+    """A crash between the two renames (new .bin in place, new .idx not yet) leaves no .idx, so the prefix reads as
+    missing, not as the old index over the new tokens; a completed publish has both new files."""
+    from data import preprocess
+
+    prefix, tmp = str(tmp_path / "corpus"), str(tmp_path / "corpus.tmp")
+    for path, text in ((prefix + ".bin", b"old bin"), (prefix + ".idx", b"old idx"), (tmp + ".bin", b"new bin"),
+                       (tmp + ".idx", b"new idx")):
+        Path(path).write_bytes(text)
+    real_replace, calls = os.replace, []
+
+    def crash_after_first(src, dst):
+        if calls:
+            raise KeyboardInterrupt("killed between the renames")
+        calls.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(preprocess.os, "replace", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess._publish(tmp, prefix)
+    assert Path(prefix + ".bin").read_bytes() == b"new bin" and not Path(prefix + ".idx").exists()
+    monkeypatch.setattr(preprocess.os, "replace", real_replace)
+    Path(tmp + ".bin").write_bytes(b"newer bin")
+    preprocess._publish(tmp, prefix)
+    assert Path(prefix + ".bin").read_bytes() == b"newer bin" and Path(prefix + ".idx").read_bytes() == b"new idx"

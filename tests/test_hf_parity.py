@@ -569,3 +569,22 @@ def test_a_pipeline_trained_checkpoint_exports_to_shards_that_transformers_loads
     theirs = hf.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0,
                          attention_mask=torch.ones_like(prompt))
     assert torch.equal(greedy(ours, prompt, 16), theirs)
+
+
+def test_only_the_declared_mtp_layers_are_skipped_on_import():
+    """A checkpoint deeper than its config (a layer past num_hidden_layers + num_nextn_predict_layers) is an error
+    naming the layer, not a silently truncated import; the declared MTP layer is skipped with a warning."""
+    from models.hf_interop import from_hf_state_dict, to_hf_state_dict
+
+    cfg = make_cfg(next(iter(CONFIGS)))
+    tensors = to_hf_state_dict(random_model(cfg).state_dict(), cfg)
+    layer0 = {k: v for k, v in tensors.items() if k.startswith("model.layers.1.")}
+    mtp = {k.replace("model.layers.1.", f"model.layers.{cfg.n_layers}."): v for k, v in layer0.items()}
+    deeper = {k.replace("model.layers.1.", f"model.layers.{cfg.n_layers + 1}."): v for k, v in layer0.items()}
+    with pytest.warns(UserWarning, match="multi-token-prediction"):
+        state = from_hf_state_dict({**tensors, **mtp}, cfg, n_mtp_layers=1)
+    assert set(state) == set(random_model(cfg).state_dict())
+    with pytest.raises(ValueError, match=rf"unexpected keys \['model\.layers\.{cfg.n_layers + 1}\."):
+        from_hf_state_dict({**tensors, **mtp, **deeper}, cfg, n_mtp_layers=1)
+    with pytest.raises(ValueError, match=rf"unexpected keys \['model\.layers\.{cfg.n_layers}\."):
+        from_hf_state_dict({**tensors, **mtp}, cfg, n_mtp_layers=0)

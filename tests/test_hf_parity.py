@@ -588,3 +588,26 @@ def test_only_the_declared_mtp_layers_are_skipped_on_import():
         from_hf_state_dict({**tensors, **mtp, **deeper}, cfg, n_mtp_layers=1)
     with pytest.raises(ValueError, match=rf"unexpected keys \['model\.layers\.{cfg.n_layers}\."):
         from_hf_state_dict({**tensors, **mtp}, cfg, n_mtp_layers=0)
+
+
+def test_sliced_reads_of_a_fused_expert_layout_give_each_ranks_experts(tmp_path):
+    """train.init_from's sliced read (``HFTensors.local``) of the fused ``gate_up_proj`` (gate rows first) and
+    stacked ``down_proj``: each expert-parallel rank's experts, gate and up not swapped, equal the full import."""
+    from models.hf_interop import HFTensors, _EXPERT_RE
+
+    cfg = make_cfg("q_proj-g4k2-top3-shared1")
+    hf = DeepseekV3ForCausalLM(to_hf_config(cfg)).eval()
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    assert "model.layers.1.mlp.experts.gate_up_proj" in state
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    hf.config.save_pretrained(tmp_path)
+    full = import_hf(tmp_path).state_dict()
+    reader, E, checked = HFTensors(tmp_path), cfg.n_routed_experts, 0
+    for key, t in full.items():
+        if _EXPERT_RE.fullmatch(key):
+            for offset in (0, E // 2):
+                got = reader.local(key, (E // 2, *t.shape[1:]), expert_offset=offset)
+                assert torch.equal(got, t[offset:offset + E // 2]), (key, offset)
+                checked += 1
+    gate, up = (full[f"layers.1.mlp.experts.{p}_proj"] for p in ("gate", "up"))
+    assert checked and not torch.equal(gate, up)  # the halves differ, so a swap would show

@@ -134,11 +134,15 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     """Under torchrun, a signal that reaches only rank 1 still makes both ranks save the same step and exit 0."""
     out = tmp_path / "run"
     proc = start(train_cmd(out, "--train.eval_interval=0", "--train.steps=100000", launcher=TORCHRUN),
-                 tmp_path / "log")
-    wait_for(lambda: len(losses(out)) >= 3, 180, "3 steps")
-    workers = wait_for(lambda: children(proc.pid) if len(children(proc.pid)) == 2 else None, 30, "2 workers")
-    os.kill(workers[1], signal.SIGTERM)
-    assert proc.wait(timeout=180) == 0, (tmp_path / "log").read_text()[-3000:]
+                 tmp_path / "log", start_new_session=True)
+    try:
+        wait_for(lambda: len(losses(out)) >= 3, 180, "3 steps")
+        workers = wait_for(lambda: children(proc.pid) if len(children(proc.pid)) == 2 else None, 30, "2 workers")
+        os.kill(workers[1], signal.SIGTERM)
+        assert proc.wait(timeout=180) == 0, (tmp_path / "log").read_text()[-3000:]
+    finally:  # a failure must not leave the 100,000-step job running
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     stopped = max(losses(out))
     assert ckpt.latest_checkpoint(out / "checkpoints") == ckpt.step_dir(out / "checkpoints", stopped)
     assert "a signal on another rank: stopped after step" in (tmp_path / "log").read_text()  # rank 0 logs

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import random
 import sys
 import warnings
@@ -611,3 +612,30 @@ def test_sliced_reads_of_a_fused_expert_layout_give_each_ranks_experts(tmp_path)
                 checked += 1
     gate, up = (full[f"layers.1.mlp.experts.{p}_proj"] for p in ("gate", "up"))
     assert checked and not torch.equal(gate, up)  # the halves differ, so a swap would show
+
+
+def test_a_malformed_config_json_is_one_line_naming_the_file_and_exit_2(tmp_path):
+    """transformers' own checks of config.json (rope_scaling of type llama3 without its keys) end as one line
+    naming the file and the keys, exit 2, from scripts/export_hf.py --import and from train.init_from."""
+    import subprocess
+
+    from tests.test_train import DATA_DIR, DEBUG
+
+    directory = tmp_path / "hf"
+    export_hf(random_model(make_cfg(next(iter(CONFIGS)))), directory)
+    raw = json.loads((directory / "config.json").read_text())
+    raw.pop("rope_parameters", None)
+    raw["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
+    (directory / "config.json").write_text(json.dumps(raw))
+    expected = re.compile(rf"error: {re.escape(str(directory / 'config.json'))}: Missing required keys in "
+                          r"`rope_parameters` for 'rope_type'='llama3': \{'\w+_freq_factor', '\w+_freq_factor'\}")
+    root = Path(__file__).resolve().parent.parent
+    for cmd in ([sys.executable, str(root / "scripts" / "export_hf.py"), str(directory), "--import", "--out",
+                 str(tmp_path / "model.pt")],
+                [sys.executable, str(root / "train.py"), "--config", str(DEBUG), f"--data.data_dir={DATA_DIR}",
+                 f"--train.output_dir={tmp_path / 'run'}", f"--train.init_from={directory}"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                              env={**__import__("os").environ, "WANDB_MODE": "disabled"})
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error") or "Traceback" in line]
+        assert len(errors) == 1 and expected.match(errors[0]), proc.stderr[-2000:]

@@ -15,7 +15,8 @@ before it and skips its batches, and no checkpoint is written before its steps w
 After each step the loop learns, from an all-reduce started one step earlier on a CPU group, whether any rank got
 SIGTERM/SIGINT (launch/preemption.py): if so every rank saves that step and ``fit`` returns
 (``RunResult.preempted``). The loop reports progress to the
-rank watchdog (launch/watchdog.py) per micro batch, optimizer step and eval batch; saves run as "busy" phases.
+rank watchdog (launch/watchdog.py) per micro batch (under PP per pipeline action), optimizer step and eval batch;
+saves run as "busy" phases.
 With ``train.ckpt_async`` saves are ``checkpoint.AsyncSaver``'s, polled after each step.
 """
 from __future__ import annotations
@@ -101,6 +102,8 @@ class Trainer:
         self.metrics.add_config("muon_coverage", coverage)
         self.model, self.placements = build_model(cfg, rt)  # with PP: this rank's stages' layers only
         self.pipeline = build_pipeline(cfg, rt, self.model) if cfg.parallel.pp > 1 else None
+        if self.pipeline is not None:  # progress per pipeline action: a step may outlast train.dist_timeout_s
+            self.pipeline.report_progress(self._progress)
         # the micro batch loss's weight in the step's gradient (under PP backward sums the micro batches and the
         # optimizer divides the sum: build_pipeline)
         self.model.set_aux_loss_scale(1.0 if self.pipeline is not None else 1.0 / cfg.data.grad_accum)

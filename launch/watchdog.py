@@ -3,7 +3,7 @@ naming the silent rank(s) within ``train.dist_timeout_s`` instead of blocking in
 
 Every rank's heartbeat thread writes ``watchdog/<rank> = "<beat> <progress> <step>"`` every ``interval``
 seconds (a tenth of the timeout, 0.5-10 s); ``beat`` counts the thread's ticks (alive), ``progress`` the
-training loop's (``Watchdog.progress()``: every micro batch, optimizer step and eval batch). Rank 0 reads
+training loop's (``Watchdog.progress()``: every micro batch, under PP every pipeline action, optimizer step and eval batch). Rank 0 reads
 everyone's, rank 1 reads rank 0's (each rank's store traffic stays O(1); rank 0's is O(world)). Changes are
 timed on the reader's own monotonic clock, so clocks across nodes need not agree.
 

@@ -406,7 +406,10 @@ def read_hf_config(path: str | Path):
                              "this model is DeepSeek-V3 / Kimi K2 style: sigmoid router scores with aux-loss-free "
                              "bias (noaux_tc)")
     raw = {k: v for k, v in raw.items() if k not in ("auto_map", "model_type")}
-    return DeepseekV3Config.from_dict(raw)
+    try:
+        return DeepseekV3Config.from_dict(raw)
+    except (KeyError, TypeError, ValueError) as e:  # transformers' checks (e.g. rope_scaling without its keys)
+        raise ValueError(f"{config_json}: {e.args[0] if isinstance(e, KeyError) and e.args else e}") from e
 
 
 class HFTensors:

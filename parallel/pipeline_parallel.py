@@ -22,7 +22,7 @@ is the same gradient as one process averaging the micro batches' losses.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -223,6 +223,17 @@ class Pipeline:
     group: Any  # the pipeline group
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # the last stage's output, targets -> loss
     dtype: torch.dtype = torch.float32  # the hidden states stages send (the precision policy's activation dtype)
+    torch_stages: list = field(default_factory=list)  # this rank's torch PipelineStage objects, in stage order
+
+    def report_progress(self, progress: Callable[[], None]) -> None:
+        """Call ``progress`` after each of this rank's pipeline actions (a chunk's forward, backward or weight
+        gradient): a step of many micro batches then shows the rank watchdog it is moving (launch/watchdog.py)
+        however long the whole ``schedule.step`` takes."""
+        for stage in self.torch_stages:
+            for name in ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk"):
+                action = getattr(stage, name, None)
+                if action is not None:
+                    setattr(stage, name, _then(action, progress))
 
     @property
     def stages(self) -> list[int]:
@@ -332,7 +343,15 @@ def pipeline_schedule(holder: nn.Module, plan: StagePlan, pp_group: Any, device:
         cls = {"interleaved_1f1b": pps.ScheduleInterleaved1F1B, "zbv": pps.ScheduleZBVZeroBubble,
                "dualpipev": pps.ScheduleDualPipeV}[schedule]
         sched = cls(stages, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
-    return Pipeline(sched, modules, plan, holder, pp_group, loss_fn, dtype)
+    return Pipeline(sched, modules, plan, holder, pp_group, loss_fn, dtype, stages)
+
+
+def _then(action: Callable, after: Callable[[], None]) -> Callable:
+    def run(*args, **kwargs):
+        out = action(*args, **kwargs)
+        after()
+        return out
+    return run
 
 
 __all__ = ["SCHEDULES", "Pipeline", "StagePlan", "balanced_split", "build_pipeline", "pipeline_schedule",

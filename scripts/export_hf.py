@@ -161,6 +161,13 @@ def main(argv: list[str] | None = None) -> Path:
     return out
 
 
+def cli() -> int:
+    """``main`` with bad input (a checkpoint, config or HF directory) as one line on stderr and exit 2."""
+    from launch.errors import run_reporting_errors
+
+    return run_reporting_errors(lambda: main() and 0, lambda: None)
+
+
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    main()
+    sys.exit(cli())

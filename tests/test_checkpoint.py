@@ -314,3 +314,48 @@ def test_injected_spike_is_detected_and_rolled_back_end_to_end(tmp_path, ckpt_as
     assert clean.rollbacks.metrics()["rollback/count"] == 0  # a clean run raises no alert
     assert "spike/z" not in (tmp_path / "clean" / "metrics.jsonl").read_text()
     assert '"alert"' not in (tmp_path / "clean" / "metrics.jsonl").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ direct checks
+def _fake_checkpoints(root: Path, steps: list[int], complete: list[int]) -> None:
+    for step in steps:
+        (root / f"step_{step:08d}").mkdir(parents=True)
+        if step in complete:
+            (root / f"step_{step:08d}" / ".metadata").write_bytes(b"x")
+
+
+def test_latest_is_trusted_only_when_its_step_is_complete(tmp_path):
+    """``latest`` naming a step directory without .metadata (a save that died after the pointer, or a copy cut
+    short) is not resumed from: the highest complete step is."""
+    _fake_checkpoints(tmp_path, [2, 4, 8], complete=[2, 4])
+    (tmp_path / "latest").write_text("step_00000008")
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step_00000004"
+    (tmp_path / "latest").write_text("step_00000002")
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step_00000002"
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2, 4]
+
+
+def test_resume_fallback_takes_the_previous_checkpoint_not_the_oldest(tmp_path):
+    """With three complete checkpoints and the newest damaged, the fallback is the one before it."""
+    from types import SimpleNamespace
+
+    _fake_checkpoints(tmp_path, [2, 4, 8], complete=[2, 4, 8])
+    alerts = []
+    fake = SimpleNamespace(ckpt_root=tmp_path, step=0,
+                           cfg=SimpleNamespace(train=SimpleNamespace(resume="auto", resume_fallback=True)),
+                           metrics=SimpleNamespace(alert=lambda *a: alerts.append(a)))
+    damaged = tmp_path / "step_00000008"
+    assert Trainer._fallback(fake, damaged, ckpt.DamagedCheckpoint("damaged")) == tmp_path / "step_00000004"
+    assert Trainer._fallback(fake, tmp_path / "step_00000004", ckpt.DamagedCheckpoint("x")) == tmp_path / "step_00000002"
+    assert len(alerts) == 2
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_the_finite_check_catches_nan_and_both_infinities(bad):
+    from launch.checkpoint import integrity
+
+    t = torch.ones(3, 4)
+    t[1, 2] = bad
+    assert integrity.first_non_finite({"ok": torch.ones(2), "w": t, "later": t.clone()}) == "w"
+    assert integrity.first_non_finite({"ok": torch.ones(2), "ids": torch.arange(3)}) is None
+    assert integrity.first_non_finite({"half": t.to(torch.bfloat16)}) == "half"

@@ -134,11 +134,15 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     """Under torchrun, a signal that reaches only rank 1 still makes both ranks save the same step and exit 0."""
     out = tmp_path / "run"
     proc = start(train_cmd(out, "--train.eval_interval=0", "--train.steps=100000", launcher=TORCHRUN),
-                 tmp_path / "log")
-    wait_for(lambda: len(losses(out)) >= 3, 180, "3 steps")
-    workers = wait_for(lambda: children(proc.pid) if len(children(proc.pid)) == 2 else None, 30, "2 workers")
-    os.kill(workers[1], signal.SIGTERM)
-    assert proc.wait(timeout=180) == 0, (tmp_path / "log").read_text()[-3000:]
+                 tmp_path / "log", start_new_session=True)
+    try:
+        wait_for(lambda: len(losses(out)) >= 3, 180, "3 steps")
+        workers = wait_for(lambda: children(proc.pid) if len(children(proc.pid)) == 2 else None, 30, "2 workers")
+        os.kill(workers[1], signal.SIGTERM)
+        assert proc.wait(timeout=180) == 0, (tmp_path / "log").read_text()[-3000:]
+    finally:  # a failure must not leave the 100,000-step job running
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     stopped = max(losses(out))
     assert ckpt.latest_checkpoint(out / "checkpoints") == ckpt.step_dir(out / "checkpoints", stopped)
     assert "a signal on another rank: stopped after step" in (tmp_path / "log").read_text()  # rank 0 logs
@@ -167,6 +171,41 @@ def test_a_stopped_rank_is_named_within_the_timeout(tmp_path):
         alerts = [r for r in records(out) if "alert" in r]
         assert [(a["alert"], a["level"]) for a in alerts] == [("rank watchdog", "ERROR")]
         assert alerts[0]["text"].startswith("rank(s) 1 silent for")
+    finally:
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.kill()
+
+
+def test_a_pipeline_step_longer_than_the_timeout_runs_and_a_stopped_stage_is_still_named(tmp_path):
+    """Under PP the trainer reports progress per pipeline action (a chunk's forward or backward), not per step:
+    steps of 128 micro batches, each longer than train.dist_timeout_s, run (before, the watchdog ended the job as
+    "all ranks stuck" in the first step); a SIGSTOP'd stage is then named as silent within the timeout."""
+    out, log = tmp_path / "run", tmp_path / "log"
+    timeout = 2
+    proc = start(train_cmd(out, "--parallel.pp=2", "--data.grad_accum=128", "--data.micro_batch_size=8",
+                           "--train.eval_interval=0", "--train.steps=100000", f"--train.dist_timeout_s={timeout}",
+                           launcher=[*TORCHRUN[:-1], "--nproc_per_node=2", "--shutdown-timeout=2"]), log)
+    workers = []
+    try:
+        wait_for(lambda: len(losses(out)) >= 1 or proc.poll() is not None, 300, "a step")
+        started = time.monotonic()
+        wait_for(lambda: len(losses(out)) >= 2 or proc.poll() is not None, 300, "another step")
+        step_s = time.monotonic() - started
+        assert proc.poll() is None and "error" not in log.read_text(), log.read_text()[-2000:]
+        assert step_s > timeout, f"a step took {step_s:.1f} s: not longer than the timeout, nothing was tested"
+        workers = wait_for(lambda: children(proc.pid) if len(children(proc.pid)) == 2 else None, 30, "2 workers")
+        os.kill(workers[1], signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        line = wait_for(lambda: next((ln for ln in log.read_text().splitlines()
+                                      if ln.startswith("error [rank 0]: rank(s) 1 silent")), None),
+                        timeout + 20, "the watchdog's line")
+        assert time.monotonic() - stopped_at < timeout + 3
+        assert f"ending the job (train.dist_timeout_s={timeout})" in line
+        assert proc.wait(timeout=60) != 0
     finally:
         for pid in workers:
             try:

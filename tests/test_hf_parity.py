@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import random
 import sys
 import warnings
@@ -569,3 +570,72 @@ def test_a_pipeline_trained_checkpoint_exports_to_shards_that_transformers_loads
     theirs = hf.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0,
                          attention_mask=torch.ones_like(prompt))
     assert torch.equal(greedy(ours, prompt, 16), theirs)
+
+
+def test_only_the_declared_mtp_layers_are_skipped_on_import():
+    """A checkpoint deeper than its config (a layer past num_hidden_layers + num_nextn_predict_layers) is an error
+    naming the layer, not a silently truncated import; the declared MTP layer is skipped with a warning."""
+    from models.hf_interop import from_hf_state_dict, to_hf_state_dict
+
+    cfg = make_cfg(next(iter(CONFIGS)))
+    tensors = to_hf_state_dict(random_model(cfg).state_dict(), cfg)
+    layer0 = {k: v for k, v in tensors.items() if k.startswith("model.layers.1.")}
+    mtp = {k.replace("model.layers.1.", f"model.layers.{cfg.n_layers}."): v for k, v in layer0.items()}
+    deeper = {k.replace("model.layers.1.", f"model.layers.{cfg.n_layers + 1}."): v for k, v in layer0.items()}
+    with pytest.warns(UserWarning, match="multi-token-prediction"):
+        state = from_hf_state_dict({**tensors, **mtp}, cfg, n_mtp_layers=1)
+    assert set(state) == set(random_model(cfg).state_dict())
+    with pytest.raises(ValueError, match=rf"unexpected keys \['model\.layers\.{cfg.n_layers + 1}\."):
+        from_hf_state_dict({**tensors, **mtp, **deeper}, cfg, n_mtp_layers=1)
+    with pytest.raises(ValueError, match=rf"unexpected keys \['model\.layers\.{cfg.n_layers}\."):
+        from_hf_state_dict({**tensors, **mtp}, cfg, n_mtp_layers=0)
+
+
+def test_sliced_reads_of_a_fused_expert_layout_give_each_ranks_experts(tmp_path):
+    """train.init_from's sliced read (``HFTensors.local``) of the fused ``gate_up_proj`` (gate rows first) and
+    stacked ``down_proj``: each expert-parallel rank's experts, gate and up not swapped, equal the full import."""
+    from models.hf_interop import HFTensors, _EXPERT_RE
+
+    cfg = make_cfg("q_proj-g4k2-top3-shared1")
+    hf = DeepseekV3ForCausalLM(to_hf_config(cfg)).eval()
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    assert "model.layers.1.mlp.experts.gate_up_proj" in state
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    hf.config.save_pretrained(tmp_path)
+    full = import_hf(tmp_path).state_dict()
+    reader, E, checked = HFTensors(tmp_path), cfg.n_routed_experts, 0
+    for key, t in full.items():
+        if _EXPERT_RE.fullmatch(key):
+            for offset in (0, E // 2):
+                got = reader.local(key, (E // 2, *t.shape[1:]), expert_offset=offset)
+                assert torch.equal(got, t[offset:offset + E // 2]), (key, offset)
+                checked += 1
+    gate, up = (full[f"layers.1.mlp.experts.{p}_proj"] for p in ("gate", "up"))
+    assert checked and not torch.equal(gate, up)  # the halves differ, so a swap would show
+
+
+def test_a_malformed_config_json_is_one_line_naming_the_file_and_exit_2(tmp_path):
+    """transformers' own checks of config.json (rope_scaling of type llama3 without its keys) end as one line
+    naming the file and the keys, exit 2, from scripts/export_hf.py --import and from train.init_from."""
+    import subprocess
+
+    from tests.test_train import DATA_DIR, DEBUG
+
+    directory = tmp_path / "hf"
+    export_hf(random_model(make_cfg(next(iter(CONFIGS)))), directory)
+    raw = json.loads((directory / "config.json").read_text())
+    raw.pop("rope_parameters", None)
+    raw["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
+    (directory / "config.json").write_text(json.dumps(raw))
+    expected = re.compile(rf"error: {re.escape(str(directory / 'config.json'))}: Missing required keys in "
+                          r"`rope_parameters` for 'rope_type'='llama3': \{'\w+_freq_factor', '\w+_freq_factor'\}")
+    root = Path(__file__).resolve().parent.parent
+    for cmd in ([sys.executable, str(root / "scripts" / "export_hf.py"), str(directory), "--import", "--out",
+                 str(tmp_path / "model.pt")],
+                [sys.executable, str(root / "train.py"), "--config", str(DEBUG), f"--data.data_dir={DATA_DIR}",
+                 f"--train.output_dir={tmp_path / 'run'}", f"--train.init_from={directory}"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                              env={**__import__("os").environ, "WANDB_MODE": "disabled"})
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error") or "Traceback" in line]
+        assert len(errors) == 1 and expected.match(errors[0]), proc.stderr[-2000:]

@@ -296,6 +296,27 @@ def test_router_and_max_logit_probe_stay_float32_under_bf16_autocast():
     assert probe_ac.dtype == torch.float32 and torch.equal(probe_ac, probe)
 
 
+@pytest.mark.parametrize("theta,mscale,mscale_all_dim", [(50000.0, 1.0, 1.0), (10000.0, 1.0, 0.0), (10000.0, 0.707, 1.0)],
+                         ids=["kimi-k2", "no-all-dim", "deepseek-v3-ish"])
+def test_yarn_frequencies_equal_transformers_at_the_released_context(theta, mscale, mscale_all_dim):
+    """At the released models' original length (4096) and factor (40), where the ramp's ends are not whole
+    dimensions (8.91 and 19.16 of 32 for theta 5e4), the frequencies and cos/sin scale are transformers'
+    (the test configs' original lengths of 6-16 clamp both roundings to 0 and cannot tell)."""
+    from transformers import DeepseekV3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from models.layers import Yarn
+
+    scaling = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32,
+               "beta_slow": 1, "mscale": mscale, "mscale_all_dim": mscale_all_dim}
+    hf = DeepseekV3Config(qk_rope_head_dim=64, rope_theta=theta, max_position_embeddings=163840,
+                          rope_scaling=scaling)
+    inv, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](hf, "cpu")
+    yarn = Yarn(40.0, 4096, 32.0, 1.0, mscale, mscale_all_dim)
+    torch.testing.assert_close(yarn.inv_freq(64, theta, "cpu"), inv, rtol=0, atol=0)
+    assert yarn.cos_sin_scale == pytest.approx(attention_factor, rel=1e-12)
+
+
 def test_yarn_changes_the_frequencies_and_the_logit_scale_qk_clip_sees():
     """DeepSeek-V3-style YaRN: low frequencies interpolated by the factor, high ones kept, and the softmax scale
     (hence the max logits QK-Clip clips) multiplied by mscale(factor, mscale_all_dim)^2."""

@@ -93,6 +93,19 @@ def test_polar_express_maps_singular_values_closer_to_one_than_the_quintic():
                                rtol=0, atol=1e-12)
 
 
+def test_polar_express_coefficients_are_the_published_ones():
+    """The 5-step table of arXiv:2505.16932 (safety factor 2e-2, cushion 2) as modded-nanogpt's train_gpt.py
+    prints it, digit for digit: the 0.142 band above would not notice a typo in one digit."""
+    published = (
+        (8.156554524902461, -22.48329292557795, 15.878769915207462),
+        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+    )
+    assert tuple(map(tuple, muonclip.NS_SCHEDULES["polar_express"])) == published
+
+
 def _ill_conditioned(G: torch.Tensor) -> torch.Tensor:
     """G with its singular values spread over 1e4 (like a low-rank momentum)."""
     U, S, Vh = torch.linalg.svd(G, full_matrices=False)

@@ -80,6 +80,9 @@ def test_pp2_matches_one_process(tmp_path, reference, schedule, virtual, layers,
     assert sum(r["qk_clip/clipped_heads"] for r in logged) > 0  # QK-Clip did clip
     single = [r for r in records(reference[layers].out_dir) if "loss" in r]
     assert [r["qk_clip/clipped_heads"] for r in logged] == [r["qk_clip/clipped_heads"] for r in single]
+    # the gradient before clipping is the one process's (the optimizer divides the schedule's micro batch sum; a
+    # missing division would double it, which the clipping hides from the losses)
+    assert [r["grad_norm"] for r in logged] == pytest.approx([r["grad_norm"] for r in single], **TOL)
     # every gradient bucket's reduction started inside the schedule's backward, except under zero-bubble schedules,
     # which accumulate weight gradients by hand (no hooks): reduced after the schedule there
     started = 0.0 if schedule in ("zbv", "dualpipev") else 1.0

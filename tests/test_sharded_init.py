@@ -65,10 +65,13 @@ def _build_worker(rank, world_size, tmp, overrides, measure):
         torch.save(model.state_dict(), Path(tmp, f"rank{rank}.pt"))
 
 
-@pytest.mark.parametrize("layout", [["--parallel.ep=2"], ["--parallel.tp=2"], ["--parallel.pp=2", "--data.grad_accum=2"]],
-                         ids=["dp2-ep2", "tp2", "pp2"])
-def test_every_layout_starts_from_the_single_process_weights(tmp_path, layout):
-    run_distributed(_build_worker, 2, str(tmp_path), layout, False)
+@pytest.mark.parametrize("world,layout", [(2, ["--parallel.ep=2"]), (2, ["--parallel.tp=2"]),
+                                          (2, ["--parallel.pp=2", "--data.grad_accum=2"]), (4, ["--parallel.tp=2"])],
+                         ids=["dp2-ep2", "tp2", "pp2", "dp2xtp2"])
+def test_every_layout_starts_from_the_single_process_weights(tmp_path, world, layout):
+    """Each rank holds the single-process weights' slice for its own position (tp rank, ep rank), not for its
+    global rank (dp2 x tp2: global ranks 2 and 3 are tp ranks 0 and 1); and the experts of a stack differ."""
+    run_distributed(_build_worker, world, str(tmp_path), layout, False)
     torch.manual_seed(123)  # the trainer's init must not depend on the global generator
     cfg = _cfg(tmp_path)
     with torch.device("meta"):
@@ -76,8 +79,10 @@ def test_every_layout_starts_from_the_single_process_weights(tmp_path, layout):
     ref.to_empty(device="cpu")
     ref.init_weights(seed=cfg.train.seed)
     full = ref.state_dict()
+    stacks = [t for name, t in full.items() if ".experts." in name]
+    assert stacks and all(not torch.equal(t[i], t[j]) for t in stacks for i in range(len(t)) for j in range(i))
     held = set()
-    for rank in range(2):
+    for rank in range(world):
         info = json.loads(Path(tmp_path, f"rank{rank}.json").read_text())
         local = torch.load(Path(tmp_path, f"rank{rank}.pt"))
         assert set(local) <= set(full)  # a pipeline stage holds some layers, under their global names

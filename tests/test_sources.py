@@ -461,3 +461,57 @@ def test_a_data_error_on_rank0_reaches_every_rank(tmp_path):
     msgs = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert msgs[0] == msgs[1]
     assert f"data source {tmp_path}/missing_dir: no such file or directory" in msgs[0]
+
+
+def _highest_averages(weights: list[float], seats: int, divisor) -> list[int]:
+    """A divisor-method apportionment, seat by seat (ties to the first source): the textbook reference."""
+    won = [0] * len(weights)
+    for _ in range(seats):
+        quotients = [w / divisor(s) if w > 0 else -1.0 for w, s in zip(weights, won)]
+        won[quotients.index(max(quotients))] += 1
+    return won
+
+
+@pytest.mark.parametrize("weights", [[3.14159, 2.71828, 1.0], [5.0, 1.0, 0.37], [0.05, 0.9, 0.05]])
+def test_the_blend_pattern_is_the_sainte_lague_apportionment_of_every_prefix(weights):
+    """The first n samples of a period are the Sainte-Laguë apportionment of n seats (divisors 2s + 1), for
+    every n, not D'Hondt's (s + 1, which favours the large sources); each of 3 uneven sources gets its share of
+    a period within one sample. (Weights without exact ties: floating point decides those either way.)"""
+    from data.blend import blend_pattern
+
+    period = 600
+    pattern = blend_pattern(weights, period)
+    w = np.asarray(weights) / sum(weights)
+    for n in range(1, period + 1):
+        got = np.bincount(pattern[:n], minlength=len(weights)).tolist()
+        assert got == _highest_averages(list(w), n, lambda s: 2 * s + 1), n
+    assert (np.abs(np.bincount(pattern, minlength=3) - w * period) <= 1).all()
+    assert any(_highest_averages(list(w), n, lambda s: s + 1) != _highest_averages(list(w), n, lambda s: 2 * s + 1)
+               for n in range(1, 50))  # the two rules differ here: the test can tell them apart
+
+
+def test_publishing_a_prefix_never_leaves_the_old_index_beside_a_new_bin(tmp_path, monkeypatch):
+    """A crash between the two renames (new .bin in place, new .idx not yet) leaves no .idx, so the prefix reads as
+    missing, not as the old index over the new tokens; a completed publish has both new files."""
+    from data import preprocess
+
+    prefix, tmp = str(tmp_path / "corpus"), str(tmp_path / "corpus.tmp")
+    for path, text in ((prefix + ".bin", b"old bin"), (prefix + ".idx", b"old idx"), (tmp + ".bin", b"new bin"),
+                       (tmp + ".idx", b"new idx")):
+        Path(path).write_bytes(text)
+    real_replace, calls = os.replace, []
+
+    def crash_after_first(src, dst):
+        if calls:
+            raise KeyboardInterrupt("killed between the renames")
+        calls.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(preprocess.os, "replace", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess._publish(tmp, prefix)
+    assert Path(prefix + ".bin").read_bytes() == b"new bin" and not Path(prefix + ".idx").exists()
+    monkeypatch.setattr(preprocess.os, "replace", real_replace)
+    Path(tmp + ".bin").write_bytes(b"newer bin")
+    preprocess._publish(tmp, prefix)
+    assert Path(prefix + ".bin").read_bytes() == b"newer bin" and Path(prefix + ".idx").read_bytes() == b"new idx"

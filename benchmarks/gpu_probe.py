@@ -16,8 +16,6 @@ import time
 
 import torch
 
-# dense bf16 tensor-core peak FLOP/s by device name (vendor data sheets, SXM parts)
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "B200": 2250e12}
 
 
 def nccl() -> None:
@@ -34,41 +32,23 @@ def nccl() -> None:
     dist.destroy_process_group()
 
 
-def active_params(model_cfg) -> tuple[int, int]:
-    """(total, active per token) parameters: routed experts count top-k of n; embeddings excluded from active."""
-    from models import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(model_cfg)
-    total = sum(p.numel() for p in model.parameters())
-    active = 0
-    for name, p in model.named_parameters():
-        if name.startswith("embed_tokens"):
-            continue
-        n = p.numel()
-        if ".mlp.experts." in name:
-            n = n * model_cfg.n_activated_experts // model_cfg.n_routed_experts
-        active += n
-    return total, active
-
-
 def mfu(config: str, metrics: str) -> None:
+    """Tokens/s, model TFLOP/s and MFU of a training run's metrics, with the trainer's FLOP model."""
     from configs import load_config
+    from launch.mfu import peak_tflops, throughput_metrics
+    from models.flops import flops_per_token, matmul_params_per_token
 
     cfg = load_config(config)
-    total, active = active_params(cfg.model)
     records = [json.loads(line) for line in open(metrics) if '"tokens_per_s"' in line]
     rates = [r["tokens_per_s"] for r in records[1:]] or [r["tokens_per_s"] for r in records]
     tps = statistics.median(rates)
-    m, T = cfg.model, cfg.data.seq_len
-    attn = 6 * m.n_layers * m.n_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim) * T // 2  # causal
-    flops_per_token = 6 * active + attn
-    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    print(f"mfu: {name}; {total / 1e9:.2f}B params, {active / 1e9:.3f}B active; median {tps:,.0f} tokens/s over "
-          f"{len(rates)} logged intervals; {flops_per_token / 1e9:.2f} GFLOP/token (6N + causal attention) -> "
-          f"{tps * flops_per_token / 1e12:.1f} TFLOP/s" + (f", MFU {tps * flops_per_token / peak:.1%} of "
-                                                           f"{peak / 1e12:.0f} TFLOP/s bf16" if peak else ""))
+    per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    got = throughput_metrics(tps, per_token, 1, peak_tflops(cfg.train.peak_tflops, device))
+    print(f"mfu: {name}; {matmul_params_per_token(cfg.model) / 1e9:.3f}B matmul weights per token; median "
+          f"{tps:,.0f} tokens/s over {len(rates)} logged intervals; {per_token / 1e9:.2f} GFLOP/token -> "
+          f"{got['tflops_per_device']:.1f} TFLOP/s" + (f", MFU {got['mfu']:.1%}" if "mfu" in got else ""))
 
 
 def max_logits() -> None:

@@ -187,6 +187,8 @@ class TrainConfig:
     ckpt_verify: bool = True  # check every file's checksum (and finite values) before a checkpoint is loaded
     ckpt_async: bool = False  # stage a copy and write in the background (only the copy blocks training)
     dist_timeout_s: float = 600.0  # collectives and the rank watchdog: a rank silent this long ends the job
+    # the device's peak TFLOP/s for the logged MFU (launch/mfu.py); 0 = the dense bf16 peak of a known CUDA device
+    peak_tflops: float = 0.0
 
     def __post_init__(self) -> None:
         s = "train"
@@ -203,6 +205,7 @@ class TrainConfig:
         _need(s, bool(self.output_dir), "output_dir must be a non-empty path")
         _need(s, bool(self.resume), "resume must be 'auto', 'none' or a checkpoint directory")
         _need(s, self.dist_timeout_s > 0, f"dist_timeout_s must be > 0 seconds, got {self.dist_timeout_s}")
+        _need(s, self.peak_tflops >= 0, f"peak_tflops must be >= 0 (0 = from the device), got {self.peak_tflops}")
 
 
 @dataclass

@@ -58,7 +58,7 @@ def environment_info(world_size: int, device: torch.device) -> dict[str, Any]:
 def format_line(step: int, total: int, m: dict[str, float]) -> str:
     parts = [f"step {step}/{total}"]
     for key, fmt in (("loss", "loss {:.4f}"), ("val_loss", "val {:.4f}"), ("lr", "lr {:.2e}"),
-                     ("grad_norm", "gnorm {:.3f}"), ("tokens_per_s", "tok/s {:,.0f}"),
+                     ("grad_norm", "gnorm {:.3f}"), ("tokens_per_s", "tok/s {:,.0f}"), ("mfu", "mfu {:.1%}"),
                      ("max_logit/max", "max_logit {:.1f}"), ("qk_clip/post_step_max_logit", "post-step {:.1f}"),
                      ("qk_clip/clipped_heads", "clipped {:.0f}")):
         if key in m:

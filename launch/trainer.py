@@ -41,11 +41,13 @@ from launch.build import (build_data, build_model, build_optimizer, build_pipeli
 from launch.checkpoint import shard_views
 from launch.hooks import RouterBiasUpdate, register_post_step
 from launch.metrics import MetricsLogger, environment_info
+from launch.mfu import peak_tflops, throughput_metrics
 from launch.preemption import PreemptionHandler
 from launch.runtime import Runtime, init_runtime
 from parallel.precision import PrecisionPolicy
 from launch.schedule import schedule_fn
 from models import Transformer
+from models.flops import flops_per_token
 
 
 @dataclass
@@ -101,6 +103,7 @@ class Trainer:
         self.metrics.write("parameters by optimizer (global shapes):\n" + muonclip.format_coverage(coverage))
         self.metrics.add_config("muon_coverage", coverage)
         self.model, self.placements = build_model(cfg, rt)  # with PP: this rank's stages' layers only
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)  # the whole model's (launch/mfu.py)
         self.pipeline = build_pipeline(cfg, rt, self.model) if cfg.parallel.pp > 1 else None
         if self.pipeline is not None:  # progress per pipeline action: a step may outlast train.dist_timeout_s
             self.pipeline.report_progress(self._progress)
@@ -365,6 +368,8 @@ class Trainer:
         metrics = {"loss": window[-1], "loss_avg": sum(window) / len(window), "lr": out.lr,
                    "grad_norm": out.grad_norm, "tokens_per_s": tokens_per_s,
                    "tokens": self.step * self.tokens_per_step()}
+        metrics.update(throughput_metrics(tokens_per_s, self.flops_per_token, self.rt.world_size,
+                                          peak_tflops(self.cfg.train.peak_tflops, self.rt.device)))
         metrics.update({f"data/{name}/tokens": n for name, n in self.loader.tokens_per_source().items()})
         metrics.update(self.interval_stats.flush(group=self.rt.groups.pp_group))
         if self.zero1:  # the share of gradient buckets whose reduction backward started (the rest waited for it)

@@ -385,6 +385,19 @@ def _worst_per_stage(plans: list[RankPlan]) -> list[RankPlan]:
     return [out[k] for k in sorted(out)]
 
 
+def format_flops(cfg, world: int) -> str:
+    """The FLOP model the trainer logs MFU with (models/flops.py): per token, per step, per device."""
+    from models.flops import attention_flops_per_token, flops_per_token, matmul_params_per_token
+
+    m, d = cfg.model, cfg.data
+    per_token = flops_per_token(m, d.seq_len)
+    tokens = d.seq_len * d.micro_batch_size * d.grad_accum * (world // (cfg.parallel.pp * cfg.parallel.tp))
+    return (f"model FLOPs: {per_token / 1e9:,.2f} GFLOP per token (6 x {matmul_params_per_token(m) / 1e9:,.3f}B "
+            f"matmul weights per token + causal attention {attention_flops_per_token(m, d.seq_len) / 1e9:,.2f} "
+            f"GFLOP at {d.seq_len} tokens); {per_token * tokens / 1e15:,.1f} PFLOP per step of {tokens:,} tokens, "
+            f"{per_token * tokens / world / 1e12:,.1f} TFLOP per device (train.peak_tflops gives MFU in the logs)")
+
+
 def main(argv: list[str] | None = None) -> int:
     from configs import load_config
 
@@ -397,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         print(format_plan(plan_layout(cfg, args.world), args.all_ranks, args.gpu_gib))
+        print(format_flops(cfg, args.world))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,56 @@
+"""MFU in the logs: the model FLOP count per token against a hand count, the logged model TFLOP/s and MFU, and
+the planner printing the same FLOP model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from configs import load_config
+from models.flops import attention_flops_per_token, flops_per_token, matmul_params_per_token
+from launch.trainer import Trainer, init_runtime
+from tests.test_train import DEBUG, debug_cfg
+
+
+def train(out_dir, *overrides):
+    cfg = debug_cfg(out_dir, *overrides)
+    return cfg, Trainer(cfg, init_runtime(cfg)).fit()
+
+
+def test_flops_per_token_is_the_hand_count_of_the_debug_model():
+    """configs/debug.yaml: dim 64, 2 layers (dense, then MoE), MLA with 2 heads (q_proj 64 -> 2 x (16 + 8),
+    kv_a 64 -> 32 + 8, kv_b 32 -> 2 x (16 + 16), o_proj 2 x 16 -> 64), dense FFN 64 <-> 128, 4 routed experts
+    top-2 of 64 <-> 64 with a router and 1 shared expert, head 64 -> 8192, 64 tokens."""
+    model = load_config(DEBUG, []).model
+    attention = 64 * 48 + 64 * 40 + 32 * 64 + 32 * 64
+    dense = 3 * 64 * 128
+    moe = 4 * 64 + 2 * 3 * 64 * 64 + 3 * 64 * 64
+    head = 8192 * 64
+    assert matmul_params_per_token(model) == 2 * attention + dense + moe + head == 605_440
+    # per layer and head: q.k^T (24 wide) and the weighted sum (16 wide) over 32.5 keys on average, x 2 x 3
+    assert attention_flops_per_token(model, 64) == 3 * 2 * 2 * 2 * (24 + 16) * 65 / 2 == 31_200
+    assert flops_per_token(model, 64) == 6 * 605_440 + 31_200
+
+
+def test_the_log_has_model_tflops_and_mfu_against_the_configured_peak(tmp_path):
+    cfg, _ = train(tmp_path, "--train.steps=4", "--schedule.warmup_steps=1", "--train.eval_interval=0",
+                   "--train.peak_tflops=0.5")
+    per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in logged if "tokens_per_s" in r]
+    assert logged
+    for r in logged:
+        assert r["tflops_per_device"] == pytest.approx(r["tokens_per_s"] * per_token / 1e12, rel=1e-12)
+        assert r["mfu"] == pytest.approx(r["tflops_per_device"] / 0.5, rel=1e-12)
+    train(tmp_path / "no_peak", "--train.steps=2", "--schedule.warmup_steps=1", "--train.eval_interval=0")
+    on_cpu = [json.loads(line) for line in (tmp_path / "no_peak" / "metrics.jsonl").read_text().splitlines()]
+    assert any("tflops_per_device" in r for r in on_cpu) and not any("mfu" in r for r in on_cpu)  # no CPU peak
+
+
+def test_the_planner_prints_the_same_flop_model(capsys):
+    from parallel.plan import main
+
+    assert main(["--config", str(DEBUG), "--world", "1"]) == 0
+    out = capsys.readouterr().out
+    cfg = load_config(DEBUG, [])
+    assert f"model FLOPs: {flops_per_token(cfg.model, cfg.data.seq_len) / 1e9:,.2f} GFLOP per token" in out

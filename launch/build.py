@@ -127,7 +127,8 @@ def build_optimizer(cfg: JobConfig, model: Transformer, placements: dict, rt: Ru
         from muonclip.distributed import DistributedMuonClip
         opt = DistributedMuonClip(groups, placements, rt.groups, norm_group=rt.groups.stage_group,
                                   pipeline_group=rt.groups.pp_group, bucket_cap_mb=cfg.parallel.zero1_bucket_mb,
-                                  overlap_reduce=cfg.parallel.zero1_overlap, **kwargs)
+                                  overlap_reduce=cfg.parallel.zero1_overlap,
+                                  param_order=[n for n, _ in model.named_parameters()], **kwargs)
         opt.backward_passes_per_step = cfg.data.grad_accum  # micro batches, in a loop or a pipeline schedule
         if cfg.parallel.pp > 1:
             opt.grad_sum_divisor = cfg.data.grad_accum  # build_pipeline: backward sums the micro batches

@@ -30,7 +30,8 @@ from torch import Tensor
 
 @dataclass(eq=False)
 class ParamSlot:
-    """One managed parameter (``index``: position over all param groups, in order)."""
+    """One managed parameter (``index``: position over all param groups, in order; ``order``: position in the
+    model, whose reverse is the order backward completes gradients; see ``set_backward_order``)."""
 
     index: int
     name: str
@@ -42,6 +43,7 @@ class ParamSlot:
     tp_sizes: tuple[int, ...] | None = None  # size along shard_dim on each tp rank (tp_sharded only)
     owner: int = -1  # index within the sharding group (dp_group, or edp_group for experts)
     ns_rank: int = 0  # tp rank that runs Newton–Schulz for this matrix (Muon only)
+    order: int = -1  # position in the model's parameters (set_backward_order); -1: index
 
     @property
     def full_shape(self) -> tuple[int, ...]:
@@ -120,17 +122,32 @@ class Bucket:
         return self.numel * (dtype or self.dtype).itemsize
 
 
+def set_backward_order(slots: list[ParamSlot], param_order: Sequence[str] | None) -> None:
+    """Give each slot its position in ``param_order`` (the model's parameter names in definition order; backward
+    completes their gradients roughly in reverse), or its param-group index without it. The param groups list
+    parameters by rule (all Muon matrices, then AdamW's embedding, head and norms), so without the model's order
+    the head's bucket, complete first in backward, would be reduced after every Muon bucket."""
+    if param_order is None:
+        return
+    position = {name: i for i, name in enumerate(param_order)}
+    missing = [s.name for s in slots if s.name not in position]
+    if missing:
+        raise ValueError(f"DistributedMuonClip: param_order lacks {missing[:5]} (pass the model's parameter names)")
+    for s in slots:
+        s.order = position[s.name]
+
+
 def build_buckets(slots: list[ParamSlot], group_sizes: dict[str, int], cap_bytes: int | None = None) -> list[Bucket]:
     """Buckets of one (sharding group, dtype, owner) each, listed in the order backward completes them.
 
-    Slots are taken in reverse index order (autograd produces the last layers' gradients first) and a bucket is
-    closed before it would hold more than ``cap_bytes`` (None or 0: one bucket per key; a tensor larger than the
-    cap is a bucket of its own). A bucket is complete when its lowest-index slot is, so buckets are listed by
-    that index, highest first: the order in which every rank of a group issues their collectives."""
+    Slots are taken in reverse model order (``order``: autograd produces the last layers' gradients first) and a
+    bucket is closed before it would hold more than ``cap_bytes`` (None or 0: one bucket per key; a tensor larger
+    than the cap is a bucket of its own). A bucket is complete when its lowest-order slot is, so buckets are listed
+    by that order, highest first: the order in which every rank of a group issues their collectives."""
     open_: dict[tuple, Bucket] = {}
     full_bytes: dict[tuple, int] = {}  # the cap counts FULL tensors, so tp ranks with uneven shards agree
     buckets: list[Bucket] = []
-    for s in sorted(slots, key=lambda s: -s.index):
+    for s in sorted(slots, key=lambda s: -_order(s)):
         key = (s.sharding, s.param.dtype, s.owner)
         nbytes = math.prod(s.full_shape) * s.param.element_size()
         b = open_.get(key)
@@ -142,4 +159,8 @@ def build_buckets(slots: list[ParamSlot], group_sizes: dict[str, int], cap_bytes
         b.slots.append(s)
         b.offsets.append(b.numel)
         b.numel += s.param.numel()
-    return sorted(buckets, key=lambda b: -min(s.index for s in b.slots))
+    return sorted(buckets, key=lambda b: -min(_order(s) for s in b.slots))
+
+
+def _order(s: ParamSlot) -> int:
+    return s.order if s.order >= 0 else s.index

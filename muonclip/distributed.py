@@ -60,7 +60,7 @@ import time
 import weakref
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -68,7 +68,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from muonclip._dist_comm import CountingComm, NSItem, group_size, orthogonalize_once, reduce_by_all_reduce
-from muonclip._dist_layout import ParamSlot, assign_owners, build_buckets
+from muonclip._dist_layout import ParamSlot, assign_owners, build_buckets, set_backward_order
 from muonclip.main_grads import accumulate_
 from muonclip.muon import apply_muon_update_, muon_momentum_, orthogonalize
 from muonclip.newton_schulz import CoefficientSpec
@@ -111,6 +111,9 @@ class DistributedMuonClip(MuonClip):
         norm_group: group spanning dp x tp for ``clip_grad_norm_`` and the structure check (default: world).
         pipeline_group: with pipeline parallelism, the ranks holding the other stages (same dp, tp index): the
             squared norm of this stage is summed over it too, so every stage clips by the same global norm.
+        param_order: the model's parameter names in definition order (``[n for n, _ in
+            model.named_parameters()]``): buckets are packed and reduced in its reverse, the order backward
+            completes gradients (the head's first). Default: the param groups' order, rule by rule.
     """
 
     def __init__(self, params: Iterable[dict[str, Any]], placements: Mapping[str, Placement] | None, groups: Any,
@@ -121,7 +124,7 @@ class DistributedMuonClip(MuonClip):
                  expert_grad_divisor: int | None = None, norm_group: Any = None, pipeline_group: Any = None,
                  bucket_cap_mb: float = 25.0, overlap_reduce: bool = True,
                  all_reduce_min_bytes: int | None = None, master_weights: bool = True, offload_state: bool = False,
-                 reduce_dtype: torch.dtype = torch.float32) -> None:
+                 reduce_dtype: torch.dtype = torch.float32, param_order: Sequence[str] | None = None) -> None:
         self._frozen = False
         super().__init__(params, lr, momentum, nesterov, ns_steps, weight_decay, adamw_betas, adamw_eps,
                          ns_dtype=ns_dtype, ns_eps=ns_eps, ns_coefficients=ns_coefficients, ns_path=ns_path,
@@ -139,6 +142,7 @@ class DistributedMuonClip(MuonClip):
         self.dp_size = dist.get_world_size(self.dp_group)
         self.expert_grad_divisor = expert_grad_divisor or self.dp_size
         self.slots = self._make_slots(placements)
+        set_backward_order(self.slots, param_order)
         self._device = self.slots[0].param.device if self.slots else torch.device("cpu")
         self._check_same_structure()
         self._gather_tp_sizes()

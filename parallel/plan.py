@@ -108,7 +108,7 @@ def _local_model(cfg, pp_rank: int, tp_rank: int, ep_rank: int):
 def _zero1_layout(model, placements, tp: int, dp: int, edp: int, bucket_mb: float):
     """The slots and buckets DistributedMuonClip builds for this model (shapes, owners, packing)."""
     import muonclip
-    from muonclip._dist_layout import ParamSlot, assign_owners, build_buckets
+    from muonclip._dist_layout import ParamSlot, assign_owners, build_buckets, set_backward_order
 
     groups = muonclip.build_param_groups(model.named_parameters())
     slots, index = [], 0
@@ -124,6 +124,7 @@ def _zero1_layout(model, placements, tp: int, dp: int, edp: int, bucket_mb: floa
                 slot.tp_sizes = (param.shape[pl.shard_dim],) * tp
             slots.append(slot)
     assign_owners(slots, dp, tp, edp)
+    set_backward_order(slots, [n for n, _ in model.named_parameters()])
     return slots, build_buckets(slots, {"dp": dp, "edp": edp}, int(bucket_mb * 2**20))
 
 

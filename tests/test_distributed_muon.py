@@ -476,9 +476,43 @@ def _overlap_worker(rank: int, world: int) -> None:
     _assert_identical(list(overlapped.parameters()), dist.group.WORLD, "params")
 
 
+def _order_worker(rank: int, world: int) -> None:
+    """Buckets are listed, so reduced, in the order backward completes them (recorded by hooks on a real
+    backward): with the model's parameter order the head's bucket is first and each bucket is complete no later
+    than the next; in the param groups' order (rule by rule) the head's bucket came after every Muon bucket."""
+    from models import ModelConfig, Transformer
+
+    cfg = ModelConfig(vocab_size=64, dim=16, n_layers=2, n_heads=2, kv_lora_rank=8, qk_nope_head_dim=8,
+                      qk_rope_head_dim=4, v_head_dim=8, inter_dim=32, moe_inter_dim=8, n_routed_experts=4,
+                      max_seq_len=16)
+
+    def completion(param_order: bool) -> tuple[list[int], list]:
+        torch.manual_seed(0)
+        model = Transformer(cfg).double()
+        completed: list[str] = []
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(lambda _, n=n: completed.append(n))
+        names = [n for n, _ in model.named_parameters()] if param_order else None
+        opt = DistributedMuonClip(build_param_groups(model.named_parameters()), {}, OptimizerGroups(),
+                                  bucket_cap_mb=4 / 1024, param_order=names, **HP)
+        tokens = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(rank))
+        logits = model(tokens[:, :-1])
+        nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        when = {n: i for i, n in enumerate(completed)}
+        return [max(when[s.name] for s in b.slots) for b in opt.buckets], opt.buckets
+
+    done, buckets = completion(True)
+    assert len(buckets) >= 6 and done == sorted(done), done
+    assert [s.name for s in buckets[0].slots] == ["lm_head.weight"]
+    assert "embed_tokens.weight" in [s.name for s in buckets[-1].slots]
+    unordered, _ = completion(False)
+    assert unordered != sorted(unordered)  # what param_order fixes
+
+
 # ---------------------------------------------------------------- one spawn per world size (startup dominates)
 CHECKS = {"replicated": _replicated_worker, "resume_qkclip": _resume_and_qkclip_worker, "tp": _tp_worker,
-          "experts": _expert_worker, "options": _options_worker, "overlap": _overlap_worker}
+          "experts": _expert_worker, "options": _options_worker, "overlap": _overlap_worker, "order": _order_worker}
 
 
 def _suite_worker(rank: int, world: int, out_dir: str, names: list[str]) -> None:
@@ -514,7 +548,7 @@ class _Suite:
 
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory) -> _Suite:
-    return _Suite(2, ["replicated", "resume_qkclip", "overlap"], str(tmp_path_factory.mktemp("dist2")))
+    return _Suite(2, ["replicated", "resume_qkclip", "overlap", "order"], str(tmp_path_factory.mktemp("dist2")))
 
 
 @pytest.fixture(scope="module")
@@ -528,6 +562,10 @@ def test_replicated_params_match_single_process_dp2(world2):
 
 def test_reductions_started_by_backward_equal_reducing_after_it_dp2(world2):
     world2.check("overlap")
+
+
+def test_buckets_are_reduced_in_the_order_backward_completes_them_dp2(world2):
+    world2.check("order")
 
 
 def test_state_dict_resume_and_qkclip_dp2(world2):

@@ -170,7 +170,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=device)
         step_inputs = []
         if self.pipeline is not None:
-            loss_sum = self._pipeline_step([self.loader.next_batch() for _ in range(accum)], train=True)
+            loss_sum = self._pipeline_step(self._pipeline_batches(accum), train=True)
             self._progress()
         for micro in range(accum if self.pipeline is None else 0):
             inputs_BT, targets_BT = (t.to(device, non_blocking=True) for t in self.loader.next_batch())
@@ -194,27 +194,38 @@ class Trainer:
         self.step += 1
         return StepResult(loss_avg.detach(), torch.as_tensor(grad_norm).detach(), lr=cfg.optim.lr * lr_scale)
 
+    def _pipeline_batches(self, n: int) -> list:
+        """The step's ``n`` micro batches as this rank's stages need them: a rank without the first or the last
+        stage needs neither tokens nor targets, so its loader only moves on (every loader stays at the same
+        position, for checkpoints and for the layouts a resume may change to)."""
+        if self.pipeline.has_first or self.pipeline.has_last:
+            return [self.loader.next_batch() for _ in range(n)]
+        self.loader.skip(n)
+        return [None] * n
+
     def _pipeline_step(self, batches: list, train: bool) -> torch.Tensor:
         """The micro batches through this rank's stages (``schedule.step`` per round of
-        ``parallel.pp_microbatches``, gradients adding up across rounds; or a forward for validation): the sum of
-        their losses, summed over the pipeline group so every rank has it (the last stage computed it). Every rank
-        reads the same batches, so loaders stay identical across stages."""
+        ``parallel.pp_microbatches``, gradients adding up across rounds; or the pipelined forward for validation):
+        the sum of their losses, summed over the pipeline group so every rank has it (the last stage computed it).
+        Only the first stage's inputs and the last stage's targets go to the device."""
         pipe, device = self.pipeline, self.rt.device
+        inputs = [x.to(device) for x, _ in batches] if pipe.has_first else None
+        targets = [y.to(device) for _, y in batches] if pipe.has_last else None
+        per_round = self.cfg.parallel.microbatches_per_round(len(batches))
         losses: list[torch.Tensor] = []
         with self.autocast:
-            if train:
-                per_round = self.cfg.parallel.microbatches_per_round(len(batches))
-                for start in range(0, len(batches), per_round):
-                    round_ = batches[start:start + per_round]
-                    inputs_BT = torch.cat([x for x, _ in round_]).to(device)
-                    targets_BT = torch.cat([y for _, y in round_]).to(device)
+            for start in range(0, len(batches), per_round):
+                inputs_BT = inputs[start:start + per_round] if pipe.has_first else None
+                targets_BT = targets[start:start + per_round] if pipe.has_last else None
+                if train:
                     round_losses: list[torch.Tensor] = []  # torch's step replaces the list's contents
-                    pipe.schedule.step(*([inputs_BT] if pipe.has_first else []),
-                                       target=targets_BT if pipe.has_last else None, losses=round_losses,
-                                       return_outputs=False)
+                    pipe.schedule.step(*([torch.cat(inputs_BT)] if pipe.has_first else []),
+                                       target=torch.cat(targets_BT) if pipe.has_last else None,
+                                       losses=round_losses, return_outputs=False)
                     losses += round_losses
-            else:
-                losses = [pipe.forward_losses([(x.to(device), y.to(device)) for x, y in batches])]
+                else:
+                    n = min(per_round, len(batches) - start)
+                    losses.append(pipe.forward_losses(n, inputs_BT, targets_BT, device))
         total = torch.stack([x.detach().float() for x in losses]).sum() if pipe.has_last else torch.zeros(
             (), device=device)
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.rt.groups.pp_group)
@@ -261,7 +272,9 @@ class Trainer:
         batches = data_lib.val_batches(self.datasets.val, d.micro_batch_size, self.datasets.val_samples,
                                        g.data_rank, g.data_size)
         if self.pipeline is not None:  # grad_accum micro batches at a time (a global batch's share)
-            batches = list(batches)
+            ends = self.pipeline.has_first or self.pipeline.has_last  # a middle stage needs no batch
+            n_val = self.datasets.val_samples // (d.micro_batch_size * g.data_size)
+            batches = list(batches) if ends else [None] * n_val
             for k in range(0, len(batches), d.grad_accum):
                 total += self._pipeline_step(batches[k:k + d.grad_accum], train=False)
                 n += len(batches[k:k + d.grad_accum])

@@ -224,6 +224,7 @@ class Pipeline:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # the last stage's output, targets -> loss
     dtype: torch.dtype = torch.float32  # the hidden states stages send (the precision policy's activation dtype)
     torch_stages: list = field(default_factory=list)  # this rank's torch PipelineStage objects, in stage order
+    micro_shape: tuple[int, int] | None = None  # (micro batch size, sequence length): what a middle stage receives
 
     def report_progress(self, progress: Callable[[], None]) -> None:
         """Call ``progress`` after each of this rank's pipeline actions (a chunk's forward, backward or weight
@@ -256,29 +257,45 @@ class Pipeline:
         return self.plan.has_last
 
     @torch.no_grad()
-    def forward_losses(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Forward only (validation), any schedule: each micro batch goes through the stages in order with plain
-        send/recv along the pipeline group; the sum of the losses on the rank holding the last stage (0
-        elsewhere). Independent of the training schedule's own ``eval`` (zbv's fails in torch 2.13)."""
+    def forward_losses(self, n: int, inputs: list[torch.Tensor] | None, targets: list[torch.Tensor] | None,
+                       device: torch.device) -> torch.Tensor:
+        """Forward only (validation), any schedule, pipelined: each of this rank's stages runs the ``n`` micro
+        batches in turn (stage-major), receiving each input from the previous stage's rank and sending each output
+        on asynchronously, so the next stage starts on micro batch 0 while this one computes micro batch 1 (before,
+        a micro batch went through every stage before the next began). ``inputs`` (first stage) and ``targets``
+        (last stage) are the rank's micro batches, None where it holds neither. The sum of the losses on the rank
+        holding the last stage (0 elsewhere). Independent of the schedules' own ``eval`` (zbv's fails in torch
+        2.13)."""
         me = dist.get_rank(self.group)
         module = dict(zip(self.stages, self.modules))
-        total = None
-        for inputs_BT, targets_BT in micro_batches:
-            h = inputs_BT
-            for s in range(self.n_stages):
-                if self.owners[s] != me:
-                    continue
-                if s > 0 and self.owners[s - 1] != me:
-                    h = torch.empty(*inputs_BT.shape, self.holder.cfg.dim, dtype=self.dtype, device=inputs_BT.device)
+        shape = (inputs or targets)[0].shape if (inputs or targets) else self.micro_shape
+        if shape is None:
+            raise ValueError("Pipeline.forward_losses: a middle stage needs micro_shape (pipeline_schedule's micro_batch)")
+        total = torch.zeros((), device=device)
+        sends, local = [], []
+        for s in self.stages:
+            outputs = []
+            for i in range(n):
+                if s == 0:
+                    h = inputs[i]
+                elif self.owners[s - 1] != me:
+                    h = torch.empty(*shape, self.holder.cfg.dim, dtype=self.dtype, device=device)
                     dist.recv(h, src=dist.get_global_rank(self.group, self.owners[s - 1]), group=self.group)
+                else:
+                    h = local[i]  # the previous stage is this rank's too
                 h = module[s](h)
                 if s == self.n_stages - 1:
-                    loss = self.loss_fn(h, targets_BT)
-                    total = loss if total is None else total + loss
+                    total += self.loss_fn(h, targets[i])
                 elif self.owners[s + 1] != me:
-                    dist.send(h.to(self.dtype).contiguous(), dst=dist.get_global_rank(self.group, self.owners[s + 1]),
-                              group=self.group)
-        return total if total is not None else torch.zeros((), device=micro_batches[0][0].device)
+                    h = h.to(self.dtype).contiguous()
+                    sends.append((h, dist.isend(h, dst=dist.get_global_rank(self.group, self.owners[s + 1]),
+                                                group=self.group)))
+                else:
+                    outputs.append(h)
+            local = outputs
+        for _, work in sends:
+            work.wait()
+        return total
 
 
 def build_pipeline(model: nn.Module, pp_rank: int, pp: int, pp_group: Any, device: torch.device,
@@ -343,7 +360,7 @@ def pipeline_schedule(holder: nn.Module, plan: StagePlan, pp_group: Any, device:
         cls = {"interleaved_1f1b": pps.ScheduleInterleaved1F1B, "zbv": pps.ScheduleZBVZeroBubble,
                "dualpipev": pps.ScheduleDualPipeV}[schedule]
         sched = cls(stages, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
-    return Pipeline(sched, modules, plan, holder, pp_group, loss_fn, dtype, stages)
+    return Pipeline(sched, modules, plan, holder, pp_group, loss_fn, dtype, stages, micro_batch)
 
 
 def _then(action: Callable, after: Callable[[], None]) -> Callable:

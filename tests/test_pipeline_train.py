@@ -102,6 +102,36 @@ def test_pp2_with_dp2_ep2_or_tp2_matches_one_process(tmp_path, reference, extra)
     _check([torch.load(tmp_path / f"rank{r}.pt") for r in range(4)], reference[2])
 
 
+def _pp4_worker(rank: int, world: int, out: str, overrides: list[str]) -> None:
+    from data.loader import BatchLoader
+
+    torch.set_num_threads(1)
+    calls = [0]
+    read = BatchLoader.next_batch
+
+    def counted(self):
+        calls[0] += 1
+        return read(self)
+
+    BatchLoader.next_batch = counted
+    trainer, result = train(out, *overrides)
+    torch.save({"losses": result.losses, "val": result.val_losses, "reads": calls[0],
+                "consumed": trainer.loader.samples_consumed}, Path(out) / f"rank{rank}.pt")
+
+
+def test_pp4_middle_stages_read_no_batch_and_the_pipelined_eval_matches_one_process(tmp_path, reference):
+    """pp=4 (1F1B, a layer per stage): the middle stages' loaders read no batch (they only move on, to the same
+    position as the others'), and the per-step and validation losses (the stage-major pipelined forward) are the
+    one process's."""
+    overrides = [*COMMON, "--data.micro_batch_size=1", "--data.grad_accum=4", "--parallel.pp=4", "--model.n_layers=4"]
+    run_distributed(_pp4_worker, 4, str(tmp_path), overrides)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(4)]
+    _check(results, reference[4])
+    reads = [r["reads"] for r in results]
+    assert reads[1] == reads[2] == 0 and reads[0] == reads[3] == STEPS * 4, reads
+    assert len({r["consumed"] for r in results}) == 1
+
+
 def test_pp2_with_the_sequence_wise_balance_loss_matches_one_process(tmp_path):
     """The balance loss computed inside each stage reaches its router with the one-process weight (backward sums
     the micro batches, the optimizer divides), and its logged value sums every stage's layers."""

@@ -158,26 +158,36 @@ def test_a_stopped_rank_is_named_within_the_timeout(tmp_path):
     workers = []
     try:
         wait_for(lambda: len(losses(out)) >= 3, 180, "3 steps")
-        workers = wait_for(lambda: children(proc.pid) if len(children(proc.pid)) == 2 else None, 30, "2 workers")
-        os.kill(workers[1], signal.SIGSTOP)
-        stopped_at = time.monotonic()
-        line = wait_for(lambda: next((ln for ln in log.read_text().splitlines()
-                                      if ln.startswith("error [rank 0]: rank(s) 1 silent")), None),
-                        timeout + 20, "the watchdog's line")
-        elapsed = time.monotonic() - stopped_at
-        assert elapsed < timeout + 3, elapsed  # a heartbeat interval of slack
-        assert f"ending the job (train.dist_timeout_s={timeout})" in line
-        assert proc.wait(timeout=60) != 0
+        _stopped_rank_1_is_named(proc, log, timeout, workers)
         alerts = [r for r in records(out) if "alert" in r]
         assert [(a["alert"], a["level"]) for a in alerts] == [("rank watchdog", "ERROR")]
         assert alerts[0]["text"].startswith("rank(s) 1 silent for")
     finally:
-        for pid in workers:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.kill()
+        _kill(proc, workers)
+
+
+def _stopped_rank_1_is_named(proc: subprocess.Popen, log: Path, timeout: float, workers: list[int]) -> None:
+    """SIGSTOP torchrun's rank 1 (its pids go into ``workers``): rank 0 names it silent within the timeout (and a
+    heartbeat interval of slack) and the job ends with a failure."""
+    workers += wait_for(lambda: children(proc.pid) if len(children(proc.pid)) == 2 else None, 30, "2 workers")
+    os.kill(workers[1], signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    line = wait_for(lambda: next((ln for ln in log.read_text().splitlines()
+                                  if ln.startswith("error [rank 0]: rank(s) 1 silent")), None),
+                    timeout + 20, "the watchdog's line")
+    elapsed = time.monotonic() - stopped_at
+    assert elapsed < timeout + 3, elapsed
+    assert f"ending the job (train.dist_timeout_s={timeout})" in line
+    assert proc.wait(timeout=60) != 0
+
+
+def _kill(proc: subprocess.Popen, workers: list[int]) -> None:
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.kill()
 
 
 def test_a_pipeline_step_longer_than_the_timeout_runs_and_a_stopped_stage_is_still_named(tmp_path):
@@ -197,22 +207,9 @@ def test_a_pipeline_step_longer_than_the_timeout_runs_and_a_stopped_stage_is_sti
         step_s = time.monotonic() - started
         assert proc.poll() is None and "error" not in log.read_text(), log.read_text()[-2000:]
         assert step_s > timeout, f"a step took {step_s:.1f} s: not longer than the timeout, nothing was tested"
-        workers = wait_for(lambda: children(proc.pid) if len(children(proc.pid)) == 2 else None, 30, "2 workers")
-        os.kill(workers[1], signal.SIGSTOP)
-        stopped_at = time.monotonic()
-        line = wait_for(lambda: next((ln for ln in log.read_text().splitlines()
-                                      if ln.startswith("error [rank 0]: rank(s) 1 silent")), None),
-                        timeout + 20, "the watchdog's line")
-        assert time.monotonic() - stopped_at < timeout + 3
-        assert f"ending the job (train.dist_timeout_s={timeout})" in line
-        assert proc.wait(timeout=60) != 0
+        _stopped_rank_1_is_named(proc, log, timeout, workers)
     finally:
-        for pid in workers:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.kill()
+        _kill(proc, workers)
 
 
 def test_a_torchrun_restart_resumes_from_the_latest_checkpoint(tmp_path):

@@ -9,7 +9,8 @@ import importlib
 
 _EXPORTS = {"build_datasets": "data.sources", "Datasets": "data.sources", "preprocess": "data.preprocess",
             "TokenShards": "data.indexed", "BlendedSamples": "data.blend", "BatchLoader": "data.loader",
-            "packed_samples": "data.loader", "val_batches": "data.loader", "TextTokenizer": "data.tokenizer",
+            "packed_samples": "data.loader", "val_batches": "data.loader",
+            "val_batch_count": "data.loader", "TextTokenizer": "data.tokenizer",
             "load_tokenizer": "data.tokenizer"}
 __all__ = list(_EXPORTS)
 

@@ -125,17 +125,24 @@ class BatchLoader:
         self.samples_consumed = consumed
 
 
+def val_batch_count(batch_size: int, n_samples: int, dp_size: int = 1) -> int:
+    """How many batches ``val_batches`` yields on each rank (the micro global batches of ``n_samples``)."""
+    global_batch = batch_size * dp_size
+    if n_samples < global_batch or n_samples % global_batch:
+        raise ValueError(f"validation needs a positive multiple of {global_batch} samples, got {n_samples}")
+    return n_samples // global_batch
+
+
 def val_batches(samples: BlendedSamples, batch_size: int, n_samples: int, dp_rank: int = 0,
                 dp_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``n_samples`` global samples of ``samples`` (a multiple of batch_size * dp_size), in order:
     micro global batch b holds samples ``[b*G, (b+1)*G)`` with G = batch_size * dp_size; rank r yields its slice."""
     _check_rank(batch_size, dp_rank, dp_size)
     global_batch = batch_size * dp_size
-    if n_samples < global_batch or n_samples % global_batch:
-        raise ValueError(f"validation needs a positive multiple of {global_batch} samples, got {n_samples}")
+    n_batches = val_batch_count(batch_size, n_samples, dp_size)
 
     def generate() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for b in range(n_samples // global_batch):
+        for b in range(n_batches):
             start = b * global_batch + dp_rank * batch_size
             yield _to_torch(samples.windows(np.arange(start, start + batch_size)))
 

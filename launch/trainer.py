@@ -103,7 +103,9 @@ class Trainer:
         self.metrics.write("parameters by optimizer (global shapes):\n" + muonclip.format_coverage(coverage))
         self.metrics.add_config("muon_coverage", coverage)
         self.model, self.placements = build_model(cfg, rt)  # with PP: this rank's stages' layers only
-        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)  # the whole model's (launch/mfu.py)
+        # the whole model's FLOPs per token and the device's peak, for the logged MFU (launch/mfu.py)
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak_tflops = peak_tflops(cfg.train.peak_tflops, rt.device)
         self.pipeline = build_pipeline(cfg, rt, self.model) if cfg.parallel.pp > 1 else None
         if self.pipeline is not None:  # progress per pipeline action: a step may outlast train.dist_timeout_s
             self.pipeline.report_progress(self._progress)
@@ -273,8 +275,8 @@ class Trainer:
                                        g.data_rank, g.data_size)
         if self.pipeline is not None:  # grad_accum micro batches at a time (a global batch's share)
             ends = self.pipeline.has_first or self.pipeline.has_last  # a middle stage needs no batch
-            n_val = self.datasets.val_samples // (d.micro_batch_size * g.data_size)
-            batches = list(batches) if ends else [None] * n_val
+            batches = list(batches) if ends else [None] * data_lib.val_batch_count(
+                d.micro_batch_size, self.datasets.val_samples, g.data_size)
             for k in range(0, len(batches), d.grad_accum):
                 total += self._pipeline_step(batches[k:k + d.grad_accum], train=False)
                 n += len(batches[k:k + d.grad_accum])
@@ -381,8 +383,7 @@ class Trainer:
         metrics = {"loss": window[-1], "loss_avg": sum(window) / len(window), "lr": out.lr,
                    "grad_norm": out.grad_norm, "tokens_per_s": tokens_per_s,
                    "tokens": self.step * self.tokens_per_step()}
-        metrics.update(throughput_metrics(tokens_per_s, self.flops_per_token, self.rt.world_size,
-                                          peak_tflops(self.cfg.train.peak_tflops, self.rt.device)))
+        metrics.update(throughput_metrics(tokens_per_s, self.flops_per_token, self.rt.world_size, self.peak_tflops))
         metrics.update({f"data/{name}/tokens": n for name, n in self.loader.tokens_per_source().items()})
         metrics.update(self.interval_stats.flush(group=self.rt.groups.pp_group))
         if self.zero1:  # the share of gradient buckets whose reduction backward started (the rest waited for it)

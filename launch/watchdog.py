@@ -3,9 +3,9 @@ naming the silent rank(s) within ``train.dist_timeout_s`` instead of blocking in
 
 Every rank's heartbeat thread writes ``watchdog/<rank> = "<beat> <progress> <step>"`` every ``interval``
 seconds (a tenth of the timeout, 0.5-10 s); ``beat`` counts the thread's ticks (alive), ``progress`` the
-training loop's (``Watchdog.progress()``: every micro batch, under PP every pipeline action, optimizer step and eval batch). Rank 0 reads
-everyone's, rank 1 reads rank 0's (each rank's store traffic stays O(1); rank 0's is O(world)). Changes are
-timed on the reader's own monotonic clock, so clocks across nodes need not agree.
+training loop's (``Watchdog.progress()``: every micro batch, under PP every pipeline action, optimizer step and
+eval batch). Rank 0 reads everyone's, rank 1 reads rank 0's (each rank's store traffic stays O(1); rank 0's
+is O(world)). Changes are timed on the reader's own monotonic clock, so clocks across nodes need not agree.
 
 - **silent**: a rank whose beat has not changed for the timeout (SIGSTOP'd, killed, its node lost, or its store
   unreachable): ``rank(s) 3 silent for 612 s (no heartbeat; stopped, dead or unreachable)``.

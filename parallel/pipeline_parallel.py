@@ -270,7 +270,8 @@ class Pipeline:
         module = dict(zip(self.stages, self.modules))
         shape = (inputs or targets)[0].shape if (inputs or targets) else self.micro_shape
         if shape is None:
-            raise ValueError("Pipeline.forward_losses: a middle stage needs micro_shape (pipeline_schedule's micro_batch)")
+            raise ValueError("Pipeline.forward_losses: a middle stage needs micro_shape "
+                             "(pipeline_schedule's micro_batch)")
         total = torch.zeros((), device=device)
         sends, local = [], []
         for s in self.stages:
@@ -322,11 +323,11 @@ def pipeline_schedule(holder: nn.Module, plan: StagePlan, pp_group: Any, device:
     never leave it); otherwise the last stage returns logits and ``loss_fn(logits, targets)`` is the loss.
     ``micro_batch`` = (micro batch size, sequence length) declares every stage's input and output shapes
     (tokens, hidden states in ``dtype``: bf16 with bf16 parameters; the last stage's normed hidden states or
-    logits). Without it torch infers them by running each stage once on the first micro batch, or on uninitialised memory for later stages, which would leak into the per-step
-    statistics the model records (max logits that QK-Clip acts on, router loads), so the trainer always
-    passes it. ``scale_grads=False``: the stages' gradients stay the SUM over micro batches (torch divides them
-    in place after the last backward otherwise; an optimizer that starts reducing them from backward divides
-    them itself)."""
+    logits). Without it torch infers them by running each stage once on the first micro batch, or on
+    uninitialised memory for later stages, which would leak into the per-step statistics the model records
+    (max logits that QK-Clip acts on, router loads), so the trainer always passes it. ``scale_grads=False``: the
+    stages' gradients stay the SUM over micro batches (torch divides them in place after the last backward
+    otherwise; an optimizer that starts reducing them from backward divides them itself)."""
     from torch.distributed.pipelining import PipelineStage
     from torch.distributed.pipelining import schedules as pps
 

@@ -1,16 +1,18 @@
 """The memory techniques on this CPU (parallel/recompute.py, fp8_storage.py, activation_offload.py, models/loss.py):
-per setting, the bytes one step keeps for backward (measured and planned), the peak RSS growth of building a
-trainer and its first step (measured and planned), the step time; and what 300 steps of configs/tiny.yaml reach
+per setting, the bytes one step keeps for backward (measured and planned), the peak of building a trainer and
+its first step (tensor bytes and RSS growth measured, and planned), the step time; and what 300 steps of configs/tiny.yaml reach
 with FP8 activation storage against none.
 
-    python benchmarks/memory.py                   # saved bytes, peak RSS, step times (minutes)
+    python benchmarks/memory.py                   # saved bytes, peaks, step times (minutes)
     python benchmarks/memory.py --full-runs       # + 300-step tiny.yaml runs: none (2 seeds, the noise) and FP8
 
 configs/tiny.yaml's model at micro batch 16 x 256, float32, one process, one torch thread. Saved bytes come from
-a counting saved_tensors_hooks (tests/audit.py SavedBytes); peak RSS from VmHWM in a fresh process per setting
-(MALLOC_MMAP_THRESHOLD_=65536 so freed blocks go back); step times are medians of steps interleaved across the
+a counting saved_tensors_hooks (tests/audit.py SavedBytes); the peak of tensor bytes from tests/audit.py LiveBytes
+(what torch.cuda.max_memory_allocated reports on a GPU: what the planner plans), peak RSS from VmHWM in a fresh
+process per setting (MALLOC_MMAP_THRESHOLD_=65536 so freed blocks go back; it also holds what is not a tensor,
+the interpreter's and the libraries' heap); step times are medians of steps interleaved across the
 settings in one process. On a CPU, offload's host copies live in the same memory as the "device": its RSS is not a
-saving here. Results go to benchmarks/results/memory.md (``--out``).
+saving here (the planned peak is compared as device + host). Results go to benchmarks/results/memory.md (``--out``).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from configs import load_config  # noqa: E402
 from launch.trainer import Trainer, init_runtime  # noqa: E402
 from parallel.plan import plan_layout  # noqa: E402
-from tests.audit import SavedBytes  # noqa: E402
+from tests.audit import LiveBytes, SavedBytes  # noqa: E402
 from benchmarks._tiny_runs import TINY, interleaved_step_times, quiet, runs_table, train_run  # noqa: E402
 
 FP8 = "--parallel.fp8_activations=[moe_up_input, swiglu_input]"
@@ -68,13 +70,14 @@ def one_setting(name: str, work: Path) -> dict:
     gc.collect()
     base = _vm("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
-    trainer = Trainer(cfg, init_runtime(cfg))
-    with SavedBytes(trainer.model) as saved:
-        trainer.train_step()
+    with LiveBytes() as live:
+        trainer = Trainer(cfg, init_runtime(cfg))
+        with SavedBytes(trainer.model) as saved:
+            trainer.train_step()
     plan = plan_layout(cfg, 1)[0]
-    return {"device": saved.device, "host": saved.host, "peak": _vm("VmHWM") - base,
+    return {"device": saved.device, "host": saved.host, "peak": _vm("VmHWM") - base, "tensors": live.peak,
             "planned_saved": plan.saved_per_micro, "planned_host": plan.activations_host_per_micro,
-            "planned_peak": plan.peak}
+            "planned_peak": plan.peak + plan.activations_host}
 
 
 def timing(steps: int, work: Path) -> dict[str, float]:
@@ -110,12 +113,14 @@ def main() -> None:
     mib = 2**20
     lines = [f"# Memory techniques (benchmarks/memory.py, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
              "1 thread)", "", "configs/tiny.yaml's model (float32), micro batch 16 x 256, one process.", "",
-             "| setting | saved for backward: device | host | planned (device + host) | peak RSS growth: build + "
-             "first step | planned peak | step (median) | vs none |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| setting | saved for backward: device | host | planned (device + host) | peak tensor bytes: build + "
+             "first step | peak RSS growth | planned peak (device + host) | step (median) | vs none |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in measured.items():
         lines.append(f"| {name} | {m['device'] / mib:.1f} MiB | {m['host'] / mib:.1f} MiB | "
-                     f"{m['planned_saved'] / mib:.1f} MiB | {m['peak'] / mib:.1f} MiB | {m['planned_peak'] / mib:.1f} "
-                     f"MiB | {times[name]:.3f} s | {times[name] / times['none']:.2f}x |")
+                     f"{m['planned_saved'] / mib:.1f} MiB | {m['tensors'] / mib:.1f} MiB | {m['peak'] / mib:.1f} MiB | "
+                     f"{m['planned_peak'] / mib:.1f} MiB ({100 * (m['planned_peak'] / m['tensors'] - 1):+.0f}%) | "
+                     f"{times[name]:.3f} s | {times[name] / times['none']:.2f}x |")
     if a.full_runs:
         runs = {"none (seed 0)": [], "none (seed 1)": ["--train.seed=1"], "fp8 (seed 0)": [FP8]}
         results = {name: train_run(work / f"full_{i}", [*o, f"--train.eval_interval={a.steps}"], a.steps)

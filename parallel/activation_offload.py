@@ -26,15 +26,17 @@ from parallel.regions import is_weight, param_storages, saved_tensors_chain
 
 
 class _HostCopy:
-    """One device storage's bytes in host memory (``host``), maybe on their way back (``fetched``)."""
+    """One device storage's bytes in host memory (``host``), maybe on their way back (``fetched``); both are let go
+    once every saved tensor that is a view of it has been handed back to backward (``views`` counts those left)."""
 
-    __slots__ = ("host", "fetched", "event", "nbytes", "index", "consumed", "block_call")
+    __slots__ = ("host", "fetched", "event", "nbytes", "index", "consumed", "block_call", "views")
 
     def __init__(self, host: torch.Tensor, event: Any, index: int, block_call: int):
         self.host, self.event, self.index, self.block_call = host, event, index, block_call
         self.fetched: torch.Tensor | None = None
         self.nbytes = host.numel()
         self.consumed = False
+        self.views = 0
 
 
 class _Offloaded:
@@ -77,10 +79,10 @@ class ActivationOffload:
         if t.device.type == "meta" or storage.nbytes() < self.min_bytes or is_weight(t, self._storages):
             return None  # kept on the device (or by the hooks around)
         known = self._by_storage.get(storage.data_ptr())
-        if known is not None:
-            return _Offloaded(known[1], t)
-        copy = self._copy_out(storage, t.device)
-        self._by_storage[storage.data_ptr()] = (t, copy)
+        copy = known[1] if known is not None else self._copy_out(storage, t.device)
+        if known is None:
+            self._by_storage[storage.data_ptr()] = (t, copy)
+        copy.views += 1
         return _Offloaded(copy, t)
 
     def _copy_out(self, storage: torch.UntypedStorage, device: torch.device) -> _HostCopy:
@@ -112,14 +114,17 @@ class ActivationOffload:
         self._prefetch_before(copy)
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(copy.event)
-        if not copy.consumed:
+        out = torch.empty(0, dtype=packed.dtype, device=copy.fetched.device).set_(
+            copy.fetched.untyped_storage(), packed.offset, packed.shape, packed.stride)
+        copy.views -= 1
+        if copy.views == 0:  # the last view is back: the host copy goes, the device one lives in what backward holds
             copy.consumed = True
+            copy.host = copy.fetched = None
             self.host_bytes -= copy.nbytes
             while self._copies and self._copies[0].consumed:  # forget the consumed prefix
                 self._copies.popleft()
                 self._base += 1
-        return torch.empty(0, dtype=packed.dtype, device=copy.fetched.device).set_(
-            copy.fetched.untyped_storage(), packed.offset, packed.shape, packed.stride)
+        return out
 
     def _fetch(self, copy: _HostCopy) -> None:
         if self.cuda:

@@ -71,7 +71,8 @@ def dequantize(q: Fp8Tiles) -> torch.Tensor:
 
 def _pack(param_storages: set[int], seen: dict, t: torch.Tensor) -> Fp8Tiles | None:
     """``t`` as FP8 tiles; the same tensor saved again in this call (the experts' gate and up GEMMs both keep
-    their input rows) gets the same tiles. ``seen`` holds the tensors, so no other takes their address."""
+    their input rows) gets the same tiles. ``seen`` holds the tensors while the call runs, so no other takes their
+    address."""
     if not t.is_floating_point() or t.ndim == 0 or is_weight(t, param_storages):
         return None  # weights, integer and scalar tensors: left to the hooks around (offload) or kept
     key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
@@ -83,8 +84,14 @@ def _pack(param_storages: set[int], seen: dict, t: torch.Tensor) -> Fp8Tiles | N
 def fp8_saved(module: nn.Module, method: Callable) -> Callable:
     """``method`` with every non-weight floating-point tensor autograd saves in it stored as FP8 tiles."""
     def run(*args, **kwargs):
-        with saved_tensors_chain(partial(_pack, param_storages(module), {}), dequantize, pass_on=True):
-            return method(*args, **kwargs)
+        seen: dict = {}
+        try:
+            with saved_tensors_chain(partial(_pack, param_storages(module), seen), dequantize, pass_on=True):
+                return method(*args, **kwargs)
+        finally:
+            # autograd keeps the pack hook (and so ``seen``) with every tensor it saved until backward: let go of
+            # the originals now, or they stay alive beside their FP8 tiles
+            seen.clear()
     return run
 
 

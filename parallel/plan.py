@@ -15,10 +15,12 @@ and the ZeRO-1 plan ``DistributedMuonClip`` would make (the same ``assign_owners
   counters);
 - activations: the storages autograd keeps per micro batch, layer by layer, with recomputation, FP8 storage,
   activation offload (host) and the chunked loss acting on them as the mechanisms do (parallel/plan_activations.py,
-  equal to the measured saved bytes), plus the stage inputs/outputs a pipeline schedule holds; their high point
-  over the step follows this rank's actions in torch's own schedule (``rank_actions``: forwards add a micro batch
-  of a stage, backwards free it), plus, once, full recompute's rebuilt block, the loss's logits and one layer's
-  gradients; and the recomputation's extra forward FLOPs per step;
+  equal to the measured saved bytes), plus the stage inputs/outputs a pipeline schedule holds, its receive
+  buffers for a round and, in a multi-stage schedule, what it sent until the round ends; their high point over
+  the step follows this rank's actions in torch's own schedule (``rank_actions``: forwards add a micro batch of a
+  stage, backwards free it), each action with what it holds while it runs (a layer's working set, FP8's
+  quantisation copies, offload's blocks on the device, full recompute's rebuilt block, the loss's backward, the
+  embedding's gradient); and the recomputation's extra forward FLOPs per step;
 - the optimizer step's transients: ``DistributedMuonClip`` goes bucket by bucket, holding the bucket's owned
   momentum updates, then batching its matrices of one shape (the stack plus two Newton–Schulz iterates);
   ``MuonClip`` (one process) one matrix at a time; with offloaded state, two groups' state on the device;
@@ -61,9 +63,9 @@ class RankPlan:
     activations_host_per_micro: int = 0  # offloaded
     saved_per_micro: int = 0  # what autograd keeps (device + host): no stage tensors, no replayed collectives
     in_flight: float = 1  # the most micro batches between forward and backward (chunks / stages on the rank)
-    activations: int = 0  # the high point over the step's schedule, on the device
+    activations: int = 0  # what micro batches in flight hold at the step's high point, on the device
     activations_host: int = 0
-    backward_transient: int = 0  # full recompute's rebuilt block, the loss's logits and one layer's gradients
+    backward_transient: int = 0  # what the action running at the high point holds on top (_working_sets)
     recompute_flops: float = 0.0  # extra forward FLOPs per step recomputation costs
     comm: dict[str, int] = field(default_factory=dict)  # bytes sent per step
     largest_matrix: tuple[int, ...] | None = None
@@ -129,13 +131,13 @@ def _zero1_layout(model, placements, tp: int, dp: int, edp: int, bucket_mb: floa
 
 
 def _activation_plan(cfg, plan, pp_rank: int, tp: int, ep: int, policy: PrecisionPolicy,
-                     largest_param: int) -> dict[str, float]:
-    """Per micro batch and at the high point of the step (``rank_actions``), device and host; the backward
-    transient, the larger of the loss's backward (its logits' working set, the head weight's gradient) and a
-    layer's (full recompute's rebuilt block, one layer's activation gradients, FP8 dequantisation, the largest
-    parameter's gradient before it joins its float32 buffer); the recomputation's extra forward FLOPs per step."""
+                     model: torch.nn.Module) -> dict[str, float]:
+    """Per micro batch, and at the high point of the step: torch's schedule for this rank (``rank_actions``) walked
+    action by action, each forward adding its micro batch's bytes and each backward removing them, with what an
+    action holds while it runs on top (``_working_sets``); device and host; the recomputation's extra forward FLOPs
+    per step. ``activations`` is what is held at the high point, ``transient`` what the action running then adds."""
     from parallel.pipeline_parallel import rank_actions
-    from parallel.plan_activations import Techniques, loss_transient, micro_batch, recompute_transient
+    from parallel.plan_activations import Techniques, micro_batch
 
     m, d, p = cfg.model, cfg.data, cfg.parallel
     tech = Techniques.from_config(cfg)
@@ -149,31 +151,70 @@ def _activation_plan(cfg, plan, pp_rank: int, tp: int, ep: int, policy: Precisio
         per_round = p.microbatches_per_round(d.grad_accum)  # one schedule call; rounds run one after another
         actions = rank_actions(p.schedule, p.pp, p.pp_virtual_stages, per_round, pp_rank)
         buffers = sum(per_round * held * ((not first) + (not last)) for _, first, last in stages.values())
-    per_stage = {}
+    per_stage, sent = {}, {}
     for s, (layers, first, last) in stages.items():
         mb = micro_batch(cfg, layers, first, last, tp, ep, policy, tech)
         output_held = 0 if plan is None or last else held  # a stage's output, kept for its backward
         per_stage[s] = (mb.device + output_held, mb.host, mb)
-    device = peak_device = buffers
-    host = peak_host = chunks = peak_chunks = 0
+        # torch's multi-stage schedules wait for their sends when the round ends: what a stage sent (its output,
+        # its input's gradient) stays alive after its backward until then; Schedule1F1B waits at the next exchange
+        crossing = [] if plan is None or p.schedule == "1f1b" else \
+            [n for n in (s - 1, s + 1) if 0 <= n < plan.n_stages and plan.owners[n] != pp_rank]
+        sent[s] = held * len(crossing)
+    work = _working_sets(cfg, stages, {s: v[2] for s, v in per_stage.items()}, policy, tech, model)
+    device, host = buffers, 0
+    top = (buffers, 0)  # (held, transient) at the high point
+    peak_host = chunks = peak_chunks = 0
     for kind, s in actions:
-        sign = 1 if kind == "F" else -1
-        device += sign * per_stage[s][0]
-        host += sign * per_stage[s][1]
-        chunks += sign
-        peak_device, peak_host, peak_chunks = max(peak_device, device), max(peak_host, host), max(peak_chunks, chunks)
-    mbs = [mb for _, _, mb in per_stage.values()]
-    grad_bytes = policy.param_dtype.itemsize  # autograd's gradient of a parameter, before it is added to its buffer
-    layer_bytes = max((max(mb.per_layer.values(), default=0) for mb in mbs), default=0)
-    layer = (max(recompute_transient(mb, tech) for mb in mbs) + max(mb.quantize_transient for mb in mbs)
-             + layer_bytes + largest_param * grad_bytes)
-    loss = loss_transient(cfg, policy, tech) if any(last for _, _, last in stages.values()) else 0
-    transient = max(layer, loss)
+        forward, backward, after = work[s]
+        if kind == "F":
+            device += per_stage[s][0]
+            host += per_stage[s][1]
+            chunks += 1
+            points = [(device, forward)]
+        else:
+            points = [(device, backward)]
+            device -= per_stage[s][0] - sent[s]
+            host -= per_stage[s][1]
+            chunks -= 1
+            points.append((device, after))
+        top = max([top, *points], key=sum)
+        peak_host, peak_chunks = max(peak_host, host), max(peak_chunks, chunks)
     per_micro = sum(v[0] for v in per_stage.values())
     return {"per_micro": per_micro, "host_per_micro": sum(v[1] for v in per_stage.values()),
             "saved_per_micro": sum(mb.device + mb.host - mb.replayed for _, _, mb in per_stage.values()),
-            "peak": peak_device, "peak_host": peak_host, "in_flight": peak_chunks / len(stages),
-            "transient": transient, "recompute_flops": _recompute_flops(cfg, stages, tp, tech)}
+            "peak": top[0], "peak_host": peak_host, "in_flight": peak_chunks / len(stages),
+            "transient": top[1], "recompute_flops": _recompute_flops(cfg, stages, tp, tech)}
+
+
+def _working_sets(cfg, stages: dict, mbs: dict, policy: PrecisionPolicy, tech, model: torch.nn.Module) -> dict:
+    """What a stage's forward and backward hold while they run, on top of the micro batches' kept bytes; and, on
+    the first stage, what its backward ends with once the micro batch's activations are freed (the embedding's
+    gradient). A layer's working set: an op's output and its input (or their gradients) alive together, each at
+    most the layer's largest activation, and FP8 storage's float32 working copies; backward adds the largest layer
+    weight's gradient before it joins its float32 buffer, full recompute's rebuilt block, and on the last stage the
+    loss's backward if larger (its logits chunk, the head weight's gradient). Activation offload: a block's device
+    tensors live until its forward ends, beside their host copies, and backward has two blocks' tensors back on
+    the device (the one running, the one prefetched: at most the two largest)."""
+    from parallel.plan_activations import loss_transient, recompute_transient
+
+    grad = policy.param_dtype.itemsize  # autograd's gradient of a parameter, before it is added to its buffer
+    layer_params = [q.numel() for name, q in model.named_parameters() if name.startswith("layers.")]
+    weight = max(layer_params, default=0) * grad
+    embed = getattr(model, "embed_tokens", None)
+    out = {}
+    for s, (_, first, last) in stages.items():
+        mb = mbs[s]
+        blocks = sorted(mb.block_hosts, reverse=True)
+        # FP8: quantising makes 4 float32 copies of a tensor, dequantising 2 (the float32 tiles, their product)
+        forward = 2 * mb.largest + mb.quantize_transient + blocks[0]
+        backward = 2 * mb.largest + mb.quantize_transient // 2 + weight + recompute_transient(mb, tech) + \
+            sum(blocks[:2])
+        if last:
+            backward = max(backward, loss_transient(cfg, policy, tech))
+        after = embed.weight.numel() * grad if first and embed is not None else 0
+        out[s] = (forward, backward, after)
+    return out
 
 
 def _recompute_flops(cfg, stages: dict, tp: int, tech) -> float:
@@ -323,7 +364,7 @@ def plan_layout(cfg, world: int) -> list[RankPlan]:
             lent = sorted((sum(s.param.numel() * _state_elements(s, policy) for s in g) * F32 for g in groups),
                           reverse=True)
             r.step_transient += sum(lent[:2])
-        acts = _activation_plan(cfg, plan, pp_rank, p.tp, p.ep, policy, max(q.numel() for q in model.parameters()))
+        acts = _activation_plan(cfg, plan, pp_rank, p.tp, p.ep, policy, model)
         r.activations_per_micro, r.activations_host_per_micro = acts["per_micro"], acts["host_per_micro"]
         r.saved_per_micro = acts["saved_per_micro"]
         r.activations, r.activations_host, r.in_flight = acts["peak"], acts["peak_host"], acts["in_flight"]

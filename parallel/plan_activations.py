@@ -83,6 +83,8 @@ class MicroBatch:
     host: int = 0
     per_layer: dict[int, int] = field(default_factory=dict)  # device + host of each layer (full recompute's transient)
     quantize_transient: int = 0  # float32 working copies while the largest FP8 tensor is quantized (4 of them)
+    largest: int = 0  # the largest activation of a layer, whatever the techniques keep (its ops make it anyway)
+    block_hosts: list[int] = field(default_factory=list)  # what each block offloads (offload works in blocks)
     replayed: int = 0  # full recompute: the collectives' results kept for the recomputation (not autograd's)
 
 
@@ -213,6 +215,9 @@ def micro_batch(cfg, layers: list[int], has_first: bool, has_last: bool, tp: int
         total = sum(x.nbytes for x in items)
         out.device += total - host
         out.host += host
+        out.block_hosts.append(host)
+        plain = saved_items(cfg, layer, tp, ep, policy, Techniques())
+        out.largest = max([out.largest] + [x.nbytes for x in plain])
         out.per_layer[layer] = sum(x.nbytes for x in saved_items(cfg, layer, tp, ep, policy, replace(tech, fp8=frozenset())))
     if has_first:
         out.device += N * 8  # token ids (the embedding's backward)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models.loss import chunk_size, head_loss
-from tests.audit import SavedBytes
+from tests.audit import LiveBytes, SavedBytes
 
 
 def saved_bytes(fn, *args) -> tuple[int, object]:
@@ -120,6 +120,49 @@ def test_activation_offload_moves_what_blocks_keep_to_the_host_with_bitwise_the_
     assert all(torch.equal(params_off[n], params[n]) for n in params)
     assert all(torch.equal(a, b) for a, b in zip(stats_off[0] + stats_off[1], stats[0] + stats[1]))
     assert device_off + host == device_bytes and host > 0.3 * device_bytes, (device_off, host, device_bytes)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["--parallel.recompute=selective"], ["--parallel.recompute=full"],
+    ["--parallel.fp8_activations=[moe_up_input, swiglu_input]"],
+    ["--parallel.recompute=selective", "--parallel.fp8_activations=[moe_up_input, swiglu_input]",
+     "--parallel.activation_offload=true"],
+], ids=["selective", "full", "fp8", "selective+fp8+offload"])
+def test_a_technique_changes_what_stays_alive_after_forward_by_what_autograd_keeps(tmp_path, overrides):
+    """The tensor bytes a forward leaves alive (tests/audit.py ``LiveBytes``) differ from the plain model's by what
+    autograd keeps (``SavedBytes``) and nothing else: a technique's bytes are really let go, not just counted (FP8
+    storage once kept each original beside its tiles: autograd holds the pack hook, and the hook held them)."""
+    kept = {}
+    for name, extra in (("plain", []), ("technique", overrides)):
+        cfg = debug_cfg(tmp_path / name, *MLA_MOE, *extra)
+        trainer = Trainer(cfg, init_runtime(cfg))
+        inputs, targets = trainer.loader.next_batch()
+        with LiveBytes() as live, SavedBytes(trainer.model) as saved:
+            loss = trainer.model(inputs, targets)  # held: its graph keeps what autograd saved
+        kept[name] = (live.current, saved.device + saved.host)
+        del loss
+    assert kept["technique"][1] < kept["plain"][1]
+    assert kept["technique"][0] - kept["technique"][1] == kept["plain"][0] - kept["plain"][1], kept
+
+
+def test_offloaded_activations_come_back_two_blocks_at_a_time_and_go_once_backward_used_them(tmp_path):
+    """Backward of 6 blocks with activation offload: the tensors it brings back (and their host copies) are let
+    go as soon as the nodes that saved them have run, so at its high point backward holds what it holds without
+    offload plus at most two blocks brought back (the one running and the one prefetched): less than half of
+    what was offloaded (holding every block brought back until the micro batch's backward ends, as a queue of
+    copies once did, adds all of it)."""
+    peaks = {}
+    for offload in (False, True):
+        cfg = debug_cfg(tmp_path / str(offload), *MLA_MOE, "--model.n_layers=6",
+                        f"--parallel.activation_offload={str(offload).lower()}")
+        trainer = Trainer(cfg, init_runtime(cfg))
+        inputs, targets = trainer.loader.next_batch()
+        with SavedBytes(trainer.model) as saved:
+            loss = trainer.model(inputs, targets)
+        with LiveBytes() as live:  # what backward makes (the gradients, what offload brings back), at its most
+            loss.backward()
+        peaks[offload] = live.peak
+    assert saved.host > 0 and peaks[True] - peaks[False] < 0.5 * saved.host, (peaks, saved.host)
 
 
 def test_fp8_tiles_round_each_element_within_e4m3s_spacing_of_its_tile_scale():

@@ -1,7 +1,7 @@
 """The memory techniques on this CPU (parallel/recompute.py, fp8_storage.py, activation_offload.py, models/loss.py):
 per setting, the bytes one step keeps for backward (measured and planned), the peak of building a trainer and
-its first step (tensor bytes and RSS growth measured, and planned), the step time; and what 300 steps of configs/tiny.yaml reach
-with FP8 activation storage against none.
+its first step (tensor bytes and RSS growth measured, and planned), the step time; and what 300 steps of
+configs/tiny.yaml reach with FP8 activation storage against none.
 
     python benchmarks/memory.py                   # saved bytes, peaks, step times (minutes)
     python benchmarks/memory.py --full-runs       # + 300-step tiny.yaml runs: none (2 seeds, the noise) and FP8

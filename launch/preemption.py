@@ -2,8 +2,10 @@
 SIGINT (Ctrl-C) ask for a checkpoint at the end of the current step and a clean exit (code 0), so the next
 submission resumes with nothing lost.
 
-The first signal only sets a flag (and restores the default action, so a second signal ends the process at
-once, mid-step, without saving). Every rank must stop after the same step, even when the signal reached only
+The first signal only sets a flag; a second one ends the process at once, mid-step, without saving (Ctrl-C
+twice), except a SIGTERM within ``duplicate_window_s`` (5 s) of a first SIGTERM: on preemption or ``scancel``
+Slurm signals every process of the job, and torchrun forwards its own copy, so each worker gets two at once
+(measured on a real Slurm: the second one used to abort the save). Every rank must stop after the same step, even when the signal reached only
 some of them, or reached them at different moments: the flags are MAX-all-reduced. ``stop_requested_async()``,
 called once per step, starts that all-reduce on a CPU (gloo) group of its own and returns the result of the one
 started the step before: no device synchronisation and no waiting, at the price of stopping one step later.
@@ -14,8 +16,10 @@ signal once and waits ``--shutdown-timeout`` seconds (default 30) before SIGKILL
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
+import time
 from typing import Any
 
 import torch
@@ -25,8 +29,11 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class PreemptionHandler:
+    duplicate_window_s = 5.0  # a SIGTERM this soon after the first is the same request (Slurm + torchrun)
+
     def __init__(self) -> None:
         self.received: int | None = None  # the first signal's number
+        self._received_at = 0.0
         self._previous: dict[int, Any] = {}
         self._group: Any = None  # gloo group for the flags (created on first use: a collective on every rank)
         self._in_flight: tuple[Any, torch.Tensor] | None = None
@@ -39,9 +46,13 @@ class PreemptionHandler:
 
     def _handle(self, signum: int, _frame: Any) -> None:
         if self.received is None:
-            self.received = signum
-        for sig in SIGNALS:  # a second signal: the default action, i.e. end now
-            signal.signal(sig, signal.SIG_DFL)
+            self.received, self._received_at = signum, time.monotonic()
+            return
+        if signum == self.received == signal.SIGTERM and \
+                time.monotonic() - self._received_at < self.duplicate_window_s:
+            return  # the same request delivered twice
+        signal.signal(signum, signal.SIG_DFL)  # a second signal: its default action, i.e. end now
+        os.kill(os.getpid(), signum)
 
     def uninstall(self) -> None:
         for sig, previous in self._previous.items():

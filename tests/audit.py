@@ -11,6 +11,8 @@ every collective moves.
   masked_select, boolean indexing, repeat_interleave without output_size, .item()/_local_scalar_dense, tolist),
   except where ``allow`` says so.
 - ``WireAudit``: wraps the torch.distributed calls and records (call, dtype, elements) per call.
+- ``SavedBytes``: the bytes autograd keeps for backward (device and host), through saved-tensor hooks.
+- ``LiveBytes``: the most tensor bytes alive (the CPU's ``torch.cuda.max_memory_allocated``).
 """
 from __future__ import annotations
 
@@ -359,9 +361,10 @@ class LiveBytes(TorchDispatchMode):
     """The CPU analogue of ``torch.cuda.max_memory_allocated``: the bytes of tensor storages alive, counted as ops
     create them inside the block (outputs that alias no input) and uncounted when the last reference to a storage
     dies (a finaliser on its Python object, which torch keeps as long as the storage lives), with the high point
-    and what held it. Storages made before the block (or outside the dispatcher) are not counted; one made by an op on another thread is not seen
-    (CPU autograd runs backward on the calling thread). Peak RSS also holds what is not a tensor (the interpreter,
-    libraries, the heap's free lists); this is what a device allocator would hand out."""
+    and what held it. Storages made before the block (or outside the dispatcher) are not counted; one made by an
+    op on another thread is not seen (CPU autograd runs backward on the calling thread). Peak RSS also holds what
+    is not a tensor (the interpreter, libraries, the heap's free lists); this is what a device allocator would
+    hand out."""
 
     def __init__(self):
         super().__init__()

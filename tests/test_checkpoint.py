@@ -128,7 +128,7 @@ def _damage(directory: Path, how: str) -> str:
 
 @pytest.mark.parametrize("how,reason", [
     ("truncated", r"\d+ bytes, \d+ expected \(truncated or overwritten\)"),
-    ("random bytes inside", r"sha256 mismatch \(contents changed since the save\)"),
+    ("random bytes inside", r"crc32 mismatch \(contents changed since the save\)"),
     ("missing", "missing"),
     ("garbage manifest", "unreadable"),
 ])
@@ -143,6 +143,53 @@ def test_damaged_checkpoint_is_named_with_its_file_and_nothing_changes(straight_
     with pytest.raises(ckpt.DamagedCheckpoint, match=rf"^checkpoint {bad} is damaged \({re.escape(name)}: {reason}"):
         train(tmp_path / "run", f"--train.resume={bad}")
     assert tree_digest(bad.parent) == before
+
+
+@pytest.mark.parametrize("saver", ["sync", "async"])
+def test_files_are_checksummed_as_they_are_written_not_read_back(tmp_path, monkeypatch, saver):
+    """Every data file's manifest entry is its size and CRC-32 on disk, taken while DCP wrote it (a 3 MiB tensor
+    goes through the helper thread, the small ones inline): the only file the save reads back is the small
+    .metadata; the same through the asynchronous saver."""
+    import zlib
+
+    from launch.checkpoint import integrity
+
+    read = []
+    original = integrity.hash_file
+    monkeypatch.setattr(integrity, "hash_file", lambda path, *a: (read.append(Path(path).name), original(path, *a))[1])
+    g = torch.Generator().manual_seed(0)
+    tensors = {"big": torch.randn(3 << 18, generator=g), "mid": torch.randn(300, 1000, generator=g),
+               "small": torch.arange(10.0)}
+    if saver == "sync":
+        path = ckpt.save_checkpoint(tmp_path, 1, tensors, {"m": 1}, {"e": 2})
+    else:
+        saving = ckpt.AsyncSaver()
+        saving.save(tmp_path, 1, tensors, {"m": 1}, {"e": 2})
+        saving.close()
+        path = ckpt.step_dir(tmp_path, 1)
+    assert read == [".metadata"]
+    manifest = json.loads((path / "checksums.json").read_text())
+    on_disk = sorted(p.name for p in path.iterdir() if p.suffix == ".distcp" or p.name == ".metadata")
+    assert manifest["algorithm"] == "crc32" and sorted(manifest["files"]) == on_disk
+    for name, entry in manifest["files"].items():
+        data = (path / name).read_bytes()
+        assert entry == {"size": len(data), "crc32": f"{zlib.crc32(data):08x}"}, name
+    ckpt.verify_checkpoint(path)
+
+
+def test_a_checkpoint_with_a_sha256_manifest_still_verifies_and_names_damage(straight_run, tmp_path):
+    """Checkpoints written before CRC-32 carry sha256 manifests: they verify, and damage is named with sha256."""
+    out, _, _ = straight_run
+    old = tmp_path / "step_00000004"
+    shutil.copytree(out / "checkpoints" / "step_00000004", old)
+    files = json.loads((old / "checksums.json").read_text())["files"]
+    entries = {name: {"size": (old / name).stat().st_size,
+                      "sha256": hashlib.sha256((old / name).read_bytes()).hexdigest()} for name in files}
+    (old / "checksums.json").write_text(json.dumps({"algorithm": "sha256", "files": entries}))
+    ckpt.verify_checkpoint(old)
+    name = _damage(old, "random bytes inside")
+    with pytest.raises(ckpt.DamagedCheckpoint, match=rf"\({re.escape(name)}: sha256 mismatch"):
+        ckpt.verify_checkpoint(old)
 
 
 def test_without_verification_random_bytes_are_caught_as_non_finite_values(straight_run, tmp_path):

@@ -107,6 +107,7 @@ _WAIT_FOR_SIGNALS = """
 import sys, time
 sys.path.insert(0, {root!r})
 from launch.preemption import PreemptionHandler
+PreemptionHandler.duplicate_window_s = {window}
 handler = PreemptionHandler().install()
 print("ready", flush=True)
 while handler.received is None:
@@ -117,17 +118,40 @@ print("saved", flush=True)
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_second_signal_aborts_at_once(sig):
-    proc = subprocess.Popen([sys.executable, "-c", _WAIT_FOR_SIGNALS.format(root=str(ROOT))], stdout=subprocess.PIPE,
-                            text=True)
+def _waiting(window: float = 5.0) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", _WAIT_FOR_SIGNALS.format(root=str(ROOT), window=window)],
+                            stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline() == "ready\n"
-    proc.send_signal(sig)
-    assert proc.stdout.readline() == f"stopping {sig.name}\n"
+    return proc
+
+
+@pytest.mark.parametrize("first,second,window", [(signal.SIGINT, signal.SIGINT, 5.0),
+                                                 (signal.SIGTERM, signal.SIGINT, 5.0),
+                                                 (signal.SIGTERM, signal.SIGTERM, 0.2)])
+def test_a_second_signal_aborts_at_once(first, second, window):
+    """Ctrl-C twice, or a SIGTERM then Ctrl-C, or a second SIGTERM later than the duplicate window: the process
+    ends at once, without saving."""
+    proc = _waiting(window)
+    proc.send_signal(first)
+    assert proc.stdout.readline() == f"stopping {first.name}\n"
+    time.sleep(window if first == second else 0)
     t0 = time.monotonic()
-    proc.send_signal(sig)
-    assert proc.wait(timeout=30) == -sig and time.monotonic() - t0 < 5
+    proc.send_signal(second)
+    assert proc.wait(timeout=30) == -second and time.monotonic() - t0 < 5
     assert proc.stdout.read() == ""  # never reached "saved"
+
+
+def test_a_sigterm_delivered_twice_at_once_is_one_request():
+    """Slurm signals every process of a job on preemption or scancel and torchrun forwards its own SIGTERM, so a
+    worker gets two within milliseconds: the second is the same request, the save goes on."""
+    proc = _waiting()
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.stdout.readline() == "stopping SIGTERM\n"
+    time.sleep(1)
+    assert proc.poll() is None  # still saving
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: now end it
+    assert proc.wait(timeout=30) == -signal.SIGINT
 
 
 def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
@@ -376,14 +400,13 @@ _SLOW_COMMIT = """
 import pathlib, sys, time
 sys.path.insert(0, {root!r})
 from launch.checkpoint import integrity
-original = integrity.hash_files
-def slow(paths):
-    paths = list(paths)
-    if any("step_00000008" in str(p) for p in paths):
+original = integrity.write_manifest
+def slow(directory, entries, referenced):
+    if "step_00000008" in str(directory):
         pathlib.Path({marker!r}).write_text("writing")
         time.sleep(600)
-    return original(paths)
-integrity.hash_files = slow
+    return original(directory, entries, referenced)
+integrity.write_manifest = slow
 from tests.test_train import debug_cfg
 from launch.trainer import Trainer, init_runtime
 cfg = debug_cfg({out!r}, "--train.steps=8", "--train.ckpt_interval=4", "--train.eval_interval=0",
@@ -488,7 +511,7 @@ def test_a_damaged_file_stops_every_rank_with_the_same_error(tmp_path):
     victim = (tmp_path / "victim").read_text()
     errors = [(tmp_path / f"error{r}").read_text() for r in range(2)]
     assert errors[0] == errors[1]
-    assert errors[0] == (f"checkpoint {tmp_path / 'checkpoints' / 'step_00000004'} is damaged ({victim}: sha256 "
+    assert errors[0] == (f"checkpoint {tmp_path / 'checkpoints' / 'step_00000004'} is damaged ({victim}: crc32 "
                          "mismatch (contents changed since the save))")
 
 

@@ -28,16 +28,19 @@ def _stub(directory: Path, name: str, body: str) -> None:
     path.chmod(0o755)
 
 
-def test_slurm_script_forwards_sigterm_saves_and_requeues(tmp_path):
-    """launch/slurm.sbatch under stub srun/torchrun/scontrol: the job asks for requeue and an early SIGTERM,
-    passes --cpus-per-task to srun explicitly, forwards SIGTERM to the training processes, waits for them and
-    requeues the job."""
+@pytest.mark.parametrize("signal_name,requeued", [("SIGUSR1", True), ("SIGTERM", False)])
+def test_slurm_script_forwards_the_signal_saves_and_requeues_only_before_the_time_limit(tmp_path, signal_name,
+                                                                                       requeued):
+    """launch/slurm.sbatch under stub srun/torchrun/scontrol: the job asks for requeue and an early SIGUSR1,
+    passes --cpus-per-task to srun explicitly, forwards SIGTERM to the training processes and waits for them;
+    it requeues the job on SIGUSR1 (the time limit is near) and not on SIGTERM (preemption, whose requeue is
+    SLURM's own, or a plain scancel, which must stay cancelled)."""
     import os
     import signal
     import time
 
     script = (ROOT / "launch" / "slurm.sbatch").read_text()
-    assert "#SBATCH --requeue" in script and "#SBATCH --signal=B:TERM@" in script
+    assert "#SBATCH --requeue" in script and "#SBATCH --signal=B:USR1@" in script
     log = tmp_path / "calls.log"
     _stub(tmp_path, "scontrol", f'if [[ "$1" == show ]]; then echo node0; else echo "scontrol $*" >> {log}; fi\n')
     _stub(tmp_path, "srun", f'echo "srun $*" >> {log}\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
@@ -51,10 +54,10 @@ def test_slurm_script_forwards_sigterm_saves_and_requeues(tmp_path):
     deadline = time.monotonic() + 30
     while "torchrun" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, signal_name))
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     calls = log.read_text().splitlines()
     assert calls[0].startswith("srun --ntasks-per-node=1 --cpus-per-task=16 ")
     assert "--shutdown-timeout=" in calls[1] and calls[1].endswith("--train.steps=5")
-    assert calls[2:] == ["training got SIGTERM", "scontrol requeue 42"]
+    assert calls[2:] == ["training got SIGTERM", *(["scontrol requeue 42"] if requeued else [])]

@@ -8,7 +8,7 @@ Layout under ``<output_dir>/checkpoints/``::
 
 A checkpoint is written to ``step_XXXXXXXX.tmp`` and renamed when every rank has finished, so a directory
 without ``.tmp`` is complete; ``latest`` is replaced atomically; only the last ``keep`` are kept. Every file is
-hashed at save time and verified before a load (integrity.py); ``AsyncSaver`` is the same save with
+checksummed while it is written and verified before a load (integrity.py); ``AsyncSaver`` is the same save with
 only the staging copy blocking training.
 
 Keys: the model's ``state_dict()`` (FQNs), the optimizer state flattened to ``optim/{fqn}/{state_key}``

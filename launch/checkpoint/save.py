@@ -11,7 +11,7 @@ from typing import Any
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 
 from launch.checkpoint import integrity
@@ -27,15 +27,15 @@ def save_checkpoint(root: str | Path, step: int, tensors: dict[str, Any], meta: 
                     extra: dict[str, Any], keep: int = 3, config_text: str = "") -> Path:
     """Collective: every rank passes its tensors (model + owned optimizer state) and its ``extra``.
 
-    Writes ``step_XXXXXXXX.tmp``, hashes every file (``checksums.json``), renames it when complete, points
+    Writes ``step_XXXXXXXX.tmp``, checksumming every file as it is written (``checksums.json``), renames it when
+    complete, points
     ``latest`` at it, prunes to ``keep``. A failed write (disk full, read-only, ...) removes the partial
     directory, leaves the earlier checkpoints and ``latest`` untouched and raises the same OSError on every rank.
     """
     save = _Save(Path(root), step, keep, config_text, group=None)
     save.begin()
     try:
-        dcp.save(save.state(tensors, meta, extra), storage_writer=FileSystemWriter(save.tmp),
-                 no_dist=not distributed())
+        dcp.save(save.state(tensors, meta, extra), storage_writer=save.writer, no_dist=not distributed())
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP raises the same failure on every rank
         save.fail(e)
     save.finish()
@@ -62,7 +62,7 @@ class AsyncSaver:
         save = _Save(Path(root), step, keep, config_text, group=self.group)
         save.begin()
         try:
-            written = dcp.async_save(save.state(tensors, meta, extra), storage_writer=FileSystemWriter(save.tmp),
+            written = dcp.async_save(save.state(tensors, meta, extra), storage_writer=save.writer,
                                      process_group=self.group, no_dist=not distributed())
         except (Exception, CheckpointException) as e:  # noqa: BLE001
             save.fail(e)
@@ -108,6 +108,7 @@ class _Save:
         self.final = step_dir(root, step)
         self.tmp = self.final.with_name(self.final.name + ".tmp")
         self.rank = rank()
+        self.writer = integrity.checksum_writer(self.tmp)
 
     def begin(self) -> None:
         error = None
@@ -125,20 +126,13 @@ class _Save:
                 f"extra/rank{self.rank}": to_bytes(extra)}
 
     def finish(self) -> None:
-        """Hash this rank's files, gather the hashes on rank 0, which writes the manifest, renames, points
-        ``latest`` and prunes; every rank then learns whether that worked."""
-        error, entries = None, {}
-        try:
-            entries = integrity.hash_files(integrity.own_files(self.tmp, self.rank))
-        except OSError as e:
-            error = e
+        """Gather the checksums of the files every rank wrote on rank 0, which writes the manifest, renames,
+        points ``latest`` and prunes; every rank then learns whether that worked."""
+        error, entries = None, integrity.checksums(self.writer, self.rank)
         gathered = [entries]
         if distributed():
             gathered = [None] * dist.get_world_size(self.group)
-            dist.all_gather_object(gathered, (entries, error is not None), group=self.group)
-            error = error or next((OSError(f"rank {r} could not read back its files") for r, (_, bad)
-                                   in enumerate(gathered) if bad), None)
-            gathered = [e for e, _ in gathered]
+            dist.all_gather_object(gathered, entries, group=self.group)
         if error is None and self.rank == 0:
             try:
                 metadata = FileSystemReader(self.tmp).read_metadata()

@@ -2,14 +2,15 @@
 SIGINT (Ctrl-C) ask for a checkpoint at the end of the current step and a clean exit (code 0), so the next
 submission resumes with nothing lost.
 
-The first signal only sets a flag; a second one ends the process at once, mid-step, without saving (Ctrl-C
-twice), except a SIGTERM within ``duplicate_window_s`` (5 s) of a first SIGTERM: on preemption or ``scancel``
-Slurm signals every process of the job, and torchrun forwards its own copy, so each worker gets two at once
-(measured on a real Slurm: the second one used to abort the save). Every rank must stop after the same step, even when the signal reached only
-some of them, or reached them at different moments: the flags are MAX-all-reduced. ``stop_requested_async()``,
-called once per step, starts that all-reduce on a CPU (gloo) group of its own and returns the result of the one
-started the step before: no device synchronisation and no waiting, at the price of stopping one step later.
-``stop_requested()`` is the blocking form (used once after the last step).
+The first signal only sets a flag and gives the signals their default action back, so a second one ends the
+process at once, mid-step, without saving (Ctrl-C twice), except a SIGTERM within ``duplicate_window_s`` (5 s)
+of a first SIGTERM: on preemption or ``scancel`` Slurm signals every process of the job, and torchrun forwards
+its own copy, so each worker gets two at once (measured on a real Slurm: the second one used to abort the save).
+Every rank must stop after the same step, even when the signal reached only some of them, or reached them at
+different moments: the flags are MAX-all-reduced. ``stop_requested_async()``, called once per step, starts that
+all-reduce on a CPU (gloo) group of its own and returns the result of the one started the step before: no device
+synchronisation and no waiting, at the price of stopping one step later. ``stop_requested()`` is the blocking
+form (used once after the last step).
 
 torchrun starts its workers in their own sessions: Ctrl-C in the terminal reaches torchrun, which forwards the
 signal once and waits ``--shutdown-timeout`` seconds (default 30) before SIGKILL; the save must fit in it.
@@ -47,12 +48,22 @@ class PreemptionHandler:
     def _handle(self, signum: int, _frame: Any) -> None:
         if self.received is None:
             self.received, self._received_at = signum, time.monotonic()
+            # from now on a signal's default action ends the process at once, at the OS level (even while the
+            # main thread is inside a collective); a first SIGTERM keeps SIGTERM here for the duplicate window
+            for sig in SIGNALS:
+                if not (sig == signum == signal.SIGTERM):
+                    signal.signal(sig, signal.SIG_DFL)
             return
-        if signum == self.received == signal.SIGTERM and \
-                time.monotonic() - self._received_at < self.duplicate_window_s:
-            return  # the same request delivered twice
-        signal.signal(signum, signal.SIG_DFL)  # a second signal: its default action, i.e. end now
+        if time.monotonic() - self._received_at < self.duplicate_window_s:
+            return  # SIGTERM again, within the window: the same request delivered twice
+        signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
+
+    def _close_duplicate_window(self) -> None:
+        """Once the window has passed, SIGTERM too ends the process at the OS level (main thread, per step)."""
+        if self.received == signal.SIGTERM and self._previous and \
+                time.monotonic() - self._received_at >= self.duplicate_window_s:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def uninstall(self) -> None:
         for sig, previous in self._previous.items():
@@ -65,6 +76,7 @@ class PreemptionHandler:
 
     def stop_requested(self) -> bool:
         """Collective when distributed: True on every rank if any rank got a signal (blocking)."""
+        self._close_duplicate_window()
         if not _distributed():
             return self.received is not None
         if self._in_flight is not None:  # complete the asynchronous round first: collectives stay in order
@@ -78,6 +90,7 @@ class PreemptionHandler:
     def stop_requested_async(self) -> bool:
         """Collective when distributed: whether any rank had a signal when the previous call started its
         all-reduce (the same answer on every rank); starts the next one. One step late, never blocking."""
+        self._close_duplicate_window()
         if not _distributed():
             return self.received is not None
         stop = self._finish() if self._in_flight is not None else False

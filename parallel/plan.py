@@ -205,7 +205,7 @@ def _working_sets(cfg, stages: dict, mbs: dict, policy: PrecisionPolicy, tech, m
     out = {}
     for s, (_, first, last) in stages.items():
         mb = mbs[s]
-        blocks = sorted(mb.block_hosts, reverse=True)
+        blocks = sorted(mb.block_hosts, reverse=True)  # every stage holds at least one layer
         # FP8: quantising makes 4 float32 copies of a tensor, dequantising 2 (the float32 tiles, their product)
         forward = 2 * mb.largest + mb.quantize_transient + blocks[0]
         backward = 2 * mb.largest + mb.quantize_transient // 2 + weight + recompute_transient(mb, tech) + \

@@ -154,6 +154,38 @@ def test_a_sigterm_delivered_twice_at_once_is_one_request():
     assert proc.wait(timeout=30) == -signal.SIGINT
 
 
+_BUSY_IN_C = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from launch.preemption import PreemptionHandler
+torch.set_num_threads(1)
+handler = PreemptionHandler().install()
+big = torch.randn(6000, 6000)
+print("ready", flush=True)
+sys.stdin.readline()
+print("computing", flush=True)
+big @ big @ big  # one long call into C: Python signal handlers wait for it to return
+print("saved", flush=True)
+"""
+
+
+def test_a_second_signal_ends_the_process_while_it_is_busy_in_c():
+    """After a first SIGTERM, Ctrl-C ends the process at the OS level, not when the main thread next runs Python:
+    a rank stuck in a collective (here: one long matmul) can still be stopped at once."""
+    proc = subprocess.Popen([sys.executable, "-c", _BUSY_IN_C.format(root=str(ROOT))], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGTERM)
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline() == "computing\n"
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == -signal.SIGINT and time.monotonic() - t0 < 1.0, time.monotonic() - t0
+    assert proc.stdout.read() == ""
+
+
 def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     """Under torchrun, a signal that reaches only rank 1 still makes both ranks save the same step and exit 0."""
     out = tmp_path / "run"

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from configs import load_config  # noqa: E402
 from launch.trainer import Trainer, init_runtime  # noqa: E402
 from parallel.plan import plan_layout  # noqa: E402
-from tests.audit import LiveBytes, SavedBytes  # noqa: E402
+from tests.audit import LiveBytes, SavedBytes, vm_bytes  # noqa: E402
 from benchmarks._tiny_runs import TINY, interleaved_step_times, quiet, runs_table, train_run  # noqa: E402
 
 FP8 = "--parallel.fp8_activations=[moe_up_input, swiglu_input]"
@@ -50,13 +50,6 @@ SHAPE = ["--data.micro_batch_size=16", "--data.seq_len=256"]
 STEP_ONLY = ["--train.eval_interval=0", "--train.ckpt_interval=0"]
 
 
-def _vm(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
 def one_setting(name: str, work: Path) -> dict:
     """In this (fresh) process, after a warm-up trainer (imports, the data index): the peak RSS growth from
     building the setting's trainer through its first step (parameters, gradients and optimizer state included,
@@ -68,14 +61,14 @@ def one_setting(name: str, work: Path) -> dict:
     warm.close()
     del warm
     gc.collect()
-    base = _vm("VmRSS")
+    base = vm_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
     with LiveBytes() as live:
         trainer = Trainer(cfg, init_runtime(cfg))
         with SavedBytes(trainer.model) as saved:
             trainer.train_step()
     plan = plan_layout(cfg, 1)[0]
-    return {"device": saved.device, "host": saved.host, "peak": _vm("VmHWM") - base, "tensors": live.peak,
+    return {"device": saved.device, "host": saved.host, "peak": vm_bytes("VmHWM") - base, "tensors": live.peak,
             "planned_saved": plan.saved_per_micro, "planned_host": plan.activations_host_per_micro,
             "planned_peak": plan.peak + plan.activations_host}
 

@@ -12,14 +12,18 @@ every collective moves.
   except where ``allow`` says so.
 - ``WireAudit``: wraps the torch.distributed calls and records (call, dtype, elements) per call.
 - ``SavedBytes``: the bytes autograd keeps for backward (device and host), through saved-tensor hooks.
-- ``LiveBytes``: the most tensor bytes alive (the CPU's ``torch.cuda.max_memory_allocated``).
+- ``LiveBytes``: the most tensor bytes alive (the CPU's ``torch.cuda.max_memory_allocated``); ``vm_bytes``:
+  the process's RSS and peak RSS.
 """
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -360,22 +364,17 @@ class SavedBytes:
 class LiveBytes(TorchDispatchMode):
     """The CPU analogue of ``torch.cuda.max_memory_allocated``: the bytes of tensor storages alive, counted as ops
     create them inside the block (outputs that alias no input) and uncounted when the last reference to a storage
-    dies (a finaliser on its Python object, which torch keeps as long as the storage lives), with the high point
-    and what held it. Storages made before the block (or outside the dispatcher) are not counted; one made by an
-    op on another thread is not seen (CPU autograd runs backward on the calling thread). Peak RSS also holds what
-    is not a tensor (the interpreter, libraries, the heap's free lists); this is what a device allocator would
-    hand out."""
+    dies (a finaliser on its Python object, which torch keeps as long as the storage lives), and their high point.
+    Storages made before the block (or outside the dispatcher) are not counted; one made by an op on another thread
+    is not seen (CPU autograd runs backward on the calling thread). Peak RSS also holds what is not a tensor (the
+    interpreter, libraries, the heap's free lists); this is what a device allocator would hand out."""
 
     def __init__(self):
         super().__init__()
         self.current = self.peak = 0
-        self._live: dict[int, tuple[int, str]] = {}  # id(storage) -> (bytes, op that made it)
-        self.at_peak: dict[str, int] = {}  # op -> bytes alive at the peak (filled on exit)
-        self._peak_ops: dict[int, tuple[int, str]] = {}
+        self._live: dict[int, int] = {}  # id(storage) -> bytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        import weakref
-
         out = func(*args, **(kwargs or {}))
         if any(r.alias_info is not None for r in func._schema.returns):
             return out  # a view or an in-place result: its storage is its input's (maybe from before the block)
@@ -385,23 +384,16 @@ class LiveBytes(TorchDispatchMode):
                 key = id(storage)
                 if key in self._live or storage.nbytes() == 0:
                     continue
-                self._live[key] = (storage.nbytes(), str(func.overloadpacket.__name__))
+                self._live[key] = storage.nbytes()
                 weakref.finalize(storage, self._free, key)
                 self.current += storage.nbytes()
-                if self.current > self.peak:
-                    self.peak = self.current
-                    self._peak_ops = dict(self._live)
+                self.peak = max(self.peak, self.current)
         return out
 
     def _free(self, key: int) -> None:
-        nbytes, _ = self._live.pop(key)
-        self.current -= nbytes
+        self.current -= self._live.pop(key)
 
-    def __exit__(self, *exc):
-        out = super().__exit__(*exc)
-        by_op: dict[str, int] = defaultdict(int)
-        for nbytes, op in self._peak_ops.values():
-            by_op[op] += nbytes
-        self.at_peak = dict(sorted(by_op.items(), key=lambda kv: -kv[1]))
-        self._peak_ops = {}
-        return out
+
+def vm_bytes(key: str) -> int:
+    """A /proc/self/status memory figure (VmRSS, VmHWM: peak since clear_refs 5) in bytes."""
+    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 from configs import load_config
 from models import Transformer
 from models.init import fill_, normal
+from tests.audit import vm_bytes
 from tests.dist_utils import run_distributed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,11 +40,6 @@ def test_init_depends_only_on_seed_and_name():
     fill_(rows, normal(a.init_rules()["layers.0.self_attn.o_proj.weight"].std), 7, "layers.0.self_attn.o_proj.weight",
           shard=(1, w.shape[1] // 2, tuple(w.shape)))
     assert torch.equal(rows, w[:, w.shape[1] // 2:])
-
-
-def vm_bytes(key: str) -> int:
-    """A /proc/self/status memory figure (VmRSS, VmHWM: peak since clear_refs 5) in bytes."""
-    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
 
 
 def _build_worker(rank, world_size, tmp, overrides, measure):

@@ -179,7 +179,7 @@ def test_a_cancelled_job_saves_and_is_not_requeued(slurm, tmp_path):
     try:
         _when_training(slurm, job, out)
         _run("scancel", job, env=slurm)
-        info = _ended(slurm, job, out)
+        _ended(slurm, job, out)
         time.sleep(3)  # a requeue (there must be none) would show by now
         info = _job(slurm, job)
     finally:

@@ -28,8 +28,7 @@ def save_checkpoint(root: str | Path, step: int, tensors: dict[str, Any], meta: 
     """Collective: every rank passes its tensors (model + owned optimizer state) and its ``extra``.
 
     Writes ``step_XXXXXXXX.tmp``, checksumming every file as it is written (``checksums.json``), renames it when
-    complete, points
-    ``latest`` at it, prunes to ``keep``. A failed write (disk full, read-only, ...) removes the partial
+    complete, points ``latest`` at it, prunes to ``keep``. A failed write (disk full, read-only, ...) removes the partial
     directory, leaves the earlier checkpoints and ``latest`` untouched and raises the same OSError on every rank.
     """
     save = _Save(Path(root), step, keep, config_text, group=None)
@@ -133,7 +132,7 @@ class _Save:
         if distributed():
             gathered = [None] * dist.get_world_size(self.group)
             dist.all_gather_object(gathered, entries, group=self.group)
-        if error is None and self.rank == 0:
+        if self.rank == 0:
             try:
                 metadata = FileSystemReader(self.tmp).read_metadata()
                 referenced = {info.relative_path for info in metadata.storage_data.values()}

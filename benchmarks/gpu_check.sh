@@ -38,7 +38,7 @@ python -m benchmarks.gpu_probe mfu --config configs/small_gpu.yaml --metrics "$O
 
 # bf16 parameters: no host sync in a step (sync_debug_mode error), GEMM dtypes, offloaded state = same losses
 part bf16 180 python -m benchmarks.gpu_probe bf16
-# recompute / FP8 storage / activation offload (pinned buffers, side stream): peak memory, step time, same losses
+# recompute / FP8 storage / activation offload (pinned buffers, side stream): peak memory vs the planner, step time, same losses
 part memory 240 python -m benchmarks.gpu_probe memory
 part probe 120 python -m benchmarks.gpu_probe max_logits
 # model.attention_impl: flex (flex attention's max scores as the max logits) against SDPA + the float32 probe

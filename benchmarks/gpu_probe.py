@@ -143,11 +143,13 @@ def bf16(device: str = "cuda") -> None:
 
 def memory(device: str = "cuda") -> None:
     """The memory techniques on the GPU (bf16 parameters, a small MoE at micro batch 8 x 1024): per setting the peak
-    device memory of a step, the step time (median of 5) and the losses of 4 steps; activation offload (pinned
-    host buffers, a side stream, prefetch) must give the losses of the same setting without it and a lower peak,
+    device memory of a step against the planner's peak (parallel/plan.py, checked against tensor bytes on a CPU),
+    the step time (median of 5) and the losses of 4 steps; activation offload (pinned host buffers, a side stream,
+    prefetch) must give the losses of the same setting without it and a lower peak,
     and a step with it runs under ``sync_debug_mode("error")``. ``device="cpu"``: a dry run."""
     from configs import load_config
     from launch.trainer import Trainer, init_runtime
+    from parallel.plan import plan_layout
 
     cuda = device == "cuda"
     common = [f"--train.device={device}", "--train.dtype=bfloat16", "--train.param_dtype=bfloat16",
@@ -178,6 +180,7 @@ def memory(device: str = "cuda") -> None:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        planned = plan_layout(cfg, 1)[0].peak / 2**30
         sync = ""
         if cuda and "offload" in name:
             torch.cuda.set_sync_debug_mode("error")
@@ -188,7 +191,8 @@ def memory(device: str = "cuda") -> None:
                 sync = f"; HOST SYNC: {str(e).splitlines()[0]}"
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-        print(f"memory {name}: peak {peak:.2f} GiB, step {statistics.median(times) * 1e3:.0f} ms, "
+        print(f"memory {name}: peak {peak:.2f} GiB (planned {planned:.2f}, {100 * (planned / peak - 1):+.0f}%), "
+              f"step {statistics.median(times) * 1e3:.0f} ms, "
               f"losses {[round(x, 4) for x in losses[name]]}{sync}")
         del trainer
         if cuda:

@@ -4,7 +4,8 @@
 # float32 masters) of configs/small_gpu.yaml for 20 steps on 1 GPU (tokens/s, MFU), a bf16 step under CUDA's sync
 # debug mode with the dtype audit and optimizer-state offload, the memory techniques (peak memory, activation
 # offload's losses and syncs), the flex-attention max-logit probe against the
-# eager reference, the model's attention_impl: flex against SDPA (tests/test_model.py), Newton-Schulz per shape
+# eager reference, the model's attention_impl: flex against SDPA (tests/test_model.py; with a document block mask:
+# tests/test_document_mask.py), Newton-Schulz per shape
 # (bf16 vs float32), and throughput vs transformers.
 #   bash benchmarks/gpu_check.sh            # ~10 minutes on one H100/H200 (+ up to 5 for the flex test)
 set -uo pipefail
@@ -42,7 +43,7 @@ part bf16 180 python -m benchmarks.gpu_probe bf16
 part memory 240 python -m benchmarks.gpu_probe memory
 part probe 120 python -m benchmarks.gpu_probe max_logits
 # model.attention_impl: flex (flex attention's max scores as the max logits) against SDPA + the float32 probe
-part flex_model 300 python -m pytest -q tests/test_model.py -k flex_attention
+part flex_model 300 python -m pytest -q tests/test_model.py tests/test_document_mask.py -k flex_attention
 part ns 120 python benchmarks/ns.py --device cuda --config configs/small_gpu.yaml --rounds 5 --out "$OUT/ns.md"
 part throughput 150 python benchmarks/throughput_vs_hf.py --device cuda --batch 16 --seq 1024 --dim 1024 \
   --steps 10 --out "$OUT/throughput_vs_hf.md"

@@ -144,7 +144,12 @@ class DataConfig:
     tokenizer: str = "bpe8k"  # "bpe8k", "gpt2", a tokenizer.json path or a local Hugging Face tokenizer dir
     trust_remote_code: bool = False  # let AutoTokenizer run a tokenizer directory's own code (e.g. Kimi-K2)
     utf8_errors: str = "strict"  # invalid UTF-8 in raw text: "strict" (error naming file and line) or "replace"
-    preprocess_workers: int = 1  # tokenizer processes rank 0 uses for raw-text sources
+    # tokenizer processes rank 0 uses for raw-text sources; 0: one per 64 MiB of text, up to its CPUs (the other
+    # ranks wait meanwhile); identical files whatever the number
+    preprocess_workers: int = 0
+    # how long the other ranks wait for rank 0 to tokenize and index the data before they end with an error
+    # naming rank 0's last message (tokenize large corpora beforehand: python -m data.preprocess)
+    build_timeout_s: float = 7200.0
     data_dir: str = "data/cache"  # token shards of raw-text sources, sample indices, downloads
     seq_len: int = 256
     micro_batch_size: int = 8  # sequences per rank per micro step
@@ -152,13 +157,23 @@ class DataConfig:
     val_fraction: float = 0.01  # documents of each source held out for validation (when val_sources is empty)
     val_batches: int = 8  # validation pass = val_batches global batches (micro_batch_size * dp * grad_accum)
     seed: int = 1234  # data order
+    # packed samples hold several documents: with document_mask a token attends only to earlier tokens of its own
+    # document (boundaries from the sample index, exact), and QK-Clip's max logits cover exactly those pairs;
+    # reset_positions (with document_mask) restarts RoPE positions at each document
+    document_mask: bool = False
+    reset_positions: bool = False
 
     def __post_init__(self) -> None:
         s = "data"
         _need(s, bool(self.tokenizer), "tokenizer must be a non-empty name (e.g. 'bpe8k')")
         _need(s, bool(self.data_dir), "data_dir must be a non-empty path")
-        for name in ("seq_len", "micro_batch_size", "grad_accum", "val_batches", "preprocess_workers"):
+        for name in ("seq_len", "micro_batch_size", "grad_accum", "val_batches"):
             _need(s, getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _need(s, self.preprocess_workers >= 0, f"preprocess_workers must be >= 0 (0: automatic), got "
+                                               f"{self.preprocess_workers}")
+        _need(s, self.build_timeout_s > 0, f"build_timeout_s must be > 0 seconds, got {self.build_timeout_s}")
+        _need(s, self.document_mask or not self.reset_positions,
+              "reset_positions needs document_mask: true (positions restart where attention is cut)")
         _need(s, 0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}")
         _one_of(s, "utf8_errors", self.utf8_errors, ("strict", "replace"))
         _check_sources("sources", self.sources)

@@ -76,14 +76,19 @@ class BlendedSamples:
         self.seq_len = sources[0].seq_len
         self.blend = Blend(self.weights, self.names)
 
-    def windows(self, i: np.ndarray) -> np.ndarray:
-        """Token windows [len(i), seq_len + 1] of global samples ``i``."""
+    def windows(self, i: np.ndarray, segments: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Token windows [len(i), seq_len + 1] of global samples ``i`` (with ``segments``: and each token's document
+        index within its window, ``SourceSamples.windows``)."""
         d, j = self.blend.locate(i)
         out = np.empty((len(d), self.seq_len + 1), np.int64)
+        seg = np.empty((len(d), self.seq_len + 1), np.int32) if segments else None
         for src in np.unique(d):
             rows = np.flatnonzero(d == src)
-            out[rows] = self.sources[src].windows(j[rows])
-        return out
+            if segments:
+                out[rows], seg[rows] = self.sources[src].windows(j[rows], segments=True)
+            else:
+                out[rows] = self.sources[src].windows(j[rows])
+        return out if seg is None else (out, seg)
 
     def counts(self, n: int) -> np.ndarray:
         return self.blend.counts(n)

@@ -54,16 +54,25 @@ def _check_rank(batch_size: int, dp_rank: int, dp_size: int) -> None:
         raise ValueError(f"need 0 <= dp_rank < dp_size, got dp_rank={dp_rank}, dp_size={dp_size}")
 
 
-def _to_torch(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_torch(rows: np.ndarray | tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, ...]:
+    """(inputs, targets), or with a window's segments (document masking) (inputs, targets, segments of the
+    inputs)."""
+    if isinstance(rows, tuple):
+        rows, seg = rows
+        return (torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy()),
+                torch.from_numpy(seg[:, :-1].copy()))
     return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
 
 
 class BatchLoader:
-    """``next_batch() -> (inputs_BT, targets_BT)`` int64 tensors of shape [micro_batch_size, seq_len]."""
+    """``next_batch() -> (inputs_BT, targets_BT)`` int64 tensors of shape [micro_batch_size, seq_len]; with
+    ``document_mask`` also ``segments_BT`` (int32: each input token's document within its sample, for
+    ``Transformer.forward(..., segments=)``)."""
 
-    def __init__(self, samples: BlendedSamples, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1):
+    def __init__(self, samples: BlendedSamples, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
+                 document_mask: bool = False):
         _check_rank(micro_batch_size, dp_rank, dp_size)
-        self.samples, self.seq_len = samples, samples.seq_len
+        self.samples, self.seq_len, self.document_mask = samples, samples.seq_len, document_mask
         self.micro_batch_size, self.dp_rank, self.dp_size = int(micro_batch_size), int(dp_rank), int(dp_size)
         self.global_batch_size = self.micro_batch_size * self.dp_size  # samples per micro step, all ranks
         self.samples_consumed = 0  # global samples consumed so far (all ranks advance together)
@@ -87,10 +96,10 @@ class BatchLoader:
         start = global_batch * self.global_batch_size + self.dp_rank * self.micro_batch_size
         return np.arange(start, start + self.micro_batch_size, dtype=np.int64)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
         ids = self.sample_ids(self.global_batches)
         self.samples_consumed += self.global_batch_size
-        return _to_torch(self.samples.windows(ids))
+        return _to_torch(self.samples.windows(ids, segments=self.document_mask))
 
     def __iter__(self) -> "BatchLoader":
         return self
@@ -134,17 +143,17 @@ def val_batch_count(batch_size: int, n_samples: int, dp_size: int = 1) -> int:
 
 
 def val_batches(samples: BlendedSamples, batch_size: int, n_samples: int, dp_rank: int = 0,
-                dp_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                dp_size: int = 1, document_mask: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
     """The first ``n_samples`` global samples of ``samples`` (a multiple of batch_size * dp_size), in order:
     micro global batch b holds samples ``[b*G, (b+1)*G)`` with G = batch_size * dp_size; rank r yields its slice."""
     _check_rank(batch_size, dp_rank, dp_size)
     global_batch = batch_size * dp_size
     n_batches = val_batch_count(batch_size, n_samples, dp_size)
 
-    def generate() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def generate() -> Iterator[tuple[torch.Tensor, ...]]:
         for b in range(n_batches):
             start = b * global_batch + dp_rank * batch_size
-            yield _to_torch(samples.windows(np.arange(start, start + batch_size)))
+            yield _to_torch(samples.windows(np.arange(start, start + batch_size), segments=document_mask))
 
     return generate()
 

@@ -9,11 +9,18 @@ order, so any number of workers writes byte-identical files. At most ``2 * worke
 memory stays bounded whatever the input size. The files are written as ``OUT.tmp-<pid>.*`` and renamed into
 place at the end (the old ``.idx`` is removed first): a crash never leaves a prefix that looks complete.
 The trainer runs the same ``preprocess()`` on rank 0 for raw-text sources (data/sources.py).
+
+Beside the prefix goes ``OUTPUT_PREFIX.stats.json`` (documents, tokens, largest token id, tied to the files' sizes
+and the .idx's modification time), so a training run checks token ids against ``model.vocab_size`` without
+reading every token. For Megatron prefixes made elsewhere, record it once beforehand:
+
+    python -m data.preprocess --stats /data/tokens/web_text_document ...
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import multiprocessing
 import os
 import re
@@ -23,7 +30,7 @@ import time
 from typing import Callable
 
 from data.formats import Resolved, read_chunks, resolve, tokenize_chunk
-from data.indexed import IndexedWriter, token_dtype
+from data.indexed import IndexedWriter, TokenShards, token_dtype
 from data.tokenizer import TextTokenizer
 
 _WORKER: dict = {}  # per worker process: tokenizer and options (set by _init_worker)
@@ -67,6 +74,38 @@ def remove_stale_tmp(target: str) -> None:
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         except PermissionError:
             pass
+
+
+def _identity(prefix: str) -> dict:
+    idx = os.stat(prefix + ".idx")
+    return {"idx_bytes": idx.st_size, "idx_mtime_ns": idx.st_mtime_ns, "bin_bytes": os.path.getsize(prefix + ".bin")}
+
+
+def read_stats(prefix: str) -> dict | None:
+    """``prefix.stats.json`` when it describes the files there now (sizes and .idx time unchanged), else None."""
+    try:
+        with open(prefix + ".stats.json", encoding="utf-8") as f:
+            stats = json.load(f)
+        return stats if {k: stats.get(k) for k in ("idx_bytes", "idx_mtime_ns", "bin_bytes")} == _identity(prefix) \
+            else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def write_stats(prefix: str, stats: dict) -> dict:
+    stats = {**stats, **_identity(prefix)}
+    tmp = f"{prefix}.stats.json.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(stats, f, indent=2, sort_keys=True)
+    os.replace(tmp, prefix + ".stats.json")
+    return stats
+
+
+def scan_stats(prefix: str) -> dict:
+    """Validate a Megatron prefix, find its largest token id (one pass over the .bin) and record both."""
+    shards = TokenShards(prefix)
+    return write_stats(prefix, {"documents": len(shards), "tokens": shards.num_tokens,
+                                "max_token": shards.max_token()})
 
 
 def preprocess(inputs: list[str] | Resolved, tokenizer: TextTokenizer | str, output_prefix: str, workers: int = 1,
@@ -114,6 +153,7 @@ def preprocess(inputs: list[str] | Resolved, tokenizer: TextTokenizer | str, out
     seconds = time.perf_counter() - t0
     stats.update(tokens=writer.num_tokens, max_token=writer.max_token, seconds=seconds,
                  tokens_per_s=writer.num_tokens / max(seconds, 1e-9), vocab_size=tok.vocab_size, eos_id=tok.eos_id)
+    write_stats(output_prefix, stats)
     if stats["utf8_replaced_bytes"]:
         log(f"{resolved.path}: replaced {stats['utf8_replaced_bytes']} invalid UTF-8 bytes with U+FFFD")
     if stats["empty_skipped"]:
@@ -134,8 +174,9 @@ def _ordered(pool, chunks, in_flight: int):
 
 def _publish(tmp: str, output_prefix: str) -> None:
     """Rename the finished files into place: the old .idx goes first, the new .idx last."""
-    if os.path.exists(output_prefix + ".idx"):
-        os.remove(output_prefix + ".idx")
+    for old in (output_prefix + ".idx", output_prefix + ".stats.json"):
+        if os.path.exists(old):
+            os.remove(old)
     os.replace(tmp + ".bin", output_prefix + ".bin")
     os.replace(tmp + ".idx", output_prefix + ".idx")
 
@@ -150,10 +191,12 @@ def _progress_bar(enabled: bool):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data.preprocess", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True, help="files, directories, globs (see data/formats.py)")
+    parser.add_argument("--input", nargs="+", help="files, directories, globs (see data/formats.py)")
     parser.add_argument("--tokenizer", default="bpe8k",
                         help="bpe8k, gpt2, a tokenizer.json path or a Hugging Face tokenizer directory")
-    parser.add_argument("--output-prefix", required=True, help="writes OUTPUT_PREFIX.bin and OUTPUT_PREFIX.idx")
+    parser.add_argument("--output-prefix", help="writes OUTPUT_PREFIX.bin, .idx and .stats.json")
+    parser.add_argument("--stats", nargs="+", metavar="PREFIX",
+                        help="instead: validate existing Megatron prefixes and record PREFIX.stats.json for each")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: %(default)s)")
     parser.add_argument("--text-key", default="text", help="JSON/parquet/arrow field with the text")
     parser.add_argument("--format", default="auto", choices=["auto", "jsonl", "json", "parquet", "text", "lines",
@@ -162,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trust-remote-code", action="store_true", help="for tokenizer directories with code")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.stats:
+        return _record_stats(args.stats)
+    if not args.input or not args.output_prefix:
+        parser.error("--input and --output-prefix are required (or --stats PREFIX ...)")
     try:
         tok = TextTokenizer(args.tokenizer, trust_remote_code=args.trust_remote_code)
         stats = preprocess(args.input, tok, args.output_prefix, args.workers, args.text_key, args.format,
@@ -172,6 +219,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"wrote {args.output_prefix}.bin/.idx: {stats['documents']:,} documents, {stats['tokens']:,} tokens "
           f"({stats['tokens_per_s']:,.0f} tokens/s, {stats['seconds']:.1f} s, {args.workers} workers)")
+    return 0
+
+
+def _record_stats(prefixes: list[str]) -> int:
+    for prefix in prefixes:
+        prefix = prefix[:-4] if prefix.endswith((".bin", ".idx")) else prefix
+        try:
+            stats = scan_stats(prefix)
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {prefix}.stats.json: {stats['documents']:,} documents, {stats['tokens']:,} tokens, "
+              f"largest token id {stats['max_token']}")
     return 0
 
 

@@ -29,15 +29,26 @@ SPLIT_SEED = 1234  # the held-out split does not move with data.seed
 
 
 class ShardSet:
-    """The documents of several ``TokenShards`` as one sequence (shard order, then document order)."""
+    """The documents of several ``TokenShards`` as one sequence (shard order, then document order).
 
-    def __init__(self, shards: list[TokenShards]):
+    ``lengths``: every document's token count. One shard: its memory-mapped .idx lengths. Several: the
+    ``lengths`` given (the memory-mapped copy data/documents.py builds once), else concatenated in memory at first use.
+    """
+
+    def __init__(self, shards: list[TokenShards], lengths: np.ndarray | None = None):
         if not shards:
             raise ValueError("a source needs at least one token shard")
         self.shards = shards
         self.doc_offsets = np.cumsum([0] + [len(s) for s in shards])
-        self.lengths = (shards[0].sequence_lengths if len(shards) == 1
-                        else np.concatenate([np.asarray(s.sequence_lengths) for s in shards]))
+        if lengths is not None and len(lengths) != self.doc_offsets[-1]:
+            raise ValueError(f"{len(lengths)} document lengths for {self.doc_offsets[-1]} documents")
+        self._lengths = shards[0].sequence_lengths if lengths is None and len(shards) == 1 else lengths
+
+    @property
+    def lengths(self) -> np.ndarray:
+        if self._lengths is None:  # built on first use only
+            self._lengths = np.concatenate([np.asarray(s.sequence_lengths) for s in self.shards])
+        return self._lengths
 
     def __len__(self) -> int:
         return int(self.doc_offsets[-1])
@@ -49,13 +60,21 @@ class ShardSet:
         return s.tokens[start:start + length]
 
 
-def split_documents(n_docs: int, val_fraction: float, where: str = "source") -> tuple[np.ndarray, np.ndarray]:
-    """Document-level held-out split: ``round(n * val_fraction)`` documents (at least 1 when the fraction is
-    positive), chosen by a fixed-seed permutation, are validation. Returns sorted (train_ids, val_ids)."""
+def held_out_count(n_docs: int, val_fraction: float, where: str = "source") -> int:
+    """Documents held out for validation: ``round(n * val_fraction)``, at least 1 when the fraction is positive;
+    an error when nothing would be left for training."""
     n_val = 0 if val_fraction == 0 else max(1, round(n_docs * val_fraction))
     if n_val >= n_docs:
         raise ValueError(f"{where}: val_fraction={val_fraction} leaves no training documents ({n_docs} documents); "
                          f"lower data.val_fraction or give data.val_sources")
+    return n_val
+
+
+def split_documents(n_docs: int, val_fraction: float, where: str = "source") -> tuple[np.ndarray, np.ndarray]:
+    """Document-level held-out split: ``held_out_count`` documents, chosen by a fixed-seed permutation, are
+    validation. Returns sorted (train_ids, val_ids). In memory (~17 bytes per document); data/documents.py
+    builds the same split once into memory-mapped files for the trainer."""
+    n_val = held_out_count(n_docs, val_fraction, where)
     val = np.sort(np.random.RandomState(SPLIT_SEED).permutation(n_docs)[:n_val])
     mask = np.ones(n_docs, bool)
     mask[val] = False
@@ -63,13 +82,19 @@ def split_documents(n_docs: int, val_fraction: float, where: str = "source") -> 
 
 
 class SourceSamples:
-    """``windows(js)``: token windows [len(js), seq_len + 1] (int64) of source samples ``js`` (any epoch)."""
+    """``windows(js)``: token windows [len(js), seq_len + 1] (int64) of source samples ``js`` (any epoch).
+
+    ``doc_ids``: the subset (a memory map is kept as one); ``tokens``: their token count when known (else summed
+    here, a gather of every subset document's length)."""
 
     def __init__(self, docs: ShardSet, doc_ids: np.ndarray, seq_len: int, seed: int, shuffle: bool = True,
-                 cache_dir: str | None = None, name: str = "source"):
-        self.docs, self.doc_ids, self.name = docs, np.asarray(doc_ids, np.int64), name
+                 cache_dir: str | None = None, name: str = "source", tokens: int | None = None):
+        self.docs, self.name = docs, name
+        integer = isinstance(doc_ids, np.ndarray) and doc_ids.dtype.kind in "iu"
+        self.doc_ids = doc_ids if integer else np.asarray(doc_ids, np.int64)  # a memory map stays one
         self.seq_len, self.seed, self.shuffle, self.cache_dir = int(seq_len), int(seed), shuffle, cache_dir
-        self.tokens_per_epoch = int(np.asarray(docs.lengths)[self.doc_ids].sum(dtype=np.int64))
+        self.tokens_per_epoch = (int(np.asarray(docs.lengths)[self.doc_ids].sum(dtype=np.int64)) if tokens is None
+                                 else int(tokens))
         self.samples_per_epoch = max(0, (self.tokens_per_epoch - 1) // self.seq_len)
         if self.samples_per_epoch == 0:
             raise ValueError(f"data source {name}: {self.tokens_per_epoch} tokens in {len(self.doc_ids)} documents, "
@@ -96,7 +121,8 @@ class SourceSamples:
     def _compute(self, epoch: int, path: str | None):
         n_docs, n_samples = len(self.doc_ids), self.samples_per_epoch
         rs = np.random.RandomState((self.seed + epoch) % 2**32)
-        order = self.doc_ids.astype(np.int32 if len(self.docs) < 2**31 else np.int64)
+        # a plain ndarray copy: RandomState.shuffle swaps the items of a subclass (np.memmap) one by one in Python
+        order = np.array(self.doc_ids, np.int32 if len(self.docs) < 2**31 else np.int64)
         if self.shuffle:
             rs.shuffle(order)
         perm = None
@@ -105,7 +131,7 @@ class SourceSamples:
             rs.shuffle(perm)
         if path is None:
             cum = np.zeros(n_docs + 1, np.int64)
-            np.cumsum(np.asarray(self.docs.lengths)[order], out=cum[1:])
+            _offsets(self.docs.lengths, order, cum)
             return order.astype(np.int64), cum, perm
         # one int64 file: [n_docs, n_samples, order (n_docs), offsets (n_docs + 1), sample order (n_samples or 0)]
         from data.preprocess import remove_stale_tmp
@@ -117,20 +143,22 @@ class SourceSamples:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(size,))
         out[0], out[1] = n_docs, n_samples if perm is not None else 0
         out[2:2 + n_docs] = order
-        cum = out[2 + n_docs:3 + 2 * n_docs]
-        cum[0] = 0
-        np.cumsum(np.asarray(self.docs.lengths)[order], out=cum[1:])
+        _offsets(self.docs.lengths, order, out[2 + n_docs:3 + 2 * n_docs])
         if perm is not None:
             out[3 + 2 * n_docs:] = perm
         out.flush()
-        del out, cum
+        del out
         os.replace(tmp, path)  # another rank may have written the same file meanwhile: same bytes
         return _split_index(np.load(path, mmap_mode="r"))
 
-    def windows(self, js: np.ndarray) -> np.ndarray:
+    def windows(self, js: np.ndarray, segments: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """With ``segments``: also [len(js), seq_len + 1] int32, the index of each token's document within its
+        window (0 for the document the window starts in, then 1, 2, ...): document masking's boundaries, exact
+        from the index (no EOS token needed)."""
         js = np.asarray(js, np.int64)
         L = self.seq_len
         out = np.empty((len(js), L + 1), np.int64)
+        seg = np.empty((len(js), L + 1), np.int32) if segments else None
         epochs, local = np.divmod(js, self.samples_per_epoch)
         lengths = self.docs.lengths
         for epoch in np.unique(epochs):
@@ -140,13 +168,25 @@ class SourceSamples:
             for row, k in zip(rows, picks):
                 start = int(k) * L
                 p = int(np.searchsorted(cum, start, "right")) - 1
-                pos, filled = start - int(cum[p]), 0
+                pos, filled, piece = start - int(cum[p]), 0, 0
                 while filled < L + 1:
                     doc = int(order[p])
                     take = min(L + 1 - filled, int(lengths[doc]) - pos)
                     out[row, filled:filled + take] = self.docs.read(doc, pos, take)
-                    filled, pos, p = filled + take, 0, p + 1
-        return out
+                    if seg is not None:
+                        seg[row, filled:filled + take] = piece
+                    filled, pos, p, piece = filled + take, 0, p + 1, piece + (take > 0)
+        return out if seg is None else (out, seg)
+
+
+def _offsets(lengths: np.ndarray, order: np.ndarray, cum: np.ndarray, chunk: int = 1 << 22) -> None:
+    """cum = [0, running token counts of the documents in ``order``], gathered in chunks (a gather of all at
+    once holds int64 indices and the lengths beside ``order``: 12 bytes per document)."""
+    cum[0] = total = 0
+    for a in range(0, len(order), chunk):
+        part = np.cumsum(np.asarray(lengths[order[a:a + chunk]], np.int64))
+        cum[1 + a:1 + a + part.size] = part + total
+        total += int(part[-1])
 
 
 def _split_index(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

@@ -2,6 +2,9 @@
 the model (meta -> parallelize -> sharded init) and the optimizer (MuonClip or ZeRO-1 DistributedMuonClip)."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import sys
 import time
 from typing import Any
@@ -37,6 +40,7 @@ def build_model(cfg: JobConfig, rt: Runtime) -> tuple[Transformer, dict[str, Any
         plan = stage_plan(cfg, rt)
         model = prune_to_stage(model, plan.layers, first=plan.has_first, last=plan.has_last)
     # EP/TP of size 1 change nothing; placements all the same
+    model.reset_positions = cfg.data.reset_positions  # with data.document_mask (the loader gives the segments)
     placements = parallelize(model, rt.pdims, rt.groups, p, PrecisionPolicy.from_config(cfg))
     init_sharded(model, rules, shapes, placements, rt.groups.ep_rank, cfg.train.seed, rt.device)
     if cfg.train.compile:
@@ -145,42 +149,56 @@ def wraps_in_ddp(cfg: JobConfig, rt: Runtime, zero1: bool) -> bool:
 
 
 def build_data(cfg: JobConfig, rt: Runtime) -> tuple[data_lib.BatchLoader, data_lib.Datasets]:
-    """Rank 0 tokenizes raw sources and builds the sample indices (data/sources.py), the others wait and then
-    open them. A data error on rank 0 is sent to every rank, so each ends with the same message (no hang)."""
+    """Rank 0 tokenizes raw sources and builds the document tables and sample indices (data/sources.py), posting
+    its progress; the others wait (at most ``data.build_timeout_s``) and open what it wrote from its manifest. A
+    data error on rank 0 is sent to every rank, so each ends with the same message (no hang)."""
     d = cfg.data
     global_batch = tokens_per_step(cfg, rt) // d.seq_len  # samples per optimizer step, all ranks
     kwargs = dict(model_vocab_size=cfg.model.vocab_size, global_batch=global_batch,
                   planned_samples=cfg.train.steps * global_batch, with_val=cfg.train.eval_interval > 0)
-    datasets, error = None, None
+    store = dist.distributed_c10d._get_default_store() if rt.world_size > 1 else None
+    # keyed by what is built: a second build in the same process group (tests) never reads the first one's answer
+    key = hashlib.sha256(json.dumps([dataclasses.asdict(d), kwargs], sort_keys=True).encode()).hexdigest()[:16]
+    done_key, status_key = f"data_built/{key}", f"data_status/{key}"
     if rt.rank == 0:
+        def log(message: str) -> None:
+            _log_stderr(message)
+            if store is not None:
+                store.set(status_key, message)
+
         try:
-            datasets = data_lib.build_datasets(d, builder=True, log=_log_stderr, **kwargs)
+            datasets = data_lib.build_datasets(d, builder=True, log=log, **kwargs)
         except (ValueError, OSError) as e:
-            if rt.world_size == 1:
+            if store is None:
                 raise
-            error = f"{type(e).__name__}: {e}"
-    if rt.world_size > 1:
-        error = _wait_for_rank0("data_built", error, rt.rank)
-        if error is not None:
-            raise ValueError(f"rank 0 could not build the data: {error}")
-    if datasets is None:  # built by rank 0 by now: this only opens it
-        datasets = data_lib.build_datasets(d, builder=False, log=lambda _: None, **kwargs)
+            store.set(done_key, json.dumps({"error": f"{type(e).__name__}: {e}"}))
+            raise ValueError(f"rank 0 could not build the data: {type(e).__name__}: {e}") from None
+        if store is not None:
+            store.set(done_key, json.dumps({"manifest": datasets.manifest}))
+    else:
+        posted = json.loads(_wait_for_rank0(store, done_key, status_key, d.build_timeout_s))
+        if "error" in posted:
+            raise ValueError(f"rank 0 could not build the data: {posted['error']}")
+        datasets = data_lib.build_datasets(d, builder=False, log=lambda _: None, manifest=posted["manifest"],
+                                           **kwargs)
     loader = data_lib.BatchLoader(datasets.train, d.micro_batch_size, dp_rank=rt.groups.data_rank,
-                                  dp_size=rt.groups.data_size)
+                                  dp_size=rt.groups.data_size, document_mask=d.document_mask)
     return loader, datasets
 
 
-def _wait_for_rank0(key: str, error: str | None, rank: int) -> str | None:
-    """Rank 0 posts ``error`` (None: done) under ``key`` in this attempt's store (launch/runtime.py); the others
-    poll for it. No collective timeout applies: tokenizing a corpus may take hours; a dead rank 0 is the
-    watchdog's to report."""
-    store = dist.distributed_c10d._get_default_store()
-    if rank == 0:
-        store.set(key, error or "")
-        return error
+def _wait_for_rank0(store, key: str, status_key: str, timeout_s: float) -> str:
+    """What rank 0 posts under ``key`` in this attempt's store (launch/runtime.py), polled without a collective
+    (tokenizing may take long; a dead rank 0 is the watchdog's to report), at most ``timeout_s``: then an error
+    naming rank 0's last progress message."""
+    deadline = time.monotonic() + timeout_s
     while not store.check([key]):
+        if time.monotonic() > deadline:
+            last = store.get(status_key).decode() if store.check([status_key]) else "nothing yet"
+            raise ValueError(f"rank 0 has not finished building the data after data.build_timeout_s={timeout_s:g} s "
+                             f"(its last message: {last}); tokenize large corpora beforehand (python -m "
+                             f"data.preprocess) or raise data.build_timeout_s")
         time.sleep(0.2)
-    return store.get(key).decode() or None
+    return store.get(key).decode()
 
 
 def _log_stderr(message: str) -> None:

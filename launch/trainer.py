@@ -175,12 +175,13 @@ class Trainer:
             loss_sum = self._pipeline_step(self._pipeline_batches(accum), train=True)
             self._progress()
         for micro in range(accum if self.pipeline is None else 0):
-            inputs_BT, targets_BT = (t.to(device, non_blocking=True) for t in self.loader.next_batch())
-            step_inputs.append(inputs_BT)
+            # (segments_BT,) under data.document_mask
+            inputs_BT, targets_BT, *documents = (t.to(device, non_blocking=True) for t in self.loader.next_batch())
+            step_inputs.append((inputs_BT, *documents))
             sync = micro == accum - 1 or not hasattr(self.train_model, "no_sync")
             with (nullcontext() if sync else self.train_model.no_sync()):
                 with self.autocast:
-                    loss = self.train_model(inputs_BT, targets_BT)  # float32 mean cross entropy
+                    loss = self.train_model(inputs_BT, targets_BT, *documents)  # float32 mean cross entropy
                 (loss / accum).backward()
             loss_sum += loss.detach()
             self._progress()
@@ -198,9 +199,10 @@ class Trainer:
 
     def _pipeline_batches(self, n: int) -> list:
         """The step's ``n`` micro batches as this rank's stages need them: a rank without the first or the last
-        stage needs neither tokens nor targets, so its loader only moves on (every loader stays at the same
-        position, for checkpoints and for the layouts a resume may change to)."""
-        if self.pipeline.has_first or self.pipeline.has_last:
+        stage needs neither tokens nor targets (nor, without document masking, anything), so its loader only moves
+        on (every loader stays at the same position, for checkpoints and for the layouts a resume may change
+        to)."""
+        if self.pipeline.has_first or self.pipeline.has_last or self.cfg.data.document_mask:
             return [self.loader.next_batch() for _ in range(n)]
         self.loader.skip(n)
         return [None] * n
@@ -211,23 +213,27 @@ class Trainer:
         the sum of their losses, summed over the pipeline group so every rank has it (the last stage computed it).
         Only the first stage's inputs and the last stage's targets go to the device."""
         pipe, device = self.pipeline, self.rt.device
-        inputs = [x.to(device) for x, _ in batches] if pipe.has_first else None
-        targets = [y.to(device) for _, y in batches] if pipe.has_last else None
+        inputs = [b[0].to(device) for b in batches] if pipe.has_first else None
+        targets = [b[1].to(device) for b in batches] if pipe.has_last else None
+        # document masking: every stage's attention needs the segments (torch passes kwargs to each stage)
+        segments = [b[2].to(device) for b in batches] if self.cfg.data.document_mask else None
         per_round = self.cfg.parallel.microbatches_per_round(len(batches))
         losses: list[torch.Tensor] = []
         with self.autocast:
             for start in range(0, len(batches), per_round):
                 inputs_BT = inputs[start:start + per_round] if pipe.has_first else None
                 targets_BT = targets[start:start + per_round] if pipe.has_last else None
+                segments_BT = segments[start:start + per_round] if segments is not None else None
                 if train:
                     round_losses: list[torch.Tensor] = []  # torch's step replaces the list's contents
+                    documents = {} if segments_BT is None else {"segments": torch.cat(segments_BT)}
                     pipe.schedule.step(*([torch.cat(inputs_BT)] if pipe.has_first else []),
                                        target=torch.cat(targets_BT) if pipe.has_last else None,
-                                       losses=round_losses, return_outputs=False)
+                                       losses=round_losses, return_outputs=False, **documents)
                     losses += round_losses
                 else:
                     n = min(per_round, len(batches) - start)
-                    losses.append(pipe.forward_losses(n, inputs_BT, targets_BT, device))
+                    losses.append(pipe.forward_losses(n, inputs_BT, targets_BT, device, segments_BT))
         total = torch.stack([x.detach().float() for x in losses]).sum() if pipe.has_last else torch.zeros(
             (), device=device)
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.rt.groups.pp_group)
@@ -242,17 +248,17 @@ class Trainer:
             self.watchdog.progress(self.step)
 
     @torch.no_grad()
-    def _post_step_clip(self, step_inputs: list[torch.Tensor]) -> None:
+    def _post_step_clip(self, step_inputs: list[tuple[torch.Tensor, ...]]) -> None:
         """QK-Clip on the updated weights: one no-grad forward over all the step's micro batches at once (no saved
         activations; stopped after the last attention layer), clipping layer by layer. Eval mode records no max
         logits; the routers' load counters are restored so the probe leaves no trace but the clip."""
         routers = self.model.moe_routers()
         loads = [r.expert_load_E.clone() for r in routers]
-        inputs_BT = torch.cat(step_inputs)
+        inputs_BT, *documents = (torch.cat(parts) for parts in zip(*step_inputs))
         self.model.eval()
         try:
             with self.autocast:
-                self.qkclip_post.apply_post_step(lambda: self.model(inputs_BT))
+                self.qkclip_post.apply_post_step(lambda: self.model(inputs_BT, None, *documents))
         finally:
             self.model.train()
             for router, load_E in zip(routers, loads):
@@ -272,9 +278,10 @@ class Trainer:
         self.model.eval()
         total, n = torch.zeros((), device=self.rt.device), 0
         batches = data_lib.val_batches(self.datasets.val, d.micro_batch_size, self.datasets.val_samples,
-                                       g.data_rank, g.data_size)
+                                       g.data_rank, g.data_size, d.document_mask)
         if self.pipeline is not None:  # grad_accum micro batches at a time (a global batch's share)
-            ends = self.pipeline.has_first or self.pipeline.has_last  # a middle stage needs no batch
+            # a middle stage needs no batch (document masking: its segments)
+            ends = self.pipeline.has_first or self.pipeline.has_last or d.document_mask
             batches = list(batches) if ends else [None] * data_lib.val_batch_count(
                 d.micro_batch_size, self.datasets.val_samples, g.data_size)
             for k in range(0, len(batches), d.grad_accum):
@@ -282,9 +289,9 @@ class Trainer:
                 n += len(batches[k:k + d.grad_accum])
                 self._progress()
             batches = []
-        for inputs_BT, targets_BT in batches:
+        for batch in batches:
             with self.autocast:
-                total += self.model(inputs_BT.to(self.rt.device), targets_BT.to(self.rt.device))
+                total += self.model(*(t.to(self.rt.device) for t in batch))
             n += 1
             self._progress()
         self.model.train()

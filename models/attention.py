@@ -9,7 +9,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .init import ZEROS, InitRule, init_module_, normal, prefixed
-from .layers import RMSNorm, Yarn, apply_rope, causal_max_logits, rope_cos_sin
+from .layers import RMSNorm, Yarn, apply_rope, causal_max_logits, document_causal_mask, rope_cos_sin
 
 
 class _AttentionBase:
@@ -32,46 +32,55 @@ class _AttentionBase:
     def _records(self) -> bool:
         return self.training and self.record_stats
 
-    def _record(self, q_BHTd: torch.Tensor, k_BHTd: torch.Tensor) -> None:
+    def _record(self, q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, segments_BT: torch.Tensor | None) -> None:
         if self._records():
             # in place: QK-Clip specs hold a reference to this buffer
-            torch.maximum(self.max_logits_H, causal_max_logits(q_BHTd, k_BHTd, self.scale), out=self.max_logits_H)
+            torch.maximum(self.max_logits_H, causal_max_logits(q_BHTd, k_BHTd, self.scale, segments_BT=segments_BT),
+                          out=self.max_logits_H)
 
     @torch.no_grad()
-    def probe_max_logits(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        """Per-head max logit [H] (float32) of the CURRENT weights on this layer's input; records nothing.
-        QK-Clip's post-step mode calls it from a forward pre-hook (the spec's ``measure``)."""
-        q, k, _ = self._qkv(x_BTD)
-        return causal_max_logits(q, k, self.scale)
+    def probe_max_logits(self, x_BTD: torch.Tensor, segments_BT: torch.Tensor | None = None,
+                         positions_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-head max logit [H] (float32) of the CURRENT weights on this layer's input (the forward's arguments);
+        records nothing. QK-Clip's post-step mode calls it from a forward pre-hook (the spec's ``measure``)."""
+        q, k, _ = self._qkv(x_BTD, positions_BT)
+        return causal_max_logits(q, k, self.scale, segments_BT=segments_BT)
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, segments_BT: torch.Tensor | None = None,
+                positions_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """``segments_BT`` (document masking): each token's document in the packed sample, a token attends only to
+        its own document; ``positions_BT``: RoPE positions (default 0..T-1), e.g. restarting per document."""
         B, T, _ = x_BTD.shape
-        out = self.attend(*self._qkv(x_BTD))
+        documents = () if segments_BT is None else (segments_BT,)
+        out = self.attend(*self._qkv(x_BTD, positions_BT), *documents)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
-    def attend(self, q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, v_BHTe: torch.Tensor) -> torch.Tensor:
+    def attend(self, q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, v_BHTe: torch.Tensor,
+               segments_BT: torch.Tensor | None = None) -> torch.Tensor:
         """The attention core (recording the max logits): [B, H, T, value head dim]. A region memory techniques wrap
         (parallel/regions.py): what it keeps for backward are q, k and v."""
         if self.attention_impl == "flex":
-            out, max_H = _flex_with_max(q_BHTd, k_BHTd, v_BHTe, self.scale)
+            out, max_H = _flex_with_max(q_BHTd, k_BHTd, v_BHTe, self.scale, segments_BT)
             if self._records():
                 torch.maximum(self.max_logits_H, max_H, out=self.max_logits_H)
         else:
-            self._record(q_BHTd, k_BHTd)
-            out = _sdpa(q_BHTd, k_BHTd, v_BHTe, self.scale)
+            self._record(q_BHTd, k_BHTd, segments_BT)
+            out = _sdpa(q_BHTd, k_BHTd, v_BHTe, self.scale, segments_BT)
         return out[..., :self.v_dim]  # MLA's v may arrive padded to the q/k width (qkv_up)
 
 
-def _sdpa(q_BHTd, k_BHTd, v_BHTe, scale: float) -> torch.Tensor:
-    """Causal SDPA. MLA's value heads (e) are narrower than its q/k heads (d): the fused kernels (CPU and CUDA flash
-    attention) need e == d, so v is zero-padded to d and the output sliced back (the same values to float
-    rounding; 1.55x faster forward+backward on CPU for tiny.yaml's 48/32 heads, where SDPA otherwise falls back
-    to its unfused math path)."""
+def _sdpa(q_BHTd, k_BHTd, v_BHTe, scale: float, segments_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal SDPA (with ``segments_BT``: block-diagonal causal, one block per document, as a boolean mask). MLA's
+    value heads (e) are narrower than its q/k heads (d): the fused kernels (CPU and CUDA flash attention) need
+    e == d, so v is zero-padded to d and the output sliced back (the same values to float rounding; 1.55x faster
+    forward+backward on CPU for tiny.yaml's 48/32 heads, where SDPA otherwise falls back to its unfused math
+    path)."""
     d, e = q_BHTd.shape[-1], v_BHTe.shape[-1]
+    mask = dict(is_causal=True) if segments_BT is None else dict(attn_mask=document_causal_mask(segments_BT))
     if e < d:
         v_BHTd = F.pad(v_BHTe, (0, d - e))
-        return F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTd, is_causal=True, scale=scale)[..., :e]
-    return F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTe, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTd, scale=scale, **mask)[..., :e]
+    return F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTe, scale=scale, **mask)
 
 
 @functools.cache
@@ -88,17 +97,32 @@ def _causal_block_mask(T: int, device: str):
     return create_block_mask(lambda b, h, q, kv: q >= kv, None, None, T, T, device=device)
 
 
-def _flex_with_max(q_BHTd, k_BHTd, v_BHTe, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal flex attention and the per-head max of its scaled logits [H] (float32), from flex's per-row max
-    scores (``AuxRequest(max_scores=True)``, CUDA only: torch raises on CPU), so no second q.k^T is formed.
-    Checked against SDPA + ``causal_max_logits`` by tests/test_model.py on CUDA (benchmarks/gpu_check.sh)."""
+def _document_block_mask(segments_BT: torch.Tensor):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, T = segments_BT.shape
+
+    def same_document(b, h, q, kv):
+        return (q >= kv) & (segments_BT[b, q] == segments_BT[b, kv])
+
+    return create_block_mask(same_document, B, None, T, T, device=str(segments_BT.device))
+
+
+def _flex_with_max(q_BHTd, k_BHTd, v_BHTe, scale: float, segments_BT: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal flex attention (with ``segments_BT``: within each document) and the per-head max of its scaled
+    logits [H] (float32), from flex's per-row max scores (``AuxRequest(max_scores=True)``, CUDA only: torch raises
+    on CPU), so no second q.k^T is formed. Checked against SDPA + ``causal_max_logits`` by tests/test_model.py on
+    CUDA (benchmarks/gpu_check.sh)."""
     if not q_BHTd.is_cuda:
         raise ValueError("model.attention_impl: flex needs CUDA tensors (flex attention's max scores are not "
                          "implemented on CPU); use attention_impl: sdpa there")
     from torch.nn.attention.flex_attention import AuxRequest
 
     T = q_BHTd.shape[2]
-    out, aux = _compiled_flex()(q_BHTd, k_BHTd, v_BHTe, block_mask=_causal_block_mask(T, str(q_BHTd.device)),
+    block_mask = (_causal_block_mask(T, str(q_BHTd.device)) if segments_BT is None
+                  else _document_block_mask(segments_BT))
+    out, aux = _compiled_flex()(q_BHTd, k_BHTd, v_BHTe, block_mask=block_mask,
                                 scale=scale, return_aux=AuxRequest(max_scores=True))
     return out, aux.max_scores.detach().float().amax(dim=(0, 2))
 
@@ -119,7 +143,8 @@ class Attention(_AttentionBase, nn.Module):
         self.v_dim = cfg.head_dim
         self._init_stats(cfg)
 
-    def _qkv(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qkv(self, x_BTD: torch.Tensor, positions_BT: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k [B, H, T, hd] after RoPE (k, v repeated to the query heads) and v [B, H, T, hd]."""
         B, T, _ = x_BTD.shape
         # head counts come from the weights so tensor parallelism can shard heads without touching this code
@@ -127,7 +152,7 @@ class Attention(_AttentionBase, nn.Module):
         q = self.q_proj(x_BTD).view(B, T, -1, hd).transpose(1, 2)
         k = self.k_proj(x_BTD).view(B, T, -1, hd).transpose(1, 2)
         v = self.v_proj(x_BTD).view(B, T, -1, hd).transpose(1, 2)
-        cos, sin = rope_cos_sin(T, hd, self.rope_theta, x_BTD.device, q.dtype, self.yarn)
+        cos, sin = rope_cos_sin(T, hd, self.rope_theta, x_BTD.device, q.dtype, self.yarn, positions_BT)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         group = q.shape[1] // k.shape[1]
         if group > 1:
@@ -177,14 +202,16 @@ class MLAttention(_AttentionBase, nn.Module):
     def _q_weight(self) -> torch.Tensor:
         return self.q_b_proj.weight if hasattr(self, "q_b_proj") else self.q_proj.weight
 
-    def _qkv(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qkv(self, x_BTD: torch.Tensor, positions_BT: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k [B, H, T, dn + dr] (nope | rope parts, the rotary key shared by all heads) and v [B, H, T, dv]."""
         q_in = self.q_a_layernorm(self.q_a_proj(x_BTD)) if hasattr(self, "q_b_proj") else self.q_proj(x_BTD)
         kv_c, k_rope = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.dr], dim=-1)
-        return self.qkv_up(q_in, self.kv_a_layernorm(kv_c), k_rope)
+        positions = () if positions_BT is None else (positions_BT,)
+        return self.qkv_up(q_in, self.kv_a_layernorm(kv_c), k_rope, *positions)
 
-    def qkv_up(self, q_in: torch.Tensor, kv_c: torch.Tensor, k_rope: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def qkv_up(self, q_in: torch.Tensor, kv_c: torch.Tensor, k_rope: torch.Tensor,
+               positions_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The up-projections from the latents (q_b_proj, or q itself without q compression; kv_b_proj), RoPE and
         the assembly of q, k, v (v zero-padded to the q/k width for SDPA: see ``_sdpa``): a region memory techniques
         wrap (parallel/regions.py)."""
@@ -196,7 +223,7 @@ class MLAttention(_AttentionBase, nn.Module):
         kv = self.kv_b_proj(kv_c).view(B, T, -1, dn + dv).transpose(1, 2)
         k_nope, v = kv.split([dn, dv], dim=-1)
         H = q.shape[1]
-        cos, sin = rope_cos_sin(T, dr, self.rope_theta, q.device, q.dtype, self.yarn)
+        cos, sin = rope_cos_sin(T, dr, self.rope_theta, q.device, q.dtype, self.yarn, positions_BT)
         q_rope = apply_rope(q_rope, cos, sin)
         k_rope = apply_rope(k_rope.view(B, 1, T, dr), cos, sin).expand(B, H, T, dr)
         q = torch.cat([q_nope, q_rope], dim=-1)

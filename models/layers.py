@@ -86,15 +86,35 @@ class Yarn:
         return (1.0 / (self.factor * base_F)) * (1 - keep_F) + (1.0 / base_F) * keep_F
 
 
-def rope_cos_sin(seq_len: int, dim: int, theta: float, device, dtype=torch.float32, yarn: Yarn | None = None):
-    """cos/sin of shape [T, dim/2] for rotating adjacent pairs (x[2i], x[2i+1]); YaRN-scaled with ``yarn``."""
+def rope_cos_sin(seq_len: int, dim: int, theta: float, device, dtype=torch.float32, yarn: Yarn | None = None,
+                 positions_BT: torch.Tensor | None = None):
+    """cos/sin of shape [T, dim/2] for rotating adjacent pairs (x[2i], x[2i+1]); YaRN-scaled with ``yarn``. With
+    ``positions_BT`` (each token's position, e.g. restarting per document): [B, 1, T, dim/2]."""
     if yarn is None:
         inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
         scale = 1.0
     else:
         inv_freq, scale = yarn.inv_freq(dim, theta, device), yarn.cos_sin_scale
-    angles_TF = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-    return (angles_TF.cos() * scale).to(dtype), (angles_TF.sin() * scale).to(dtype)
+    if positions_BT is not None:
+        angles = (positions_BT.float()[..., None] * inv_freq).unsqueeze(1)  # the same products as torch.outer
+    else:
+        angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
+
+
+def document_positions(segments_BT: torch.Tensor) -> torch.Tensor:
+    """Each token's position in its own document of a packed sample: t minus the index of its document's first
+    token (``segments_BT``: the document index of each token, non-decreasing along T). No host sync."""
+    seg = segments_BT.contiguous()
+    start_BT = torch.searchsorted(seg, seg)  # first index holding the same document
+    return torch.arange(seg.shape[-1], device=seg.device) - start_BT
+
+
+def document_causal_mask(segments_BT: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] bool, True where query t may attend key s: s <= t within the same document."""
+    T = segments_BT.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments_BT.device).tril()
+    return (segments_BT[:, None, :, None] == segments_BT[:, None, None, :]) & causal
 
 
 def apply_rope(x_BHTd: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:
@@ -147,8 +167,10 @@ class FeedForward(nn.Module):
 
 
 @torch.no_grad()
-def causal_max_logits(q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, scale: float, chunk: int = 512) -> torch.Tensor:
-    """Per-head max over batch and causal (query, key) pairs of scale * q.k, shape [H], float32.
+def causal_max_logits(q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, scale: float, chunk: int = 512,
+                      segments_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-head max over batch and causal (query, key) pairs of scale * q.k, shape [H], float32; with
+    ``segments_BT`` (document masking) only over pairs within one document: exactly the logits softmax sees.
 
     Computed in query chunks so memory stays O(chunk * T) whatever kernel the attention itself uses, in float32
     also under autocast (which would run the matmul in bf16: QK-Clip would then clip to tau within ~0.5%).
@@ -163,6 +185,10 @@ def causal_max_logits(q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, scale: float, 
         with autocast_off(q_BHTd.device.type):
             s_BHCT = torch.matmul(q_chunk, k_BHTd.float().transpose(-1, -2)) * scale
         q_pos = torch.arange(start, start + q_chunk.shape[2], device=q_BHTd.device)
-        s_BHCT = s_BHCT.masked_fill(key_pos[None, :] > q_pos[:, None], float("-inf"))
+        hidden = key_pos[None, :] > q_pos[:, None]
+        if segments_BT is not None:  # [B, 1, C, T]: another document's keys
+            hidden = hidden | (segments_BT[:, None, start:start + q_chunk.shape[2], None]
+                               != segments_BT[:, None, None, :])
+        s_BHCT = s_BHCT.masked_fill(hidden, float("-inf"))
         out_H = torch.maximum(out_H, s_BHCT.amax(dim=(0, 2, 3)))
     return out_H

@@ -9,7 +9,7 @@ from torch import nn
 from .attention import build_attention
 from .config import ModelConfig
 from .init import InitRule, init_module_, normal, prefixed, reset_step_stats_
-from .layers import FeedForward, RMSNorm
+from .layers import FeedForward, RMSNorm, document_positions
 from .loss import head_loss
 from .moe import MoE, Router
 
@@ -22,8 +22,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = FeedForward(cfg.dim, cfg.inter_dim) if layer_id < cfg.first_k_dense else MoE(cfg)
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD))
+    def forward(self, x_BTD: torch.Tensor, *documents: torch.Tensor) -> torch.Tensor:
+        """``documents``: (segments_BT[, positions_BT]) under document masking (see ``Transformer.forward``)."""
+        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), *documents)
         return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
 
     def init_rules(self, std: float, out_std: float) -> dict[str, InitRule]:
@@ -66,20 +67,29 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.head_in_loss = False  # a pipeline's last stage: return the normed hidden states, the loss applies the head
+        self.reset_positions = False  # under document masking: RoPE positions restart at each document (data config)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] (or hidden states [B, T, D] on a stage without embeddings) -> float32 logits [B, T, V], or
         with ``targets`` [B, T] the mean cross entropy (float32; ``head_loss``: chunked with
-        ``cfg.loss_chunk_tokens``, never forming the logits) (or hidden states on a stage without the head)."""
+        ``cfg.loss_chunk_tokens``, never forming the logits) (or hidden states on a stage without the head).
+
+        ``segments`` [B, T] (document masking): the index of each token's document in its packed sample, non-
+        decreasing along T; a token then attends only to earlier tokens of its own document, the recorded max
+        logits cover exactly those pairs, and with ``reset_positions`` RoPE positions restart at each document."""
         if x.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {x.shape[1]} exceeds max_seq_len {self.cfg.max_seq_len}")
         h_BTD = self.embed_tokens(x) if self.embed_tokens is not None else x
         if self.cfg.fp32_residual:  # bf16 parameters, float32 residual stream (blocks add bf16 outputs into it)
             h_BTD = h_BTD.to(torch.promote_types(h_BTD.dtype, torch.float32))
+        documents = ()
+        if segments is not None:
+            documents = (segments, document_positions(segments)) if self.reset_positions else (segments,)
         for layer in self.layers:
-            h_BTD = layer(h_BTD)
+            h_BTD = layer(h_BTD, *documents)
         if self.lm_head is None:
             return h_BTD
         h_BTD = self.norm(h_BTD)

@@ -14,8 +14,8 @@ or "mla"); ``q_weight`` (the query projection: ``q_proj`` / MLA's ``q_b_proj``),
 ``kv_b_weight`` (rows of the local heads, in head order); ``n_heads``; for MHA ``n_kv_heads`` and ``head_dim``, for
 MLA ``qk_nope_head_dim``, ``qk_rope_head_dim`` and ``v_head_dim``; ``max_logits`` (a [n_heads] tensor the model's
 training forward fills with each head's max pre-softmax logit); and, for ``apply_post_step`` only, ``module``
-(the attention module) and ``measure`` (callable: that module's input -> per-head max logits of the current
-weights). In ``apply()`` the max logits of all layers are concatenated into one tensor and reduced with a single
+(the attention module) and ``measure`` (callable: that module's forward arguments -> per-head max logits of the
+current weights). In ``apply()`` the max logits of all layers are concatenated into one tensor and reduced with a single
 MAX all-reduce over ``process_group`` (the ranks that hold the same heads but see different data:
 data/FSDP/context parallel, never the tensor-parallel group).
 No ``.item()``: gammas stay tensors, so the hook does not synchronise a GPU stream.
@@ -227,9 +227,9 @@ class QKClip:
 
         ``run_forward()`` runs the model forward on the step's batch (each rank its own part; put the model in eval
         mode so it records no statistics). A forward pre-hook on each spec's ``module`` computes
-        ``spec["measure"](layer input)`` -> per-head max logits [H] of the current weights, MAX-reduces them over
-        ``process_group`` and clips that layer before its forward runs, so later layers are measured on the inputs
-        the clipped layers produce. Once the last attention layer has been clipped the forward is stopped (the MoE
+        ``spec["measure"](*the layer's forward arguments)`` -> per-head max logits [H] of the current weights,
+        MAX-reduces them over ``process_group`` and clips that layer before its forward runs, so later layers are
+        measured on the inputs the clipped layers produce. Once the last attention layer has been clipped the forward is stopped (the MoE
         and head after it are not run). ``last_max_logits`` holds the re-measured values before the clip.
         """
         specs = self.specs()
@@ -239,13 +239,13 @@ class QKClip:
             check_spec(spec, i)
             if not isinstance(spec.get("module"), torch.nn.Module) or not callable(spec.get("measure")):
                 raise ValueError(f"qk-clip spec {i}: apply_post_step needs 'module' (the attention nn.Module) and "
-                                 "'measure' (callable: module input -> per-head max logits [H]) in the spec")
+                                 "'measure' (callable: the module's forward arguments -> per-head max logits [H]) "
+                                 "in the spec")
         rows: list[Tensor | None] = [None] * len(specs)
 
         def pre_hook(i: int, spec: Spec):
             def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-                x = args[0] if args else next(iter(kwargs.values()))
-                max_H = spec["measure"](x).detach().float().reshape(-1).clone()
+                max_H = spec["measure"](*args, **kwargs).detach().float().reshape(-1).clone()
                 if max_H.numel() != spec["n_heads"]:
                     raise ValueError(f"qk-clip spec {i}: measure returned {max_H.numel()} values, "
                                      f"n_heads={spec['n_heads']}")

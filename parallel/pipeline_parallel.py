@@ -258,12 +258,13 @@ class Pipeline:
 
     @torch.no_grad()
     def forward_losses(self, n: int, inputs: list[torch.Tensor] | None, targets: list[torch.Tensor] | None,
-                       device: torch.device) -> torch.Tensor:
+                       device: torch.device, segments: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Forward only (validation), any schedule, pipelined: each of this rank's stages runs the ``n`` micro
         batches in turn (stage-major), receiving each input from the previous stage's rank and sending each output
         on asynchronously, so the next stage starts on micro batch 0 while this one computes micro batch 1 (before,
         a micro batch went through every stage before the next began). ``inputs`` (first stage) and ``targets``
-        (last stage) are the rank's micro batches, None where it holds neither. The sum of the losses on the rank
+        (last stage) are the rank's micro batches, None where it holds neither; ``segments`` (document masking):
+        every stage's. The sum of the losses on the rank
         holding the last stage (0 elsewhere). Independent of the schedules' own ``eval`` (zbv's fails in torch
         2.13)."""
         me = dist.get_rank(self.group)
@@ -284,7 +285,7 @@ class Pipeline:
                     dist.recv(h, src=dist.get_global_rank(self.group, self.owners[s - 1]), group=self.group)
                 else:
                     h = local[i]  # the previous stage is this rank's too
-                h = module[s](h)
+                h = module[s](h) if segments is None else module[s](h, segments=segments[i])
                 if s == self.n_stages - 1:
                     total += self.loss_fn(h, targets[i])
                 elif self.owners[s + 1] != me:

@@ -107,7 +107,7 @@ def test_every_input_format_round_trips_to_the_same_ids(tmp_path, tok, fmt):
     stats = preprocess([path], tok, str(tmp_path / "out"), fmt=option, progress=False)
     assert shard_docs(tmp_path / "out") == expected_ids(tok)
     assert stats["documents"] == len(DOCS) and stats["tokens"] == sum(map(len, expected_ids(tok)))
-    assert sorted(os.listdir(tmp_path)) == ["in", "out.bin", "out.idx"]  # nothing else left behind
+    assert sorted(os.listdir(tmp_path)) == ["in", "out.bin", "out.idx", "out.stats.json"]  # nothing else left
 
 
 def test_megatron_prefix_and_text_key_sources(tmp_path, tok):
@@ -162,7 +162,7 @@ def test_crash_leaves_no_prefix_that_looks_complete(tmp_path, tok):
     assert (Path(out + ".bin").read_bytes(), Path(out + ".idx").read_bytes()) == old  # old prefix untouched
     assert any(".tmp-" in p.name for p in tmp_path.iterdir())  # the half-written files are not in place
     preprocess([src], tok, out, progress=False)  # a rerun removes the dead run's files
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "o.bin", "o.idx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "o.bin", "o.idx", "o.stats.json"]
     assert shard_docs(out) == expected_ids(tok, DOCS + ["one more document"])
 
 
@@ -351,7 +351,9 @@ def test_a_killed_build_leaves_nothing_the_next_build_keeps(tmp_path, tok):
     cfg = _cfg(tmp_path, f"--data.sources=[{{path: {web}}}]")
     data.build_datasets(cfg.data, cfg.model.vocab_size, 8, 80, log=lambda m: None)
     (token_dir,) = (tmp_path / "cache" / "tokens").iterdir()
-    (index_dir,) = (tmp_path / "cache" / "index").iterdir()
+    (table_dir,) = (tmp_path / "cache" / "index").glob("*-docs-*")
+    index_dir = next(p for p in (tmp_path / "cache" / "index").iterdir()
+                     if p != table_dir and (p / "epoch_00000.npy").exists())
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()  # a pid whose process has exited
     shutil.rmtree(token_dir)
@@ -361,9 +363,15 @@ def test_a_killed_build_leaves_nothing_the_next_build_keeps(tmp_path, tok):
     (index_dir / "epoch_00000.npy").unlink()
     stale_index = index_dir / f"epoch_00000.npy.tmp-{dead}.npy"
     stale_index.write_bytes(b"half")
+    shutil.rmtree(table_dir)
+    stale_table = table_dir.parent / f"{table_dir.name}.tmp-{dead}"
+    stale_table.mkdir()
+    (stale_table / "train.npy").write_bytes(b"half")
     data.build_datasets(cfg.data, cfg.model.vocab_size, 8, 80, log=lambda m: None)
     assert sorted(p.name for p in token_dir.parent.iterdir()) == [token_dir.name]
     assert sorted(p.name for p in index_dir.iterdir()) == ["epoch_00000.npy"]
+    assert not stale_table.exists() and sorted(p.name for p in table_dir.iterdir()) == ["table.json", "train.npy",
+                                                                                        "val.npy"]
 
 
 def test_val_sources_and_too_small_validation_fail_at_start(tmp_path, tok):

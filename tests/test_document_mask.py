@@ -1,0 +1,174 @@
+"""Document masking (data.document_mask, data.reset_positions): a packed sample of several documents trains as
+if each document were its own sequence, QK-Clip's max logits cover exactly the pairs softmax sees, the sample
+index gives the exact boundaries, and training with it reproduces one process on other layouts."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data.loader import BatchLoader, packed_samples
+from models.layers import document_causal_mask, document_positions
+from tests.test_model import VARIANTS, make
+
+LENGTHS = (11, 17, 8)  # three documents packed into one sample of 36 tokens
+
+
+def _segments(lengths=LENGTHS) -> torch.Tensor:
+    return torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_packed_documents_train_as_the_documents_alone(variant):
+    """With reset positions, each token's loss, every gradient and each layer's max logits of a packed sample equal
+    those of its documents run one by one (float64; no balance loss, which is per sequence by definition)."""
+    model = make(**variant).train()
+    model.reset_positions = True
+    T = sum(LENGTHS)
+    tokens, targets = torch.randint(0, 97, (1, T)), torch.randint(0, 97, (1, T))
+    seg = _segments()
+    model.reset_step_stats()
+    packed = F.cross_entropy(model(tokens, None, seg)[0], targets[0], reduction="none")
+    packed.sum().backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    packed_max = [layer.self_attn.max_logits_H.clone() for layer in model.layers]
+    model.zero_grad()
+    model.reset_step_stats()
+    alone, start = [], 0
+    for n in LENGTHS:
+        loss = F.cross_entropy(model(tokens[:, start:start + n])[0], targets[0, start:start + n], reduction="none")
+        loss.sum().backward()
+        alone.append(loss.detach())
+        start += n
+    torch.testing.assert_close(packed.detach(), torch.cat(alone), rtol=0, atol=1e-12)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(packed_grads[n], p.grad, rtol=0, atol=1e-12, msg=n)
+    for layer, expected in zip(model.layers, packed_max):  # separate runs keep the running max over the three
+        torch.testing.assert_close(layer.self_attn.max_logits_H, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", VARIANTS[1:3])  # GQA and MLA
+@pytest.mark.parametrize("reset", [False, True])
+def test_max_logits_are_those_of_the_masked_logits(variant, reset):
+    """Each head's recorded max logit, and QK-Clip's post-step probe, equal a brute-force max of scale * q.k over
+    the (query, key) pairs the document mask lets through; without the mask they would be larger."""
+    model = make(**variant).train()
+    model.reset_positions = reset
+    attn = model.layers[1].self_attn
+    seen = {}
+    attn.register_forward_hook(lambda m, args, out: seen.update(args=args), with_kwargs=False)
+    seg = _segments()
+    tokens = torch.randint(0, 97, (1, seg.shape[1]))
+    model.reset_step_stats()
+    model(tokens, None, seg)
+    x, *documents = seen["args"]
+    assert len(documents) == (2 if reset else 1) and torch.equal(documents[0], seg)
+    q, k, _ = attn._qkv(x, documents[1] if reset else None)
+    s = (q @ k.transpose(-1, -2)) * attn.scale
+    masked = s.masked_fill(~document_causal_mask(seg), float("-inf")).amax(dim=(0, 2, 3))
+    causal = s.masked_fill(~torch.ones_like(s, dtype=torch.bool).tril(), float("-inf")).amax(dim=(0, 2, 3))
+    torch.testing.assert_close(attn.max_logits_H, masked.to(attn.max_logits_H.dtype), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(attn.probe_max_logits(x, *documents).double(), masked, rtol=1e-6, atol=1e-6)
+    assert (causal > masked + 1e-9).any()  # the pairs across documents would have raised some heads' maxima
+
+
+def test_one_document_or_masking_off_changes_nothing():
+    model = make(**VARIANTS[3]).train()
+    tokens = torch.randint(0, 97, (2, 30))
+    plain = model(tokens)
+    one_document = torch.zeros(2, 30, dtype=torch.int32)
+    torch.testing.assert_close(model(tokens, None, one_document), plain, rtol=0, atol=1e-12)
+    model.reset_positions = True
+    torch.testing.assert_close(model(tokens, None, one_document), plain, rtol=0, atol=1e-12)
+    assert torch.equal(document_positions(_segments()), torch.cat([torch.arange(n) for n in LENGTHS])[None])
+
+
+def test_the_loader_gives_each_tokens_document_from_the_index():
+    """Token value = its document's id, so a document boundary is where the value changes: the segments the
+    loader returns count exactly those boundaries within each window (documents in shuffled order)."""
+    lengths = np.random.default_rng(0).integers(1, 20, 60)
+    tokens = np.repeat(np.arange(60), lengths)
+    samples = packed_samples(tokens, seq_len=16, seed=3, doc_lengths=lengths)
+    loader = BatchLoader(samples, 4, document_mask=True)
+    for _ in range(5):
+        inputs, targets, seg = loader.next_batch()
+        assert seg.dtype == torch.int32 and seg.shape == inputs.shape
+        changes = torch.cat([torch.zeros(4, 1, dtype=torch.long), (inputs[:, 1:] != inputs[:, :-1]).long()], 1)
+        assert torch.equal(seg.long(), changes.cumsum(1))
+    plain = BatchLoader(samples, 4)
+    assert len(plain.next_batch()) == 2
+
+
+LAYOUTS = {"dp2-ep2": ["--parallel.ep=2", "--data.micro_batch_size=2"],
+           "pp2-interleaved": ["--parallel.pp=2", "--parallel.pp_schedule=interleaved_1f1b",
+                               "--parallel.pp_virtual_stages=2", "--model.n_layers=4"]}
+
+
+@pytest.mark.parametrize("layout,mode", [("dp2-ep2", "forward"), ("dp2-ep2", "post_step"),
+                                         ("pp2-interleaved", "forward")])
+def test_training_with_document_masking_reproduces_one_process(tmp_path, layout, mode):
+    """dp=2 x ep=2 with ZeRO-1 (QK-Clip in both modes: the post-step probe gets the segments too) and interleaved
+    pp=2 (every stage gets the segments), MLA + MoE, QK-Clip clipping, document masking with reset positions: the
+    losses and clip counts of one process; and not those of the same run without masking (the windows do cross
+    documents)."""
+    from launch.runtime import init_runtime
+    from launch.trainer import Trainer
+    from tests.dist_utils import run_distributed
+    from tests.test_train import DP_COMMON, _dp_worker, debug_cfg
+
+    import json
+
+    from data.corpus import iter_documents
+
+    short = tmp_path / "short.jsonl"  # documents of one sentence: most 64-token windows hold several
+    with open(short, "w", encoding="utf-8") as f:
+        for _, doc in zip(range(30), iter_documents()):
+            for sentence in doc["text"].split(". ")[:40]:
+                f.write(json.dumps({"text": sentence}) + "\n")
+    common = [*DP_COMMON, "--parallel.optimizer=zero1", f"--optim.qk_clip_mode={mode}", "--train.steps=4",
+              "--train.eval_interval=4", "--schedule.warmup_steps=1", f"--data.sources=[{{path: {short}}}]",
+              f"--data.data_dir={tmp_path / 'cache'}", "--data.val_fraction=0.1"]
+    masked = ["--data.document_mask=true", "--data.reset_positions=true"]
+    run_distributed(_dp_worker, 2, str(tmp_path / "dp"), [*common, *masked, *LAYOUTS[layout]])
+    ranks = [torch.load(tmp_path / "dp" / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["losses"] == ranks[1]["losses"] and ranks[0]["clipped"] > 0
+    runs = {}
+    for name, extra in (("masked", masked), ("plain", [])):
+        model = [x for x in LAYOUTS[layout] if x.startswith("--model.")]
+        cfg = debug_cfg(tmp_path / name, *common, *extra, *model, "--data.micro_batch_size=4")
+        trainer = Trainer(cfg, init_runtime(cfg))
+        runs[name] = trainer.fit()
+        if name == "masked":
+            clip = trainer.qkclip_post or trainer.qkclip
+            # each pipeline rank clips its own layers' heads; each data-parallel rank all of them
+            assert int(clip.last_clipped) == (sum(r["clipped"] for r in ranks) if "pp" in layout
+                                              else ranks[0]["clipped"])
+    ref = runs["masked"]
+    assert [ranks[0]["losses"][s] for s in range(1, 5)] == pytest.approx([ref.losses[s] for s in range(1, 5)],
+                                                                         rel=1e-4, abs=1e-4)
+    assert ranks[0]["val"] == pytest.approx(ref.val_losses, rel=1e-4, abs=1e-4)
+    assert abs(runs["plain"].losses[4] - ref.losses[4]) > 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention's max scores need CUDA "
+                    "(benchmarks/gpu_check.sh runs this test when a GPU is lent)")
+@pytest.mark.parametrize("variant", VARIANTS[1:3])  # GQA and MLA
+def test_flex_attention_with_the_document_block_mask_matches_sdpa_on_cuda(variant):
+    """attention_impl flex with a document block mask: the logits, max logits and gradients of SDPA with the
+    boolean mask + the float32 probe (float32)."""
+    ref = make(dtype=torch.float32, **variant).cuda().train()
+    flex = make(dtype=torch.float32, attention_impl="flex", **variant).cuda().train()
+    flex.load_state_dict(ref.state_dict())
+    tokens, seg = torch.randint(0, 97, (2, 48), device="cuda"), _segments((20, 5, 23)).repeat(2, 1).cuda()
+    for model in (ref, flex):
+        model.reset_positions = True
+        model.reset_step_stats()
+        model(tokens, None, seg).float().pow(2).mean().backward()
+    torch.testing.assert_close(flex(tokens, None, seg), ref(tokens, None, seg), rtol=1e-4, atol=1e-4)
+    for a_ref, a_flex in zip(ref.layers, flex.layers):
+        torch.testing.assert_close(a_flex.self_attn.max_logits_H, a_ref.self_attn.max_logits_H, rtol=1e-4, atol=1e-5)
+    for (name, p_ref), p_flex in zip(ref.named_parameters(), flex.parameters()):
+        if p_ref.grad is not None:
+            torch.testing.assert_close(p_flex.grad, p_ref.grad, rtol=1e-3, atol=1e-5, msg=name)

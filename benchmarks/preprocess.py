@@ -31,6 +31,8 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
+from tests.synthetic_data import write_synthetic_prefix  # noqa: E402
+
 
 def peak_rss_mb() -> tuple[float, float]:
     """(this process, its largest waited-for child) peak RSS in MB."""
@@ -72,25 +74,6 @@ def run_cli(src: str, out_dir: str, workers: int) -> dict:
     t0 = time.perf_counter()
     stats = preprocess([src], "bpe8k", os.path.join(out_dir, f"cli{workers}"), workers=workers, progress=False)
     return {"tokens": stats["tokens"], "seconds": time.perf_counter() - t0}
-
-
-def write_synthetic_idx(prefix: str, n_docs: int, mean_len: int, seed: int = 0) -> int:
-    """A Megatron .idx of ``n_docs`` documents (lengths 1..2*mean_len) and a sparse .bin of the right size."""
-    from data.indexed import _HEADER, MAGIC, VERSION, dtype_code
-
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(1, 2 * mean_len, n_docs, dtype=np.int32)
-    pointers = np.zeros(n_docs, np.int64)
-    np.cumsum(lengths[:-1].astype(np.int64) * 4, out=pointers[1:])
-    with open(prefix + ".idx", "wb") as f:
-        f.write(_HEADER.pack(MAGIC, VERSION, dtype_code(np.int32), n_docs, n_docs + 1))
-        f.write(lengths.tobytes())
-        f.write(pointers.tobytes())
-        f.write(np.arange(n_docs + 1, dtype=np.int64).tobytes())
-    n_tokens = int(lengths.sum(dtype=np.int64))
-    with open(prefix + ".bin", "wb") as f:
-        f.truncate(n_tokens * 4)  # sparse: no disk blocks; the index build never reads tokens
-    return n_tokens
 
 
 def run_index(prefix: str, cache: str, seq_len: int) -> dict:
@@ -176,7 +159,7 @@ def tokenize_section(a, tmp: str) -> list[str]:
 
 def index_section(a, tmp: str) -> list[str]:
     prefix = os.path.join(tmp, "synthetic")
-    n_tokens = write_synthetic_idx(prefix, a.index_docs, a.index_tokens // a.index_docs)
+    n_tokens = write_synthetic_prefix(prefix, a.index_docs, a.index_tokens // a.index_docs, dtype=np.int32)
     r = spawn("index", prefix, os.path.join(tmp, "index"), str(a.seq_len))
     print(f"index: {r}", flush=True)
     return [f"Synthetic prefix: {n_tokens / 1e9:.2f}B tokens in {r['docs']:,} documents; seq_len {a.seq_len} -> "

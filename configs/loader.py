@@ -31,10 +31,30 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return build_config(raw, source)
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The file's sections; ``base: other.yaml`` (relative to this file) starts from that file's sections, which
+    this one's keys then override one by one (e.g. a training stage that changes only the sequence length)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist (see configs/*.yaml for examples)")
+    if path.resolve() in _seen:
+        raise ValueError(f"config file {path}: base files form a cycle ({' -> '.join(str(p) for p in _seen)})")
+    raw = _read_one(path)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"config file {path}: base must be the path of another config file, got {base!r}")
+    merged = read_yaml(path.parent / base, (*_seen, path.resolve()))
+    for section, values in raw.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
+
+
+def _read_one(path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:

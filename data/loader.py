@@ -116,22 +116,35 @@ class BatchLoader:
         return {"version": STATE_VERSION, "samples_consumed": self.samples_consumed,
                 "stream": self.samples.identity()}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore the position; the sources, weights, seed, seq_len and token shards must match (dp may not)."""
+    def load_state_dict(self, state: dict) -> str | None:
+        """Restore the position; the sources, weights, seed and token shards must match (dp may not). A new
+        seq_len (a sequence-length stage) continues at the same number of tokens consumed, rounded up to a whole
+        global batch (the new stream's samples are cut at other offsets and shuffled in another order, so the
+        tokens themselves are not those the old stream would have read next); returns what changed, for the
+        log."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data loader state version {state.get('version')} != {STATE_VERSION} (checkpoint "
                              f"written by another version of the data pipeline)")
         mine = self.samples.identity()
+        saved_len = int(state["stream"].get("seq_len", self.seq_len))
         for key, value in state["stream"].items():
-            if mine.get(key) != value:
+            # a sequence-length stage changes seq_len, and with it the samples per epoch
+            if mine.get(key) != value and not (saved_len != self.seq_len and key in ("seq_len", "samples_per_epoch")):
                 hint = " (the token shards changed)" if key == "samples_per_epoch" else ""
                 raise ValueError(f"data loader checkpoint has {key}={value} but this run uses {mine.get(key)}{hint}; "
                                  f"resume with the same data config")
         consumed = int(state["samples_consumed"])
+        if saved_len != self.seq_len:  # continue at the same number of tokens consumed, rounded up to a global batch
+            tokens, G = consumed * saved_len, self.global_batch_size
+            self.samples_consumed = -(-tokens // (self.seq_len * G)) * G
+            return (f"data.seq_len {saved_len} -> {self.seq_len}: the checkpoint consumed {tokens:,} tokens "
+                    f"({consumed:,} samples); continuing at sample {self.samples_consumed:,} "
+                    f"({self.tokens_consumed:,} tokens)")
         if consumed % self.global_batch_size:
             raise ValueError(f"data loader checkpoint is at global sample {consumed}, not a multiple of this run's "
                              f"micro_batch_size * dp_size = {self.global_batch_size}; resume with the same global batch")
         self.samples_consumed = consumed
+        return None
 
 
 def val_batch_count(batch_size: int, n_samples: int, dp_size: int = 1) -> int:

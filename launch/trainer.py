@@ -389,7 +389,7 @@ class Trainer:
         # window[-1] is this step's loss, already read on the host by _judge
         metrics = {"loss": window[-1], "loss_avg": sum(window) / len(window), "lr": out.lr,
                    "grad_norm": out.grad_norm, "tokens_per_s": tokens_per_s,
-                   "tokens": self.step * self.tokens_per_step()}
+                   "tokens": self.loader.tokens_consumed, "data/seq_len": self.loader.seq_len}
         metrics.update(throughput_metrics(tokens_per_s, self.flops_per_token, self.rt.world_size, self.peak_tflops))
         metrics.update({f"data/{name}/tokens": n for name, n in self.loader.tokens_per_source().items()})
         metrics.update(self.interval_stats.flush(group=self.rt.groups.pp_group))
@@ -462,11 +462,18 @@ class Trainer:
             self.metrics.write(f"saved checkpoint {ckpt.step_dir(self.ckpt_root, step)} (asynchronous, {seconds:.1f} s)")
 
     def load(self, path, restore_monitor: bool = True) -> None:
-        _, extra = ckpt.load_checkpoint(path, self.checkpoint_tensors(), config_to_dict(self.cfg)["model"],
-                                        verify=self.cfg.train.ckpt_verify)
+        model_cfg = config_to_dict(self.cfg)["model"]
+        meta, extra = ckpt.load_checkpoint(path, self.checkpoint_tensors(), model_cfg,
+                                           verify=self.cfg.train.ckpt_verify)
         self.optimizer.sync_params_from_masters()  # the bf16 parameters = their loaded masters, rounded
         self.step = int(extra["step"])
-        self.loader.load_state_dict(extra["loader"])
+        # a sequence-length stage (e.g. 4k -> 32k -> 128k with YaRN): weights, optimizer state and step carry over
+        changes = ckpt.context_changes(meta.get("config", {}).get("model"), model_cfg)
+        data_change = self.loader.load_state_dict(extra["loader"])
+        if changes or data_change:
+            text = "; ".join([*(f"model.{c}" for c in changes), *([data_change] if data_change else [])])
+            self.metrics.alert("sequence-length stage", f"resumed {path} at step {self.step}: {text}", "INFO",
+                               self.step)
         ckpt.set_rng_state(extra["rng"], self.rt.device)
         if restore_monitor and extra.get("detector"):
             self.detector.load_state_dict(extra["detector"])

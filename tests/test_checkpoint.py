@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -406,3 +407,52 @@ def test_the_finite_check_catches_nan_and_both_infinities(bad):
     assert integrity.first_non_finite({"ok": torch.ones(2), "w": t, "later": t.clone()}) == "w"
     assert integrity.first_non_finite({"ok": torch.ones(2), "ids": torch.arange(3)}) is None
     assert integrity.first_non_finite({"half": t.to(torch.bfloat16)}) == "half"
+
+
+STAGE = ["--data.seq_len=256", "--model.max_seq_len=256", "--data.micro_batch_size=1", "--model.yarn_factor=4",
+         "--model.yarn_original_max_seq_len=64", "--data.document_mask=true", "--data.reset_positions=true"]
+
+
+def test_a_sequence_length_stage_resumes_a_shorter_run_with_yarn(straight_run, tmp_path):
+    """64 -> 256 tokens with YaRN switched on (factor 4 over the original 64) and document masking, through
+    train.py from the 64-token run's step-4 checkpoint: weights and optimizer state carry over, the loader
+    continues at the same number of tokens consumed (the same 256 tokens per step: 4 x 64 = 1 x 256), the change is
+    alerted with what changed, and data/seq_len steps up in the metrics (W&B)."""
+    out, _, _ = straight_run
+    step4 = out / "checkpoints" / "step_00000004"
+    stage = tmp_path / "stage"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(DEBUG), f"--data.data_dir={DATA_DIR}",
+           f"--train.output_dir={stage}", f"--train.resume={step4}", *COMMON, *STAGE]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    alert = next(line for line in proc.stderr.splitlines() if "sequence-length stage" in line)
+    for change in ("model.max_seq_len 64 -> 256", "model.yarn_factor 1.0 -> 4.0",
+                   "model.yarn_original_max_seq_len 4096 -> 64", "data.seq_len 64 -> 256",
+                   "consumed 1,024 tokens (16 samples); continuing at sample 4 (1,024 tokens)"):
+        assert change in alert, (change, alert)
+    before = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    after = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines()]
+    tokens = {r["step"]: r["tokens"] for r in before + after if "tokens" in r}
+    steps = sorted(r["step"] for r in after if "loss" in r)
+    assert steps == [5, 6, 7, 8] and all(math.isfinite(r["loss"]) for r in after if "loss" in r)
+    assert [tokens[s] for s in range(4, 9)] == [1024 + k * 256 for k in range(5)]  # 256 tokens per step
+    assert {r["data/seq_len"] for r in before if "loss" in r} == {64}
+    assert {r["data/seq_len"] for r in after if "loss" in r} == {256}
+    # the optimizer state (and weights) the resumed run starts from are the checkpoint's
+    cfg = debug_cfg(tmp_path / "probe", *COMMON, *STAGE, f"--train.resume={step4}")
+    trainer = Trainer(cfg, init_runtime(cfg))
+    saved = checkpoint_tensors(step4, tmp_path / "s.pt")
+    live = trainer.checkpoint_tensors()
+    assert any(k.startswith("optim/") for k in live)
+    for k, v in live.items():
+        assert torch.equal(saved[k], v), k
+    trainer.close()
+
+
+def test_a_stage_may_change_only_the_context(straight_run, tmp_path):
+    out, _, _ = straight_run
+    cfg = debug_cfg(tmp_path / "x", *COMMON, *STAGE, "--model.rope_theta=500.0",
+                    f"--train.resume={out / 'checkpoints' / 'step_00000004'}")
+    with pytest.raises(ValueError, match=r"different model config \(rope_theta: checkpoint 10000.0 vs config 500.0\)"):
+        Trainer(cfg, init_runtime(cfg))

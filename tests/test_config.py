@@ -18,7 +18,8 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "small_gpu.yaml", "debug.yaml", "own_data.yaml"])
+@pytest.mark.parametrize("name", ["tiny.yaml", "small_gpu.yaml", "debug.yaml", "own_data.yaml", "tiny_long.yaml",
+                                  "kimi_k2.yaml", "kimi_k2_anneal_32k.yaml", "kimi_k2_128k.yaml"])
 def test_shipped_configs_load_and_round_trip(name):
     cfg = load_config(CONFIGS / name)
     assert isinstance(cfg, JobConfig)
@@ -120,3 +121,23 @@ def test_print_config_outputs_a_loadable_resolved_config(tmp_path, capsys):
     path = tmp_path / "resolved.yaml"
     path.write_text(capsys.readouterr().out)
     assert load_config(path) == load_config(CONFIGS / "debug.yaml", ["--optim.lr=0.02"])
+
+
+def test_a_base_file_is_overridden_key_by_key(tmp_path):
+    """``base:`` (relative to the file): its sections, then this file's keys one by one; the stage configs read as
+    their base plus what the stage changes."""
+    (tmp_path / "base.yaml").write_text("model: {n_layers: 3, dim: 64}\noptim: {lr: 0.5}\n")
+    stage = write(tmp_path, "base: base.yaml\nmodel: {n_layers: 5}\n")
+    cfg = load_config(stage)
+    assert (cfg.model.n_layers, cfg.model.dim, cfg.optim.lr) == (5, 64, 0.5)
+    k2, long = load_config(CONFIGS / "kimi_k2.yaml"), load_config(CONFIGS / "kimi_k2_128k.yaml")
+    assert (long.data.seq_len, long.model.max_seq_len, long.model.yarn_factor,
+            long.model.yarn_original_max_seq_len) == (131072, 131072, 32.0, 4096)
+    assert long.parallel == k2.parallel and long.optim == k2.optim and long.model.dim == k2.model.dim
+    assert long.data.seq_len * long.data.grad_accum == k2.data.seq_len * k2.data.grad_accum  # tokens per step
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ValueError, match=r"a\.yaml: base files form a cycle"):
+        load_config(tmp_path / "a.yaml")
+    with pytest.raises(FileNotFoundError, match=r"nope\.yaml does not exist"):
+        load_config(write(tmp_path, "base: nope.yaml\n"))

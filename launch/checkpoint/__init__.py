@@ -17,13 +17,14 @@ Keys: the model's ``state_dict()`` (FQNs), the optimizer state flattened to ``op
 tensor/expert parallelism are passed in as DTensors by the caller, so DCP stores the global tensors.
 """
 from launch.checkpoint.integrity import DamagedCheckpoint
-from launch.checkpoint.load import check_compatible, load_checkpoint, read_metadata, verify_checkpoint
+from launch.checkpoint.load import (check_compatible, context_changes, load_checkpoint, read_metadata,
+                                    verify_checkpoint)
 from launch.checkpoint.paths import (CHECKPOINT_SUBDIR, LATEST, checkpoint_root, latest_checkpoint, list_checkpoints,
                                      resolve_resume, step_dir)
 from launch.checkpoint.save import AsyncSaver, save_checkpoint
 from launch.checkpoint.state import model_state, optimizer_state, rng_state, set_rng_state, shard_views
 
 __all__ = ["AsyncSaver", "CHECKPOINT_SUBDIR", "DamagedCheckpoint", "LATEST", "check_compatible", "checkpoint_root",
-           "latest_checkpoint", "list_checkpoints", "load_checkpoint", "model_state", "optimizer_state",
+           "context_changes", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "model_state", "optimizer_state",
            "read_metadata", "resolve_resume", "rng_state", "save_checkpoint", "set_rng_state", "shard_views",
            "step_dir", "verify_checkpoint"]

@@ -80,14 +80,26 @@ def _load(path: Path, state: dict[str, Any]) -> None:
                                 f"{first_line(str(cause))})") from e
 
 
+# what a sequence-length stage may change (no weight depends on it): the context length and RoPE scaling
+CONTEXT_FIELDS = ("max_seq_len", "yarn_factor", "yarn_original_max_seq_len", "yarn_beta_fast", "yarn_beta_slow",
+                  "yarn_mscale", "yarn_mscale_all_dim")
+
+
+def context_changes(saved_model_cfg: dict | None, model_cfg: dict) -> list[str]:
+    """The ``CONTEXT_FIELDS`` a resumed run changes, as "name old -> new" (empty: none)."""
+    saved = {**{f.name: f.default for f in fields(ModelConfig)}, **(saved_model_cfg or {})}
+    return [f"{k} {saved[k]!r} -> {model_cfg[k]!r}" for k in CONTEXT_FIELDS if saved[k] != model_cfg[k]]
+
+
 def check_compatible(path: Path, metadata: Any, tensors: dict[str, Any], saved_model_cfg: dict | None,
                      model_cfg: dict | None) -> None:
-    """Raise ValueError naming ``path`` if the saved model config or tensor shapes differ from ours."""
+    """Raise ValueError naming ``path`` if the saved model config (but its ``CONTEXT_FIELDS``) or tensor shapes
+    differ from ours."""
     if saved_model_cfg is not None and model_cfg is not None:
         # a field added after the checkpoint was written counts as its default (what that run used)
         saved = {**{f.name: f.default for f in fields(ModelConfig)}, **saved_model_cfg}
         diff = [f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in model_cfg.items()
-                if saved.get(k) != v]
+                if saved.get(k) != v and k not in CONTEXT_FIELDS]
         if diff:
             raise ValueError(f"checkpoint {path} was saved with a different model config ({'; '.join(diff)}); "
                              "resume with the same model section or start a new output_dir")

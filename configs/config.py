@@ -225,11 +225,14 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    """world size = pp * dp * tp; ep splits the experts over ep of the dp ranks (EP borrows from DP)."""
+    """world size = pp * dp * cp * tp; ep splits the experts over ep of the dp * cp ranks (EP borrows from DP/CP)."""
 
-    dp: int = 0  # 0 = world_size // (pp * tp)
+    dp: int = 0  # 0 = world_size // (pp * cp * tp)
     tp: int = 1
     ep: int = 1
+    # context parallelism: ranks that split each sequence (data.seq_len / cp tokens each; all-to-all over heads
+    # around attention, Ulysses: parallel/context_parallel.py); gradients are reduced over dp x cp
+    cp: int = 1
     pp: int = 1  # pipeline stages' ranks (outermost axis); data.grad_accum = micro batches per step
     pp_schedule: str = ""  # "1f1b", "interleaved_1f1b", "zbv", "dualpipev"; "" = 1f1b, or interleaved_1f1b
     pp_virtual_stages: int = 1  # stages per pipeline rank (2 for zbv / dualpipev)
@@ -269,7 +272,8 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         s = "parallel"
         _need(s, self.dp >= 0, f"dp must be >= 0 (0 = infer from the world size), got {self.dp}")
-        _need(s, self.tp >= 1 and self.ep >= 1, f"tp and ep must be >= 1, got tp={self.tp} ep={self.ep}")
+        _need(s, self.tp >= 1 and self.ep >= 1 and self.cp >= 1,
+              f"tp, ep and cp must be >= 1, got tp={self.tp} ep={self.ep} cp={self.cp}")
         _need(s, self.pp >= 1 and self.pp_virtual_stages >= 1,
               f"pp and pp_virtual_stages must be >= 1, got pp={self.pp} pp_virtual_stages={self.pp_virtual_stages}")
         _one_of(s, "pp_schedule", self.pp_schedule, ("", "1f1b", "interleaved_1f1b", "zbv", "dualpipev"))
@@ -383,6 +387,14 @@ class JobConfig:
         if m.first_k_dense < m.n_layers:
             _need("parallel", m.n_routed_experts % p.ep == 0,
                   f"ep ({p.ep}) must divide model.n_routed_experts ({m.n_routed_experts})")
+        if p.cp > 1:
+            _need("parallel", m.n_heads % (p.tp * p.cp) == 0,
+                  f"tp * cp ({p.tp} * {p.cp}) must divide model.n_heads ({m.n_heads}): each context-parallel rank "
+                  f"attends over the whole sequence for 1/cp of its heads")
+            _need("data", d.seq_len % p.cp == 0, f"seq_len ({d.seq_len}) must be divisible by parallel.cp ({p.cp})")
+            _need("model", m.seq_aux_loss_alpha == 0,
+                  "seq_aux_loss_alpha > 0 with parallel.cp > 1: the sequence-wise balance loss needs each whole "
+                  "sequence on one rank; use seq_aux_loss_alpha: 0 (the router's bias balances the load) or cp: 1")
         _need("data", bool(d.val_sources) or d.val_fraction > 0 or self.train.eval_interval == 0,
               "validation needs data: set val_fraction > 0 or val_sources, or train.eval_interval: 0")
         _need("schedule", self.schedule.warmup_steps <= self.train.steps,

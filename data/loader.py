@@ -54,25 +54,29 @@ def _check_rank(batch_size: int, dp_rank: int, dp_size: int) -> None:
         raise ValueError(f"need 0 <= dp_rank < dp_size, got dp_rank={dp_rank}, dp_size={dp_size}")
 
 
-def _to_torch(rows: np.ndarray | tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, ...]:
+def _to_torch(rows: np.ndarray | tuple[np.ndarray, np.ndarray], cp_rank: int = 0,
+              cp_size: int = 1) -> tuple[torch.Tensor, ...]:
     """(inputs, targets), or with a window's segments (document masking) (inputs, targets, segments of the
-    inputs)."""
-    if isinstance(rows, tuple):
-        rows, seg = rows
-        return (torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy()),
-                torch.from_numpy(seg[:, :-1].copy()))
-    return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
+    inputs). Context parallelism: the inputs and targets of tokens [c*T/cp, (c+1)*T/cp) of rank c; the segments
+    of the whole sequence (attention sees all of it, parallel/context_parallel.py)."""
+    rows, seg = rows if isinstance(rows, tuple) else (rows, None)
+    n = (rows.shape[1] - 1) // cp_size
+    lo = cp_rank * n
+    out = (torch.from_numpy(rows[:, lo:lo + n].copy()), torch.from_numpy(rows[:, lo + 1:lo + n + 1].copy()))
+    return out if seg is None else (*out, torch.from_numpy(seg[:, :-1].copy()))
 
 
 class BatchLoader:
     """``next_batch() -> (inputs_BT, targets_BT)`` int64 tensors of shape [micro_batch_size, seq_len]; with
     ``document_mask`` also ``segments_BT`` (int32: each input token's document within its sample, for
-    ``Transformer.forward(..., segments=)``)."""
+    ``Transformer.forward(..., segments=)``). Context parallelism (``cp_size`` > 1): the ranks of a CP group read
+    the same samples and each gets its 1/cp of the tokens (``_to_torch``)."""
 
     def __init__(self, samples: BlendedSamples, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                 document_mask: bool = False):
+                 document_mask: bool = False, cp_rank: int = 0, cp_size: int = 1):
         _check_rank(micro_batch_size, dp_rank, dp_size)
         self.samples, self.seq_len, self.document_mask = samples, samples.seq_len, document_mask
+        self.cp_rank, self.cp_size = cp_rank, cp_size
         self.micro_batch_size, self.dp_rank, self.dp_size = int(micro_batch_size), int(dp_rank), int(dp_size)
         self.global_batch_size = self.micro_batch_size * self.dp_size  # samples per micro step, all ranks
         self.samples_consumed = 0  # global samples consumed so far (all ranks advance together)
@@ -99,7 +103,7 @@ class BatchLoader:
     def next_batch(self) -> tuple[torch.Tensor, ...]:
         ids = self.sample_ids(self.global_batches)
         self.samples_consumed += self.global_batch_size
-        return _to_torch(self.samples.windows(ids, segments=self.document_mask))
+        return _to_torch(self.samples.windows(ids, segments=self.document_mask), self.cp_rank, self.cp_size)
 
     def __iter__(self) -> "BatchLoader":
         return self
@@ -156,7 +160,8 @@ def val_batch_count(batch_size: int, n_samples: int, dp_size: int = 1) -> int:
 
 
 def val_batches(samples: BlendedSamples, batch_size: int, n_samples: int, dp_rank: int = 0,
-                dp_size: int = 1, document_mask: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+                dp_size: int = 1, document_mask: bool = False, cp_rank: int = 0,
+                cp_size: int = 1) -> Iterator[tuple[torch.Tensor, ...]]:
     """The first ``n_samples`` global samples of ``samples`` (a multiple of batch_size * dp_size), in order:
     micro global batch b holds samples ``[b*G, (b+1)*G)`` with G = batch_size * dp_size; rank r yields its slice."""
     _check_rank(batch_size, dp_rank, dp_size)
@@ -166,7 +171,8 @@ def val_batches(samples: BlendedSamples, batch_size: int, n_samples: int, dp_ran
     def generate() -> Iterator[tuple[torch.Tensor, ...]]:
         for b in range(n_batches):
             start = b * global_batch + dp_rank * batch_size
-            yield _to_torch(samples.windows(np.arange(start, start + batch_size), segments=document_mask))
+            yield _to_torch(samples.windows(np.arange(start, start + batch_size), segments=document_mask), cp_rank,
+                            cp_size)
 
     return generate()
 

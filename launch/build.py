@@ -93,7 +93,7 @@ def build_pipeline(cfg: JobConfig, rt: Runtime, model: Transformer) -> Pipeline:
     d = cfg.data
     per_round = cfg.parallel.microbatches_per_round(d.grad_accum)
     return pipeline_schedule(model, stage_plan(cfg, rt), rt.groups.pp_group, rt.device, per_round, None,
-                             cfg.parallel.schedule, micro_batch=(d.micro_batch_size, d.seq_len),
+                             cfg.parallel.schedule, micro_batch=(d.micro_batch_size, d.seq_len // cfg.parallel.cp),
                              dtype=PrecisionPolicy.from_config(cfg).activation_dtype, scale_grads=False)
 
 
@@ -182,7 +182,8 @@ def build_data(cfg: JobConfig, rt: Runtime) -> tuple[data_lib.BatchLoader, data_
         datasets = data_lib.build_datasets(d, builder=False, log=lambda _: None, manifest=posted["manifest"],
                                            **kwargs)
     loader = data_lib.BatchLoader(datasets.train, d.micro_batch_size, dp_rank=rt.groups.data_rank,
-                                  dp_size=rt.groups.data_size, document_mask=d.document_mask)
+                                  dp_size=rt.groups.data_size, document_mask=d.document_mask,
+                                  cp_rank=rt.groups.cp_rank, cp_size=rt.groups.cp_size)
     return loader, datasets
 
 

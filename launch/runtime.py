@@ -68,9 +68,10 @@ def init_runtime(cfg: JobConfig) -> Runtime:
         owns = True
     world = dist.get_world_size() if dist.is_initialized() else 1
     p = cfg.parallel
-    if world % (p.tp * p.pp):
-        raise ValueError(f"parallel.tp * parallel.pp ({p.tp} * {p.pp}) must divide the world size ({world})")
-    pdims = ParallelDims(dp=p.dp or world // (p.tp * p.pp), tp=p.tp, ep=p.ep, pp=p.pp)
+    if world % (p.tp * p.pp * p.cp):
+        raise ValueError(f"parallel.tp * parallel.pp * parallel.cp ({p.tp} * {p.pp} * {p.cp}) must divide the world "
+                         f"size ({world})")
+    pdims = ParallelDims(dp=p.dp or world // (p.tp * p.pp * p.cp), tp=p.tp, ep=p.ep, pp=p.pp, cp=p.cp)
     pdims.check_world(world)
     groups = pdims.build(device.type)
     return Runtime(device, dist.get_rank() if world > 1 else 0, world, pdims, groups, owns)

@@ -278,7 +278,7 @@ class Trainer:
         self.model.eval()
         total, n = torch.zeros((), device=self.rt.device), 0
         batches = data_lib.val_batches(self.datasets.val, d.micro_batch_size, self.datasets.val_samples,
-                                       g.data_rank, g.data_size, d.document_mask)
+                                       g.data_rank, g.data_size, d.document_mask, g.cp_rank, g.cp_size)
         if self.pipeline is not None:  # grad_accum micro batches at a time (a global batch's share)
             # a middle stage needs no batch (document masking: its segments)
             ends = self.pipeline.has_first or self.pipeline.has_last or d.document_mask

@@ -72,22 +72,26 @@ class Transformer(nn.Module):
             self.init_weights()
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None,
-                segments: torch.Tensor | None = None) -> torch.Tensor:
+                segments: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] (or hidden states [B, T, D] on a stage without embeddings) -> float32 logits [B, T, V], or
         with ``targets`` [B, T] the mean cross entropy (float32; ``head_loss``: chunked with
         ``cfg.loss_chunk_tokens``, never forming the logits) (or hidden states on a stage without the head).
 
         ``segments`` [B, T] (document masking): the index of each token's document in its packed sample, non-
         decreasing along T; a token then attends only to earlier tokens of its own document, the recorded max
-        logits cover exactly those pairs, and with ``reset_positions`` RoPE positions restart at each document."""
+        logits cover exactly those pairs, and with ``reset_positions`` RoPE positions restart at each document.
+        ``positions`` [B, T]: each token's RoPE position when ``x`` is part of a longer sequence (context
+        parallelism gives them; ``segments`` then cover the whole sequence)."""
         if x.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {x.shape[1]} exceeds max_seq_len {self.cfg.max_seq_len}")
         h_BTD = self.embed_tokens(x) if self.embed_tokens is not None else x
         if self.cfg.fp32_residual:  # bf16 parameters, float32 residual stream (blocks add bf16 outputs into it)
             h_BTD = h_BTD.to(torch.promote_types(h_BTD.dtype, torch.float32))
-        documents = ()
-        if segments is not None:
-            documents = (segments, document_positions(segments)) if self.reset_positions else (segments,)
+        if positions is None and segments is not None and self.reset_positions:
+            positions = document_positions(segments)
+        documents = (segments,) if segments is not None else ()
+        if positions is not None:
+            documents = (segments, positions)
         for layer in self.layers:
             h_BTD = layer(h_BTD, *documents)
         if self.lm_head is None:

@@ -1,26 +1,33 @@
 """Parallel layout: a validated ``ParallelDims`` and the process groups it builds (``ParallelGroups``).
 
-Axes (world_size == pp * dp * tp):
+Axes (world_size == pp * dp * cp * tp):
 
 - ``pp`` (pipeline parallel): outermost. Pipeline index ``p`` holds stages of the model
-  (parallel/pipeline_parallel.py); ``rank = p * dp * tp + dp_index * tp + tp_index``. A ``pp_group`` is the ranks
-  with the same (dp, tp) index (activations go along it); a ``stage_group`` the dp * tp ranks of one pipeline
+  (parallel/pipeline_parallel.py); ``rank = p * dp * cp * tp + replica_index * tp + tp_index``. A ``pp_group``
+  is the ranks with the same (replica, tp) index (activations go along it); a ``stage_group`` the dp * tp ranks of one pipeline
   index (the same parameters: ZeRO-1's structure check, the grad norm before it is summed over ``pp_group``).
   Every group below lives inside one pipeline index.
 
 - ``tp`` (tensor parallel): ranks that split attention heads and dense/shared FFN columns/rows of ONE copy of
   the model and see the SAME tokens. Innermost axis: ``rank = dp_index * tp + tp_index``, so a TP group is
   ``tp`` consecutive ranks (keep it inside a node).
-- ``dp`` (data parallel): ranks with the same ``tp_index``; each sees different tokens. ``dp_group`` reduces
-  gradients of non-expert parameters and is the ZeRO-1 sharding group.
-- ``ep`` (expert parallel) BORROWS from dp (``ep`` divides ``dp``): the dp axis is cut into ``dp // ep`` blocks
-  of ``ep`` consecutive dp indices; an ``ep_group`` is one block (same tp index). Each rank of an EP group
-  holds ``n_routed_experts // ep`` experts and exchanges tokens with the others (all-to-all).
+- ``dp`` (data parallel) x ``cp`` (context parallel): the replica axis of ``dp * cp`` indices, ranks with the same
+  ``tp_index``; replica index ``r = data_index * cp + cp_index``. Ranks with the same data index (``cp``
+  consecutive replica indices, a ``cp_group``) read the same batch and each takes ``seq_len / cp`` of its tokens
+  (parallel/context_parallel.py); every replica sees different tokens, so ``dp_group`` is the whole replica axis
+  (``dp_size`` = dp * cp): it reduces gradients of non-expert parameters (and the losses, QK-Clip's max logits,
+  the routers' loads) and is the ZeRO-1 sharding group.
+- ``ep`` (expert parallel) BORROWS from the replica axis (``ep`` divides ``dp * cp``): it is cut into
+  ``dp * cp // ep`` blocks of ``ep`` consecutive replica indices; an ``ep_group`` is one block (same tp index).
+  Each rank of an EP group holds ``n_routed_experts // ep`` experts and exchanges tokens with the others
+  (all-to-all).
 - ``edp`` (expert data parallel): ranks with the same tp index and the same ``ep_rank`` in different EP blocks,
-  i.e. the replicas of the same experts (``dp // ep`` of them). Expert gradients are reduced over ``edp_group``.
+  i.e. the replicas of the same experts (``dp * cp // ep`` of them). Expert gradients are reduced over
+  ``edp_group``.
 
-The loader's data rank is the dp index (``data_rank``/``data_size`` == ``dp_rank``/``dp_size``): the ranks of
-one TP group read the same batch. No module-level globals: build once, pass the object explicitly.
+The loader's data rank is the data index (``data_rank``/``data_size``: dp_rank // cp and dp): the ranks of one
+TP group and of one CP group read the same batch. No module-level globals: build once, pass the object
+explicitly.
 """
 from __future__ import annotations
 
@@ -36,40 +43,47 @@ class ParallelDims:
     tp: int = 1
     ep: int = 1
     pp: int = 1
+    cp: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("dp", "tp", "ep", "pp"):
+        for name in ("dp", "tp", "ep", "pp", "cp"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"parallel dims: {name} must be an integer >= 1, got {value!r}")
-        if self.dp % self.ep != 0:
+        if self.replicas % self.ep != 0:
             raise ValueError(
-                f"parallel dims: ep ({self.ep}) must divide dp ({self.dp}) - expert parallelism borrows ranks from "
-                f"the data-parallel axis (ranks of an EP group see different tokens); choose ep in "
-                f"{[d for d in range(1, self.dp + 1) if self.dp % d == 0]} or raise dp")
+                f"parallel dims: ep ({self.ep}) must divide dp * cp ({self.replicas}) - expert parallelism borrows "
+                f"ranks from the data/context-parallel axis (ranks of an EP group see different tokens); choose ep "
+                f"in {[d for d in range(1, self.replicas + 1) if self.replicas % d == 0]} or raise dp")
+
+    @property
+    def replicas(self) -> int:
+        """Ranks with different tokens and the same parameters (of one tp index and pipeline index)."""
+        return self.dp * self.cp
 
     @property
     def world_size(self) -> int:
-        return self.pp * self.dp * self.tp
+        return self.pp * self.replicas * self.tp
 
     @property
     def edp(self) -> int:
-        return self.dp // self.ep
+        return self.replicas // self.ep
 
     def check_world(self, world_size: int) -> None:
         if world_size != self.world_size:
-            other = self.pp * self.tp
+            other = self.pp * self.tp * self.cp
             raise ValueError(
-                f"parallel dims: world size {world_size} != pp*dp*tp = {self.pp}*{self.dp}*{self.tp} = "
-                f"{self.world_size}; set dp = world_size / (pp * tp) (e.g. "
+                f"parallel dims: world size {world_size} != pp*dp*cp*tp = {self.pp}*{self.dp}*{self.cp}*{self.tp} = "
+                f"{self.world_size}; set dp = world_size / (pp * cp * tp) (e.g. "
                 f"dp={world_size // other if world_size % other == 0 else '?'}) or launch {self.world_size} processes")
 
     def check_model(self, model_cfg: Any) -> None:
         """Divisibility the model must satisfy for this layout (``model_cfg``: a ``models.ModelConfig``)."""
         errors = []
         tp = self.tp
-        if model_cfg.n_heads % tp:
-            errors.append(f"n_heads ({model_cfg.n_heads}) must be divisible by tp ({tp})")
+        if model_cfg.n_heads % (tp * self.cp):
+            errors.append(f"n_heads ({model_cfg.n_heads}) must be divisible by tp * cp ({tp} * {self.cp}): context "
+                          f"parallelism gives each rank of a tensor-parallel group's heads 1/cp of them")
         if model_cfg.attn_type == "mha" and model_cfg.n_kv_heads % tp:
             errors.append(f"n_kv_heads ({model_cfg.n_kv_heads}) must be divisible by tp ({tp}) "
                           f"(KV-head replication is not supported)")
@@ -84,11 +98,12 @@ class ParallelDims:
                 errors.append(f"n_routed_experts ({model_cfg.n_routed_experts}) must be divisible by ep ({self.ep})")
         if errors:
             raise ValueError("parallel dims vs model config: " + "; ".join(errors)
-                             + f" (dp={self.dp}, tp={self.tp}, ep={self.ep}): change tp/ep or the model sizes")
+                             + f" (dp={self.dp}, tp={self.tp}, ep={self.ep}, cp={self.cp}): change tp/ep/cp or the "
+                               f"model sizes")
 
     def group_ranks(self) -> dict[str, list[list[int]]]:
         """Global ranks of every group of each kind, in creation order (pure; used by ``build`` and tests)."""
-        dp, tp, ep, pp = self.dp, self.tp, self.ep, self.pp
+        dp, tp, ep, pp, cp = self.replicas, self.tp, self.ep, self.pp, self.cp  # dp: the replica axis
 
         def rank(d: int, t: int, p: int = 0) -> int:
             return p * dp * tp + d * tp + t
@@ -101,6 +116,9 @@ class ParallelDims:
             "edp": [[rank(b * ep + e, t, p) for b in range(dp // ep)] for p in range(pp) for t in range(tp)
                     for e in range(ep)],
         }
+        if cp > 1:
+            out["cp"] = [[rank(b * cp + c, t, p) for c in range(cp)] for p in range(pp) for t in range(tp)
+                         for b in range(dp // cp)]
         if pp > 1:
             out["pp"] = [[rank(d, t, p) for p in range(pp)] for d in range(dp) for t in range(tp)]
             out["stage"] = [[rank(d, t, p) for d in range(dp) for t in range(tp)] for p in range(pp)]
@@ -114,7 +132,7 @@ class ParallelDims:
         """
         if not dist.is_initialized():
             self.check_world(1)
-            return ParallelGroups(self, device_type, 0, None, 0, None, 0, None, 0, None, 0, None, 0, None)
+            return ParallelGroups(self, device_type, 0, None, 0, None, 0, None, 0, None, 0, None, 0, None, None, 0)
         self.check_world(dist.get_world_size())
         me = dist.get_rank()
         mine = {}
@@ -123,9 +141,9 @@ class ParallelDims:
                 group = dist.new_group(ranks)
                 if me in ranks:
                     mine[kind] = (group, ranks.index(me))
-        pp, stage = mine.get("pp", (None, 0)), mine.get("stage", (None, 0))
+        pp, stage, cp = mine.get("pp", (None, 0)), mine.get("stage", (None, 0)), mine.get("cp", (None, 0))
         return ParallelGroups(self, device_type, me, *mine["dp"], *mine["tp"], *mine["ep"], *mine["edp"], *pp,
-                              stage[0])
+                              stage[0], *cp)
 
 
 @dataclass(frozen=True)
@@ -146,6 +164,8 @@ class ParallelGroups:
     pp_group: Optional[Any] = None  # None when pp == 1
     pp_rank: int = 0
     stage_group: Optional[Any] = None  # the dp x tp ranks of this pipeline index; None = the world (pp == 1)
+    cp_group: Optional[Any] = None  # None when cp == 1
+    cp_rank: int = 0
 
     @property
     def world_size(self) -> int:
@@ -153,7 +173,12 @@ class ParallelGroups:
 
     @property
     def dp_size(self) -> int:
-        return self.dims.dp
+        """Ranks of ``dp_group``: data x context parallel (the replicas of one parameter shard)."""
+        return self.dims.replicas
+
+    @property
+    def cp_size(self) -> int:
+        return self.dims.cp
 
     @property
     def tp_size(self) -> int:
@@ -173,8 +198,8 @@ class ParallelGroups:
 
     @property
     def data_rank(self) -> int:
-        """Index among ranks that read different batches (TP peers share it)."""
-        return self.dp_rank
+        """Index among ranks that read different batches (TP and CP peers share it)."""
+        return self.dp_rank // self.dims.cp
 
     @property
     def data_size(self) -> int:

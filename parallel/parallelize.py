@@ -1,5 +1,5 @@
-"""One place that turns the plain model into the parallel one, in a fixed order: EP, TP, precision (bf16
-parameters, parallel/precision.py), recomputation (parallel/recompute.py), FP8 activation storage
+"""One place that turns the plain model into the parallel one, in a fixed order: EP, TP, CP (the all-to-all over
+heads around attention, parallel/context_parallel.py), precision (bf16 parameters, parallel/precision.py), recomputation (parallel/recompute.py), FP8 activation storage
 (parallel/fp8_storage.py), activation offload (parallel/activation_offload.py) (``parallelize``);
 ``apply_compile`` (``train.compile``) comes last, on the parallel model.
 
@@ -20,6 +20,7 @@ from torch import nn
 from muonclip.placement import Placement
 
 from parallel.activation_offload import apply_activation_offload
+from parallel.context_parallel import apply_context_parallel
 from parallel.dims import ParallelDims, ParallelGroups
 from parallel.expert_parallel import apply_expert_parallel, expert_placements
 from parallel.fp8_storage import apply_fp8_storage
@@ -58,8 +59,8 @@ def apply_compile(model: nn.Module, fullgraph_dense: bool = True) -> None:
 def parallelize(model: nn.Module, pdims: ParallelDims, groups: ParallelGroups,
                 cfg: ParallelizeConfig = ParallelizeConfig(),
                 precision: PrecisionPolicy = PrecisionPolicy()) -> dict[str, Placement]:
-    """Apply EP, TP, the precision policy (parameter dtypes), recomputation, FP8 storage and activation offload to
-    ``model`` in place, in that order; return a placement per param.
+    """Apply EP, TP, CP, the precision policy (parameter dtypes), recomputation, FP8 storage and activation offload
+    to ``model`` in place, in that order; return a placement per param.
 
     ``model``: a ``models.Transformer`` built on meta (then allocate and initialise the shards with
     ``parallel.init.init_sharded``: the same global weights at any layout) or built and initialised identically
@@ -71,6 +72,7 @@ def parallelize(model: nn.Module, pdims: ParallelDims, groups: ParallelGroups,
     pdims.check_model(model.cfg)
     apply_expert_parallel(model, groups.ep_rank, groups.ep_size, groups.ep_group)
     apply_tensor_parallel(model, groups.tp_rank, groups.tp_size, groups.tp_group)
+    apply_context_parallel(model, groups.cp_rank, groups.cp_size, groups.cp_group)
     apply_precision(model, precision)
     mode = "full" if cfg.activation_checkpointing else cfg.recompute
     modules = cfg.recompute_modules or RECOMPUTE_MODULES

@@ -101,6 +101,19 @@ def test_the_loader_gives_each_tokens_document_from_the_index():
     assert len(plain.next_batch()) == 2
 
 
+def write_short_documents(path):
+    """Documents of one sentence of the embedded corpus: most 64-token windows hold several."""
+    import json
+
+    from data.corpus import iter_documents
+
+    with open(path, "w", encoding="utf-8") as f:
+        for _, doc in zip(range(30), iter_documents()):
+            for sentence in doc["text"].split(". ")[:40]:
+                f.write(json.dumps({"text": sentence}) + "\n")
+    return path
+
+
 LAYOUTS = {"dp2-ep2": ["--parallel.ep=2", "--data.micro_batch_size=2"],
            "pp2-interleaved": ["--parallel.pp=2", "--parallel.pp_schedule=interleaved_1f1b",
                                "--parallel.pp_virtual_stages=2", "--model.n_layers=4"]}
@@ -118,15 +131,7 @@ def test_training_with_document_masking_reproduces_one_process(tmp_path, layout,
     from tests.dist_utils import run_distributed
     from tests.test_train import DP_COMMON, _dp_worker, debug_cfg
 
-    import json
-
-    from data.corpus import iter_documents
-
-    short = tmp_path / "short.jsonl"  # documents of one sentence: most 64-token windows hold several
-    with open(short, "w", encoding="utf-8") as f:
-        for _, doc in zip(range(30), iter_documents()):
-            for sentence in doc["text"].split(". ")[:40]:
-                f.write(json.dumps({"text": sentence}) + "\n")
+    short = write_short_documents(tmp_path / "short.jsonl")
     common = [*DP_COMMON, "--parallel.optimizer=zero1", f"--optim.qk_clip_mode={mode}", "--train.steps=4",
               "--train.eval_interval=4", "--schedule.warmup_steps=1", f"--data.sources=[{{path: {short}}}]",
               f"--data.data_dir={tmp_path / 'cache'}", "--data.val_fraction=0.1"]

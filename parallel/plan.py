@@ -274,9 +274,15 @@ def _comm(cfg, slots, buckets, me: dict[str, int], tp_rank: int, plan, pp_rank: 
             if s.ns_rank == tp_rank:
                 scatter += (tp - 1) * s.param.numel()  # a shard to each other rank, or the whole matrix
         add("all_to_all", (gather + scatter) * F32)
-    tokens = d.micro_batch_size * d.seq_len
+    tokens = d.micro_batch_size * d.seq_len  # this rank's (seq_len / cp under context parallelism)
     micro = d.grad_accum
     layers = plan.layers if plan is not None else list(range(m.n_layers))
+    if p.cp > 1:  # Ulysses: q, k, v out and the attention output back, forward and backward; (cp-1)/cp leave
+        H = m.n_heads // tp
+        dq = m.qk_nope_head_dim + m.qk_rope_head_dim if m.attn_type == "mla" else m.head_dim
+        dv = m.v_head_dim if m.attn_type == "mla" else m.head_dim  # MLA's v goes padded to dq, its output comes
+        per_layer = 2 * tokens * H * (3 * dq + dv) * policy.compute_dtype.itemsize * (p.cp - 1) // p.cp  # back dv
+        add("cp_all_to_all", len(layers) * micro * per_layer)
     compute = min(policy.compute_dtype.itemsize, policy.activation_dtype.itemsize)  # GEMM outputs (bf16 or fp32)
     if tp > 1:  # attention and FFN outputs forward, their input gradients backward
         add("tp_all_reduce", len(layers) * 4 * micro * 2 * (tp - 1) * tokens * m.dim * compute // tp)
@@ -311,12 +317,16 @@ def plan_layout(cfg, world: int) -> list[RankPlan]:
     from dataclasses import replace
 
     p = cfg.parallel
-    if world % (p.pp * p.tp):
-        raise ValueError(f"plan: parallel.pp * parallel.tp ({p.pp} * {p.tp}) must divide the world ({world})")
-    dp = p.dp or world // (p.pp * p.tp)
+    if world % (p.pp * p.tp * p.cp):
+        raise ValueError(f"plan: parallel.pp * parallel.tp * parallel.cp ({p.pp} * {p.tp} * {p.cp}) must divide the "
+                         f"world ({world})")
+    data = p.dp or world // (p.pp * p.tp * p.cp)
+    dp = data * p.cp  # the replica axis (parallel/dims.py): ZeRO-1 owners, gradient reductions
     if dp % p.ep:
-        raise ValueError(f"plan: parallel.ep ({p.ep}) must divide dp ({dp})")
-    cfg = replace(cfg, parallel=replace(p, dp=dp))
+        raise ValueError(f"plan: parallel.ep ({p.ep}) must divide dp * cp ({dp})")
+    # context parallelism: each rank holds seq_len / cp tokens of every activation; attention's q, k, v and output
+    # are [B, H/cp, T] after the all-to-all, the same bytes as [B, H, T/cp] (parallel/context_parallel.py)
+    cfg = replace(cfg, parallel=replace(p, dp=dp), data=replace(cfg.data, seq_len=cfg.data.seq_len // p.cp))
     edp = dp // p.ep
     policy = PrecisionPolicy.from_config(cfg)
     sharded = world > 1 and p.optimizer == "zero1"  # ZeRO-1 (else MuonClip: every rank holds every state)
@@ -431,9 +441,9 @@ def format_flops(cfg, world: int) -> str:
     """The FLOP model the trainer logs MFU with (models/flops.py): per token, per step, per device."""
     from models.flops import attention_flops_per_token, flops_per_token, matmul_params_per_token
 
-    m, d = cfg.model, cfg.data
+    m, d, p = cfg.model, cfg.data, cfg.parallel
     per_token = flops_per_token(m, d.seq_len)
-    tokens = d.seq_len * d.micro_batch_size * d.grad_accum * (world // (cfg.parallel.pp * cfg.parallel.tp))
+    tokens = d.seq_len * d.micro_batch_size * d.grad_accum * (world // (p.pp * p.tp * p.cp))
     return (f"model FLOPs: {per_token / 1e9:,.2f} GFLOP per token (6 x {matmul_params_per_token(m) / 1e9:,.3f}B "
             f"matmul weights per token + causal attention {attention_flops_per_token(m, d.seq_len) / 1e9:,.2f} "
             f"GFLOP at {d.seq_len} tokens); {per_token * tokens / 1e15:,.1f} PFLOP per step of {tokens:,} tokens, "

@@ -133,8 +133,12 @@ def test_a_base_file_is_overridden_key_by_key(tmp_path):
     k2, long = load_config(CONFIGS / "kimi_k2.yaml"), load_config(CONFIGS / "kimi_k2_128k.yaml")
     assert (long.data.seq_len, long.model.max_seq_len, long.model.yarn_factor,
             long.model.yarn_original_max_seq_len) == (131072, 131072, 32.0, 4096)
-    assert long.parallel == k2.parallel and long.optim == k2.optim and long.model.dim == k2.model.dim
-    assert long.data.seq_len * long.data.grad_accum == k2.data.seq_len * k2.data.grad_accum  # tokens per step
+    assert long.optim == k2.optim and long.model.dim == k2.model.dim and long.parallel.cp == 16
+    def tokens_per_step(c, world=256):
+        return c.data.seq_len * c.data.micro_batch_size * c.data.grad_accum * world // (
+            c.parallel.pp * c.parallel.tp * c.parallel.cp)
+
+    assert tokens_per_step(long) == tokens_per_step(k2) == 2**26  # the 67M tokens of K2's global batch
     (tmp_path / "a.yaml").write_text("base: b.yaml\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ValueError, match=r"a\.yaml: base files form a cycle"):

@@ -43,7 +43,8 @@ def _measure(rank: int, world: int, out: str, overrides: list[str]) -> None:
     (2, ["--data.micro_batch_size=4", "--parallel.tp=2"]),
     (2, ["--data.micro_batch_size=2", "--parallel.ep=2"]),
     (2, ["--data.micro_batch_size=4", "--parallel.pp=2"]),
-], ids=["1proc", "dp2", "tp2", "dp2-ep2", "pp2"])
+    (2, ["--data.micro_batch_size=4", "--parallel.cp=2"]),
+], ids=["1proc", "dp2", "tp2", "dp2-ep2", "pp2", "cp2"])
 def test_plan_matches_measured_memory_and_bytes(tmp_path, world, layout):
     """The optimizer's bytes on the wire are CountingComm's, exactly, per collective; each rank's planned peak is
     within 10% of the most tensor bytes it held over its build and two steps (tests/audit.py ``LiveBytes``)."""
@@ -55,6 +56,32 @@ def test_plan_matches_measured_memory_and_bytes(tmp_path, world, layout):
         if world > 1:
             assert measured["sent"] == planned, rank  # exact, per collective
         assert plan.peak == pytest.approx(measured["peak"], rel=0.10), (rank, plan.phases, measured["peak"])
+
+
+def _cp_wire(rank: int, world: int, out: str, overrides: list[str]) -> None:
+    from launch.trainer import Trainer, init_runtime
+    from tests.audit import WireAudit
+
+    torch.set_num_threads(1)
+    cfg = debug_cfg(out, *BIG, *overrides)
+    trainer = Trainer(cfg, init_runtime(cfg))
+    trainer.train_step()  # builds what a first step builds
+    with WireAudit() as wire:
+        trainer.train_step()
+    sent = sum(r.numel * r.dtype.itemsize for r in wire.records if r.call == "all_to_all_single")
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"all_to_all": sent}))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_planned_context_parallel_bytes_are_the_all_to_alls_of_a_step(tmp_path, dtype):
+    """cp=2 (MLA, bf16 or float32): the planner's ``cp_all_to_all`` is what leaves each rank in the all-to-alls of
+    one step ((cp-1)/cp of every exchanged tensor: the forward's q, k, v and output, the backward's gradients)."""
+    layout = ["--data.micro_batch_size=2", "--parallel.cp=2", f"--train.dtype={dtype}", f"--train.param_dtype={dtype}"]
+    run_distributed(_cp_wire, 2, str(tmp_path), layout)
+    plans = plan_layout(debug_cfg(tmp_path, *BIG, *layout), 2)
+    for rank, plan in enumerate(plans):
+        measured = json.loads((tmp_path / f"rank{rank}.json").read_text())["all_to_all"]
+        assert plan.comm["cp_all_to_all"] == measured // 2  # the other half stays on the rank
 
 
 def test_the_cli_prints_every_stage_and_the_verdict(capsys):

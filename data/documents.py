@@ -25,12 +25,12 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import time
 from typing import Callable
 
 import numpy as np
 
+from data.preprocess import building_dir
 from data.sampling import SPLIT_SEED, ShardSet, held_out_count
 
 TABLE_VERSION = 1
@@ -61,19 +61,13 @@ def build_table(docs: ShardSet, folder: str, val_fraction: float, where: str,
     """Write the table of ``docs`` into ``folder`` (nothing when it is already there)."""
     if os.path.exists(os.path.join(folder, "table.json")):
         return
-    from data.preprocess import remove_stale_tmp
-
     n = len(docs)
     n_val = held_out_count(n, val_fraction, where)
     id_dtype = np.int32 if n < 2**31 else np.int64
-    remove_stale_tmp(folder)
-    tmp = f"{folder}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        t0 = time.perf_counter()
-        if n >= _CHUNK:
-            log(f"data: {where}: building its document table ({n:,} documents, {n_val:,} held out) in {folder}")
+    t0 = time.perf_counter()
+    if n >= _CHUNK:
+        log(f"data: {where}: building its document table ({n:,} documents, {n_val:,} held out) in {folder}")
+    with building_dir(folder, "table.json") as tmp:
         if len(docs.shards) > 1:
             out = np.lib.format.open_memmap(os.path.join(tmp, "lengths.npy"), "w+", np.int32, (n,))
             for shard, start in zip(docs.shards, docs.doc_offsets):
@@ -110,15 +104,8 @@ def build_table(docs: ShardSet, folder: str, val_fraction: float, where: str,
                 "split_seed": SPLIT_SEED, "shard_tokens": [int(s.num_tokens) for s in docs.shards]}
         with open(os.path.join(tmp, "table.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
-        if n >= _CHUNK:
-            log(f"data: {where}: document table built ({time.perf_counter() - t0:.1f} s)")
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not os.path.exists(os.path.join(folder, "table.json")):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if n >= _CHUNK:
+        log(f"data: {where}: document table built ({time.perf_counter() - t0:.1f} s)")
 
 
 def open_table(folder: str) -> DocumentTable:

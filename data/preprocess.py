@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import multiprocessing
 import os
@@ -27,7 +28,7 @@ import re
 import shutil
 import sys
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 from data.formats import Resolved, read_chunks, resolve, tokenize_chunk
 from data.indexed import IndexedWriter, TokenShards, token_dtype
@@ -74,6 +75,27 @@ def remove_stale_tmp(target: str) -> None:
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         except PermissionError:
             pass
+
+
+@contextlib.contextmanager
+def building_dir(final: str, marker: str) -> Iterator[str]:
+    """Build directory ``final`` in ``<final>.tmp-<pid>`` (yielded; what a killed build left is removed first)
+    and rename it into place when the block ends without an error; another process that completed the same
+    build meanwhile (its ``marker`` file exists) wins. The temporary directory is always gone afterwards."""
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    remove_stale_tmp(final)
+    tmp = f"{final}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not os.path.exists(os.path.join(final, marker)):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _identity(prefix: str) -> dict:

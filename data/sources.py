@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import time
 from typing import Callable
 
@@ -37,7 +36,7 @@ from data.formats import Resolved, file_identity, resolve
 from data.indexed import TokenShards
 from data.loader import available_samples
 from data.documents import DocumentTable, build_table, open_table, table_dir
-from data.preprocess import preprocess, read_stats, remove_stale_tmp
+from data.preprocess import building_dir, preprocess, read_stats
 from data.sampling import INDEX_VERSION, ShardSet, SourceSamples
 from data.tokenizer import TextTokenizer
 
@@ -131,19 +130,13 @@ class _Builder:
         return Source(name, spec.weight, ShardSet([TokenShards(p) for p in prefixes]), key, resolved)
 
     def tokenize(self, spec, name: str, resolved: Resolved, key: str) -> str:
-        root = os.path.join(self.d.data_dir, "tokens")
-        final = os.path.join(root, f"{name}-{key[:16]}")
+        final = os.path.join(self.d.data_dir, "tokens", f"{name}-{key[:16]}")
         if os.path.exists(os.path.join(final, "meta.json")):
             return os.path.join(final, "tokens")
         if not self.builder:
             raise FileNotFoundError(f"data source {name}: {final} is missing; rank 0 builds it before the other "
                                     f"ranks open it (is data.data_dir on a filesystem every rank shares?)")
-        os.makedirs(root, exist_ok=True)
-        remove_stale_tmp(final)  # what a killed build left behind
-        tmp = f"{final}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        try:
+        with building_dir(final, "meta.json") as tmp:
             self.log(f"data: tokenizing source {name} ({resolved.path}, {len(resolved.files)} files) with "
                      f"{self.d.tokenizer!r} into {final}")
             stats = preprocess(resolved, self.tok(), os.path.join(tmp, "tokens"), self.workers(resolved),
@@ -153,13 +146,6 @@ class _Builder:
                 json.dump(stats, f, indent=2, sort_keys=True)
             self.log(f"data: source {name}: {stats['documents']:,} documents, {stats['tokens']:,} tokens "
                      f"({stats['tokens_per_s']:,.0f} tokens/s)")
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not os.path.exists(os.path.join(final, "meta.json")):
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return os.path.join(final, "tokens")
 
     def workers(self, resolved: Resolved) -> int:

@@ -259,10 +259,21 @@ def test_loader_resume_with_other_dp_size():
         assert torch.equal(torch.cat([got[r][step][0] for r in range(4)]), expected[step][0])
 
 
+def test_a_new_seq_len_continues_at_the_tokens_consumed():
+    """A sequence-length stage: the position moves to the same number of tokens, rounded up to a global batch."""
+    short = data.BatchLoader(_stream(0), 4)  # seq_len 8
+    _take(short, 5)  # 20 samples = 160 tokens
+    longer = data.BatchLoader(_stream(0, seq_len=16), 3)
+    message = longer.load_state_dict(short.state_dict())
+    assert longer.samples_consumed == 12 and longer.tokens_consumed == 192  # ceil(160 / (16 * 3)) * 3 samples
+    assert message == ("data.seq_len 8 -> 16: the checkpoint consumed 160 tokens (20 samples); continuing at "
+                       "sample 12 (192 tokens)")
+    same = data.BatchLoader(_stream(0), 4)
+    assert same.load_state_dict(short.state_dict()) is None and same.samples_consumed == 20
+
+
 def test_loader_state_mismatch_errors():
     state = data.BatchLoader(_stream(0), 4).state_dict()
-    with pytest.raises(ValueError, match="seq_len"):
-        data.BatchLoader(_stream(0, seq_len=16), 4).load_state_dict(state)
     with pytest.raises(ValueError, match="seed"):
         data.BatchLoader(_stream(1), 4).load_state_dict(state)
     with pytest.raises(ValueError, match="samples_per_epoch.*token shards changed"):

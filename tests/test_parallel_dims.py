@@ -17,7 +17,7 @@ from tests.dist_utils import run_distributed
 @pytest.mark.parametrize("kwargs, match", [
     (dict(dp=0), "dp must be an integer >= 1"),
     (dict(tp=-1), "tp must be an integer >= 1"),
-    (dict(dp=4, ep=3), r"ep \(3\) must divide dp \(4\).*\[1, 2, 4\]"),
+    (dict(dp=4, ep=3), r"ep \(3\) must divide dp \* cp \(4\).*\[1, 2, 4\]"),
     (dict(dp=2, ep=2.0), "ep must be an integer"),
 ])
 def test_invalid_dims(kwargs, match):
@@ -26,7 +26,7 @@ def test_invalid_dims(kwargs, match):
 
 
 def test_world_and_model_checks():
-    with pytest.raises(ValueError, match=r"world size 4 != pp\*dp\*tp = 1\*3\*2"):
+    with pytest.raises(ValueError, match=r"world size 4 != pp\*dp\*cp\*tp = 1\*3\*1\*2"):
         ParallelDims(dp=3, tp=2).check_world(4)
     cfg = ModelConfig(vocab_size=32, dim=16, n_layers=2, attn_type="mha", n_heads=4, n_kv_heads=4, head_dim=4,
                       inter_dim=30, moe_inter_dim=8, n_routed_experts=6, n_activated_experts=2, first_k_dense=1)
@@ -44,6 +44,15 @@ def test_group_layout():
     assert ranks["edp"] == [[0, 4], [2, 6], [1, 5], [3, 7]]
     for kind, lists in ranks.items():  # each kind partitions the world
         assert sorted(r for g in lists for r in g) == list(range(8)), kind
+    # context parallelism: the replica axis is dp x cp (data index = replica // cp); CP groups are consecutive
+    # replica indices; dp_group is the whole replica axis, EP borrows from it
+    ranks = ParallelDims(dp=2, tp=2, ep=2, cp=2).group_ranks()
+    assert ranks["cp"] == [[0, 2], [4, 6], [1, 3], [5, 7]]
+    assert ranks["dp"] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert ranks["ep"] == [[0, 2], [4, 6], [1, 3], [5, 7]]
+    with pytest.raises(ValueError, match=r"n_heads \(4\) must be divisible by tp \* cp \(2 \* 4\)"):
+        ParallelDims(dp=1, tp=2, cp=4).check_model(ModelConfig(vocab_size=32, dim=16, n_layers=1, attn_type="mha",
+                                                               n_heads=4, n_kv_heads=4, head_dim=4))
     single = ParallelDims().build("cpu")  # no process group: sizes 1, groups None
     assert (single.data_rank, single.data_size, single.tp_size, single.ep_size, single.tp_group) == (0, 1, 1, 1, None)
 
@@ -60,6 +69,9 @@ def _check_groups(rank):
         assert (g.data_rank, g.data_size) == (rank // dims.tp, dims.dp)
         with pytest.raises(AttributeError):
             g.tp_rank = 3  # frozen
+    cp = ParallelDims(dp=2, tp=1, cp=2).build("cpu")  # replica r = data * 2 + cp index
+    assert dist.get_process_group_ranks(cp.cp_group) == [rank - rank % 2, rank - rank % 2 + 1]
+    assert (cp.cp_rank, cp.cp_size, cp.data_rank, cp.data_size, cp.dp_size) == (rank % 2, 2, rank // 2, 2, 4)
 
 
 CFG = dict(vocab_size=41, dim=24, n_layers=3, attn_type="mla", n_heads=4, q_lora_rank=10, kv_lora_rank=12,
@@ -164,5 +176,5 @@ def test_pipeline_axis_is_outermost_and_every_other_group_stays_inside_one_stage
     for kind in ("tp", "dp", "ep", "edp"):
         assert all(len({r // 4 for r in group}) == 1 for group in ranks[kind]), kind
     assert "pp" not in ParallelDims(dp=2).group_ranks()  # no singleton groups without a pipeline
-    with pytest.raises(ValueError, match=r"world size 4 != pp\*dp\*tp = 2\*1\*1 = 2"):
+    with pytest.raises(ValueError, match=r"world size 4 != pp\*dp\*cp\*tp = 2\*1\*1\*1 = 2"):
         ParallelDims(pp=2).check_world(4)

@@ -2,7 +2,7 @@
 heads (parallel/context_parallel.py), on 2 gloo processes: exactness against one process's causal attention and
 forward + backward time, MLA-shaped heads (q/k 192 wide, v 128: DeepSeek-V3/K2's head dims).
 
-    bash benchmarks/deepspeed_muon.sh first makes the venv, or:
+    bash benchmarks/deepspeed_muon.sh makes the venv on first use, or:
     python -m venv --system-site-packages /tmp/muonclip-deepspeed-venv
     DS_BUILD_OPS=0 /tmp/muonclip-deepspeed-venv/bin/pip install deepspeed==0.19.8
     OMP_NUM_THREADS=1 /tmp/muonclip-deepspeed-venv/bin/python -m torch.distributed.run --standalone \\
@@ -34,11 +34,18 @@ def reference(q, k, v):  # [B, H, T, d]
 
 
 def main() -> int:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    import deepspeed
-    import deepspeed.comm as ds_comm
-    from deepspeed.sequence.layer import DistributedAttention
+    try:
+        import deepspeed
+        import deepspeed.comm as ds_comm
+        from deepspeed.sequence.layer import DistributedAttention
+    except ImportError as e:
+        print(f"ulysses_deepspeed.py: deepspeed is not installed ({e}); make the venv its docstring shows")
+        return 0
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, cp = dist.get_rank(), dist.get_world_size()

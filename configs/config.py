@@ -261,6 +261,11 @@ class ParallelConfig:
     def schedule(self) -> str:
         return self.pp_schedule or ("1f1b" if self.pp_virtual_stages == 1 else "interleaved_1f1b")
 
+    def data_parallel(self, world: int) -> int:
+        """``dp``, or with 0 what the world leaves after pp, cp and tp (the runtime, the planner and its FLOP
+        report all use this)."""
+        return self.dp or world // (self.pp * self.cp * self.tp)
+
     def microbatches_per_round(self, grad_accum: int) -> int:
         """Micro batches per pipeline schedule call (``pp_microbatches``, or all ``grad_accum`` of the step)."""
         return self.pp_microbatches or grad_accum

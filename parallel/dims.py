@@ -4,12 +4,12 @@ Axes (world_size == pp * dp * cp * tp):
 
 - ``pp`` (pipeline parallel): outermost. Pipeline index ``p`` holds stages of the model
   (parallel/pipeline_parallel.py); ``rank = p * dp * cp * tp + replica_index * tp + tp_index``. A ``pp_group``
-  is the ranks with the same (replica, tp) index (activations go along it); a ``stage_group`` the dp * tp ranks of one pipeline
-  index (the same parameters: ZeRO-1's structure check, the grad norm before it is summed over ``pp_group``).
-  Every group below lives inside one pipeline index.
+  is the ranks with the same (replica, tp) index (activations go along it); a ``stage_group`` the dp * cp * tp
+  ranks of one pipeline index (the same parameters: ZeRO-1's structure check, the grad norm before it is summed
+  over ``pp_group``). Every group below lives inside one pipeline index.
 
 - ``tp`` (tensor parallel): ranks that split attention heads and dense/shared FFN columns/rows of ONE copy of
-  the model and see the SAME tokens. Innermost axis: ``rank = dp_index * tp + tp_index``, so a TP group is
+  the model and see the SAME tokens. Innermost axis: ``rank = replica_index * tp + tp_index``, so a TP group is
   ``tp`` consecutive ranks (keep it inside a node).
 - ``dp`` (data parallel) x ``cp`` (context parallel): the replica axis of ``dp * cp`` indices, ranks with the same
   ``tp_index``; replica index ``r = data_index * cp + cp_index``. Ranks with the same data index (``cp``

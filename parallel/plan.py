@@ -320,7 +320,7 @@ def plan_layout(cfg, world: int) -> list[RankPlan]:
     if world % (p.pp * p.tp * p.cp):
         raise ValueError(f"plan: parallel.pp * parallel.tp * parallel.cp ({p.pp} * {p.tp} * {p.cp}) must divide the "
                          f"world ({world})")
-    data = p.dp or world // (p.pp * p.tp * p.cp)
+    data = p.data_parallel(world)
     dp = data * p.cp  # the replica axis (parallel/dims.py): ZeRO-1 owners, gradient reductions
     if dp % p.ep:
         raise ValueError(f"plan: parallel.ep ({p.ep}) must divide dp * cp ({dp})")
@@ -443,7 +443,7 @@ def format_flops(cfg, world: int) -> str:
 
     m, d, p = cfg.model, cfg.data, cfg.parallel
     per_token = flops_per_token(m, d.seq_len)
-    tokens = d.seq_len * d.micro_batch_size * d.grad_accum * (world // (p.pp * p.tp * p.cp))
+    tokens = d.seq_len * d.micro_batch_size * d.grad_accum * p.data_parallel(world)
     return (f"model FLOPs: {per_token / 1e9:,.2f} GFLOP per token (6 x {matmul_params_per_token(m) / 1e9:,.3f}B "
             f"matmul weights per token + causal attention {attention_flops_per_token(m, d.seq_len) / 1e9:,.2f} "
             f"GFLOP at {d.seq_len} tokens); {per_token * tokens / 1e15:,.1f} PFLOP per step of {tokens:,} tokens, "

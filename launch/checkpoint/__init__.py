@@ -25,6 +25,7 @@ from launch.checkpoint.save import AsyncSaver, save_checkpoint
 from launch.checkpoint.state import model_state, optimizer_state, rng_state, set_rng_state, shard_views
 
 __all__ = ["AsyncSaver", "CHECKPOINT_SUBDIR", "DamagedCheckpoint", "LATEST", "check_compatible", "checkpoint_root",
-           "context_changes", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "model_state", "optimizer_state",
+           "context_changes", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "model_state",
+           "optimizer_state",
            "read_metadata", "resolve_resume", "rng_state", "save_checkpoint", "set_rng_state", "shard_views",
            "step_dir", "verify_checkpoint"]

@@ -85,9 +85,15 @@ CONTEXT_FIELDS = ("max_seq_len", "yarn_factor", "yarn_original_max_seq_len", "ya
                   "yarn_mscale", "yarn_mscale_all_dim")
 
 
+def _with_defaults(saved_model_cfg: dict | None) -> dict:
+    """A saved model config; a field added after the checkpoint was written counts as its default (what that run
+    used)."""
+    return {**{f.name: f.default for f in fields(ModelConfig)}, **(saved_model_cfg or {})}
+
+
 def context_changes(saved_model_cfg: dict | None, model_cfg: dict) -> list[str]:
     """The ``CONTEXT_FIELDS`` a resumed run changes, as "name old -> new" (empty: none)."""
-    saved = {**{f.name: f.default for f in fields(ModelConfig)}, **(saved_model_cfg or {})}
+    saved = _with_defaults(saved_model_cfg)
     return [f"{k} {saved[k]!r} -> {model_cfg[k]!r}" for k in CONTEXT_FIELDS if saved[k] != model_cfg[k]]
 
 
@@ -96,8 +102,7 @@ def check_compatible(path: Path, metadata: Any, tensors: dict[str, Any], saved_m
     """Raise ValueError naming ``path`` if the saved model config (but its ``CONTEXT_FIELDS``) or tensor shapes
     differ from ours."""
     if saved_model_cfg is not None and model_cfg is not None:
-        # a field added after the checkpoint was written counts as its default (what that run used)
-        saved = {**{f.name: f.default for f in fields(ModelConfig)}, **saved_model_cfg}
+        saved = _with_defaults(saved_model_cfg)
         diff = [f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in model_cfg.items()
                 if saved.get(k) != v and k not in CONTEXT_FIELDS]
         if diff:

@@ -28,8 +28,9 @@ def save_checkpoint(root: str | Path, step: int, tensors: dict[str, Any], meta: 
     """Collective: every rank passes its tensors (model + owned optimizer state) and its ``extra``.
 
     Writes ``step_XXXXXXXX.tmp``, checksumming every file as it is written (``checksums.json``), renames it when
-    complete, points ``latest`` at it, prunes to ``keep``. A failed write (disk full, read-only, ...) removes the partial
-    directory, leaves the earlier checkpoints and ``latest`` untouched and raises the same OSError on every rank.
+    complete, points ``latest`` at it, prunes to ``keep``. A failed write (disk full, read-only, ...) removes the
+    partial directory, leaves the earlier checkpoints and ``latest`` untouched and raises the same OSError on every
+    rank.
     """
     save = _Save(Path(root), step, keep, config_text, group=None)
     save.begin()

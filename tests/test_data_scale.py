@@ -156,3 +156,31 @@ def test_waiting_rank_opens_200M_documents_in_constant_memory(tmp_path):
           f"{waiting['big']['peak'] / 2**20:.1f} MiB ({waiting['big']['seconds']:.1f} s, rank 0 "
           f"{ranks[0]['big']['seconds']:.1f} s, {ranks[0]['big']['peak'] / 2**20:.0f} MiB)")
     assert waiting["big"]["peak"] - waiting["small"]["peak"] < 16 * 2**20
+
+
+def test_automatic_preprocess_workers_follow_the_input_size(tmp_path, monkeypatch):
+    """data.preprocess_workers 0: one tokenizer process per 64 MiB of raw text, at least 1, at most the CPUs."""
+    import os
+
+    from data.formats import Resolved
+    from data.sources import _Builder
+
+    files = []
+    for name, size in (("a.jsonl", 100 << 20), ("b.jsonl", 100 << 20), ("small.jsonl", 10)):
+        path = tmp_path / name
+        with open(path, "wb") as f:
+            f.truncate(size)  # sparse: only the size is read
+        files.append(str(path))
+    cfg = load_config(DEBUG, [f"--data.data_dir={tmp_path / 'cache'}"])
+    builder = _Builder(cfg.data, True, lambda m: None)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert builder.workers(Resolved("x", tuple(files[:2]), ("jsonl",) * 2)) == 3  # 200 MiB
+    assert builder.workers(Resolved("x", tuple(files[2:]), ("jsonl",))) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert builder.workers(Resolved("x", tuple(files[:2]), ("jsonl",) * 2)) == 2
+    fixed = load_config(DEBUG, [f"--data.data_dir={tmp_path / 'cache'}", "--data.preprocess_workers=5"])
+    assert _Builder(fixed.data, True, lambda m: None).workers(Resolved("x", tuple(files), ("jsonl",) * 3)) == 5
+    with pytest.raises(ValueError, match="preprocess_workers must be >= 0"):
+        load_config(DEBUG, ["--data.preprocess_workers=-1"])
+    with pytest.raises(ValueError, match="build_timeout_s must be > 0"):
+        load_config(DEBUG, ["--data.build_timeout_s=0"])

@@ -177,3 +177,19 @@ def test_flex_attention_with_the_document_block_mask_matches_sdpa_on_cuda(varian
     for (name, p_ref), p_flex in zip(ref.named_parameters(), flex.parameters()):
         if p_ref.grad is not None:
             torch.testing.assert_close(p_flex.grad, p_ref.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_a_document_masked_step_makes_no_host_synchronisation(tmp_path):
+    """Document masking with reset positions and the post-step QK-Clip probe (bf16 MoE step): the mask, the
+    positions (searchsorted) and the masked max logits add nothing a CUDA stream would wait on."""
+    from tests.audit import NoDeviceSync
+    from tests.test_precision import BF16_RUN, trainer_for
+
+    trainer = trainer_for(tmp_path, *BF16_RUN, "--train.steps=3", "--data.document_mask=true",
+                          "--data.reset_positions=true", "--optim.qk_clip_mode=post_step")
+    trainer.train_step()
+    counters = {st["step"].data_ptr() for st in trainer.optimizer.state.values() if "step" in st}
+    allow = (lambda func, args: func is torch.ops.aten._local_scalar_dense.default
+             and args[0].data_ptr() in counters)
+    with NoDeviceSync(allow):
+        trainer.train_step()

@@ -5,10 +5,15 @@ the update.
 Kimi K2 offloads part of its optimizer states to CPU at 32 nodes; Megatron's offload is Adam-only. Here every
 state tensor of a parameter (except AdamW's step counter, a CPU scalar anyway) has a home in host memory, pinned
 on CUDA. ``lend_in_turn(groups)`` yields each group with device copies swapped into its state dicts and puts the
-homes back (with the updated values) when the next group is asked for. On CUDA the copies run on a side stream:
-the next group is fetched while the current one is updated, and a group's write-back starts once its update has
-been issued (``record_stream`` keeps the device copy alive until then); the step waits for the last write-back
-before returning, so the host values are complete for a checkpoint. On CPU the same mechanism runs with plain
+homes back (with the updated values) when the next group is asked for; at most two groups are on the device. On
+CUDA the copies run on one side stream: the next group's fetch is issued before the current one's update, but the
+compute stream waits for everything issued on the side stream (that fetch and the previous write-back included), so
+copies and updates do not overlap yet (issue #28 item 6: fetch and write-back on two streams ordered by events); a
+group's write-back starts once its update has been issued (the side stream waits for the compute stream; a tensor the
+update put in place of a lent one belongs to the compute stream and is recorded on the side stream, so the caching
+allocator keeps it until its copy home has read it); the step waits for the last write-back before returning, so
+the host values are complete for a checkpoint. The device operations go through muonclip/device_streams.py, whose
+recording fake (tests/fake_streams.py) checks these rules on a CPU. On CPU the same mechanism runs with plain
 copies between distinct tensors (what the CPU tests check: results bitwise equal to no offload, state at home
 between steps).
 """
@@ -20,6 +25,8 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
+from muonclip.device_streams import SyncStreams, device_streams
+
 StateDict = dict[str, Any]
 
 
@@ -28,10 +35,10 @@ def _offloaded(key: str, value: Any) -> bool:
 
 
 class StateOffload:
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, streams: SyncStreams | None = None):
         self.device = torch.device(device)
-        self.cuda = self.device.type == "cuda"
-        self._stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.streams = streams or device_streams(self.device)  # the device operations (muonclip/device_streams.py)
+        self._stream = self.streams.new_stream()  # the copies' stream
         self._homes: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> a host tensor this made
 
     def send_home(self, state: StateDict) -> None:
@@ -39,7 +46,7 @@ class StateOffload:
         loaded from a checkpoint onto the device."""
         for key, value in state.items():
             if _offloaded(key, value) and not self.is_home(value):
-                host = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=self.cuda)
+                host = self.streams.empty(value.shape, value.dtype, self.device, host=True)
                 host.copy_(value)
                 self._homes[id(host)] = host
                 state[key] = host
@@ -49,35 +56,31 @@ class StateOffload:
 
     def _fetch(self, group: list[StateDict]) -> list[StateDict]:
         """Device copies of each state dict's offloaded tensors (started on the side stream on CUDA)."""
-        if not self.cuda:
-            return [{k: v.clone() for k, v in st.items() if _offloaded(k, v)} for st in group]
-        with torch.cuda.stream(self._stream):
-            return [{k: v.to(self.device, non_blocking=True) for k, v in st.items() if _offloaded(k, v)}
-                    for st in group]
+        s = self.streams
+        with s.use(self._stream):
+            return [{k: s.copy_(s.empty(v.shape, v.dtype, self.device), v)
+                     for k, v in st.items() if _offloaded(k, v)} for st in group]
 
     def _store(self, group: list[StateDict], homes: list[StateDict]) -> None:
         """Copy the updated device tensors back into their homes and put the homes back into the state dicts."""
-        if self.cuda:
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))  # after the update was issued
+        s = self.streams
+        s.wait_stream(self._stream, s.current())  # after the update was issued
         for st, home in zip(group, homes):
             for key, host in home.items():
                 on_device = st[key]
-                if self.cuda:
-                    with torch.cuda.stream(self._stream):
-                        host.copy_(on_device, non_blocking=True)
-                    on_device.record_stream(self._stream)
-                else:
-                    host.copy_(on_device)
+                with s.use(self._stream):
+                    s.copy_(host, on_device)
+                s.record_stream(on_device, self._stream)  # a tensor the update made (the lent ones are the side's)
                 st[key] = host
 
     def lend_in_turn(self, groups: list[list[StateDict]]) -> Iterator[list[StateDict]]:
         """Yield each group of state dicts holding device copies; the homes are back (updated) once the loop ends."""
+        s = self.streams
         fetched = self._fetch(groups[0]) if groups else None
         try:
             for i, group in enumerate(groups):
                 current, fetched = fetched, (self._fetch(groups[i + 1]) if i + 1 < len(groups) else None)
-                if self.cuda:
-                    torch.cuda.current_stream(self.device).wait_stream(self._stream)
+                s.wait_stream(s.current(), self._stream)  # the fetch is done before the update reads it
                 homes = [{k: st[k] for k in copies} for st, copies in zip(group, current)]
                 for st, copies in zip(group, current):
                     st.update(copies)
@@ -85,6 +88,6 @@ class StateOffload:
                     yield group
                 finally:
                     self._store(group, homes)
+                    current = copies = None  # freed before the next fetch allocates: two groups on the device
         finally:
-            if self.cuda:
-                self._stream.synchronize()
+            s.synchronize(self._stream)

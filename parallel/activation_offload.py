@@ -8,31 +8,41 @@ gets it back. Regions that compress their saved tensors to FP8 (parallel/fp8_sto
 their tiles on to these hooks, so the FP8 copies travel to the host too: K2 offloads "all remaining activations".
 
 A storage several ops save (or several views of it) is copied once, and each saved tensor comes back as its view
-of the copy. On CUDA the host copies are pinned and run on a side stream (the device-to-host copy starts once the producing
-kernel is issued, so micro batch i's activations travel while i+1 computes); when backward asks for a tensor, the
-tensors the block forward before it kept (the next ones backward will need) are prefetched on the side stream, so
-at most two blocks' tensors are back on the device at a time. On CPU the same mechanism runs with plain copies into distinct host tensors, counted in
-``host_bytes`` (the CPU tests check gradients bitwise equal to no offload).
+of the copy. On CUDA the host copies are pinned and run on a side stream (the device-to-host copy starts once the
+producing kernel is issued, so micro batch i's activations travel while i+1 computes); when backward asks for a
+tensor, the rest of its block's and those of the block before it in the same chain (the block whose output was its
+input: the next ones backward needs) are fetched on the side stream, so at most two blocks' tensors are back on the
+device at a time, under interleaved pipeline schedules too (there the block that ran just before a stage's first one
+belongs to another stage or micro batch, whose backward comes later). What comes back is allocated on the side
+stream and read by backward on the compute stream: it is recorded on the compute stream, so the caching allocator
+does not hand it to the next fetch before backward has read it; what goes out is recorded on the side stream
+until its copy has read it. The device operations go through muonclip/device_streams.py, whose recording fake
+(tests/fake_streams.py) checks these rules on a CPU. On CPU the same mechanism runs with plain copies into
+distinct host tensors, counted in ``host_bytes`` (the CPU tests check gradients bitwise equal to no offload).
 """
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from typing import Any
 
 import torch
 from torch import nn
 
+from muonclip.device_streams import SyncStreams, device_streams
 from parallel.regions import is_weight, param_storages, saved_tensors_chain
 
 
 class _HostCopy:
     """One device storage's bytes in host memory (``host``), maybe on their way back (``fetched``); both are let go
-    once every saved tensor that is a view of it has been handed back to backward (``views`` counts those left)."""
+    once every saved tensor that is a view of it has been handed back to backward (``views`` counts those left).
+    ``block_call``: the block forward it came from; ``chain``: the run of consecutive block forwards, each taking
+    the previous one's output, that it belongs to (one micro batch through one pipeline stage)."""
 
-    __slots__ = ("host", "fetched", "event", "nbytes", "index", "consumed", "block_call", "views")
+    __slots__ = ("host", "fetched", "event", "nbytes", "index", "consumed", "block_call", "chain", "views")
 
-    def __init__(self, host: torch.Tensor, event: Any, index: int, block_call: int):
-        self.host, self.event, self.index, self.block_call = host, event, index, block_call
+    def __init__(self, host: torch.Tensor, event: Any, index: int, block_call: int, chain: int):
+        self.host, self.event, self.index, self.block_call, self.chain = host, event, index, block_call, chain
         self.fetched: torch.Tensor | None = None
         self.nbytes = host.numel()
         self.consumed = False
@@ -58,11 +68,11 @@ class _Offloaded:
 
 
 class ActivationOffload:
-    def __init__(self, min_bytes: int = 2**16):
+    def __init__(self, min_bytes: int = 2**16, streams: SyncStreams | None = None):
         self.min_bytes = min_bytes
         self.device: torch.device | None = None  # the first offloaded tensor's (the model is built on meta)
-        self.cuda = False
-        self._stream = None
+        self.streams = streams  # the device operations (muonclip/device_streams.py): the device's unless given
+        self._side = None  # the copies' stream
         self._copies: deque[_HostCopy] = deque()  # in pack order (the consumed ones before the first kept one go)
         # the storages copied in the running block's forward (held, so no new storage takes their address, and
         # released when it ends): a storage saved twice, or through several views, is copied once
@@ -72,6 +82,8 @@ class ActivationOffload:
         self._storages: set[int] = set()
         self._base = 0  # the index of self._copies[0]
         self._block_calls = 0  # block forwards so far (a copy remembers the one it came from)
+        self._chains = 0  # chains of block forwards so far (a copy remembers its own)
+        self._last_output: weakref.ref | None = None  # the last block forward's output: does the next one continue?
 
     # ------------------------------------------------------------------ hooks
     def pack(self, t: torch.Tensor) -> _Offloaded | None:
@@ -87,21 +99,18 @@ class ActivationOffload:
 
     def _copy_out(self, storage: torch.UntypedStorage, device: torch.device) -> _HostCopy:
         if self.device is None:
-            self.device, self.cuda = device, device.type == "cuda"
-            self._stream = torch.cuda.Stream(self.device) if self.cuda else None
+            self.device = device
+            self.streams = self.streams or device_streams(device)
+            self._side = self.streams.new_stream()
+        s = self.streams
         raw = torch.empty(0, dtype=torch.uint8, device=device).set_(storage)
-        host = torch.empty(raw.numel(), dtype=torch.uint8, device="cpu", pin_memory=self.cuda)
-        event = None
-        if self.cuda:
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self._stream):
-                host.copy_(raw, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(self._stream)
-            raw.record_stream(self._stream)  # keep the device memory until the copy has read it
-        else:
-            host.copy_(raw)
-        copy = _HostCopy(host, event, self._base + len(self._copies), self._block_calls)
+        host = s.empty((raw.numel(),), torch.uint8, device, host=True)
+        s.wait_stream(self._side, s.current())  # after the kernels that wrote it
+        with s.use(self._side):
+            s.copy_(host, raw)
+            event = s.record_event(self._side)
+        s.record_stream(raw, self._side)  # keep the device memory until the copy has read it
+        copy = _HostCopy(host, event, self._base + len(self._copies), self._block_calls, self._chains)
         self._copies.append(copy)
         self.host_bytes += copy.nbytes
         self.peak_host_bytes = max(self.peak_host_bytes, self.host_bytes)
@@ -112,8 +121,11 @@ class ActivationOffload:
         if copy.fetched is None:
             self._fetch(copy)
         self._prefetch_before(copy)
-        if self.cuda:
-            torch.cuda.current_stream(self.device).wait_event(copy.event)
+        s, current = self.streams, self.streams.current()
+        s.wait_event(current, copy.event)  # the copy is back
+        # backward reads it on this stream after the side stream's allocation is let go: without this the side
+        # stream's next fetch of the same size would reuse the memory before the backward kernels have read it
+        s.record_stream(copy.fetched, current)
         out = torch.empty(0, dtype=packed.dtype, device=copy.fetched.device).set_(
             copy.fetched.untyped_storage(), packed.offset, packed.shape, packed.stride)
         copy.views -= 1
@@ -127,19 +139,20 @@ class ActivationOffload:
         return out
 
     def _fetch(self, copy: _HostCopy) -> None:
-        if self.cuda:
-            with torch.cuda.stream(self._stream):
-                self._stream.wait_event(copy.event)  # the device-to-host copy is done
-                copy.fetched = copy.host.to(self.device, non_blocking=True)
-                copy.event = torch.cuda.Event()
-                copy.event.record(self._stream)
-        else:
-            copy.fetched = copy.host.clone()
+        s = self.streams
+        with s.use(self._side):
+            s.wait_event(self._side, copy.event)  # the device-to-host copy is done
+            copy.fetched = s.empty(copy.host.shape, torch.uint8, self.device)
+            s.copy_(copy.fetched, copy.host)
+            copy.event = s.record_event(self._side)
 
     def _prefetch_before(self, copy: _HostCopy) -> None:
-        """Start fetching the storages the block forward before ``copy``'s kept (backward needs them next)."""
+        """Start fetching the storages ``copy``'s block and the block before it in its chain kept (backward needs
+        them next). Not the block that ran before a chain's first one: that is another micro batch's or another
+        stage's (interleaved 1F1B runs stage 0's and stage 2's forwards in turn on one rank), whose backward comes
+        later; fetched now, it would stay on the device beside the two blocks backward works on."""
         i = copy.index - self._base - 1
-        while i >= 0 and self._copies[i].block_call >= copy.block_call - 1:
+        while i >= 0 and self._copies[i].chain == copy.chain and self._copies[i].block_call >= copy.block_call - 1:
             earlier = self._copies[i]
             if not earlier.consumed and earlier.fetched is None:
                 self._fetch(earlier)
@@ -151,18 +164,22 @@ class ActivationOffload:
         self._storages |= param_storages(block)
         contexts: list[Any] = []
 
-        def enter(*_):
+        def enter(_, args):
             # not while backward recomputes the block (full recompute): the recomputation keeps its own tensors
             if torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
+                previous = self._last_output() if self._last_output is not None else None
+                if previous is None or not args or args[0] is not previous:
+                    self._chains += 1  # a new micro batch, or a new stage's input
                 self._block_calls += 1
                 ctx = saved_tensors_chain(self.pack, self.unpack)
                 ctx.__enter__()
                 contexts.append(ctx)
 
-        def leave(*_):
+        def leave(_, args, output):
             if contexts:
                 contexts.pop().__exit__(None, None, None)
                 self._by_storage.clear()
+                self._last_output = weakref.ref(output) if isinstance(output, torch.Tensor) else None
 
         block.register_forward_pre_hook(enter, prepend=True)  # before a checkpoint's pre-hook saves the inputs
         block.register_forward_hook(leave, always_call=True)

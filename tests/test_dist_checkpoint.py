@@ -1,15 +1,19 @@
 """Distributed checkpoints (2 gloo processes, ZeRO-1): bitwise resume at the same DP size, and re-sharding to a
-different DP size (dp=2 -> dp=1 and dp=1 -> dp=2) with the same global batch."""
+different DP size (dp=2 -> dp=1 and dp=1 -> dp=2) with the same global batch; the DTensor views DCP loads into are
+the state tensors themselves, also where host and device tensors share a group."""
 from __future__ import annotations
 
 import copy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from launch import checkpoint as ckpt
 from launch.trainer import Trainer, init_runtime
+from muonclip.placement import Placement
 from tests.dist_utils import run_distributed
 from tests.test_checkpoint import checkpoint_tensors
 from tests.test_train import debug_cfg
@@ -156,3 +160,53 @@ def test_dp1_checkpoint_loads_at_dp2_with_zero1(runs):
         got = rev[rank]["losses"]
         assert sorted(got) == list(range(HALF + 1, N + 1))
         assert [got[s] for s in sorted(got)] == pytest.approx([losses[s] for s in sorted(got)], **LOSS_TOL)
+
+
+# ------------------------------------------------------------------------------------------------ DTensor views
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` is a view of all of ``b``: the same storage (compared by its StorageImpl, since every meta tensor's
+    data pointer is 0), offset, shape and strides, on the same device."""
+    return (a.device == b.device and a.untyped_storage()._cdata == b.untyped_storage()._cdata
+            and a.storage_offset() == b.storage_offset() and a.shape == b.shape and a.stride() == b.stride())
+
+
+def _views_worker(rank: int, world: int, out: str) -> None:
+    """shard_views over one group holding tensors of two device types, in both orders: ``meta`` stands in for CUDA
+    (``DTensor.from_local`` moves a tensor onto its mesh's device type as it would onto CUDA, and leaves a meta
+    tensor where it is), CPU for the offloaded host state."""
+    group = dist.group.WORLD  # the expert-parallel group and the tensor-parallel group here
+    placements = {"moe.w1": Placement("expert"), "moe.w2": Placement("expert"),
+                  "attn.wo": Placement("tp_sharded", shard_dim=1, tp_group=group)}
+    state = {"moe.w1": torch.empty(2, 4, 3, dtype=torch.bfloat16, device="meta"),  # a replica: master elsewhere
+             "moe.w2": torch.zeros(2, 4, 3),  # an owned master, in host memory
+             "optim/moe.w2/momentum_buffer": torch.zeros(2, 4, 3),
+             "attn.wo": torch.empty(4, 3, device="meta"),  # a float32 parameter (no master) on the device
+             "optim/attn.wo/momentum_buffer": torch.zeros(4, 3)}
+    found = {}
+    for order in ("device first", "host first"):
+        keys = list(state) if order == "device first" else list(reversed(state))
+        views = ckpt.shard_views({k: state[k] for k in keys}, placements, SimpleNamespace(ep_group=group))
+        for k in keys:
+            local = views[k].to_local()
+            found[order, k] = {"state": state[k].device.type, "local": local.device.type,
+                               "mesh": views[k].device_mesh.device_type, "same": _same_tensor(local, state[k]),
+                               "shape": tuple(views[k].shape)}
+    torch.save(found, Path(out) / f"views_rank{rank}.pt")
+
+
+def test_each_view_wraps_the_state_tensor_itself_when_host_and_device_tensors_share_a_group(tmp_path):
+    """Offloaded optimizer state (host) beside device parameters in one expert- or tensor-parallel group: each
+    DTensor's local tensor is the state tensor itself (DCP loads into it), on a mesh of its own device type. One
+    mesh per group moved the tensors of the other type onto the first one's device: the load filled copies and
+    the owned masters and momentum kept their initial values."""
+    run_distributed(_views_worker, 2, str(tmp_path))
+    global_shapes = {"moe.w1": (4, 4, 3), "moe.w2": (4, 4, 3), "optim/moe.w2/momentum_buffer": (4, 4, 3),
+                     "attn.wo": (4, 6), "optim/attn.wo/momentum_buffer": (4, 6)}
+    for rank in range(2):
+        found = torch.load(tmp_path / f"views_rank{rank}.pt")
+        assert len(found) == 2 * len(global_shapes)
+        for (order, key), f in found.items():
+            where = f"rank {rank}, {order}: {key} (state on {f['state']})"
+            assert f["local"] == f["mesh"] == f["state"], f"{where}: local on {f['local']}, mesh {f['mesh']}"
+            assert f["same"], f"{where}: the view is a copy, not the state"
+            assert f["shape"] == global_shapes[key], where

@@ -83,11 +83,15 @@ def rank() -> int:
 def shard_views(tensors: dict[str, Any], placements: dict[str, Any], groups: Any) -> dict[str, Any]:
     """Wrap tensors of expert-parallel ("expert": Shard(0) over ``groups.ep_group``) and tensor-parallel
     ("tp_sharded": Shard(dim) over the tp group) parameters, and their optimizer state, as DTensors sharing
-    the local storage, so DCP saves/loads the global tensors. Replicated tensors are returned unchanged."""
+    the local storage, so DCP saves/loads the global tensors. Replicated tensors are returned unchanged.
+
+    One mesh per (group, device type): ``DTensor.from_local`` copies a tensor of another device type onto its
+    mesh's device, and DCP would load into that copy. With ``optim.offload_state`` a group holds host masters and
+    moments beside device parameters (bf16 ones whose master another rank keeps, float32 ones without a master)."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor import DTensor, Shard
 
-    meshes: dict[int, Any] = {}
+    meshes: dict[tuple[int, str], Any] = {}
     out = dict(tensors)
     for key, t in tensors.items():
         name = key[len("optim/"):].rsplit("/", 1)[0] if key.startswith("optim/") else key
@@ -98,7 +102,8 @@ def shard_views(tensors: dict[str, Any], placements: dict[str, Any], groups: Any
                       else (placement.tp_group, placement.shard_dim))
         if group is None or dist.get_world_size(group) == 1:
             continue
-        if id(group) not in meshes:
-            meshes[id(group)] = DeviceMesh.from_group(group, t.device.type)
-        out[key] = DTensor.from_local(t, meshes[id(group)], [Shard(dim)], run_check=False)
+        mesh_key = (id(group), t.device.type)
+        if mesh_key not in meshes:
+            meshes[mesh_key] = DeviceMesh.from_group(group, t.device.type)
+        out[key] = DTensor.from_local(t, meshes[mesh_key], [Shard(dim)], run_check=False)
     return out

@@ -187,7 +187,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda if available), "cpu" or "cuda"
     dtype: str = "float32"  # compute dtype of the GEMMs: "float32" or "bfloat16" (autocast)
     # the model's parameters: "float32", or "bfloat16" (bf16 parameters and activations, float32 gradient
-    # buffers, float32 master weights with the optimizer state; needs dtype bfloat16). See README "Precision".
+    # buffers, float32 master weights with the optimizer state; needs dtype bfloat16). See docs/precision.md.
     param_dtype: str = "float32"
     log_interval: int = 10
     eval_interval: int = 100  # validation every N steps and at the end; 0 disables

@@ -148,9 +148,15 @@ class MetricsLogger:
             self._bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
                              file=sys.stderr)
 
-    def advance(self, loss: float) -> None:
+    def progress(self, step: int) -> None:
+        """The bar follows the completed optimizer steps: every step (no host read is needed to count one), and
+        back to the restored step after a rollback."""
         if self._bar is not None:
-            self._bar.update(1)
+            self._bar.update(step - self._bar.n)
+
+    def show_loss(self, loss: float) -> None:
+        """The bar's loss, set when a log step has read the pending losses on the host."""
+        if self._bar is not None:
             self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
     def write(self, message: str) -> None:

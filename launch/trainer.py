@@ -316,6 +316,7 @@ class Trainer:
         t_last, tokens_per_step = time.perf_counter(), self.tokens_per_step()
         while self.step < cfg.steps:
             out = self.train_step()
+            self.metrics.progress(self.step)
             self.interval_stats.update(self.model, self.qkclip, self.router_hook.loads_list(), self.qkclip_post)
             pending.append((self.step, out))
             last = self.step == cfg.steps
@@ -327,6 +328,7 @@ class Trainer:
                 if self._judge(pending, result, window):
                     window.clear()
                     self.interval_stats.reset()  # drop the statistics of the rolled-back steps
+                    self.metrics.progress(self.step)  # the bar goes back with the step
                     continue
             if log_now:
                 now = time.perf_counter()
@@ -368,7 +370,7 @@ class Trainer:
                 raise FloatingPointError(text)
             result.losses[step] = loss
             window.append(loss)
-            self.metrics.advance(loss)
+            self.metrics.show_loss(loss)
         return False
 
     def _preempted(self, result: RunResult) -> None:

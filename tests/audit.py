@@ -14,6 +14,7 @@ every collective moves.
 - ``SavedBytes``: the bytes autograd keeps for backward (device and host), through saved-tensor hooks.
 - ``LiveBytes``: the most tensor bytes alive (the CPU's ``torch.cuda.max_memory_allocated``); ``vm_bytes``:
   the process's RSS and peak RSS.
+- ``Bf16GemmsInFloat32``: bf16 matmuls through float32 GEMMs, for byte audits on CPUs without a fast bf16 GEMM.
 """
 from __future__ import annotations
 
@@ -392,6 +393,27 @@ class LiveBytes(TorchDispatchMode):
 
     def _free(self, key: int) -> None:
         self.current -= self._live.pop(key)
+
+
+class Bf16GemmsInFloat32(TorchDispatchMode):
+    """For byte audits only (what a step allocates, saves and sends, not its values): CPU bf16 matmuls computed by a
+    float32 GEMM and rounded once to bf16, the result of a bf16 GEMM with float32 accumulation up to summation order,
+    with the same output storage, shape and dtype. On CPUs without AVX-512 BF16 torch has no fast bf16 GEMM (its
+    fallback took 861 ms for [512, 128] @ [128, 8192] where float32 took 18 ms with one thread under
+    ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2, 2026-12-07), which made the bf16
+    byte audits most of the suite's time there. Enter it before ``LiveBytes`` so that the audit, above it, sees only
+    the bf16 result (the float32 temporaries are the kernel's business, as a GPU GEMM's workspace is)."""
+
+    OPS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten._grouped_mm.default}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        floats = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+        if func in self.OPS and floats and all(t.dtype == torch.bfloat16 and t.device.type == "cpu"
+                                                 for t in floats) and kwargs.get("out_dtype") is None:
+            wide = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+            return func(*wide, **kwargs).to(torch.bfloat16)
+        return func(*args, **kwargs)
 
 
 def vm_bytes(key: str) -> int:

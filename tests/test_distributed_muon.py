@@ -476,6 +476,38 @@ def _overlap_worker(rank: int, world: int) -> None:
     _assert_identical(list(overlapped.parameters()), dist.group.WORLD, "params")
 
 
+def _bf16_buckets_worker(rank: int, world: int) -> None:
+    """bf16 params: after each step's reduction an owned param's float32 bucket slice is the float32 mean over dp of
+    the sum of its 2 micro batches' bf16 gradients (each moved into the bucket after its backward, not summed in
+    bf16), with the reductions started by backward or after it, and with or without ``zero_grad()`` between steps
+    (then the first gradient of a step zeroes the bucket a step spent: it held the reduced gradients and the
+    broadcast bf16 params). The exact sums are float64 sums of bf16 values: float32 rounding only."""
+    bf16 = torch.bfloat16
+    for overlap in (True, False):
+        for zero_grad in (True, False):
+            params = {n: nn.Parameter(p.detach().to(bf16)) for n, p in _make(DENSE, frozen=False).items()}
+            opt = DistributedMuonClip(build_param_groups(params.items()), {}, OptimizerGroups(),
+                                      bucket_cap_mb=1 / 1024, overlap_reduce=overlap,
+                                      **dict(HP, ns_dtype=torch.float32))
+            opt.backward_passes_per_step = 2
+            assert len(opt.buckets) >= 4 and all(f.dtype == torch.float32 for f in opt._flat)
+            for step in range(2):  # without zero_grad(), step 1 starts with spent buckets
+                for micro in range(2):  # the gradient of sum(p * c) is c (bf16) exactly
+                    sum((p * _grad(f"{n}/{micro}", rank, step, p.shape).to(bf16)).float().sum()
+                        for n, p in params.items()).backward()
+                opt.reduce_gradients()
+                for n, p in params.items():
+                    if opt.owns(p):
+                        expected = sum(_grad(f"{n}/{m}", d, step, p.shape).to(bf16).double()
+                                       for d in range(world) for m in range(2)) / world
+                        torch.testing.assert_close(opt.grad(p).double(), expected, rtol=1e-6, atol=1e-5,
+                                                   msg=lambda m: f"{n} step {step} overlap {overlap} "
+                                                                 f"zero_grad {zero_grad}: {m}")
+                opt.step()
+                if zero_grad:
+                    opt.zero_grad()
+
+
 def _order_worker(rank: int, world: int) -> None:
     """Buckets are listed, so reduced, in the order backward completes them (recorded by hooks on a real
     backward): with the model's parameter order the head's bucket is first and each bucket is complete no later
@@ -512,7 +544,8 @@ def _order_worker(rank: int, world: int) -> None:
 
 # ---------------------------------------------------------------- one spawn per world size (startup dominates)
 CHECKS = {"replicated": _replicated_worker, "resume_qkclip": _resume_and_qkclip_worker, "tp": _tp_worker,
-          "experts": _expert_worker, "options": _options_worker, "overlap": _overlap_worker, "order": _order_worker}
+          "experts": _expert_worker, "options": _options_worker, "overlap": _overlap_worker, "order": _order_worker,
+          "bf16_buckets": _bf16_buckets_worker}
 
 
 def _suite_worker(rank: int, world: int, out_dir: str, names: list[str]) -> None:
@@ -548,7 +581,8 @@ class _Suite:
 
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory) -> _Suite:
-    return _Suite(2, ["replicated", "resume_qkclip", "overlap", "order"], str(tmp_path_factory.mktemp("dist2")))
+    return _Suite(2, ["replicated", "resume_qkclip", "overlap", "order", "bf16_buckets"],
+                  str(tmp_path_factory.mktemp("dist2")))
 
 
 @pytest.fixture(scope="module")
@@ -566,6 +600,10 @@ def test_reductions_started_by_backward_equal_reducing_after_it_dp2(world2):
 
 def test_buckets_are_reduced_in_the_order_backward_completes_them_dp2(world2):
     world2.check("order")
+
+
+def test_bf16_gradients_accumulate_in_float32_buckets_also_without_zero_grad_dp2(world2):
+    world2.check("bf16_buckets")
 
 
 def test_state_dict_resume_and_qkclip_dp2(world2):

@@ -127,18 +127,22 @@ def _waiting(window: float = 5.0) -> subprocess.Popen:
 
 @pytest.mark.parametrize("first,second,window", [(signal.SIGINT, signal.SIGINT, 5.0),
                                                  (signal.SIGTERM, signal.SIGINT, 5.0),
+                                                 (signal.SIGINT, signal.SIGTERM, 5.0),
                                                  (signal.SIGTERM, signal.SIGTERM, 0.2)])
 def test_a_second_signal_aborts_at_once(first, second, window):
-    """Ctrl-C twice, or a SIGTERM then Ctrl-C, or a second SIGTERM later than the duplicate window: the process
-    ends at once, without saving."""
+    """Ctrl-C twice, a SIGTERM then Ctrl-C, a Ctrl-C then SIGTERM (at once: the duplicate window is for a second
+    SIGTERM only), or a second SIGTERM later than the duplicate window: the process ends at once, without saving."""
     proc = _waiting(window)
-    proc.send_signal(first)
-    assert proc.stdout.readline() == f"stopping {first.name}\n"
-    time.sleep(window if first == second else 0)
-    t0 = time.monotonic()
-    proc.send_signal(second)
-    assert proc.wait(timeout=30) == -second and time.monotonic() - t0 < 5
-    assert proc.stdout.read() == ""  # never reached "saved"
+    try:
+        proc.send_signal(first)
+        assert proc.stdout.readline() == f"stopping {first.name}\n"
+        time.sleep(window if first == second else 0)
+        t0 = time.monotonic()
+        proc.send_signal(second)
+        assert proc.wait(timeout=30) == -second and time.monotonic() - t0 < 5
+        assert proc.stdout.read() == ""  # never reached "saved"
+    finally:  # a second signal that was ignored must not leave the process behind
+        proc.kill()
 
 
 def test_a_sigterm_delivered_twice_at_once_is_one_request():
@@ -340,6 +344,20 @@ def test_watchdog_stays_quiet_while_busy_or_progressing():
         for dog in dogs:
             dog.progress()
         time.sleep(0.1)
+    for dog in dogs:
+        dog.stop()
+    assert failures == []
+
+
+def test_watchdog_stays_quiet_while_another_rank_than_0_is_busy():
+    """Rank 1 in a long phase (its checkpoint save) while ranks 0 and 2 wait for it without progress: rank 0, the
+    one that judges "stuck", reads rank 1's busy flag from the store and stays quiet (not only for its own save)."""
+    dogs, failures = _watchdogs(timeout=1.0)
+    with dogs[1].busy():  # published from rank 1's first heartbeat on: no moment where it looks idle
+        for dog in dogs:
+            dog.start()
+            dog.arm()
+        time.sleep(4.0)  # timeout + 6 heartbeats: without rank 1's flag rank 0 judges them stuck at ~2-2.5 s
     for dog in dogs:
         dog.stop()
     assert failures == []

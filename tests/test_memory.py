@@ -41,6 +41,25 @@ def test_the_chunked_loss_equals_the_whole_logits_and_keeps_no_logits(dtype, chu
     assert chunk_size(-1, 163840) == 409  # automatic: <= 256 MiB of float32 logits per chunk
 
 
+def test_the_chunked_loss_takes_the_log_sum_exp_of_bf16_logits_in_float32():
+    """bf16 head (bf16 h and weight): the chunked loss is the mean of float32 log-sum-exps of the bf16 GEMM's logits
+    minus the target logits, to float32 rounding of the sums; logits up to ~55 make a bf16 log-sum-exp (spacing
+    0.25 there) miss that reference by far more than the tolerance."""
+    g = torch.Generator().manual_seed(0)
+    N, D, V, chunk = 24, 64, 4096, 8
+    h = torch.randn(N, D, generator=g).to(torch.bfloat16)
+    w = (torch.randn(V, D, generator=g) * 1.5).to(torch.bfloat16)
+    t = torch.randint(0, V, (N,), generator=g)
+    loss = head_loss(h.view(2, 12, D), w, t.view(2, 12), chunk)
+    logits = torch.cat([h[s:s + chunk] @ w.T for s in range(0, N, chunk)])  # the function's bf16 GEMMs
+    target = logits.float().gather(1, t[:, None])[:, 0]
+    ref = (torch.logsumexp(logits.float(), -1) - target).mean()
+    bf16_lse = (torch.logsumexp(logits, -1).float() - target).mean()
+    tol = 1e-5 * ref.abs()  # float32 sums of N terms of ~50
+    assert loss.dtype == torch.float32 and (loss - ref).abs() <= tol, (loss, ref)
+    assert (bf16_lse - ref).abs() > 10 * tol, (bf16_lse, ref)  # the test sees a bf16 log-sum-exp
+
+
 def test_a_run_with_the_chunked_loss_follows_the_whole_logits_run(tmp_path):
     """configs/debug.yaml, 6 steps, 1 process and pp=2: model.loss_chunk_tokens=100 gives the losses of the
     unchunked run (float32 rounding of the summed weight gradient only)."""
@@ -188,6 +207,143 @@ def test_fp8_tiles_round_each_element_within_e4m3s_spacing_of_its_tile_scale():
         assert (err <= bound * (1 + 1e-6)).all(), (err - bound).max()
         assert torch.equal(back[0, 0, :128], t[0, 0, :128])
         assert back[1, 2, 7] == t[1, 2, 7]  # the tile maximum maps to 448 exactly
+
+
+def test_selective_mla_up_proj_recompute_gives_bitwise_the_gradients_under_bf16_autocast():
+    """bf16 autocast over float32 parameters (backward runs outside autocast): ``mla_up_proj`` rebuilds q, k and v
+    in backward under the forward's autocast, so every gradient is bitwise that of the plain model; and it keeps
+    fewer bytes for backward (the recomputation really ran)."""
+    import copy
+
+    from models import ModelConfig, Transformer
+    from parallel.recompute import apply_recompute
+    from tests.test_model import TINY
+
+    torch.manual_seed(0)
+    plain = Transformer(ModelConfig(**{**TINY, "attn_type": "mla", "q_lora_rank": 12}))
+    recomputed = copy.deepcopy(plain)
+    apply_recompute(recomputed, "selective", ["mla_up_proj"])
+    x, y = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    grads, kept = [], []
+    for model in (plain, recomputed):
+        with torch.autocast("cpu", dtype=torch.bfloat16), SavedBytes(model) as saved:
+            loss = model(x, y)
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        kept.append(saved.device)
+    assert grads[1].keys() == grads[0].keys() and any("q_b_proj" in n for n in grads[0])
+    assert all(torch.equal(grads[1][n], grads[0][n]) for n in grads[0])
+    assert kept[1] < kept[0], kept
+
+
+def test_a_weight_cast_to_bf16_and_transposed_by_autocast_is_a_weight_not_an_activation():
+    """Under bf16 autocast F.linear saves its float32 weight cast to bf16 and then transposed (two autograd nodes
+    between the saved tensor and the parameter): the region helper sees a weight there, so FP8 storage leaves it
+    alone (the input's gradient, which reads only the weight, is bitwise that without FP8) and activation offload
+    moves only the input's bf16 cast to the host, not the weight."""
+    from parallel.activation_offload import ActivationOffload
+    from parallel.fp8_storage import fp8_saved
+    from parallel.regions import is_weight, param_storages
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 256, bias=False)
+    x = torch.randn(8, 256, requires_grad=True)
+    saved = []
+    with torch.autocast("cpu", dtype=torch.bfloat16), \
+            torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        lin(x)
+    (weight,), (x_cast,) = [t for t in saved if t.shape == (256, 256)], [t for t in saved if t.shape == (8, 256)]
+    cast = weight.grad_fn.next_functions[0][0]
+    assert type(weight.grad_fn).__name__ == "TBackward0" and type(cast).__name__ == "ToCopyBackward0"
+    assert cast.next_functions[0][0].variable is lin.weight and weight.dtype == torch.bfloat16
+    assert is_weight(weight, param_storages(lin)) and not is_weight(x_cast, param_storages(lin))
+
+    def grad_x(forward):
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = forward(x)
+        y.float().square().sum().backward()
+        return x.grad.clone()
+
+    plain = grad_x(lin.forward)
+    assert torch.equal(grad_x(fp8_saved(lin, lin.forward)), plain)
+    offload = ActivationOffload(min_bytes=0)
+    offload.attach(lin)
+    x.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x)
+    assert offload.host_bytes == x.numel() * 2, offload.host_bytes  # the bf16 input only
+    y.float().square().sum().backward()
+    assert torch.equal(x.grad, plain)
+
+
+def test_offload_has_fetched_the_block_before_when_a_blocks_backward_starts():
+    """Activation offload over 4 blocks, every fetch from the host and every tensor handed back to backward
+    recorded in order: when backward takes block i's first saved tensor, every storage block i-1 offloaded has
+    been requested (prefetched while block i runs) and nothing of block i-2 yet (two blocks back at a time); each
+    storage is fetched once."""
+    from models import ModelConfig, Transformer
+    from parallel.activation_offload import ActivationOffload
+    from tests.test_model import TINY
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**{**TINY, "n_layers": 4}))
+    offload = ActivationOffload(min_bytes=0)
+    for block in model.layers:
+        offload.attach(block)
+    events = []
+    fetch, unpack = offload._fetch, offload.unpack
+
+    def recorded_fetch(copy):
+        events.append(("fetch", copy.block_call, copy.index))
+        fetch(copy)
+
+    def recorded_unpack(packed):
+        out = unpack(packed)
+        events.append(("use", packed.copy.block_call, packed.copy.index))
+        return out
+
+    offload._fetch, offload.unpack = recorded_fetch, recorded_unpack
+    loss = model(torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16)))
+    by_block = {b: {c.index for c in offload._copies if c.block_call == b} for b in range(1, 5)}
+    assert all(by_block.values())
+    loss.backward()
+    fetched = [(b, i) for kind, b, i in events if kind == "fetch"]
+    assert len(fetched) == len(set(fetched)) == sum(map(len, by_block.values()))
+    starts = {}
+    for n, (kind, b, _) in enumerate(events):
+        if kind == "use":
+            starts.setdefault(b, n)
+    assert sorted(starts, reverse=True) == list(starts) == [4, 3, 2, 1]
+    for b, n in starts.items():
+        requested = {(bb, i) for kind, bb, i in events[:n] if kind == "fetch"}
+        if b > 1:
+            assert {(b - 1, i) for i in by_block[b - 1]} <= requested, f"block {b} started, block {b - 1} not requested"
+        assert not any(bb <= b - 2 for bb, _ in requested), f"block {b} started, block {b - 2} already back"
+
+
+def test_fp8_tile_scales_map_each_tiles_largest_element_to_448():
+    """float8_e4m3fn (largest finite 448): each 1 x 128 tile's scale is its amax / 448, so its largest-magnitude
+    element is stored as exactly +-448 (its sign), whatever the tile's magnitude; an all-zero tile stays zero."""
+    import torch.nn.functional as F
+
+    from parallel.fp8_storage import TILE, quantize
+
+    assert torch.finfo(torch.float8_e4m3fn).max == 448
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 300, generator=g) * torch.logspace(-5, 4, 6)[None, :, None]  # 2 full tiles + 44
+    x[0, 1, :128] = 0
+    for dtype in (torch.float32, torch.bfloat16):
+        q = quantize(x.to(dtype))
+        tiles = F.pad(x.to(dtype).float().reshape(-1, 300), (0, 84)).view(-1, 3, TILE)
+        peak = tiles.abs().argmax(-1, keepdim=True)
+        nonzero = tiles.abs().amax(-1) > 0
+        assert nonzero.sum() == 12 * 3 - 1
+        stored = q.data.float().gather(-1, peak)[..., 0]
+        assert torch.equal(stored[nonzero], 448 * tiles.gather(-1, peak)[..., 0].sign()[nonzero])
+        assert torch.equal(q.data.float().abs().amax(-1)[nonzero], torch.full((35,), 448.0))
+        assert torch.equal(q.scale[nonzero], tiles.abs().amax(-1)[nonzero] / 448)
+        assert not q.data.float()[~nonzero].any()
 
 
 def _gradients(tmp_path, *overrides):

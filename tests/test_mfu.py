@@ -47,6 +47,18 @@ def test_the_log_has_model_tflops_and_mfu_against_the_configured_peak(tmp_path):
     assert any("tflops_per_device" in r for r in on_cpu) and not any("mfu" in r for r in on_cpu)  # no CPU peak
 
 
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_tflops_and_mfu_are_per_device_shares_of_the_global_throughput(world):
+    """``tokens_per_s`` is the whole job's (every data-parallel rank's tokens): 8,000 tokens/s of 1 GFLOP each is
+    8 TFLOP/s in all, 8 / world per device, and MFU is that against one device's peak (10 TFLOP/s)."""
+    from launch.mfu import throughput_metrics
+
+    got = throughput_metrics(8_000.0, 1e9, world, 10.0)
+    assert got == pytest.approx({"tflops_per_device": 8.0 / world, "mfu": 0.8 / world}, rel=1e-12)
+    assert throughput_metrics(8_000.0, 1e9, world, None) == pytest.approx({"tflops_per_device": 8.0 / world},
+                                                                          rel=1e-12)
+
+
 def test_the_planner_prints_the_same_flop_model(capsys):
     from parallel.plan import main
 

@@ -128,3 +128,57 @@ def test_pp2_schedules_match_one_process(tmp_path, schedule, virtual):
     assert grads.keys() == ref_grads.keys()  # every parameter on exactly one stage, under its global name
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def _logged(action, name, events):
+    def run(*args, **kwargs):
+        out = action(*args, **kwargs)
+        events.append(name)
+        return out
+    return run
+
+
+def _progress_worker(rank, world_size, out):
+    import torch.distributed as dist
+
+    from parallel.init import init_sharded
+    from parallel.pipeline_parallel import build_pipeline
+
+    with torch.device("meta"):
+        model = Transformer(ModelConfig(**CFG))
+    rules, shapes = model.init_rules(), {n: tuple(p.shape) for n, p in model.named_parameters()}
+    cpu = torch.device("cpu")
+
+    def prepare(stage):
+        init_sharded(stage, rules, shapes, {}, 0, SEED, cpu)
+
+    results = {}
+    for schedule, virtual in (("1f1b", 1), ("zbv", 2)):
+        pipe = build_pipeline(model, rank, world_size, dist.group.WORLD, cpu, N_MICRO, _loss, schedule=schedule,
+                              virtual=virtual, prepare=prepare)
+        events: list[str] = []
+        pipe.report_progress(lambda: events.append("progress"))
+        for stage in pipe.torch_stages:  # outside report_progress's wrappers: log each action as it returns
+            for name in ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk"):
+                action = getattr(stage, name, None)
+                if action is not None:
+                    setattr(stage, name, _logged(action, name, events))
+        inputs, targets = _data()
+        pipe.schedule.step(inputs, target=targets, losses=[])
+        results[schedule] = events
+    torch.save(results, Path(out, "events.pt"))
+
+
+def test_every_pipeline_action_reports_progress_to_the_watchdog(tmp_path):
+    """The watchdog counts progress per pipeline action under PP (``Pipeline.report_progress``), so a step of many
+    micro batches, or a long backward, is not "stuck": as torch's schedules run them (1F1B; zero bubble, with its
+    weight-gradient halves), every forward, backward and weight action reports progress once within its call.
+    One process holds every stage (pp=1 group): the schedules call the same stage methods as at pp > 1."""
+    run_distributed(_progress_worker, 1, str(tmp_path))
+    for schedule, events in torch.load(tmp_path / "events.pt").items():
+        stages = 1 if schedule == "1f1b" else 2
+        actions = events[1::2]
+        assert events[0::2] == ["progress"] * len(actions), (schedule, events)  # one report within each action
+        kinds = ["forward_one_chunk", "backward_one_chunk"] + (["backward_weight_one_chunk"] if stages == 2 else [])
+        counts = {k: actions.count(k) for k in set(actions)}
+        assert counts == dict.fromkeys(kinds, N_MICRO * stages), (schedule, actions)

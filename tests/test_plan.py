@@ -5,6 +5,7 @@ dp=2 x ep=2, pp=2); the states of a bf16 run exactly; the activations against sa
 every memory technique."""
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -60,14 +61,15 @@ def test_plan_matches_measured_memory_and_bytes(tmp_path, world, layout):
 
 def _cp_wire(rank: int, world: int, out: str, overrides: list[str]) -> None:
     from launch.trainer import Trainer, init_runtime
-    from tests.audit import WireAudit
+    from tests.audit import Bf16GemmsInFloat32, WireAudit
 
     torch.set_num_threads(1)
     cfg = debug_cfg(out, *BIG, *overrides)
     trainer = Trainer(cfg, init_runtime(cfg))
-    trainer.train_step()  # builds what a first step builds
-    with WireAudit() as wire:
-        trainer.train_step()
+    with Bf16GemmsInFloat32():
+        trainer.train_step()  # builds what a first step builds
+        with WireAudit() as wire:
+            trainer.train_step()
     sent = sum(r.numel * r.dtype.itemsize for r in wire.records if r.call == "all_to_all_single")
     Path(out, f"rank{rank}.json").write_text(json.dumps({"all_to_all": sent}))
 
@@ -111,6 +113,22 @@ def test_plan_of_the_whole_model_adds_up():
     counters = sum(1 for g in groups if not g["use_muon"] for p in g["params"] if p.requires_grad)  # AdamW steps
     assert plan.optimizer == 4 * state + 4 * counters and plan.optimizer_host == 0
     assert "fits in 80 GiB" in format_plan([plan])
+
+
+@pytest.mark.parametrize("dtype,itemsize", [("bfloat16", 2), ("float32", 4)])
+def test_planned_zero1_broadcast_sends_parameters_in_their_dtype(dtype, itemsize):
+    """dp=2 ZeRO-1 (planned, no processes): every trainable parameter is broadcast once per step from its owner, in
+    the parameters' dtype (bf16: 2 bytes an element, not float32's 4), and each rank sends (G-1)/G = 1/2 of it, as
+    CountingComm counts a broadcast (tests/test_precision_dist.py measures the wire: bf16, every bucket once)."""
+    from models import Transformer
+
+    cfg = debug_cfg("/tmp/unused", "--data.micro_batch_size=2", f"--train.param_dtype={dtype}",
+                    f"--train.dtype={dtype}")
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    elements = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    plans = plan_layout(cfg, 2)
+    assert [plan.comm["broadcast"] for plan in plans] == [itemsize * elements // 2] * 2
 
 
 def _states(rank: int, world: int, out: str, overrides: list[str]) -> None:
@@ -166,14 +184,14 @@ SETTINGS = {"none": [], "none+fp8": [FP8], "full": ["--parallel.recompute=full"]
 
 def _activation_worker(rank: int, world: int, out: str, layout: list[str]) -> None:
     from launch.trainer import Trainer, init_runtime
-    from tests.audit import LiveBytes, SavedBytes
+    from tests.audit import Bf16GemmsInFloat32, LiveBytes, SavedBytes
 
     torch.set_num_threads(1)
     results = {}
     for name, setting in SETTINGS.items():
         cfg = debug_cfg(Path(out) / name, *ACT, *layout, *setting)
         rt = init_runtime(cfg)
-        with LiveBytes() as live:
+        with Bf16GemmsInFloat32(), LiveBytes() as live:
             trainer = Trainer(cfg, rt)
             with SavedBytes(trainer.model) as saved:
                 trainer.train_step()
@@ -181,6 +199,37 @@ def _activation_worker(rank: int, world: int, out: str, layout: list[str]) -> No
         trainer.close()
         del trainer, saved
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def test_bf16_gemms_in_float32_keep_every_byte_and_the_bf16_result():
+    """The byte audits' bf16 GEMMs through float32 (tests/audit.py): a bf16 linear layer's forward and backward and
+    a grouped GEMM allocate the same tensor bytes (LiveBytes) and save the same bytes (SavedBytes) as with torch's
+    bf16 kernels, in bf16, equal to a bf16 rounding of the float32 products."""
+    import torch.nn.functional as F
+
+    from tests.audit import Bf16GemmsInFloat32, LiveBytes, SavedBytes
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 96).to(torch.bfloat16)
+    x = torch.randn(32, 64, dtype=torch.bfloat16, requires_grad=True)
+    w, offs = torch.randn(4, 64, 48, dtype=torch.bfloat16), torch.tensor([8, 16, 24, 32], dtype=torch.int32)
+    runs = []
+    for shim in (False, True):
+        x.grad = lin.weight.grad = lin.bias.grad = None
+        with contextlib.ExitStack() as stack:
+            if shim:
+                stack.enter_context(Bf16GemmsInFloat32())
+            live = stack.enter_context(LiveBytes())
+            saved = stack.enter_context(SavedBytes(lin))
+            y = lin(x)
+            y.float().square().sum().backward()
+            grouped = F.grouped_mm(x.detach(), w, offs=offs)
+        runs.append((live.peak, saved.device, y.detach(), x.grad.clone(), grouped))
+    (peak, kept, *native), (peak_shim, kept_shim, *shimmed) = runs
+    assert peak_shim == peak and kept_shim == kept > 0
+    for a, b in zip(native, shimmed):  # two bf16 roundings of float32 sums in other orders: one bf16 step apart
+        assert b.dtype == a.dtype == torch.bfloat16
+        torch.testing.assert_close(b.float(), a.float(), rtol=2 ** -7, atol=2 ** -7 * a.float().abs().max().item())
 
 
 @pytest.mark.parametrize("world,layout", [

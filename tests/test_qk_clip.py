@@ -185,6 +185,41 @@ def test_bf16_weights_unclipped_heads_bit_identical():
         torch.testing.assert_close(w[1].float(), w0[1].float() * (1 / 3) ** 0.5, rtol=8e-3, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["mha", "gqa", "mla"])
+def test_bf16_weights_without_masters_are_scaled_in_float32_and_rounded_once(kind):
+    """bf16 weights without float32 masters: each clipped row is w * scale computed in float32 and rounded to bf16
+    once (bitwise: one float32 product and one rounding per element); rounding the scale to bf16 first would give
+    other weights (a bf16 scale is off by up to 0.4%)."""
+    H, logits, tau = 4, [10.0, 300.0, 170.0, 99.9], 100.0
+    if kind == "mla":
+        spec = _spec_mla(H, 4, 2, 4, logits)
+        spec = {**spec, **{k: nn.Parameter(spec[k].detach().to(torch.bfloat16)) for k in ("q_weight", "kv_b_weight")}}
+    else:
+        spec = _spec_mha(H, 4 if kind == "mha" else 2, 8, 16, logits, dtype=torch.bfloat16)
+    old = _weights([spec])[0]
+    # the float32 row scales, computed independently: gamma = tau / S_max in float32 (1 under tau); MHA's q and k
+    # and MLA's nope rows take sqrt(gamma), GQA's q and MLA's rope rows gamma; v rows 1
+    gamma_H = torch.where(torch.tensor(logits) > tau, tau / torch.tensor(logits), torch.ones(H))
+    sqrt_H, g_H, one_H = gamma_H.sqrt(), gamma_H, torch.ones(H)
+    if kind == "mha":
+        parts = {"q_weight": [(sqrt_H, 8)], "k_weight": [(sqrt_H, 8)]}
+    elif kind == "gqa":
+        parts = {"q_weight": [(g_H, 8)]}
+    else:
+        parts = {"q_weight": [(sqrt_H, 4), (g_H, 2)], "kv_b_weight": [(sqrt_H, 4), (one_H, 4)]}
+    muonclip.QKClip([spec], tau=tau)()
+    for key, blocks in parts.items():
+        scale_R = torch.cat([s_H[:, None].expand(H, n) for s_H, n in blocks], dim=1).reshape(-1, 1)
+        assert scale_R.dtype == torch.float32 and not torch.equal(scale_R.bfloat16().float(), scale_R)
+        expected = (old[key].float() * scale_R).bfloat16()
+        rounded_scale_first = (old[key].float() * scale_R.bfloat16().float()).bfloat16()
+        got = spec[key].detach()
+        assert got.dtype == torch.bfloat16 and torch.equal(got, expected), key
+        assert not torch.equal(got, rounded_scale_first), key
+    if kind == "gqa":
+        assert torch.equal(spec["k_weight"], old["k_weight"])  # shared keys untouched
+
+
 def test_single_collective_and_no_host_sync(monkeypatch):
     """All layers' max logits go through ONE all_reduce(MAX); no .item()/bool()/float() on tensors."""
     specs = [_spec_mha(2, 2, 3, 4, [50.0, 50.0], seed=i) for i in range(3)]

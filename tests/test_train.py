@@ -12,6 +12,7 @@ from configs import load_config
 from launch.hooks import RouterBiasUpdate
 from launch.schedule import lr_at, lr_factor
 from launch.trainer import Trainer, init_runtime
+from models.flops import flops_per_token
 from tests.dist_utils import run_distributed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,6 +22,23 @@ DATA_DIR = str(ROOT / "data" / "cache")
 
 def debug_cfg(out_dir, *overrides: str):
     return load_config(DEBUG, [f"--train.output_dir={out_dir}", f"--data.data_dir={DATA_DIR}", *overrides])
+
+
+ADAMW_SPARSE = ("embed_tokens.weight", "lm_head.weight", "optim/embed_tokens", "optim/lm_head")
+
+
+def assert_trained_alike(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Two runs of the same training whose float32 sums ran in other orders (another layout, compiled blocks) end
+    within float32 noise amplified by training: every element within 1e-6, except in the AdamW-updated embedding
+    and head (and their moments), whose normalised update turns the float noise of a rare token's near-zero
+    gradient into a step of up to the learning rate in a few elements (measured 1.0e-5 on AVX-512, 2.9e-5 with
+    AVX2 kernels): those tensors as a whole within 1e-5 relative (one wrong or unloaded row is ~1e-2)."""
+    if not name.startswith(ADAMW_SPARSE):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        return
+    distance = float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+    print(f"{name}: relative distance {distance:.2e}")
+    assert distance <= 1e-5, f"{name}: relative distance {distance:.2e} > 1e-5"
 
 
 # ------------------------------------------------------------------------------------------------ schedule
@@ -235,6 +253,11 @@ def _check_against_single_process(tmp_path, ranks: list[dict], common: list[str]
     logged = [json.loads(line) for line in (tmp_path / "dp" / "metrics.jsonl").read_text().splitlines()]
     started = {r["zero1/reduced_in_backward"] for r in logged if "zero1/reduced_in_backward" in r}
     assert started == ({1.0} if "--parallel.optimizer=zero1" in common else set()), started
+    # tokens_per_s is the job's (every rank's tokens): each device's model TFLOP/s is its share of them
+    job = debug_cfg(tmp_path / "dp")
+    per_token, world = flops_per_token(job.model, job.data.seq_len), len(ranks)
+    rates = [(r["tokens_per_s"], r["tflops_per_device"]) for r in logged if "tokens_per_s" in r]
+    assert rates and all(tflops == pytest.approx(tps * per_token / world / 1e12, rel=1e-12) for tps, tflops in rates)
     cfg = debug_cfg(tmp_path / "single", *common, "--data.micro_batch_size=4")
     trainer = Trainer(cfg, init_runtime(cfg))
     single = trainer.fit()
@@ -323,6 +346,41 @@ def test_steps_between_log_intervals_read_nothing_on_the_host(tmp_path):
     assert int(trainer.qkclip.last_clipped) > 0  # QK-Clip did clip along the way
 
 
+def test_progress_bar_counts_every_step_and_shows_the_loss_at_log_steps(tmp_path):
+    """The tqdm bar advances at every step, not in a burst when a log step reads the pending losses (its rate was
+    the first burst's: "1/300 [02:03<10:16:40, 123.75s/step]"); the loss it shows is the last one read; it ends at
+    the last step, and after a rollback it is back at the restored step before the next one runs."""
+
+    class NanOnce(Trainer):  # a non-finite loss at step 5: rolled back to the step-4 checkpoint
+        def train_step(self):
+            bar = self.metrics._bar
+            seen.append((self.step, bar.n, bar.postfix or ""))
+            if self.step == 4 and not getattr(self, "_spiked", False):
+                self._spiked = True
+                with torch.no_grad():
+                    self.model.norm.weight.fill_(float("nan"))
+            return super().train_step()
+
+    common = ["--train.eval_interval=0", "--logging.progress_bar=true"]
+    seen: list[tuple[int, int, str]] = []
+    cfg = debug_cfg(tmp_path / "plain", *common, "--train.steps=6", "--train.log_interval=3")
+    trainer = NanOnce(cfg, init_runtime(cfg))
+    trainer._spiked = True  # no spike in this run
+    result = trainer.fit()
+    assert [(step, n) for step, n, _ in seen] == [(s, s) for s in range(6)]
+    assert [bool(postfix) for _, _, postfix in seen] == [False] * 3 + [True] * 3
+    assert seen[-1][2] == f"loss={result.losses[3]:.4f}"
+    assert trainer.metrics._bar.n == 6 and trainer.metrics._bar.postfix == f"loss={result.losses[6]:.4f}"
+    seen.clear()
+    cfg = debug_cfg(tmp_path / "rollback", *common, "--train.steps=6", "--train.log_interval=1",
+                    "--train.ckpt_interval=2", "--monitor.rollback=true")
+    trainer = NanOnce(cfg, init_runtime(cfg))
+    result = trainer.fit()
+    assert result.final_step == 6 and trainer.rollbacks.metrics()["rollback/count"] == 1
+    assert [step for step, _, _ in seen] == [0, 1, 2, 3, 4, 4, 5]  # step 5 ran twice
+    assert all(n == step for step, n, _ in seen), seen
+
+
 @pytest.mark.parametrize("extra", [[], ["--parallel.activation_checkpointing=true"]], ids=["plain", "ac"])
 def test_compiled_blocks_train_like_eager(tmp_path, extra):
     """train.compile: every block goes through torch.compile (the dense one as one graph: a graph break there would
@@ -343,8 +401,7 @@ def test_compiled_blocks_train_like_eager(tmp_path, extra):
     # weights to 1e-7 (measured), except where AdamW's normalised update magnifies the float noise of near-zero
     # gradients: embedding and head rows of rare tokens (1.6e-6 and 8e-6)
     for (name, a), b in zip(trainer.model.state_dict().items(), runs[False][0].model.state_dict().values()):
-        adamw_sparse = name in ("embed_tokens.weight", "lm_head.weight")
-        torch.testing.assert_close(a, b, rtol=0, atol=2e-5 if adamw_sparse else 1e-6, msg=name)
+        assert_trained_alike(name, a, b)
 
 
 def test_compiled_blocks_under_expert_parallelism_match_one_eager_process(tmp_path):

@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     ex = GroupedExperts(a.experts, a.dim, a.inter)
     ex.init_weights(0.02, 0.02)
-    assert ex.grouped_supported(torch.float32)
+    assert ex.path(torch.device("cpu"), torch.float32) == "grouped"
     x = torch.randn(a.rows, a.dim, requires_grad=True)
     setups = {"grouped GEMM (now)": lambda e, xx, c: e._grouped(xx, c),
               "padded bmm (before)": padded_bmm,

@@ -45,6 +45,8 @@ def build_model(cfg: JobConfig, rt: Runtime) -> tuple[Transformer, dict[str, Any
     init_sharded(model, rules, shapes, placements, rt.groups.ep_rank, cfg.train.seed, rt.device)
     if cfg.train.compile:
         plain = p.recompute_mode == "none" and not p.fp8_activations and not p.activation_offload
+        # per-document SDPA runs eagerly (a graph break: models/document_mask.py)
+        plain = plain and not (cfg.data.document_mask and cfg.model.attention_impl == "sdpa")
         apply_compile(model, fullgraph_dense=rt.groups.tp_size == 1 and plain)
     return model, placements
 

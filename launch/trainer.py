@@ -118,7 +118,7 @@ class Trainer:
         if wraps_in_ddp(cfg, rt, self.zero1):
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, process_group=dp_group, broadcast_buffers=False,  # buffers = per-rank step stats
-                device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+                device_ids=None)  # no moving of inputs: the document segments come in host memory (train_step)
         self.optimizer = build_optimizer(cfg, self.model, self.placements, rt, self.zero1)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.lr_factor = schedule_fn(cfg.schedule, cfg.train.steps)
@@ -175,8 +175,10 @@ class Trainer:
             loss_sum = self._pipeline_step(self._pipeline_batches(accum), train=True)
             self._progress()
         for micro in range(accum if self.pipeline is None else 0):
-            # (segments_BT,) under data.document_mask
-            inputs_BT, targets_BT, *documents = (t.to(device, non_blocking=True) for t in self.loader.next_batch())
+            # (segments_BT,) under data.document_mask, left in host memory: the model reads the documents' lengths
+            # there (models/document_mask.py) and copies the segments to the device itself
+            inputs_BT, targets_BT, *documents = self.loader.next_batch()
+            inputs_BT, targets_BT = inputs_BT.to(device, non_blocking=True), targets_BT.to(device, non_blocking=True)
             step_inputs.append((inputs_BT, *documents))
             sync = micro == accum - 1 or not hasattr(self.train_model, "no_sync")
             with (nullcontext() if sync else self.train_model.no_sync()):
@@ -215,8 +217,9 @@ class Trainer:
         pipe, device = self.pipeline, self.rt.device
         inputs = [b[0].to(device) for b in batches] if pipe.has_first else None
         targets = [b[1].to(device) for b in batches] if pipe.has_last else None
-        # document masking: every stage's attention needs the segments (torch passes kwargs to each stage)
-        segments = [b[2].to(device) for b in batches] if self.cfg.data.document_mask else None
+        # document masking: every stage's attention needs the segments (torch passes kwargs to each stage), in host
+        # memory (models/document_mask.py reads the documents' lengths there)
+        segments = [b[2] for b in batches] if self.cfg.data.document_mask else None
         per_round = self.cfg.parallel.microbatches_per_round(len(batches))
         losses: list[torch.Tensor] = []
         with self.autocast:
@@ -291,7 +294,8 @@ class Trainer:
             batches = []
         for batch in batches:
             with self.autocast:
-                total += self.model(*(t.to(self.rt.device) for t in batch))
+                inputs_BT, targets_BT, *documents = batch  # the segments stay in host memory (train_step)
+                total += self.model(inputs_BT.to(self.rt.device), targets_BT.to(self.rt.device), *documents)
             n += 1
             self._progress()
         self.model.train()

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .document_mask import Documents, document_attention, document_max_logits
 from .init import ZEROS, InitRule, init_module_, normal, prefixed
-from .layers import RMSNorm, Yarn, apply_rope, causal_max_logits, document_causal_mask, rope_cos_sin
+from .layers import RMSNorm, Yarn, apply_rope, causal_max_logits, rope_cos_sin
 
 
 class _AttentionBase:
@@ -32,55 +33,61 @@ class _AttentionBase:
     def _records(self) -> bool:
         return self.training and self.record_stats
 
-    def _record(self, q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, segments_BT: torch.Tensor | None) -> None:
+    def _record(self, q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, documents: Documents | None) -> None:
         if self._records():
             # in place: QK-Clip specs hold a reference to this buffer
-            torch.maximum(self.max_logits_H, causal_max_logits(q_BHTd, k_BHTd, self.scale, segments_BT=segments_BT),
-                          out=self.max_logits_H)
+            if documents is None:
+                max_H = causal_max_logits(q_BHTd, k_BHTd, self.scale)
+            else:  # eager: compiled, the documents' lengths would be guarded on (a recompile per new layout)
+                max_H = document_max_logits(q_BHTd, k_BHTd, self.scale, documents)
+            torch.maximum(self.max_logits_H, max_H, out=self.max_logits_H)
 
     @torch.no_grad()
-    def probe_max_logits(self, x_BTD: torch.Tensor, segments_BT: torch.Tensor | None = None,
+    def probe_max_logits(self, x_BTD: torch.Tensor, documents: Documents | None = None,
                          positions_BT: torch.Tensor | None = None) -> torch.Tensor:
         """Per-head max logit [H] (float32) of the CURRENT weights on this layer's input (the forward's arguments);
         records nothing. QK-Clip's post-step mode calls it from a forward pre-hook (the spec's ``measure``)."""
         q, k, _ = self._qkv(x_BTD, positions_BT)
-        return causal_max_logits(q, k, self.scale, segments_BT=segments_BT)
+        if documents is None:
+            return causal_max_logits(q, k, self.scale)
+        return document_max_logits(q, k, self.scale, documents)
 
-    def forward(self, x_BTD: torch.Tensor, segments_BT: torch.Tensor | None = None,
+    def forward(self, x_BTD: torch.Tensor, documents: Documents | None = None,
                 positions_BT: torch.Tensor | None = None) -> torch.Tensor:
-        """``segments_BT`` (document masking): each token's document in the packed sample, a token attends only to
-        its own document; ``positions_BT``: RoPE positions (default 0..T-1), e.g. restarting per document."""
+        """``documents`` (document masking, models/document_mask.py): the packed sample's documents, a token attends
+        only to its own; ``positions_BT``: RoPE positions (default 0..T-1), e.g. restarting per document."""
         B, T, _ = x_BTD.shape
-        documents = () if segments_BT is None else (segments_BT,)
-        out = self.attend(*self._qkv(x_BTD, positions_BT), *documents)
+        masked = () if documents is None else (documents,)
+        out = self.attend(*self._qkv(x_BTD, positions_BT), *masked)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def attend(self, q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, v_BHTe: torch.Tensor,
-               segments_BT: torch.Tensor | None = None) -> torch.Tensor:
+               documents: Documents | None = None) -> torch.Tensor:
         """The attention core (recording the max logits): [B, H, T, value head dim]. A region memory techniques wrap
-        (parallel/regions.py): what it keeps for backward are q, k and v."""
+        (parallel/regions.py): what it keeps for backward are q, k and v (views of them with documents)."""
         if self.attention_impl == "flex":
-            out, max_H = _flex_with_max(q_BHTd, k_BHTd, v_BHTe, self.scale, segments_BT)
+            out, max_H = _flex_with_max(q_BHTd, k_BHTd, v_BHTe, self.scale, documents)
             if self._records():
                 torch.maximum(self.max_logits_H, max_H, out=self.max_logits_H)
         else:
-            self._record(q_BHTd, k_BHTd, segments_BT)
-            out = _sdpa(q_BHTd, k_BHTd, v_BHTe, self.scale, segments_BT)
+            self._record(q_BHTd, k_BHTd, documents)
+            out = _sdpa(q_BHTd, k_BHTd, v_BHTe, self.scale, documents)
         return out[..., :self.v_dim]  # MLA's v may arrive padded to the q/k width (qkv_up)
 
 
-def _sdpa(q_BHTd, k_BHTd, v_BHTe, scale: float, segments_BT: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal SDPA (with ``segments_BT``: block-diagonal causal, one block per document, as a boolean mask). MLA's
+def _sdpa(q_BHTd, k_BHTd, v_BHTe, scale: float, documents: Documents | None = None) -> torch.Tensor:
+    """Causal SDPA (with ``documents``: causal SDPA over each document's span, ``document_attention``). MLA's
     value heads (e) are narrower than its q/k heads (d): the fused kernels (CPU and CUDA flash attention) need
     e == d, so v is zero-padded to d and the output sliced back (the same values to float rounding; 1.55x faster
     forward+backward on CPU for tiny.yaml's 48/32 heads, where SDPA otherwise falls back to its unfused math
     path)."""
     d, e = q_BHTd.shape[-1], v_BHTe.shape[-1]
-    mask = dict(is_causal=True) if segments_BT is None else dict(attn_mask=document_causal_mask(segments_BT))
-    if e < d:
-        v_BHTd = F.pad(v_BHTe, (0, d - e))
-        return F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTd, scale=scale, **mask)[..., :e]
-    return F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTe, scale=scale, **mask)
+    v_BHTd = F.pad(v_BHTe, (0, d - e)) if e < d else v_BHTe
+    if documents is None or not documents.per_document:  # no documents (or the planner's meta model: shapes only)
+        out = F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTd, scale=scale, is_causal=True)
+    else:
+        out = document_attention(q_BHTd, k_BHTd, v_BHTd, scale, documents)
+    return out[..., :e]
 
 
 @functools.cache
@@ -97,31 +104,19 @@ def _causal_block_mask(T: int, device: str):
     return create_block_mask(lambda b, h, q, kv: q >= kv, None, None, T, T, device=device)
 
 
-def _document_block_mask(segments_BT: torch.Tensor):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    B, T = segments_BT.shape
-
-    def same_document(b, h, q, kv):
-        return (q >= kv) & (segments_BT[b, q] == segments_BT[b, kv])
-
-    return create_block_mask(same_document, B, None, T, T, device=str(segments_BT.device))
-
-
-def _flex_with_max(q_BHTd, k_BHTd, v_BHTe, scale: float, segments_BT: torch.Tensor | None = None
+def _flex_with_max(q_BHTd, k_BHTd, v_BHTe, scale: float, documents: Documents | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal flex attention (with ``segments_BT``: within each document) and the per-head max of its scaled
-    logits [H] (float32), from flex's per-row max scores (``AuxRequest(max_scores=True)``, CUDA only: torch raises
-    on CPU), so no second q.k^T is formed. Checked against SDPA + ``causal_max_logits`` by tests/test_model.py on
-    CUDA (benchmarks/gpu_check.sh)."""
+    """Causal flex attention (with ``documents``: within each document, by their block mask, built once per
+    forward) and the per-head max of its scaled logits [H] (float32), from flex's per-row max scores
+    (``AuxRequest(max_scores=True)``, CUDA only: torch raises on CPU), so no second q.k^T is formed. Checked against
+    SDPA + ``causal_max_logits`` by tests/test_model.py on CUDA (benchmarks/gpu_check.sh)."""
     if not q_BHTd.is_cuda:
         raise ValueError("model.attention_impl: flex needs CUDA tensors (flex attention's max scores are not "
                          "implemented on CPU); use attention_impl: sdpa there")
     from torch.nn.attention.flex_attention import AuxRequest
 
     T = q_BHTd.shape[2]
-    block_mask = (_causal_block_mask(T, str(q_BHTd.device)) if segments_BT is None
-                  else _document_block_mask(segments_BT))
+    block_mask = _causal_block_mask(T, str(q_BHTd.device)) if documents is None else documents.block_mask
     out, aux = _compiled_flex()(q_BHTd, k_BHTd, v_BHTe, block_mask=block_mask,
                                 scale=scale, return_aux=AuxRequest(max_scores=True))
     return out, aux.max_scores.detach().float().amax(dim=(0, 2))

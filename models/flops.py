@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from .config import ModelConfig
+from .layers import probe_pairs
 from .transformer import Transformer
 
 
@@ -35,9 +36,18 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 3 * 2 * cfg.n_layers * cfg.n_heads * (qk + v) * (seq_len + 1) / 2
 
 
+def probe_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """FLOPs per token of one run of the max-logit probe over every layer (models/layers.py
+    ``causal_max_logits``): q.k^T of each head over the keys up to its query block's end (``probe_pairs``), no
+    backward. Not part of the model FLOPs (no model computes it; MFU leaves it out as it leaves out the
+    optimizer)."""
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim if cfg.attn_type == "mla" else cfg.head_dim
+    return 2 * cfg.n_layers * cfg.n_heads * qk * probe_pairs(seq_len) / seq_len
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 x matmul weights per token + causal attention."""
     return 6 * matmul_params_per_token(cfg) + attention_flops_per_token(cfg, seq_len)
 
 
-__all__ = ["attention_flops_per_token", "flops_per_token", "matmul_params_per_token"]
+__all__ = ["attention_flops_per_token", "flops_per_token", "matmul_params_per_token", "probe_flops_per_token"]

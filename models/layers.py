@@ -1,6 +1,8 @@
 """Building blocks: RMSNorm, interleaved RoPE (optionally YaRN-scaled), SwiGLU FFN, causal max-logit probe."""
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -110,13 +112,6 @@ def document_positions(segments_BT: torch.Tensor) -> torch.Tensor:
     return torch.arange(seg.shape[-1], device=seg.device) - start_BT
 
 
-def document_causal_mask(segments_BT: torch.Tensor) -> torch.Tensor:
-    """[B, 1, T, T] bool, True where query t may attend key s: s <= t within the same document."""
-    T = segments_BT.shape[-1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=segments_BT.device).tril()
-    return (segments_BT[:, None, :, None] == segments_BT[:, None, None, :]) & causal
-
-
 def apply_rope(x_BHTd: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of the last dim (DeepSeek layout; HF ``rope_interleave=True``)."""
     x_even, x_odd = x_BHTd[..., 0::2], x_BHTd[..., 1::2]
@@ -166,29 +161,96 @@ class FeedForward(nn.Module):
         init_module_(self, self.init_rules(std, out_std))
 
 
+MAX_LOGIT_CHUNK = 512  # queries per block of the max-logit probe: its scores hold chunk x T floats at a time
+
+
+def probe_spans(T: int, chunk: int = MAX_LOGIT_CHUNK) -> list[tuple[int, int]]:
+    """The query blocks [start, end) of the max-logit probe; block [start, end) multiplies the keys [0, end) only
+    (the keys after ``end`` are above the causal diagonal for all its queries)."""
+    return [(start, min(start + chunk, T)) for start in range(0, T, chunk)]
+
+
+def probe_pairs(T: int, chunk: int = MAX_LOGIT_CHUNK) -> int:
+    """(query, key) products the probe forms per sequence and head: (n + 1) / 2n of T^2 for n whole blocks
+    (what models/flops.py and the planner count)."""
+    return sum((end - start) * end for start, end in probe_spans(T, chunk))
+
+
+def _native_low_precision(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the probe multiplies bf16/fp16 q and k as they are, accumulating and writing float32
+    (``bmm(..., out_dtype=float32)``: registered for CUDA and Meta, which stands in for CUDA in the planner and the
+    tests, not for CPU)."""
+    return q.device.type in ("cuda", "meta") and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype
+
+
+def probe_operands(q_BHTd: torch.Tensor, k_BHTd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q as [B*H, T, d] and k^T as [B*H, d, T], as the probe multiplies them: in their own bf16/fp16 on CUDA
+    (``_native_low_precision``), else k converted to float32 here, once for all query blocks (each q block is
+    converted by ``probe_logits``: the blocks are disjoint)."""
+    B, H, T, d = q_BHTd.shape
+    if not _native_low_precision(q_BHTd, k_BHTd):
+        k_BHTd = k_BHTd.float()
+    return q_BHTd.reshape(B * H, T, d), k_BHTd.reshape(B * H, T, d).transpose(1, 2)
+
+
+def probe_logits(q_GCd: torch.Tensor, kT_GdK: torch.Tensor) -> torch.Tensor:
+    """q.k^T of one query block [G, C, K], float32 (without the scale), autocast off: bf16 operands with float32
+    accumulation and output on CUDA (the product of two bf16 is exact in float32, so this equals the float32
+    product up to summation order, at the bf16 tensor-core rate), float32 operands elsewhere."""
+    with autocast_off(q_GCd.device.type):
+        if kT_GdK.dtype != torch.float32:
+            return torch.bmm(q_GCd, kT_GdK, out_dtype=torch.float32)
+        return torch.bmm(q_GCd.float(), kT_GdK)
+
+
+def first_document_key(lengths: tuple[tuple[int, ...], ...], query: int) -> int:
+    """The earliest position, over the rows, where the document holding position ``query`` starts (``lengths``:
+    each row's document lengths in order): no query at or after ``query`` attends to a key before it."""
+    firsts = []
+    for row in lengths:
+        starts = list(itertools.accumulate(row[:-1], initial=0))
+        firsts.append(starts[bisect.bisect_right(starts, query) - 1])
+    return min(firsts)
+
+
 @torch.no_grad()
-def causal_max_logits(q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, scale: float, chunk: int = 512,
-                      segments_BT: torch.Tensor | None = None) -> torch.Tensor:
+def causal_max_logits(q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, scale: float, chunk: int = MAX_LOGIT_CHUNK,
+                      segments_BT: torch.Tensor | None = None,
+                      lengths: tuple[tuple[int, ...], ...] | None = None) -> torch.Tensor:
     """Per-head max over batch and causal (query, key) pairs of scale * q.k, shape [H], float32; with
     ``segments_BT`` (document masking) only over pairs within one document: exactly the logits softmax sees.
 
-    Computed in query chunks so memory stays O(chunk * T) whatever kernel the attention itself uses, in float32
-    also under autocast (which would run the matmul in bf16: QK-Clip would then clip to tau within ~0.5%).
+    Computed in query blocks (``probe_spans``) so memory stays O(chunk * T) whatever kernel the attention itself
+    uses (a document mask too: [B, 1, chunk, keys] per block); a block multiplies only the keys up to its last
+    query, (n + 1) / 2n of the q.k^T products for n blocks; the scores are masked in place and scaled after the
+    max (three passes over each block's scores: the GEMM's write, the mask, the max).
+    The products are float32 also under autocast (a bf16 result would make QK-Clip clip to tau within ~0.5%):
+    ``probe_logits``. With documents, ``lengths`` (each row's document lengths, host ints:
+    models/document_mask.py) also skip the keys before the block's first document (the earliest over the rows):
+    about the sum of the documents' own blocks; without them (segments only: where a document starts is a device
+    value, and slicing by it would read it on the host, a stream synchronisation on CUDA) the keys before it are
+    computed and masked.
     """
     B, H, T, _ = q_BHTd.shape
     out_H = torch.full((H,), float("-inf"), device=q_BHTd.device, dtype=torch.float32)
     if q_BHTd.is_meta:  # shapes only (the memory planner runs the model on meta tensors): nothing to measure
         return out_H
-    key_pos = torch.arange(T, device=q_BHTd.device)
-    for start in range(0, T, chunk):
-        q_chunk = q_BHTd[:, :, start:start + chunk].float()
-        with autocast_off(q_BHTd.device.type):
-            s_BHCT = torch.matmul(q_chunk, k_BHTd.float().transpose(-1, -2)) * scale
-        q_pos = torch.arange(start, start + q_chunk.shape[2], device=q_BHTd.device)
-        hidden = key_pos[None, :] > q_pos[:, None]
-        if segments_BT is not None:  # [B, 1, C, T]: another document's keys
-            hidden = hidden | (segments_BT[:, None, start:start + q_chunk.shape[2], None]
-                               != segments_BT[:, None, None, :])
-        s_BHCT = s_BHCT.masked_fill(hidden, float("-inf"))
-        out_H = torch.maximum(out_H, s_BHCT.amax(dim=(0, 2, 3)))
-    return out_H
+    q_GTd, kT_GdT = probe_operands(q_BHTd, k_BHTd)
+    for start, end in probe_spans(T, chunk):
+        first = 0 if lengths is None else first_document_key(lengths, start)
+        C = end - start
+        s_BHCK = probe_logits(q_GTd[:, start:end], kT_GdT[:, :, first:end]).view(B, H, C, end - first)
+        # masked in place, one score tensor at a time: causally only the square on the diagonal (the keys before
+        # the block precede all its queries); with documents every pair across documents
+        if segments_BT is None:
+            s_BHCK[..., start - first:].masked_fill_(torch.ones(C, C, dtype=torch.bool, device=s_BHCK.device)
+                                                     .triu_(1), float("-inf"))
+        else:
+            hidden_B1CK = segments_BT[:, None, start:end, None] != segments_BT[:, None, None, first:end]
+            hidden_B1CK[..., start - first:] |= torch.ones(C, C, dtype=torch.bool, device=s_BHCK.device).triu_(1)
+            s_BHCK.masked_fill_(hidden_B1CK, float("-inf"))
+            del hidden_B1CK
+        out_H = torch.maximum(out_H, s_BHCK.amax(dim=(0, 2, 3)))
+        del s_BHCK
+    # scaled once, at the end: rounding is monotonic, so the max of the scaled logits is the scaled max (scale > 0)
+    return out_H * scale

@@ -7,7 +7,7 @@ autograd keeps for backward): Kimi K2's 163,840-token vocabulary makes that 2.7 
 and keeps only ``h`` (and the weight) for backward, where it recomputes each chunk's logits: at most one chunk of
 logits exists at a time, at the price of the head GEMM once more. Both run the head GEMM in the autocast dtype
 where autocast is on, else in the weight's dtype, and the softmax in float32, so they agree to rounding
-(the weight gradient sums the chunks' GEMMs in float32).
+(the weight gradient sums the chunks' GEMMs in float32, accumulated in place: no [vocab, dim] temporary per chunk).
 """
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ import torch.nn.functional as F
 from .layers import autocast_off, gemm_dtype
 
 AUTO_CHUNK_BYTES = 256 * 2**20  # chunk_tokens -1: chunks of at most this many bytes of float32 logits
+# devices with ``out_dtype`` matmul kernels (torch 2.13: CUDA, and meta, whose shape and dtype rules let CPU tests
+# check the call; not CPU)
+OUT_DTYPE_MATMUL = ("cuda", "meta")
+CAST_ROWS = 1024  # elsewhere: rows of the weight gradient's left operand cast to float32 at a time
 
 
 def chunk_size(chunk_tokens: int, vocab: int) -> int:
@@ -72,5 +76,22 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
                 if grad_h is not None:
                     grad_h[start:start + ctx.chunk] = g @ w
                 if grad_w is not None:
-                    grad_w += (g.T @ h).to(wide)
+                    _add_product_(grad_w, g.T, h)
         return grad_h, (grad_w.to(w_VD.dtype) if grad_w is not None else None), None, None, None
+
+
+def _add_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc += a @ b`` in ``acc``'s dtype, in place: ``a`` and ``b`` in the compute dtype (bf16) and ``acc`` wider
+    (float32), without an ``acc``-sized temporary and without rounding the product to the compute dtype first.
+    On CUDA one bf16 GEMM accumulates into ``acc`` (``addmm`` with ``out_dtype``: float32 accumulation, cuBLAS's
+    beta = 1; as Megatron's fused weight-gradient accumulation); elsewhere (``out_dtype`` matmuls are CUDA-only)
+    the operands are cast exactly to ``acc``'s dtype, ``a`` a slice of ``CAST_ROWS`` rows at a time (so the
+    working set is CUDA's). Both sum the same exact products in float32."""
+    if a.dtype == acc.dtype:
+        return acc.addmm_(a, b)
+    if acc.device.type in OUT_DTYPE_MATMUL:
+        return torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    b = b.to(acc.dtype)
+    for start in range(0, a.shape[0], CAST_ROWS):
+        acc[start:start + CAST_ROWS].addmm_(a[start:start + CAST_ROWS].to(acc.dtype), b)
+    return acc

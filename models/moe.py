@@ -123,10 +123,10 @@ class GroupedExperts(nn.Module):
     ``forward(x_TD, counts_E)`` takes token rows sorted by expert id with ``counts_E`` tokens per expert.
     The grouped path runs each projection for all experts as one grouped GEMM (``F.grouped_mm`` over the rows,
     expert boundaries from a cumulative sum of the counts): no padding, so its cost does not follow the load
-    imbalance, and no host synchronisation. It needs float32/bf16/fp16 and 16-byte-aligned rows (dim and
-    inter_dim times the element size divisible by 16); otherwise, and with ``use_grouped=False``, the loop path
-    runs the experts one by one (the reference; it reads the counts on the host). Expert parallelism wraps this
-    module and changes which experts it holds.
+    imbalance, and no host synchronisation. The loop path runs the experts one by one (the reference; it reads the
+    counts on the host once per forward). ``expert_path`` chooses between them from the device, its compute
+    capability and the dtype (``use_grouped=False``: always the loop). Expert parallelism wraps this module and
+    changes which experts it holds.
     """
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int, use_grouped: bool = True):
@@ -137,7 +137,7 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
 
     def forward(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        if self.use_grouped and self.grouped_supported(x_TD.dtype):
+        if self.path(x_TD.device, x_TD.dtype) == "grouped":
             if torch.compiler.is_compiling() and x_TD.dtype != torch.bfloat16:
                 # torch 2.13's fake (tracing) kernel of grouped_mm accepts bf16 only, while the eager CPU kernel
                 # also runs float32: under torch.compile these run eagerly (a graph break)
@@ -145,11 +145,15 @@ class GroupedExperts(nn.Module):
             return self._grouped(x_TD, counts_E)
         return self._loop(x_TD, counts_E)
 
-    def grouped_supported(self, dtype: torch.dtype) -> bool:
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            return False
-        size = torch.empty((), dtype=dtype).element_size()
-        return all(n * size % 16 == 0 for n in self.down_proj.shape[1:])  # dim, inter_dim
+    def path(self, device: torch.device, dtype: torch.dtype) -> str:
+        """``"grouped"`` or ``"loop"``: how rows of ``dtype`` on ``device`` run (``expert_path``)."""
+        if not self.use_grouped:
+            return "loop"
+        capability = None
+        if device.type == "cuda":  # the properties, not get_device_capability: torch.compile folds them to constants
+            props = torch.cuda.get_device_properties(device)
+            capability = (props.major, props.minor)
+        return expert_path(device.type, capability, dtype, tuple(self.down_proj.shape[1:]))  # dim, inter_dim
 
     def _loop(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         outs = []
@@ -192,9 +196,58 @@ class GroupedExperts(nn.Module):
         init_module_(self, self.init_rules(std, out_std))
 
 
+# CUDA compute capabilities (major) on which torch runs ``grouped_mm`` as one kernel, for bf16 operands and output
+# only: sm90 (H100, H200) and sm100 (B200, GB200). Anything else (float32 or fp16 on any GPU, A100's sm80, sm120)
+# takes torch's fallback, which copies the offsets to the host in every call (``_grouped_mm_fallback``, ATen's
+# cuda/GroupedBlas.cpp: ``offs.cpu()``, then one GEMM per group).
+GROUPED_MM_CAPABILITIES = (9, 10)
+
+
+def expert_path(device_type: str, capability: tuple[int, int] | None, dtype: torch.dtype,
+                dims: tuple[int, ...]) -> str:
+    """How the routed experts run: ``"grouped"`` (grouped GEMMs, no host synchronisation) or ``"loop"`` (one GEMM
+    per expert after reading the counts on the host, once per forward).
+
+    ``grouped_mm`` takes float32/bf16/fp16 rows whose ``dims`` (dim, inter_dim) times the element size are
+    multiples of 16 bytes, on every device. On CUDA (``capability``: the device's (major, minor)) it runs without
+    a host synchronisation only for bf16 on ``GROUPED_MM_CAPABILITIES``; elsewhere its fallback reads the offsets
+    on the host in each of a layer's nine grouped GEMMs (three forward, six backward), so the loop, which reads
+    them once, is the cheaper choice (torchtitan likewise turns grouped GEMMs off below sm90). CPU and meta
+    tensors have no device to synchronise with: the grouped path wherever the kernel takes the rows."""
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16) or any(n * dtype.itemsize % 16 for n in dims):
+        return "loop"
+    if device_type == "cuda" and not (dtype == torch.bfloat16 and capability is not None
+                                      and capability[0] in GROUPED_MM_CAPABILITIES):
+        return "loop"
+    return "grouped"
+
+
 @torch.compiler.disable
 def _eager_grouped(experts: GroupedExperts, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     return experts._grouped(x_TD, counts_E)
+
+
+class _Combine(torch.autograd.Function):
+    """``out[t] = sum of w[r] * y[r] over the rows r of token t``: the top-k expert outputs ``y_RD`` (sorted by
+    expert) weighted by their combine weights ``w_R`` and summed per token, in y's dtype widened to >= float32.
+    Backward needs ``y`` for the weights' gradient: it keeps it in its own dtype (bf16 under bf16 compute), where
+    autograd of the plain ops keeps a float32 copy and the float32 weighted rows (8 bytes per element of the
+    [T*K, D] rows instead of 2); the gradients are the same float32 products."""
+
+    @staticmethod
+    def forward(ctx, y_RD: torch.Tensor, w_R: torch.Tensor, token_of_R: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        ctx.save_for_backward(y_RD, w_R, token_of_R)
+        acc = torch.promote_types(y_RD.dtype, torch.float32)  # bf16 -> float32; float64 stays
+        out_TD = torch.zeros(n_tokens, y_RD.shape[1], dtype=acc, device=y_RD.device)
+        return out_TD.index_add_(0, token_of_R, y_RD * w_R[:, None].to(acc))  # the product in acc (promotion)
+
+    @staticmethod
+    def backward(ctx, grad_TD: torch.Tensor):
+        y_RD, w_R, token_of_R = ctx.saved_tensors
+        grad_RD = grad_TD.index_select(0, token_of_R)  # each row's token's gradient, in acc
+        grad_w = (grad_RD * y_RD).sum(-1).to(w_R.dtype) if ctx.needs_input_grad[1] else None
+        grad_y = grad_RD.mul_(w_R[:, None]).to(y_RD.dtype) if ctx.needs_input_grad[0] else None
+        return grad_y, grad_w, None, None
 
 
 class MoE(nn.Module):
@@ -214,16 +267,15 @@ class MoE(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """Dispatch rows in the experts' compute dtype (bf16 under bf16 parameters or autocast, so an expert-parallel
-        all-to-all moves bf16), combine the top-k outputs weighted in >= float32, return the input's dtype."""
+        all-to-all moves bf16), combine the top-k outputs weighted in >= float32 (``_Combine``), return the input's
+        dtype."""
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(-1, D)
         idx_TK, w_TK, counts_E, aux = self.gate(x_TD, n_seqs=B)
         order = torch.argsort(idx_TK.flatten(), stable=True)
         token_of = order // self.top_k
         y_sorted = self.experts(x_TD[token_of].to(self.experts.compute_dtype(x_TD.device.type)), counts_E)
-        acc = torch.promote_types(y_sorted.dtype, torch.float32)  # bf16 -> float32; float64 stays
-        y_sorted = y_sorted.to(acc) * w_TK.flatten()[order, None].to(acc)
-        out_TD = torch.zeros(x_TD.shape, dtype=acc, device=x_TD.device).index_add_(0, token_of, y_sorted)
+        out_TD = _Combine.apply(y_sorted, w_TK.flatten()[order], token_of, x_TD.shape[0])
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
         out_TD = out_TD.to(x_TD.dtype)

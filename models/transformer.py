@@ -8,6 +8,7 @@ from torch import nn
 
 from .attention import build_attention
 from .config import ModelConfig
+from .document_mask import Documents
 from .init import InitRule, init_module_, normal, prefixed, reset_step_stats_
 from .layers import FeedForward, RMSNorm, document_positions
 from .loss import head_loss
@@ -22,8 +23,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = FeedForward(cfg.dim, cfg.inter_dim) if layer_id < cfg.first_k_dense else MoE(cfg)
 
-    def forward(self, x_BTD: torch.Tensor, *documents: torch.Tensor) -> torch.Tensor:
-        """``documents``: (segments_BT[, positions_BT]) under document masking (see ``Transformer.forward``)."""
+    def forward(self, x_BTD: torch.Tensor, *documents: Documents | torch.Tensor | None) -> torch.Tensor:
+        """``documents``: (Documents[, positions_BT]) under document masking, (None, positions_BT) for positions
+        alone (see ``Transformer.forward``)."""
         x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), *documents)
         return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
 
@@ -81,17 +83,21 @@ class Transformer(nn.Module):
         decreasing along T; a token then attends only to earlier tokens of its own document, the recorded max
         logits cover exactly those pairs, and with ``reset_positions`` RoPE positions restart at each document.
         ``positions`` [B, T]: each token's RoPE position when ``x`` is part of a longer sequence (context
-        parallelism gives them; ``segments`` then cover the whole sequence)."""
+        parallelism gives them; ``segments`` then cover the whole sequence). The segments become one ``Documents``
+        (models/document_mask.py) for all layers: on SDPA their lengths are read here, from host memory when the
+        segments come in it (the trainer's way: they are then copied to the device asynchronously), else from the
+        device (a host synchronisation on CUDA, once per forward); on flex their block mask is built here."""
         if x.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {x.shape[1]} exceeds max_seq_len {self.cfg.max_seq_len}")
         h_BTD = self.embed_tokens(x) if self.embed_tokens is not None else x
         if self.cfg.fp32_residual:  # bf16 parameters, float32 residual stream (blocks add bf16 outputs into it)
             h_BTD = h_BTD.to(torch.promote_types(h_BTD.dtype, torch.float32))
-        if positions is None and segments is not None and self.reset_positions:
-            positions = document_positions(segments)
-        documents = (segments,) if segments is not None else ()
+        masked = Documents.build(segments, self.cfg.attention_impl, h_BTD.device) if segments is not None else None
+        if positions is None and masked is not None and self.reset_positions:
+            positions = document_positions(masked.segments_BT)
+        documents = (masked,) if masked is not None else ()
         if positions is not None:
-            documents = (segments, positions)
+            documents = (masked, positions)
         for layer in self.layers:
             h_BTD = layer(h_BTD, *documents)
         if self.lm_head is None:

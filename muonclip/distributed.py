@@ -10,8 +10,10 @@ Per step (each rank)::
 
 (``step()`` reduces the gradients itself if ``reduce_gradients()`` was not called.) No DDP wrapper: this class
 does the gradient averaging. QK-Clip registers on it unchanged (``QKClip(specs, process_group=dp_group)``):
-its post-step hook runs after the parameter broadcasts on every rank, with the same MAX-reduced logits, so
-replicas stay identical; under TP the heads (rows) are local, so each tp rank clips its own rows.
+the owner clips each query/key master in its update hook, before the parameter broadcast, with the MAX-reduced
+logits; the post-step mode's clip (``scale_rows_``, inherited) scales every replica's bf16 parameter in place and
+the owner's master, with no broadcast, so replicas stay identical; under TP the heads (rows) are local, so each tp
+rank clips its own rows.
 
 Gradient buckets (``_dist_layout.build_buckets``): the params of one owner, one dtype and one sharding group, up
 to ``bucket_cap_mb`` each, in backward order. Every parameter's ``.grad`` is a view into its bucket's persistent
@@ -296,18 +298,6 @@ class DistributedMuonClip(MuonClip):
     def comm_bytes(self) -> dict[str, int]:
         """Bytes this rank has sent so far, per collective kind (reset with ``opt.comm.bytes_sent.clear()``)."""
         return dict(self.comm.bytes_sent)
-
-    @torch.no_grad()
-    def scale_rows_(self, p: Tensor, scale_R: Tensor) -> None:
-        """``p[r, :] *= scale_R[r]`` outside a step (QK-Clip's post-step mode; collective over ``p``'s sharding
-        group when ``p`` is bf16): the owner scales its float32 master and broadcasts the rounded parameter, so
-        every replica holds the same bf16 values; a float32 ``p`` is scaled in place on every rank."""
-        s = self._slot.get(id(p))
-        if s is None or not self._keeps_master(p):
-            return super().scale_rows_(p, scale_R)
-        if self.owns(p):
-            super().scale_rows_(p, scale_R)
-        self.comm.broadcast(p.data, s.owner, self._group(s))
 
     # ------------------------------------------------------------------ gradients
     def grad(self, p: Tensor) -> Tensor | None:

@@ -16,6 +16,9 @@ the host values are complete for a checkpoint. The device operations go through 
 recording fake (tests/fake_streams.py) checks these rules on a CPU. On CPU the same mechanism runs with plain
 copies between distinct tensors (what the CPU tests check: results bitwise equal to no offload, state at home
 between steps).
+
+The homes are ranges of one arena (muonclip/host_arena.py), not a pinned allocation each, which CUDA's host
+allocator would round up to a power of two; the planner counts its chunks (parallel/plan.py).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import torch
 from torch import Tensor
 
 from muonclip.device_streams import SyncStreams, device_streams
+from muonclip.host_arena import HostArena
 
 StateDict = dict[str, Any]
 
@@ -40,13 +44,15 @@ class StateOffload:
         self.streams = streams or device_streams(self.device)  # the device operations (muonclip/device_streams.py)
         self._stream = self.streams.new_stream()  # the copies' stream
         self._homes: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> a host tensor this made
+        # the homes' memory (muonclip/host_arena.py), its chunks pinned on CUDA
+        self.arena = HostArena(lambda nbytes: self.streams.empty((nbytes,), torch.uint8, self.device, host=True))
 
     def send_home(self, state: StateDict) -> None:
         """Give every offloaded tensor of ``state`` a home in host memory (pinned on CUDA): new state, or state
         loaded from a checkpoint onto the device."""
         for key, value in state.items():
             if _offloaded(key, value) and not self.is_home(value):
-                host = self.streams.empty(value.shape, value.dtype, self.device, host=True)
+                host = self.arena.take_like(value)
                 host.copy_(value)
                 self._homes[id(host)] = host
                 state[key] = host

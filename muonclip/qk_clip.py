@@ -25,8 +25,9 @@ and the bf16 parameter together, or the two drift apart (and ZeRO-1 replicas, wh
 ``register(optimizer)`` on such an optimizer therefore MAX-reduces the max logits in a step pre-hook and clips each
 query/key weight in the optimizer's update hook, right after its update and before it is rounded into the
 parameter and broadcast; ``apply()`` and ``apply_post_step()`` outside a step go through ``optimizer.scale_rows_``
-(give the optimizer to the constructor), which scales the master and re-rounds (ZeRO-1: the owner does and
-broadcasts).
+(give the optimizer to the constructor), which scales the bf16 parameter in place on every rank (the same values
+on every replica) and, where the rank keeps it, the master, kept within the parameter's rounding interval: no
+collective (ZeRO-1's next parameter broadcast, the plain step's, starts from the same values).
 
 Two modes:
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from muonclip.device_streams import SyncStreams, device_streams
+from muonclip.host_arena import HostArena
 from parallel.regions import is_weight, param_storages, saved_tensors_chain
 
 
@@ -84,6 +85,7 @@ class ActivationOffload:
         self._block_calls = 0  # block forwards so far (a copy remembers the one it came from)
         self._chains = 0  # chains of block forwards so far (a copy remembers its own)
         self._last_output: weakref.ref | None = None  # the last block forward's output: does the next one continue?
+        self.arena: HostArena | None = None  # the host copies' memory, made with the first (pinned on CUDA)
 
     # ------------------------------------------------------------------ hooks
     def pack(self, t: torch.Tensor) -> _Offloaded | None:
@@ -104,7 +106,7 @@ class ActivationOffload:
             self._side = self.streams.new_stream()
         s = self.streams
         raw = torch.empty(0, dtype=torch.uint8, device=device).set_(storage)
-        host = s.empty((raw.numel(),), torch.uint8, device, host=True)
+        host = self._host(raw.numel())
         s.wait_stream(self._side, s.current())  # after the kernels that wrote it
         with s.use(self._side):
             s.copy_(host, raw)
@@ -183,6 +185,14 @@ class ActivationOffload:
 
         block.register_forward_pre_hook(enter, prepend=True)  # before a checkpoint's pre-hook saves the inputs
         block.register_forward_hook(leave, always_call=True)
+
+    def _host(self, nbytes: int) -> torch.Tensor:
+        """``nbytes`` of host memory in this offloader's arena (muonclip/host_arena.py), free again when the copy
+        holding it lets it go (``unpack``: the last view is back). A range taken again is written by a later copy on
+        the side stream, after the fetch that read it."""
+        if self.arena is None:
+            self.arena = HostArena(lambda n: self.streams.empty((n,), torch.uint8, self.device, host=True))
+        return self.arena.take(nbytes)
 
 
 def apply_activation_offload(model: nn.Module) -> ActivationOffload:

@@ -6,11 +6,11 @@ data/loader.py; under document masking it also gives the whole sequence's segmen
 token-local and runs on those tokens. ``apply_context_parallel``:
 - a forward pre-hook on the model gives each token its global RoPE position (its offset in the sequence, or its
   position in its document with ``reset_positions``), so RoPE is the one-process RoPE;
-- around each attention core (``attend``), q, k and v [B, H, T/cp, d] go through one all-to-all to
-  [B, H/cp, T, d]: each rank attends over the WHOLE sequence for its 1/cp of the heads (causal, or within each
-  document), then the output [B, H/cp, T, dv] goes back by the inverse all-to-all. The per-head max logits are
-  therefore exact and local: each rank records its heads' slice of the [H] buffer (the others stay -inf) and
-  QK-Clip's MAX reduction over dp x cp (its process group) completes it;
+- q, k and v [B, H, T/cp, d] go through one all-to-all to [B, H/cp, T, d] where they are made (MLA's ``qkv_up``,
+  else ``_qkv``), and each rank's attention core (``attend``) attends over the WHOLE sequence for its 1/cp of the
+  heads (causal, or within each document), then its output [B, H/cp, T, dv] goes back by the inverse all-to-all.
+  The per-head max logits are therefore exact and local: each rank records its heads' slice of the [H] buffer (the
+  others stay -inf) and QK-Clip's MAX reduction over dp x cp (its process group) completes it;
 - QK-Clip's post-step probe does the same exchange for q and k.
 
 Why Ulysses rather than a ring (ring attention passes K/V blocks around and combines partial softmaxes): the max
@@ -20,8 +20,9 @@ causal work without a zigzag split; the exchange is two all-to-alls per layer (q
 must divide the heads of a tensor-parallel rank (K2: 64 heads leave room for cp x tp up to 64). DeepSpeed's
 ``DistributedAttention`` implements the same exchange, but it wraps a local attention callable on
 [T, B, H, d] tensors and this model's attention core records max logits in place; the exchange here is the
-expert-parallel all-to-all (parallel/expert_parallel.py), so recomputation replays it like the expert
-exchange (parallel/recompute.py).
+expert-parallel all-to-all (parallel/expert_parallel.py), so full recomputation replays it like the expert
+exchange, and selective recomputation's ``mla_up_proj``, which drops the exchanged q, k and v attention keeps,
+sends them again when it rebuilds them (parallel/recompute.py).
 
 Losses: each rank's mean over its tokens; with equal token counts the mean over dp x cp is the global mean, and
 the gradients are reduced over dp x cp (parallel/dims.py: ``dp_group`` is that axis).
@@ -33,6 +34,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from models.document_mask import document_max_logits, to_device
 from models.layers import causal_max_logits, document_positions
 from parallel.expert_parallel import _all_to_all
 
@@ -80,7 +82,9 @@ def _positions_hook(cp_rank: int, cp_size: int) -> Callable:
             x, segments = call["x"], call.get("segments")
             n = x.shape[1]
             if segments is not None and model.reset_positions:
-                call["positions"] = local_tokens(document_positions(segments), cp_rank, cp_size)
+                # the segments may be in host memory (the trainer's: models/document_mask.py)
+                positions = local_tokens(document_positions(segments), cp_rank, cp_size)
+                call["positions"] = to_device(positions, x.device)
             else:
                 start = cp_rank * n
                 call["positions"] = torch.arange(start, start + n, device=x.device).expand(x.shape[0], n)
@@ -90,31 +94,38 @@ def _positions_hook(cp_rank: int, cp_size: int) -> Callable:
 
 
 def _exchange_heads(attn: nn.Module, cp_rank: int, cp_size: int, group: Any) -> None:
-    """Wrap ``attn.attend`` and ``attn.probe_max_logits`` with the all-to-alls over heads."""
-    attend, qkv = attn.attend, attn._qkv
+    """The all-to-alls over heads: q, k and v go to [B, H/cp, T, d] where they are made (``qkv_up`` on MLA, the
+    ``mla_up_proj`` region, so selective recomputation rebuilds the exchanged tensors attention keeps; ``_qkv``
+    otherwise), ``attend`` records this rank's heads and sends its output back, ``probe_max_logits`` likewise."""
+    name = "qkv_up" if hasattr(attn, "qkv_up") else "_qkv"
+    make, attend = getattr(attn, name), attn.attend
 
     def heads(n_heads: int) -> slice:
         n = n_heads // cp_size
         return slice(cp_rank * n, (cp_rank + 1) * n)
 
-    def attend_cp(q_BHtd, k_BHtd, v_BHte, *documents):
+    def make_cp(*args):
+        return tuple(seq_to_heads(t, group, cp_size) for t in make(*args))
+
+    def attend_cp(q_BhTd, k_BhTd, v_BhTe, *documents):
         full = attn.max_logits_H
-        q, k, v = (seq_to_heads(t, group, cp_size) for t in (q_BHtd, k_BHtd, v_BHte))
         attn.max_logits_H = full[heads(full.numel())]  # a view: the core records into this rank's heads
         try:
-            out = attend(q, k, v, *documents)
+            out = attend(q_BhTd, k_BhTd, v_BhTe, *documents)
         finally:
             attn.max_logits_H = full
         return heads_to_seq(out, group, cp_size)
 
     @torch.no_grad()
-    def probe_cp(x_BTD, segments_BT=None, positions_BT=None):
-        q, k, _ = qkv(x_BTD, positions_BT)
-        q, k = seq_to_heads(q, group, cp_size), seq_to_heads(k, group, cp_size)
+    def probe_cp(x_BTD, documents=None, positions_BT=None):
+        q, k, _ = attn._qkv(x_BTD, positions_BT)  # this rank's heads over the whole sequence
         out_H = torch.full((attn.max_logits_H.numel(),), float("-inf"), device=q.device)
-        out_H[heads(out_H.numel())] = causal_max_logits(q, k, attn.scale, segments_BT=segments_BT)
+        probe = causal_max_logits(q, k, attn.scale) if documents is None else document_max_logits(q, k, attn.scale,
+                                                                                                  documents)
+        out_H[heads(out_H.numel())] = probe
         return out_H
 
+    setattr(attn, name, make_cp)
     attn.attend, attn.probe_max_logits = attend_cp, probe_cp
 
 

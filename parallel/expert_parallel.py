@@ -95,7 +95,10 @@ class ExpertParallelExperts(GroupedExperts):
         y_local = super().forward(x_local, recv_counts_SL.sum(0))
         if x_local.shape[0] == 0:  # keep the all-to-alls and the local params in the graph on every rank
             y_local = y_local + x_local.sum() * 0 + sum(p.sum() for p in self.parameters()) * 0
-        y_recv = torch.empty_like(y_local).index_copy(0, order, y_local)
+        # back to the received order as a gather by the inverse permutation: its backward keeps the index, where
+        # index_copy's kept y_local (the rows times dim)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        y_recv = y_local.index_select(0, inverse)
         return _all_to_all(y_recv, send_splits, recv_splits, self.ep_group)
 
     def _exchange_counts(self, counts_E: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:

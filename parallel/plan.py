@@ -12,7 +12,9 @@ and the ZeRO-1 plan ``DistributedMuonClip`` would make (the same ``assign_owners
   params per bucket without padding, which the reduce and broadcast use in place) and optimizer state of the
   parameters this rank owns: the float32 master of a bf16 parameter (4 bytes), Muon momentum (4) or AdamW's two
   moments (8) and step counter, on the device or, with ``optim.offload_state``, in host memory (all but the
-  counters);
+  counters); host memory is counted as the offloaders' arenas allocate it (muonclip/host_arena.py: power-of-two
+  chunks, sub-allocated), laid out as they will lay it out: the states in the order the optimizer makes them, the
+  activations' host copies as the schedule's forwards take them and its backwards give them back;
 - activations: the storages autograd keeps per micro batch, layer by layer, with recomputation, FP8 storage,
   activation offload (host) and the chunked loss acting on them as the mechanisms do (parallel/plan_activations.py,
   equal to the measured saved bytes), plus the stage inputs/outputs a pipeline schedule holds, its receive
@@ -37,6 +39,7 @@ and the ZeRO-1 plan ``DistributedMuonClip`` would make (the same ``assign_owners
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +60,7 @@ class RankPlan:
     grads: int = 0
     optimizer: int = 0  # on the device
     optimizer_host: int = 0  # offloaded to host memory (optim.offload_state)
+    optimizer_host_reserved: int = 0  # the state offloader's host arena (muonclip/host_arena.py): its chunks
     step_transient: int = 0  # Newton–Schulz: momentum updates held, the batched stack, two iterates
     owned_grads: int = 0  # gradients held through the optimizer step (ZeRO-1: its persistent buffers + owned)
     activations_per_micro: int = 0  # on the device, one micro batch through all of this rank's stages
@@ -65,6 +69,7 @@ class RankPlan:
     in_flight: float = 1  # the most micro batches between forward and backward (chunks / stages on the rank)
     activations: int = 0  # what micro batches in flight hold at the step's high point, on the device
     activations_host: int = 0
+    activations_host_reserved: int = 0  # activation offload's host arena (muonclip/host_arena.py): its chunks
     backward_transient: int = 0  # what the action running at the high point holds on top (_working_sets)
     recompute_flops: float = 0.0  # extra forward FLOPs per step recomputation costs
     comm: dict[str, int] = field(default_factory=dict)  # bytes sent per step
@@ -161,7 +166,7 @@ def _activation_plan(cfg, plan, pp_rank: int, tp: int, ep: int, policy: Precisio
         crossing = [] if plan is None or p.schedule == "1f1b" else \
             [n for n in (s - 1, s + 1) if 0 <= n < plan.n_stages and plan.owners[n] != pp_rank]
         sent[s] = held * len(crossing)
-    work = _working_sets(cfg, stages, {s: v[2] for s, v in per_stage.items()}, policy, tech, model)
+    work = _working_sets(cfg, stages, {s: v[2] for s, v in per_stage.items()}, tp, policy, tech, model)
     device, host = buffers, 0
     top = (buffers, 0)  # (held, transient) at the high point
     peak_host = chunks = peak_chunks = 0
@@ -184,30 +189,57 @@ def _activation_plan(cfg, plan, pp_rank: int, tp: int, ep: int, policy: Precisio
     return {"per_micro": per_micro, "host_per_micro": sum(v[1] for v in per_stage.values()),
             "saved_per_micro": sum(mb.device + mb.host - mb.replayed for _, _, mb in per_stage.values()),
             "peak": top[0], "peak_host": peak_host, "in_flight": peak_chunks / len(stages),
+            "host_reserved": _offload_arena(tuple(actions), tuple((s, tuple(map(tuple, v[2].block_copies)))
+                                                                  for s, v in per_stage.items())),
             "transient": top[1], "recompute_flops": _recompute_flops(cfg, stages, tp, tech)}
 
 
-def _working_sets(cfg, stages: dict, mbs: dict, policy: PrecisionPolicy, tech, model: torch.nn.Module) -> dict:
+@functools.lru_cache(maxsize=64)
+def _offload_arena(actions: tuple, block_copies: tuple[tuple[int, tuple[tuple[int, ...], ...]], ...]) -> int:
+    """The host bytes activation offload's arena allocates (muonclip/host_arena.py): the schedule's forwards take
+    a range per host copy, block by block, and each backward gives back those of its stage's oldest micro batch
+    (what they hold together, as the arena lays it out). ``block_copies``: (stage, each block's copies' bytes);
+    cached: the ranks of a pipeline stage lay out the same requests."""
+    from collections import deque
+
+    from muonclip.host_arena import ArenaLayout
+
+    arena = ArenaLayout()
+    block_copies = dict(block_copies)
+    taken: dict[int, deque] = {s: deque() for s in block_copies}
+    for kind, s in actions:
+        if kind == "F":
+            taken[s].append([(arena.take(n), n) for block in block_copies[s] for n in block])
+        else:
+            for (chunk, offset), n in taken[s].popleft():
+                arena.give_back(chunk, offset, n)
+    return arena.reserved
+
+
+def _working_sets(cfg, stages: dict, mbs: dict, tp: int, policy: PrecisionPolicy, tech, model: torch.nn.Module
+                  ) -> dict:
     """What a stage's forward and backward hold while they run, on top of the micro batches' kept bytes; and, on
     the first stage, what its backward ends with once the micro batch's activations are freed (the embedding's
     gradient). A layer's working set: an op's output and its input (or their gradients) alive together, each at
-    most the layer's largest activation, and FP8 storage's float32 working copies; backward adds the largest layer
-    weight's gradient before it joins its float32 buffer, full recompute's rebuilt block, and on the last stage the
-    loss's backward if larger (its logits chunk, the head weight's gradient). Activation offload: a block's device
-    tensors live until its forward ends, beside their host copies, and backward has two blocks' tensors back on
-    the device (the one running, the one prefetched: at most the two largest)."""
-    from parallel.plan_activations import loss_transient, recompute_transient
+    most the layer's largest activation (in forward the attention core's, the max-logit probe's chunk, if larger),
+    and FP8 storage's float32 working copies; backward adds the largest layer weight's gradient before it joins its
+    float32 buffer, full recompute's rebuilt block, and on the last stage the loss's backward if larger (its logits
+    chunk, the head weight's gradient). Activation offload: a block's device tensors live until its forward ends,
+    beside their host copies, and backward has two blocks' tensors back on the device (the one running, the one
+    prefetched: at most the two largest)."""
+    from parallel.plan_activations import attention_transient, loss_transient, recompute_transient
 
     grad = policy.param_dtype.itemsize  # autograd's gradient of a parameter, before it is added to its buffer
     layer_params = [q.numel() for name, q in model.named_parameters() if name.startswith("layers.")]
     weight = max(layer_params, default=0) * grad
     embed = getattr(model, "embed_tokens", None)
+    attention = attention_transient(cfg, tp, policy)
     out = {}
     for s, (_, first, last) in stages.items():
         mb = mbs[s]
         blocks = sorted(mb.block_hosts, reverse=True)  # every stage holds at least one layer
         # FP8: quantising makes 4 float32 copies of a tensor, dequantising 2 (the float32 tiles, their product)
-        forward = 2 * mb.largest + mb.quantize_transient + blocks[0]
+        forward = max(2 * mb.largest, attention) + mb.quantize_transient + blocks[0]
         backward = 2 * mb.largest + mb.quantize_transient // 2 + weight + recompute_transient(mb, tech) + \
             sum(blocks[:2])
         if last:
@@ -252,6 +284,7 @@ def _comm(cfg, slots, buckets, me: dict[str, int], tp_rank: int, plan, pp_rank: 
             out[key] = out.get(key, 0) + n
 
     from muonclip._dist_comm import reduce_by_all_reduce
+    from parallel.plan_activations import Techniques
 
     policy = PrecisionPolicy.from_config(cfg)
     for b in buckets:
@@ -281,7 +314,10 @@ def _comm(cfg, slots, buckets, me: dict[str, int], tp_rank: int, plan, pp_rank: 
         H = m.n_heads // tp
         dq = m.qk_nope_head_dim + m.qk_rope_head_dim if m.attn_type == "mla" else m.head_dim
         dv = m.v_head_dim if m.attn_type == "mla" else m.head_dim  # MLA's v goes padded to dq, its output comes
-        per_layer = 2 * tokens * H * (3 * dq + dv) * policy.compute_dtype.itemsize * (p.cp - 1) // p.cp  # back dv
+        sends = 2 * (3 * dq + dv)  # back dv
+        if m.attn_type == "mla" and "mla_up_proj" in Techniques.from_config(cfg).selective:
+            sends += 3 * dq  # rebuilding the exchanged q, k, v in backward sends them again (parallel/recompute.py)
+        per_layer = tokens * H * sends * policy.compute_dtype.itemsize * (p.cp - 1) // p.cp
         add("cp_all_to_all", len(layers) * micro * per_layer)
     compute = min(policy.compute_dtype.itemsize, policy.activation_dtype.itemsize)  # GEMM outputs (bf16 or fp32)
     if tp > 1:  # attention and FFN outputs forward, their input gradients backward
@@ -310,6 +346,19 @@ def _state_elements(slot, policy) -> int:
     momentum or AdamW's two moments."""
     master = 1 if policy.master_weights and slot.param.dtype in LOW_PRECISION else 0
     return master + (1 if slot.use_muon else 2)
+
+
+def _state_arena(owned: list, policy) -> int:
+    """The host bytes the state offloader's arena allocates (muonclip/host_arena.py): each owned parameter's
+    float32 state tensors (its master, then Muon's momentum or AdamW's two moments) in the order the optimizer
+    makes them."""
+    from muonclip.host_arena import ArenaLayout
+
+    arena = ArenaLayout()
+    for s in owned:
+        for _ in range(_state_elements(s, policy)):
+            arena.take(s.param.numel() * F32)
+    return arena.reserved
 
 
 def plan_layout(cfg, world: int) -> list[RankPlan]:
@@ -351,6 +400,7 @@ def plan_layout(cfg, world: int) -> list[RankPlan]:
         state = sum(s.param.numel() * _state_elements(s, policy) for s in owned) * F32
         counters = sum(1 for s in owned if not s.use_muon) * F32  # AdamW's step, a float32 scalar
         r.optimizer, r.optimizer_host = (counters, state) if cfg.optim.offload_state else (state + counters, 0)
+        r.optimizer_host_reserved = _state_arena(owned, policy) if cfg.optim.offload_state else 0
         muon = [s for s in owned if s.use_muon]
         if sharded:  # DistributedMuonClip: bucket by bucket, batched NS per shape
             # gradients live in persistent per-bucket buffers (no padding: one owner per bucket), reduced and
@@ -378,6 +428,7 @@ def plan_layout(cfg, world: int) -> list[RankPlan]:
         r.activations_per_micro, r.activations_host_per_micro = acts["per_micro"], acts["host_per_micro"]
         r.saved_per_micro = acts["saved_per_micro"]
         r.activations, r.activations_host, r.in_flight = acts["peak"], acts["peak_host"], acts["in_flight"]
+        r.activations_host_reserved = acts["host_reserved"]
         r.backward_transient, r.recompute_flops = acts["transient"], acts["recompute_flops"]
         r.comm = _comm(cfg, slots, buckets, me, t, plan, pp_rank)
         shapes = [s.full_shape for s in muon]
@@ -396,7 +447,7 @@ def _size(n: int) -> str:
 def format_plan(plans: list[RankPlan], all_ranks: bool = False, budget_gib: float = 80.0) -> str:
     rows = plans if all_ranks else _worst_per_stage(plans)
     kinds = sorted({k for r in rows for k in r.comm})
-    host = any(r.optimizer_host or r.activations_host for r in rows)
+    host = any(r.optimizer_host_reserved or r.activations_host_reserved for r in rows)
     head = ["rank", "(pp,dp,tp)", "layers", "params", "grads", "optim", "act/micro", "in flight", "activations",
             "bwd transient", "NS transient", "peak", *(["host (optim + act)"] if host else []), "recompute GFLOP",
             *kinds, "largest NS matrix"]
@@ -406,7 +457,8 @@ def format_plan(plans: list[RankPlan], all_ranks: bool = False, budget_gib: floa
         cells = [str(r.rank), str(r.coords), layers, _size(r.params), _size(r.grads), _size(r.optimizer),
                  _size(r.activations_per_micro), f"{r.in_flight:.1f}", _size(r.activations),
                  _size(r.backward_transient), _size(r.step_transient), f"**{_size(r.peak)}**",
-                 *([_size(r.optimizer_host + r.activations_host)] if host else []), f"{r.recompute_flops / 1e9:,.0f}",
+                 *([_size(r.optimizer_host_reserved + r.activations_host_reserved)] if host else []),
+                 f"{r.recompute_flops / 1e9:,.0f}",
                  *[_size(r.comm.get(k, 0)) for k in kinds],
                  "x".join(map(str, r.largest_matrix)) if r.largest_matrix else "-"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -437,17 +489,71 @@ def _worst_per_stage(plans: list[RankPlan]) -> list[RankPlan]:
     return [out[k] for k in sorted(out)]
 
 
+# modelled H100 (SXM) rates, TFLOP/s: the step at the rate Megatron-Bridge publishes for DeepSeek-V3 on 1,024 H100s
+# (the model FLOPs per device per second it sustains); a GEMM alone at the dense peak of its operands' dtype (bf16
+# tensor cores; float32 on the CUDA cores: torch leaves TF32 off for matmuls)
+H100_STEP_TFLOPS = 338.0
+H100_PEAK_TFLOPS = {torch.bfloat16: 989.0, torch.float16: 989.0, torch.float32: 67.0}
+H100_HBM_TBPS = 3.35  # H100 SXM's memory bandwidth
+
+
+def probe_bytes_per_pair(cfg) -> int:
+    """Memory traffic of the max-logit probe per (query, key) pair and head it forms (models/layers.py
+    ``causal_max_logits``): its float32 score written by the GEMM and read by the max; with document masks read
+    and written once more by the mask (the masks themselves are shared by the heads)."""
+    return 16 if cfg.data.document_mask else 8
+
+
+def probe_runs(cfg) -> int:
+    """How often a step runs the max-logit probe per layer and token: once in the training forward with SDPA
+    (flex attention returns the max scores itself), once more in the post-step mode's re-measuring forward."""
+    post_step = cfg.optim.qk_clip and cfg.optim.qk_clip_mode == "post_step"
+    return int(cfg.model.attention_impl != "flex") + int(post_step)
+
+
+def probe_dtype(policy: PrecisionPolicy) -> torch.dtype:
+    """The dtype the probe's q and k arrive in, which it multiplies in on CUDA (models/layers.py
+    ``probe_logits``: bf16 x bf16 with float32 accumulation and output; float32 in a float32 run)."""
+    return policy.param_dtype if policy.low_precision else policy.compute_dtype
+
+
 def format_flops(cfg, world: int) -> str:
-    """The FLOP model the trainer logs MFU with (models/flops.py): per token, per step, per device."""
-    from models.flops import attention_flops_per_token, flops_per_token, matmul_params_per_token
+    """The FLOP model the trainer logs MFU with (models/flops.py): per token, per step, per device; and the
+    max-logit probe's FLOPs (outside the model FLOPs), their dtype and their modelled H100 time next to the
+    step's."""
+    from models.flops import attention_flops_per_token, flops_per_token, matmul_params_per_token, probe_flops_per_token
+    from models.layers import MAX_LOGIT_CHUNK, probe_pairs
 
     m, d, p = cfg.model, cfg.data, cfg.parallel
     per_token = flops_per_token(m, d.seq_len)
     tokens = d.seq_len * d.micro_batch_size * d.grad_accum * p.data_parallel(world)
-    return (f"model FLOPs: {per_token / 1e9:,.2f} GFLOP per token (6 x {matmul_params_per_token(m) / 1e9:,.3f}B "
-            f"matmul weights per token + causal attention {attention_flops_per_token(m, d.seq_len) / 1e9:,.2f} "
-            f"GFLOP at {d.seq_len} tokens); {per_token * tokens / 1e15:,.1f} PFLOP per step of {tokens:,} tokens, "
-            f"{per_token * tokens / world / 1e12:,.1f} TFLOP per device (train.peak_tflops gives MFU in the logs)")
+    step_device = per_token * tokens / world
+    step_s = step_device / (H100_STEP_TFLOPS * 1e12)
+    model = (f"model FLOPs: {per_token / 1e9:,.2f} GFLOP per token (6 x {matmul_params_per_token(m) / 1e9:,.3f}B "
+             f"matmul weights per token + causal attention {attention_flops_per_token(m, d.seq_len) / 1e9:,.2f} "
+             f"GFLOP at {d.seq_len} tokens); {per_token * tokens / 1e15:,.1f} PFLOP per step of {tokens:,} tokens, "
+             f"{step_device / 1e12:,.1f} TFLOP per device (train.peak_tflops gives MFU in the logs): "
+             f"~{step_s:,.2f} s on an H100 at {H100_STEP_TFLOPS:,.0f} TFLOP/s (Megatron's DeepSeek-V3 rate)")
+    runs = probe_runs(cfg)
+    if runs == 0:
+        return model + "\nmax-logit probe: none (flex attention returns the max scores)"
+    dtype = probe_dtype(PrecisionPolicy.from_config(cfg))
+    probe_token = runs * probe_flops_per_token(m, d.seq_len)
+    probe_device = probe_token * tokens / world
+    probe_s = probe_device / (H100_PEAK_TFLOPS[dtype] * 1e12)
+    # its scores go through memory (no fused kernel): at 2 x head dim FLOPs per score, the bytes bound it
+    bytes_device = probe_token / (2 * (m.qk_nope_head_dim + m.qk_rope_head_dim if m.attn_type == "mla"
+                                       else m.head_dim)) * probe_bytes_per_pair(cfg) * tokens / world
+    bytes_s = bytes_device / (H100_HBM_TBPS * 1e12)
+    operands = "float32" if dtype == torch.float32 else f"{str(dtype)[6:]} x {str(dtype)[6:]} -> float32"
+    return model + (
+        f"\nmax-logit probe (QK-Clip, {runs} per layer and micro batch, keys up to each {MAX_LOGIT_CHUNK}-query block's "
+        f"end: {probe_pairs(d.seq_len) / d.seq_len ** 2:.1%} of q.k^T): {operands} "
+        f"{probe_token / 1e9:,.2f} GFLOP per token, {probe_device / 1e12:,.1f} TFLOP per device per step: "
+        f"~{probe_s:,.2f} s at the H100's {H100_PEAK_TFLOPS[dtype]:,.0f} TFLOP/s {str(dtype)[6:]} peak; its float32 "
+        f"scores move {bytes_device / 1e12:,.1f} TB per device per step ({probe_bytes_per_pair(cfg)} B a score): "
+        f"~{bytes_s:,.2f} s at {H100_HBM_TBPS} TB/s, so ~{max(probe_s, bytes_s) / step_s:.1%} of the step's "
+        f"modelled time")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,10 +7,14 @@ mechanisms themselves act (parallel/recompute.py, fp8_storage.py, activation_off
   rebuilds one block's activations during its backward (``recompute_transient``);
 - FP8 storage stores its points' tensors as 1 byte per element + a float32 scale per 128;
 - activation offload moves every storage a block keeps (>= 64 KiB, FP8 tiles too) to the host;
-- the chunked loss keeps no [tokens, vocab] log-probabilities.
+- the chunked loss keeps no [tokens, vocab] log-probabilities;
+- document masking keeps no [T, T] mask: SDPA attends per document (their lengths are host ints), flex keeps one
+  block mask per micro batch and stage (``document_mask_bytes``); the max-logit probe's chunk is a forward
+  working set (``attention_transient``).
 
 Each storage counts once (what tests/audit.py ``SavedBytes`` measures), in its dtype: the activation dtype of the
-residual stream, the compute dtype of GEMM outputs, float32 for norm statistics, router scores and the MoE combine.
+residual stream, the compute dtype of GEMM outputs (the routed experts' outputs the MoE combine keeps included),
+float32 for norm statistics, router scores and the combine weights.
 Routed rows are the tokens times top-k on every rank (uniform routing; expert parallelism moves rows, not their
 number, in expectation). Checked against measured saved bytes for every setting in tests/test_plan.py.
 """
@@ -19,6 +23,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+from models.document_mask import block_mask_bytes
+from models.layers import MAX_LOGIT_CHUNK
 from parallel.activation_offload import ActivationOffload
 from parallel.fp8_storage import TILE
 from parallel.precision import PrecisionPolicy
@@ -47,13 +53,13 @@ class Saved:
             return self.rows * tiles * (TILE + 4)
         return self.rows * self.cols * self.itemsize
 
-    def offloaded(self, min_bytes: int) -> int:
-        """The bytes activation offload moves to the host: each storage of at least ``min_bytes`` (FP8 tiles are
-        two, their data and their scales)."""
+    def copies(self, min_bytes: int) -> list[int]:
+        """The bytes of each host copy activation offload makes of it: one per storage of at least ``min_bytes``
+        (FP8 tiles are two, their data and their scales)."""
         if self.fp8_stored:
             tiles = self.rows * math.ceil(self.cols / TILE)
-            return sum(n for n in (tiles * TILE, tiles * 4) if n >= min_bytes)
-        return self.nbytes if self.nbytes >= min_bytes else 0
+            return [n for n in (tiles * TILE, tiles * 4) if n >= min_bytes]
+        return [self.nbytes] if self.nbytes >= min_bytes else []
 
 
 @dataclass(frozen=True)
@@ -83,22 +89,25 @@ class MicroBatch:
     host: int = 0
     per_layer: dict[int, int] = field(default_factory=dict)  # device + host of each layer (full recompute's transient)
     quantize_transient: int = 0  # float32 working copies while the largest FP8 tensor is quantized (4 of them)
-    largest: int = 0  # the largest activation of a layer, whatever the techniques keep (its ops make it anyway)
+    largest: int = 0  # the largest activation of a layer, whatever the techniques keep (its ops make it anyway; the
+    # MoE combine's float32 rows included)
     block_hosts: list[int] = field(default_factory=list)  # what each block offloads (offload works in blocks)
+    block_copies: list[list[int]] = field(default_factory=list)  # the bytes of each host copy of each block
     replayed: int = 0  # full recompute: the collectives' results kept for the recomputation (not autograd's)
 
 
 def _norm(name: str, n: int, d: int, x: int, w: int, stored_cols: int | None = None) -> list[Saved]:
-    """RMSNorm of [n, d] in dtype ``x`` with weights ``w``: its float32 input (the input's own storage, ``stored_cols``
-    wide, when that is float32), the rsqrt, the normalised input in min(x, w) (for the weight's gradient) and the
-    output (its consumer keeps that with recompute too); recomputed, it keeps its input instead of the rest."""
+    """RMSNorm of [n, d] in dtype ``x`` with weights ``w``, in the order it saves them (activation offload lays out its
+    host copies in that order): its float32 input (the input's own storage, ``stored_cols`` wide, when that is
+    float32), the rsqrt, the normalised input in min(x, w) (for the weight's gradient) and the output (its consumer
+    keeps that with recompute too); recomputed, it keeps its input instead of the rest."""
     items = [Saved(f"{name}.rsqrt", n, 1, 4, dropped_by=("norm",)),
              Saved(f"{name}.normed", n, d, min(x, w), dropped_by=("norm",)),  # for the weight's gradient
              Saved(f"{name}.out", n, d, min(x, w))]
     if x == 4:
-        return items + [Saved(f"{name}.in", n, stored_cols or d, 4)]
-    return items + [Saved(f"{name}.in_f32", n, d, 4, dropped_by=("norm",)),
-                    Saved(f"{name}.in", n, stored_cols or d, x, added_by=("norm",))]
+        return [Saved(f"{name}.in", n, stored_cols or d, 4), *items]
+    return [Saved(f"{name}.in", n, stored_cols or d, x, added_by=("norm",)),
+            Saved(f"{name}.in_f32", n, d, 4, dropped_by=("norm",)), *items]
 
 
 def _swiglu(name: str, rows: int, inter: int, c: int, routed: bool = False) -> list[Saved]:
@@ -111,6 +120,27 @@ def _swiglu(name: str, rows: int, inter: int, c: int, routed: bool = False) -> l
             Saved(f"{name}.h", rows, inter, c, dropped_by=down)]
 
 
+def moe_items(name: str, m, N: int, tp: int, ep: int, c: int, o: int) -> list[Saved]:
+    """What an MoE layer (config ``m``) keeps for ``N`` tokens beside its input: the router's float32 input (when
+    the norm output ``o`` is not float32), scores and top-k choice, the dispatch indices and rows, the routed
+    experts' SwiGLU, the combine's expert outputs (compute dtype ``c``) and weights, the shared experts."""
+    R, E, D = N * m.n_activated_experts, m.n_routed_experts, m.dim
+    items = [Saved(f"{name}.router_in_f32", N, D, 4)] if o != 4 else []
+    items += [Saved(f"{name}.scores", N, E, 4), Saved(f"{name}.topk_idx", N, m.n_activated_experts, 8),
+              Saved(f"{name}.topk_w", N, m.n_activated_experts, 4),
+              *([Saved(f"{name}.topk_denominator", N, 1, 4)] if m.norm_topk_prob else []),
+              Saved(f"{name}.token_of", R, 1, 8), Saved(f"{name}.order", R, 1, 8),
+              Saved(f"{name}.rows", R, D, c, fp8="moe_up_input"),
+              *_swiglu(f"{name}.experts", R, m.moe_inter_dim, c, routed=True),
+              Saved(f"{name}.expert_out", R, D, c), Saved(f"{name}.combine_w", R, 1, 4)]
+    if ep > 1:  # the permutation to the local experts' order and back
+        items += [Saved(f"{name}.ep_order", R, 1, 8), Saved(f"{name}.ep_inverse", R, 1, 8)]
+    items.append(Saved(f"{name}.expert_offsets", 1, E // ep, 4))  # the grouped GEMMs' int32 ends of blocks
+    if m.n_shared_experts:
+        items += _swiglu(f"{name}.shared", N, m.moe_inter_dim * m.n_shared_experts // tp, c)
+    return items
+
+
 def saved_items(cfg, layer: int, tp: int, ep: int, policy: PrecisionPolicy, tech: Techniques) -> list[Saved]:
     """The storages layer ``layer`` keeps for one micro batch on a rank, after selective recompute and FP8."""
     m, d = cfg.model, cfg.data
@@ -120,6 +150,8 @@ def saved_items(cfg, layer: int, tp: int, ep: int, policy: PrecisionPolicy, tech
     c = min(policy.compute_dtype.itemsize, w)  # GEMM outputs: bf16 under bf16 parameters or autocast
     o = min(a, w)  # norm outputs
     H = m.n_heads // tp
+    # RoPE's cos and sin: [T, d/2], or [B, 1, T, d/2] from per-token positions (context parallelism, reset_positions)
+    rope_rows = 2 * d.seq_len * (d.micro_batch_size if cfg.parallel.cp > 1 or d.reset_positions else 1)
     items = _norm(f"l{layer}.input_norm", N, D, a, w)
     if m.attn_type == "mla":
         dq = m.qk_nope_head_dim + m.qk_rope_head_dim
@@ -134,7 +166,7 @@ def saved_items(cfg, layer: int, tp: int, ep: int, policy: PrecisionPolicy, tech
         if c != 4:
             items.append(Saved(f"l{layer}.kv_norm.in", N, kv_cols, c, added_by=("norm", "mla_up_proj")))
         v_cols = dq if m.v_head_dim < dq else m.v_head_dim
-        items += [Saved(f"l{layer}.rope_cos_sin", 2 * d.seq_len, m.qk_rope_head_dim // 2, c),
+        items += [Saved(f"l{layer}.rope_cos_sin", rope_rows, m.qk_rope_head_dim // 2, c),
                   Saved(f"l{layer}.q", N, H * dq, c, dropped_by=("mla_up_proj",)),
                   Saved(f"l{layer}.k", N, H * dq, c, dropped_by=("mla_up_proj",)),
                   Saved(f"l{layer}.v", N, H * v_cols, c, dropped_by=("mla_up_proj",)),
@@ -145,25 +177,17 @@ def saved_items(cfg, layer: int, tp: int, ep: int, policy: PrecisionPolicy, tech
         items += [Saved(f"l{layer}.q", N, H * hd, c), Saved(f"l{layer}.k", N, H * hd, c),
                   Saved(f"l{layer}.v", N, (H if H != Hkv else Hkv) * hd, c), Saved(f"l{layer}.attn_out", N, H * hd, c),
                   Saved(f"l{layer}.lse", N, H, 4), Saved(f"l{layer}.o_proj_in", N, H * hd, c),
-                  Saved(f"l{layer}.rope_cos_sin", 2 * d.seq_len, hd // 2, c)]
+                  Saved(f"l{layer}.rope_cos_sin", rope_rows, hd // 2, c)]
     items += _norm(f"l{layer}.post_norm", N, D, a, w)
     if layer < m.first_k_dense:
         items += _swiglu(f"l{layer}.ffn", N, m.inter_dim // tp, c)
     else:
-        R, E = N * m.n_activated_experts, m.n_routed_experts
-        items += [Saved(f"l{layer}.router_in_f32", N, D, 4)] if o != 4 else []
-        items += [Saved(f"l{layer}.scores", N, E, 4), Saved(f"l{layer}.topk_idx", N, m.n_activated_experts, 8),
-                  Saved(f"l{layer}.topk_w", N, m.n_activated_experts, 4),
-                  *([Saved(f"l{layer}.topk_denominator", N, 1, 4)] if m.norm_topk_prob else []),
-                  Saved(f"l{layer}.token_of", R, 1, 8), Saved(f"l{layer}.order", R, 1, 8),
-                  Saved(f"l{layer}.rows", R, D, c, fp8="moe_up_input"),
-                  *_swiglu(f"l{layer}.experts", R, m.moe_inter_dim, c, routed=True),
-                  Saved(f"l{layer}.expert_out_f32", R, D, 4), Saved(f"l{layer}.combine_w", R, 1, 4),
-                  Saved(f"l{layer}.combined", R, D, 4)]
-        if ep > 1:
-            items.append(Saved(f"l{layer}.ep_order", R, 1, 8))
-        if m.n_shared_experts:
-            items += _swiglu(f"l{layer}.shared", N, m.moe_inter_dim * m.n_shared_experts // tp, c)
+        moe = moe_items(f"l{layer}", m, N, tp, ep, c, o)
+        if m.n_shared_experts and o != 4:  # the router reads a float32 copy: the shared experts save the norm's
+            # output, after the routed experts' tensors
+            out = next(i for i, x in enumerate(items) if x.name == f"l{layer}.post_norm.out")
+            moe.insert(next(i for i, x in enumerate(moe) if x.name.startswith(f"l{layer}.shared")), items.pop(out))
+        items += moe
     return _apply(items, tech)
 
 
@@ -194,7 +218,37 @@ def replayed(cfg, layer: int, tp: int, ep: int, policy: PrecisionPolicy) -> list
         out += [Saved(f"l{layer}.a2a_dispatch", R, D, c), Saved(f"l{layer}.a2a_combine", R, D, c)]
     if tp > 1:
         out += [Saved(f"l{layer}.tp_attn", N, D, c), Saved(f"l{layer}.tp_ffn", N, D, c)]
+    if cfg.parallel.cp > 1:  # q, k, v over heads and the attention output back (parallel/context_parallel.py)
+        H = m.n_heads // tp
+        dq = m.qk_nope_head_dim + m.qk_rope_head_dim if m.attn_type == "mla" else m.head_dim
+        dv = m.v_head_dim if m.attn_type == "mla" else m.head_dim
+        v_cols = dq if dv < dq else dv  # MLA's v goes padded to the q/k width
+        out += [Saved(f"l{layer}.cp_q", N, H * dq, c), Saved(f"l{layer}.cp_k", N, H * dq, c),
+                Saved(f"l{layer}.cp_v", N, H * v_cols, c), Saved(f"l{layer}.cp_out", N, H * dv, c)]
     return out
+
+
+def _positions(cfg, tech: Techniques) -> int:
+    """The per-token RoPE positions a recomputation runs RoPE from again (the block's, or the up region's input),
+    one tensor for every layer of a micro batch: under context parallelism an arange of this rank's T/cp tokens
+    expanded over the batch, with ``reset_positions`` a view of the whole sequence's [B, T] (int64)."""
+    m, d, cp = cfg.model, cfg.data, cfg.parallel.cp
+    if not (tech.recompute == "full" or "mla_up_proj" in tech.selective and m.attn_type == "mla"):
+        return 0
+    if d.reset_positions:
+        return d.micro_batch_size * d.seq_len * cp * 8
+    return d.seq_len * 8 if cp > 1 else 0
+
+
+def combine_rows(cfg, layer: int, policy: PrecisionPolicy) -> int:
+    """The MoE combine's rows in >= float32 ([tokens x top-k, dim]: the weighted expert outputs in forward, their
+    gradients in backward), which its ops make though it keeps the outputs in the compute dtype; 0 for a dense
+    layer."""
+    m, d = cfg.model, cfg.data
+    if layer < m.first_k_dense:
+        return 0
+    acc = max(4, min(policy.compute_dtype.itemsize, policy.param_dtype.itemsize))
+    return d.micro_batch_size * d.seq_len * m.n_activated_experts * m.dim * acc
 
 
 def micro_batch(cfg, layers: list[int], has_first: bool, has_last: bool, tp: int, ep: int,
@@ -211,14 +265,18 @@ def micro_batch(cfg, layers: list[int], has_first: bool, has_last: bool, tp: int
         else:
             items = saved_items(cfg, layer, tp, ep, policy, tech)
         out.quantize_transient = max([out.quantize_transient] + [16 * x.rows * x.cols for x in items if x.fp8_stored])
-        host = sum(x.offloaded(OFFLOAD_MIN_BYTES) for x in items) if tech.offload else 0
+        copies = [n for x in items for n in x.copies(OFFLOAD_MIN_BYTES)] if tech.offload else []
+        host = sum(copies)
         total = sum(x.nbytes for x in items)
         out.device += total - host
         out.host += host
         out.block_hosts.append(host)
+        out.block_copies.append(copies)
         plain = saved_items(cfg, layer, tp, ep, policy, Techniques())
-        out.largest = max([out.largest] + [x.nbytes for x in plain])
+        out.largest = max([out.largest, combine_rows(cfg, layer, policy)] + [x.nbytes for x in plain])
         out.per_layer[layer] = sum(x.nbytes for x in saved_items(cfg, layer, tp, ep, policy, replace(tech, fp8=frozenset())))
+    out.device += document_mask_bytes(cfg)
+    out.device += _positions(cfg, tech)
     if has_first:
         out.device += N * 8  # token ids (the embedding's backward)
     if has_last:
@@ -230,19 +288,50 @@ def micro_batch(cfg, layers: list[int], has_first: bool, has_last: bool, tp: int
 
 
 def loss_transient(cfg, policy: PrecisionPolicy, tech: Techniques) -> int:
-    """The loss's backward working set: chunked, one chunk's logits, float32 probabilities and their scaled copy,
-    and the head weight's float32 gradient sum with one chunk's contribution (in the compute dtype and float32);
-    whole, the float32 and compute-dtype gradients of all logits and the head weight's gradient (the float32
+    """The loss's backward working set: chunked, the larger of its loop (one chunk's logits, float32 probabilities
+    and their scaled copy, beside the head weight's float32 gradient sum, which each chunk's GEMM adds to in place,
+    and the weight's copy in the compute dtype under autocast) and its end (the sum and its cast to the parameters'
+    dtype); whole, the float32 and compute-dtype gradients of all logits and the head weight's gradient (the float32
     log-probabilities are kept activations)."""
     from models.loss import chunk_size
 
     m, d = cfg.model, cfg.data
     N, V = d.micro_batch_size * d.seq_len, m.vocab_size
-    c = min(policy.compute_dtype.itemsize, policy.param_dtype.itemsize)
+    p = policy.param_dtype.itemsize
+    c = min(policy.compute_dtype.itemsize, p)
     if not tech.loss_chunk_tokens:
-        return N * V * (4 + c) + V * m.dim * policy.param_dtype.itemsize
+        return N * V * (4 + c) + V * m.dim * p
     rows = min(N, chunk_size(tech.loss_chunk_tokens, V))
-    return rows * V * (c + 4 + 4) + V * m.dim * (4 + c + (4 if c != 4 else 0))
+    loop = rows * V * (c + 4 + 4) + V * m.dim * (4 + (c if c != p else 0))
+    return max(loop, V * m.dim * (4 + (p if p != 4 else 0)))
+
+
+def document_mask_bytes(cfg) -> int:
+    """What document masking keeps per micro batch on a stage: flex's block mask (models/document_mask.py), held by
+    every layer's attention until backward; nothing on SDPA (each document's span is a view of q, k, v)."""
+    d = cfg.data
+    if not d.document_mask or cfg.model.attention_impl != "flex":
+        return 0
+    return block_mask_bytes(d.micro_batch_size, d.seq_len * cfg.parallel.cp)
+
+
+def attention_transient(cfg, tp: int, policy: PrecisionPolicy) -> int:
+    """What the attention core holds while it runs, on top of q, k and v: on SDPA the max-logit probe's block
+    (models/layers.py ``causal_max_logits``, in training), over the whole sequence and this rank's heads (after
+    context parallelism's exchange), at its largest, the last block: k in float32 (converted once) and the block's
+    float32 scores [B, H, C, T], with either the block's float32 queries (while the GEMM runs) or its masks (after:
+    the causal [C, C] square, with documents also [B, 1, C, T]). Flex takes the max logits from its kernel."""
+    m, d, p = cfg.model, cfg.data, cfg.parallel
+    if m.attention_impl != "sdpa":
+        return 0
+    B, T, H = d.micro_batch_size, d.seq_len * p.cp, m.n_heads // tp // p.cp
+    dq = m.qk_nope_head_dim + m.qk_rope_head_dim if m.attn_type == "mla" else m.head_dim
+    C = min(MAX_LOGIT_CHUNK, T)
+    low = min(policy.compute_dtype.itemsize, policy.param_dtype.itemsize) != 4  # q and k are copied to float32
+    scores = B * H * C * T * 4
+    q_f32, k_f32 = (B * H * C * dq * 4, B * H * T * dq * 4) if low else (0, 0)
+    masks = C * C + (B * C * T if d.document_mask else 0)
+    return k_f32 + scores + max(q_f32, masks)
 
 
 def recompute_transient(mb: MicroBatch, tech: Techniques) -> int:
@@ -250,4 +339,5 @@ def recompute_transient(mb: MicroBatch, tech: Techniques) -> int:
     return max(mb.per_layer.values(), default=0) if tech.recompute == "full" else 0
 
 
-__all__ = ["MicroBatch", "Saved", "Techniques", "loss_transient", "micro_batch", "recompute_transient", "saved_items"]
+__all__ = ["MicroBatch", "Saved", "Techniques", "attention_transient", "combine_rows", "document_mask_bytes",
+           "loss_transient", "micro_batch", "moe_items", "recompute_transient", "saved_items"]

@@ -42,8 +42,9 @@ FP32_PARAMETERS = {
 FP32_COMPUTE = {
     "router": "router scores sigmoid(x W^T): top-k selection and combine weights in float32 (bf16 ties and "
               "misroutes near-equal experts); one [tokens, dim] x [dim, experts] GEMM per MoE layer",
-    "max_logit_probe": "the per-head max logit QK-Clip acts on, a float32 q.k^T (bf16 would clip to tau "
-                       "within ~0.5%); no gradient",
+    "max_logit_probe": "the per-head max logit QK-Clip acts on, q.k^T with a float32 result (a bf16 one would "
+                       "clip to tau within ~0.5%); no gradient. On CUDA bf16 q and k go into the tensor cores with "
+                       "float32 accumulation and output (exact products); CPU has no such kernel: float32 there",
     "rmsnorm_statistics": "mean of squares and rsqrt in float32 (elementwise, no GEMM)",
     "loss": "logits cast to float32 for log-softmax and cross entropy (no GEMM)",
     "grad_norm": "the global gradient norm over the float32 gradient buffers (no GEMM)",

@@ -18,11 +18,15 @@ hooks around) and the region, which is run again when attention's backward asks 
 the output, recompute it before use"); attention itself is not recomputed. Gradients are bitwise those without
 recomputation (the same ops run again; tested in float32).
 
-Recomputation never repeats a collective and never records statistics twice: the regions hold no collective, and
-a recomputed block (``full``) hands back the results its forward's collectives (the expert-parallel all-to-alls
-and their split sizes, the tensor-parallel all-reduces) recorded (``collective``: those results are kept, not
-re-dispatched, and the split sizes are not read from the device again), while its max-logit probe and router
-counters stay off (``record_stats``).
+Recomputation never records statistics twice, and repeats one collective only: under context parallelism
+``mla_up_proj``'s region ends with the all-to-all of q, k and v over heads (parallel/context_parallel.py), and
+rebuilding the exchanged tensors attention keeps sends them again in backward (handing back the forward's result
+would keep the very bytes the region drops; Megatron's recomputation under context parallelism likewise repeats
+its exchange, and the planner counts the bytes: parallel/plan.py ``cp_all_to_all``). The other regions hold no
+collective, and a recomputed block (``full``) hands back the results its forward's collectives (the expert- and
+context-parallel all-to-alls and their split sizes, the tensor-parallel all-reduces) recorded (``collective``: those
+results are kept, not re-dispatched, and the split sizes are not read from the device again), while its max-logit
+probe and router counters stay off (``record_stats``).
 """
 from __future__ import annotations
 
@@ -113,7 +117,9 @@ def _recomputed(module: nn.Module, method: Callable) -> Callable:
 
 class _QKVRecipe:
     """q, k and v of one attention forward, as attention's backward gets them back: the region and its inputs
-    (packed by the hooks that were around it), run again once on first use, under the forward's autocast."""
+    (packed by the hooks that were around it), run again once on first use, under the forward's autocast. What
+    attention saves may be a view of q, k or v (per-document attention saves each document's span): it is known by
+    its storage and comes back as the same view of the recomputed tensor."""
 
     def __init__(self, qkv_up: Callable, inputs: tuple[torch.Tensor, ...], outputs: tuple[torch.Tensor, ...]):
         self.qkv_up = qkv_up
@@ -122,25 +128,25 @@ class _QKVRecipe:
         self.inputs = [outer[0](t.detach()) if outer is not None else t.detach() for t in inputs]
         device = inputs[0].device.type
         self.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        self.index = {self._key(t): i for i, t in enumerate(outputs)}
+        self.index = {t.untyped_storage().data_ptr(): (i, t.storage_offset()) for i, t in enumerate(outputs)}
         self.values: tuple[torch.Tensor, ...] | None = None
 
-    @staticmethod
-    def _key(t: torch.Tensor) -> tuple:
-        return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride()
+    def pack(self, t: torch.Tensor) -> tuple | None:
+        known = self.index.get(t.untyped_storage().data_ptr())
+        if known is None:
+            return None
+        i, offset = known
+        return self, i, t.storage_offset() - offset, tuple(t.shape), t.stride()
 
-    def pack(self, t: torch.Tensor) -> tuple["_QKVRecipe", int] | None:
-        i = self.index.get(self._key(t))
-        return None if i is None else (self, i)
-
     @staticmethod
-    def unpack(packed: tuple["_QKVRecipe", int]) -> torch.Tensor:
-        recipe, i = packed
+    def unpack(packed: tuple) -> torch.Tensor:
+        recipe, i, offset, shape, stride = packed
         if recipe.values is None:
             device, enabled, dtype = recipe.autocast
             with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
                 recipe.values = recipe.qkv_up(*(recipe.unpack_input(x) for x in recipe.inputs))
-        return recipe.values[i]
+        value = recipe.values[i]
+        return value.as_strided(shape, stride, value.storage_offset() + offset)
 
 
 def _keep_latents(attn: nn.Module) -> None:

@@ -142,20 +142,24 @@ class OpAudit:
     def _probe_region(self):
         import models.attention as attention
 
-        original = attention.causal_max_logits
+        originals = {name: getattr(attention, name) for name in ("causal_max_logits", "document_max_logits")}
 
-        def tagged(*args, **kwargs):
-            self._probe += 1
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self._probe -= 1
+        def tagged(original):
+            def probe(*args, **kwargs):
+                self._probe += 1
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    self._probe -= 1
+            return probe
 
-        attention.causal_max_logits = tagged
+        for name, original in originals.items():
+            setattr(attention, name, tagged(original))
         try:
             yield
         finally:
-            attention.causal_max_logits = original
+            for name, original in originals.items():
+                setattr(attention, name, original)
 
     @contextlib.contextmanager
     def _optimizer_region(self):
@@ -310,14 +314,16 @@ class SavedBytes:
 
         self.storages = param_storages(model) if model is not None else set()
         self.device = self.host = 0
-        self._storages: dict[int, Any] = {}  # storages counted (device, FP8 tiles, host copies): address -> weak ref
+        self._storages: dict[int, Any] = {}  # storages counted (device, FP8 tiles): address -> weak ref
+        self._host_copies: dict[int, Any] = {}  # activation offload's host copies counted (held: ids stay unique)
 
     def _count(self, original: Any) -> None:
         from parallel.activation_offload import _Offloaded
         from parallel.regions import is_weight
 
         if isinstance(original, _Offloaded):
-            if self._new(original.host):
+            if id(original.copy) not in self._host_copies:  # host copies are ranges of one arena: counted by copy
+                self._host_copies[id(original.copy)] = original.copy
                 self.host += original.nbytes
         elif isinstance(original, torch.Tensor) and not isinstance(original, torch.nn.Parameter) \
                 and not is_weight(original, self.storages) and self._new(original):

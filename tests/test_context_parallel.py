@@ -163,8 +163,8 @@ def _heads_and_probe_worker(rank: int, world: int) -> None:
     torch.testing.assert_close(reduced_LH, S_LH, rtol=1e-5, atol=1e-6)
 
     # the document mask matters here: without it some layer's max logits would be larger
-    for layer, (x, segments, positions), masked_H in zip(ref.layers, inputs, S_LH):
-        assert torch.equal(segments, seg) and torch.equal(positions, document_positions(seg))
+    for layer, (x, documents, positions), masked_H in zip(ref.layers, inputs, S_LH):
+        assert torch.equal(documents.segments_BT, seg) and torch.equal(positions, document_positions(seg))
         q, k, _ = layer.self_attn._qkv(x, positions)
         unmasked_H = causal_max_logits(q, k, layer.self_attn.scale)
         assert (unmasked_H > masked_H.float() + 1e-3 * masked_H.abs().float()).any()

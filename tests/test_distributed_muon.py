@@ -303,6 +303,68 @@ def _resume_and_qkclip_worker(rank: int, world: int) -> None:
         opt2.load_state_dict(others[(rank + 1) % world])
 
 
+# ---------------------------------------------------------------- (g) QK-Clip outside a step on bf16 params
+def _post_step_clip_worker(rank: int, world: int) -> None:
+    """The post-step mode's clip (``QKClip._clip_layer`` -> ``optimizer.scale_rows_``) on bf16 parameters with
+    float32 masters whose low bits bf16 cannot hold, dp=2 ZeRO-1 vs one MuonClip: no collective but the max-logit
+    reduction (it was a broadcast of every query/key weight), parameters and the owner's masters bitwise those of
+    the one process, every parameter its master rounded, a head below tau untouched to the bit, the masters less
+    than one bf16 unit from the exact float32 scaling; the next step goes on from there as the one process does."""
+    from muonclip.qk_clip import scale_rows_
+    from tests.audit import WireAudit
+
+    dp_group = dist.new_group(list(range(world)))
+    q, k = "layers.0.self_attn.q_proj.weight", "layers.0.self_attn.k_proj.weight"
+    shapes = {n: s for n, s in DENSE.items() if n != "layers.0.mlp.stack"}
+    masters = {n: (0.2 * _seeded("init/" + n, s) + 1e-3 * _seeded("low/" + n, s)).float() for n, s in shapes.items()}
+    params = {n: nn.Parameter(m.to(torch.bfloat16)) for n, m in masters.items()}
+    ref = _clone(params)
+    hp = dict(HP, ns_dtype=torch.float32)
+    opt = DistributedMuonClip(build_param_groups(list(params.items())), {}, OptimizerGroups(dp_group), **hp)
+    ref_opt = MuonClip(build_param_groups(list(ref.items())), **hp)
+    for o, ps in ((opt, params), (ref_opt, ref)):
+        o.init_state()
+        for n, p in ps.items():
+            if p in o.state:
+                o.state[p]["master"].copy_(masters[n])  # low bits the bf16 parameter does not hold
+
+    spec = dict(kind="mha", n_heads=2, n_kv_heads=2, head_dim=8)
+    per_rank = torch.tensor([[150.0, 60.0], [90.0, 80.0]])  # head 0 clips (gamma 2/3), head 1 does not
+    clip = QKClip([dict(spec, q_weight=params[q], k_weight=params[k], max_logits=per_rank[rank % 2])], tau=100.0,
+                  process_group=dp_group, optimizer=opt)
+    ref_clip = QKClip([dict(spec, q_weight=ref[q], k_weight=ref[k], max_logits=per_rank.max(0).values)],
+                      tau=100.0, optimizer=ref_opt)
+    with WireAudit() as wire:
+        clip.apply()
+    ref_clip.apply()
+    sent = [(r.call, r.dtype, r.numel) for r in wire.records]
+    assert sent == [("all_reduce", torch.float32, 2)], sent
+    for n in (q, k):
+        assert torch.equal(params[n], ref[n]), n
+        assert torch.equal(params[n][8:], masters[n][8:].to(torch.bfloat16)), n  # head 1: every bit kept
+        exact = masters[n].clone()
+        scale_rows_(exact, torch.tensor([(2 / 3) ** 0.5] * 8 + [1.0] * 8))
+        master = ref_opt.state[ref[n]]["master"]
+        assert torch.equal(ref[n], master.to(torch.bfloat16)), n
+        unit = torch.ldexp(torch.ones_like(exact), torch.frexp(exact).exponent - 8)  # bf16 spacing at exact
+        assert ((master - exact).abs() < unit).all(), n
+        assert torch.equal(master[8:], masters[n][8:]), n
+        if params[n] in opt.state:
+            assert torch.equal(opt.state[params[n]]["master"], master), n
+    _assert_identical(list(params.values()), dp_group, "params after the post-step clip")
+
+    for n, p in params.items():  # the same gradient on both ranks: the dp mean is exactly the reference's
+        p.grad = _grad(n, 0, 1, p.shape).to(torch.bfloat16)
+        ref[n].grad = p.grad.clone()
+    for o in (opt, ref_opt):
+        o.step()
+    for n, p in params.items():
+        torch.testing.assert_close(p, ref[n], rtol=2.0 ** -8, atol=0, msg=n)  # one bf16 unit (NS batching)
+        if p in opt.state:
+            assert torch.equal(p, opt.state[p]["master"].to(torch.bfloat16)), n
+    _assert_identical(list(params.values()), dp_group, "params after the next step")
+
+
 # ---------------------------------------------------------------- (c) tensor parallel, dp=2 x tp=2
 TP = {  # name -> (full shape, placement: shard dim | "rep" | "expert")
     "layers.0.self_attn.q_b_proj.weight": ((16, 8), 0),  # column split (heads)
@@ -544,6 +606,7 @@ def _order_worker(rank: int, world: int) -> None:
 
 # ---------------------------------------------------------------- one spawn per world size (startup dominates)
 CHECKS = {"replicated": _replicated_worker, "resume_qkclip": _resume_and_qkclip_worker, "tp": _tp_worker,
+          "post_step_clip": _post_step_clip_worker,
           "experts": _expert_worker, "options": _options_worker, "overlap": _overlap_worker, "order": _order_worker,
           "bf16_buckets": _bf16_buckets_worker}
 
@@ -581,7 +644,7 @@ class _Suite:
 
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory) -> _Suite:
-    return _Suite(2, ["replicated", "resume_qkclip", "overlap", "order", "bf16_buckets"],
+    return _Suite(2, ["replicated", "resume_qkclip", "overlap", "order", "bf16_buckets", "post_step_clip"],
                   str(tmp_path_factory.mktemp("dist2")))
 
 
@@ -608,6 +671,10 @@ def test_bf16_gradients_accumulate_in_float32_buckets_also_without_zero_grad_dp2
 
 def test_state_dict_resume_and_qkclip_dp2(world2):
     world2.check("resume_qkclip")
+
+
+def test_post_step_qk_clip_of_bf16_params_makes_no_broadcast_dp2(world2):
+    world2.check("post_step_clip")
 
 
 def test_tensor_parallel_exact_muon_dp2_tp2(world4):

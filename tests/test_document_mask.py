@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from data.loader import BatchLoader, packed_samples
-from models.layers import causal_max_logits, document_causal_mask, document_positions
+from models.layers import causal_max_logits, document_positions
+from tests.conftest import inductor_cpp
 from tests.test_model import VARIANTS, make
 
 LENGTHS = (11, 17, 8)  # three documents packed into one sample of 36 tokens
@@ -17,6 +18,13 @@ LENGTHS = (11, 17, 8)  # three documents packed into one sample of 36 tokens
 
 def _segments(lengths=LENGTHS) -> torch.Tensor:
     return torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+
+
+def dense_document_mask(segments_BT: torch.Tensor) -> torch.Tensor:
+    """The brute-force reference: [B, 1, T, T] bool, True where query t may attend key s (s <= t, one document)."""
+    T = segments_BT.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments_BT.device).tril()
+    return (segments_BT[:, None, :, None] == segments_BT[:, None, None, :]) & causal
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -67,10 +75,10 @@ def test_max_logits_are_those_of_the_masked_logits(variant, reset):
     model.reset_step_stats()
     model(tokens, None, seg)
     x, *documents = seen["args"]
-    assert len(documents) == (2 if reset else 1) and torch.equal(documents[0], seg)
+    assert len(documents) == (2 if reset else 1) and torch.equal(documents[0].segments_BT, seg)
     q, k, _ = attn._qkv(x, documents[1] if reset else None)
     s = (q @ k.transpose(-1, -2)) * attn.scale
-    masked = s.masked_fill(~document_causal_mask(seg), float("-inf")).amax(dim=(0, 2, 3))
+    masked = s.masked_fill(~dense_document_mask(seg), float("-inf")).amax(dim=(0, 2, 3))
     causal = s.masked_fill(~torch.ones_like(s, dtype=torch.bool).tril(), float("-inf")).amax(dim=(0, 2, 3))
     torch.testing.assert_close(attn.max_logits_H, masked.to(attn.max_logits_H.dtype), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(attn.probe_max_logits(x, *documents).double(), masked, rtol=1e-6, atol=1e-6)
@@ -89,7 +97,7 @@ def test_chunked_max_logit_probe_masks_every_query_chunk_with_its_own_documents(
     kwargs = {} if chunk == 512 else dict(chunk=chunk)
     got = causal_max_logits(q, k, scale, segments_BT=segments, **kwargs)
     s = (q @ k.transpose(-1, -2)) * scale
-    masked = s.masked_fill(~document_causal_mask(segments), float("-inf")).amax(dim=(0, 2, 3))
+    masked = s.masked_fill(~dense_document_mask(segments), float("-inf")).amax(dim=(0, 2, 3))
     torch.testing.assert_close(got, masked, rtol=1e-5, atol=1e-5)
     causal = causal_max_logits(q, k, scale, **kwargs)
     assert (causal > masked + 1e-3).any()  # the mask does hide the largest pairs
@@ -206,17 +214,147 @@ def test_flex_attention_with_the_document_block_mask_matches_sdpa_on_cuda(varian
             torch.testing.assert_close(p_flex.grad, p_ref.grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
-def test_a_document_masked_step_makes_no_host_synchronisation(tmp_path):
-    """Document masking with reset positions and the post-step QK-Clip probe (bf16 MoE step): the mask, the
-    positions (searchsorted) and the masked max logits add nothing a CUDA stream would wait on."""
+def test_a_document_masked_step_synchronises_once_per_forward_for_the_document_lengths(tmp_path):
+    """Document masking with reset positions and the post-step QK-Clip probe (bf16 MoE step): the positions
+    (searchsorted) and the masked max logits add nothing a CUDA stream would wait on; the one read is each
+    forward's document lengths (per-document attention launches kernels per document), once per forward (the two
+    micro batches and the post-step probe's), not per layer, and from the loader's segments in host memory (the
+    trainer leaves them there: models/document_mask.py; on CUDA benchmarks/gpu_check.sh runs the step under
+    ``torch.cuda.set_sync_debug_mode("error")``)."""
     from tests.audit import NoDeviceSync
     from tests.test_precision import BF16_RUN, trainer_for
 
     trainer = trainer_for(tmp_path, *BF16_RUN, "--train.steps=3", "--data.document_mask=true",
                           "--data.reset_positions=true", "--optim.qk_clip_mode=post_step")
+    assert trainer.cfg.data.grad_accum == 2 and len(trainer.model.layers) > 1
     trainer.train_step()
     counters = {st["step"].data_ptr() for st in trainer.optimizer.state.values() if "step" in st}
     allow = (lambda func, args: func is torch.ops.aten._local_scalar_dense.default
              and args[0].data_ptr() in counters)
-    with NoDeviceSync(allow):
+    with NoDeviceSync(allow, tolist_from=("document_lengths",)) as audit:
         trainer.train_step()
+    assert dict(audit.tolist_calls) == {"document_lengths": 3}
+
+
+# ------------------------------------------------------------------------------------------------ memory O(T)
+def _attention_layer_peak(T: int, attn_type: str) -> int:
+    """The most tensor bytes a one-head document-masked attention layer holds over its forward (train mode: the
+    max-logit probe runs) and backward at T tokens, documents of 100 to 836 tokens (float32, one thread)."""
+    from models.attention import build_attention
+    from models.config import ModelConfig
+    from models.document_mask import Documents
+    from tests.audit import LiveBytes
+    from tests.test_model import TINY
+
+    torch.manual_seed(0)
+    attn = build_attention(ModelConfig(**{**TINY, "attn_type": attn_type, "n_heads": 1, "n_kv_heads": 1,
+                                          "max_seq_len": T})).train()
+    documents = Documents.build(_segments((100, 412, 700, 836) * (T // 2048)), "sdpa")
+    x = torch.randn(1, T, attn.o_proj.out_features, requires_grad=True)
+    with LiveBytes() as live:
+        attn(x, documents).sum().backward()
+    return live.peak
+
+
+@pytest.mark.parametrize("attn_type", ["mha", "mla"])
+def test_a_document_masked_attention_layer_holds_memory_linear_in_T(attn_type):
+    """No [T, T] tensor: the tensor-bytes peak (tests/audit.py ``LiveBytes``) of a document-masked attention layer's
+    forward + backward grows at most 2.2x per doubling of T (measured 2.00x and 2.00x for both; the [B, 1, T, T]
+    boolean mask through SDPA gave 3.97x and 3.98x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        peaks = [_attention_layer_peak(T, attn_type) for T in (2048, 4096, 8192)]
+    finally:
+        torch.set_num_threads(threads)
+    ratios = [b / a for a, b in zip(peaks, peaks[1:])]
+    assert max(ratios) <= 2.2, (peaks, ratios)
+
+
+def test_recomputed_mla_up_projections_drop_q_k_v_with_documents_as_without():
+    """Per-document attention saves views of q, k and v (each document's span): ``mla_up_proj`` recompute still
+    hands them back from the latents (bitwise the same gradients) and keeps as many bytes fewer as without
+    documents: q, k and v (36 tokens x 4 heads x 12 values each, float64) less the q projection's output the region
+    keeps instead (no q compression), in every layer; and documents change nothing of the bytes kept."""
+    from parallel.recompute import apply_recompute
+    from tests.audit import SavedBytes
+
+    tokens, seg = torch.randint(0, 97, (1, sum(LENGTHS))), _segments()
+    saved, grads = {}, {}
+    for recompute in (False, True):
+        for documents in ((), (seg,)):
+            model = make(**VARIANTS[2]).train()
+            if recompute:
+                apply_recompute(model, "selective", ["mla_up_proj"])
+            with SavedBytes(model) as meter:
+                loss = model(tokens, None, *documents).pow(2).mean()
+            loss.backward()
+            saved[recompute, bool(documents)] = meter.device
+            grads[recompute, bool(documents)] = [p.grad for p in model.parameters() if p.grad is not None]
+    dropped = (3 - 1) * 36 * 4 * 12 * 8 * len(make(**VARIANTS[2]).layers)
+    assert saved[False, True] - saved[True, True] == saved[False, False] - saved[True, False] == dropped, saved
+    assert saved[False, True] == saved[False, False], saved
+    for documents in (False, True):
+        assert all(torch.equal(a, b) for a, b in zip(grads[True, documents], grads[False, documents]))
+
+
+# ------------------------------------------------------------------------------------------------ flex
+@inductor_cpp
+def test_the_flex_block_mask_is_compiled_once_and_shared_by_every_layer(monkeypatch):
+    """attention_impl flex: each forward builds one block mask (compiled ``create_block_mask``) that every layer
+    gets; three micro batches of different documents compile nothing after the first (dynamo's counters); compiled
+    flex attention with it (its forward runs on CPU; backward and max scores are CUDA-only, so the max-logit
+    request is left out here) gives SDPA's per-document logits; the planner counts its bytes."""
+    import models.attention as attention
+    from models.document_mask import block_mask_bytes
+    from torch._dynamo.utils import counters
+
+    masks = []
+
+    def flex_forward(q, k, v, scale, documents):  # _flex_with_max without the CUDA-only max scores
+        masks.append(documents.block_mask)
+        out = attention._compiled_flex()(q, k, v, block_mask=documents.block_mask, scale=scale)
+        return out, torch.full((q.shape[1],), float("-inf"))
+
+    monkeypatch.setattr(attention, "_flex_with_max", flex_forward)
+    flex = make(dtype=torch.float32, attention_impl="flex", **VARIANTS[1]).eval()
+    sdpa = make(dtype=torch.float32, **VARIANTS[1]).eval()
+    tokens = torch.randint(0, 97, (2, 48))
+    graphs = [counters["stats"]["unique_graphs"]]  # before
+    for lengths in ((20, 5, 23), (48,), (1, 30, 9, 8)):
+        seg = torch.cat([_segments(lengths), _segments((10, 38))])
+        masks.clear()
+        with torch.no_grad():
+            out, ref = flex(tokens, None, seg), sdpa(tokens, None, seg)
+        graphs.append(counters["stats"]["unique_graphs"])
+        assert len(masks) == len(flex.layers) and all(m is masks[0] for m in masks)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert graphs[1] > graphs[0] and graphs[3] == graphs[2] == graphs[1], graphs
+    held = sum(t.numel() * t.element_size() for t in masks[0].as_tuple() if isinstance(t, torch.Tensor))
+    assert block_mask_bytes(2, 48) == held
+
+
+@inductor_cpp
+def test_compiled_blocks_run_per_document_attention_eagerly_and_compile_once():
+    """train.compile with document masking (SDPA): per-document attention is a graph break (its kernel calls follow
+    the documents), and so is the max-logit probe with documents (its blocks follow their lengths): three micro
+    batches of different documents (counts and lengths) compile and recompile nothing after the first (dynamo's
+    graphs and the frames it compiles, recompilations included: a frame that reads the lengths would guard on
+    each), and the outputs and recorded max logits are eager's (float32, a few ulps; forward only: backward
+    compiles no guard)."""
+    from parallel.parallelize import apply_compile
+    from torch._dynamo.utils import counters
+
+    compiled, eager = (make(dtype=torch.float32, **VARIANTS[2]).train() for _ in range(2))
+    apply_compile(compiled, fullgraph_dense=False)  # launch/build.py: not one graph with per-document attention
+    tokens = torch.randint(0, 97, (2, 48))
+    graphs = [(counters["stats"]["unique_graphs"], counters["frames"]["total"])]  # before
+    for lengths in ((20, 5, 23), (48,), (1, 30, 9, 8)):
+        seg = torch.cat([_segments(lengths), _segments((10, 38))])
+        with torch.no_grad():
+            out, ref = compiled(tokens, None, seg), eager(tokens, None, seg)
+        graphs.append((counters["stats"]["unique_graphs"], counters["frames"]["total"]))
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(compiled.layers, eager.layers):
+        torch.testing.assert_close(a.self_attn.max_logits_H, b.self_attn.max_logits_H, rtol=1e-5, atol=1e-6)
+    assert graphs[1][0] > graphs[0][0] and graphs[3] == graphs[2] == graphs[1], graphs

@@ -60,6 +60,100 @@ def test_the_chunked_loss_takes_the_log_sum_exp_of_bf16_logits_in_float32():
     assert (bf16_lse - ref).abs() > 10 * tol, (bf16_lse, ref)  # the test sees a bf16 log-sum-exp
 
 
+@pytest.mark.parametrize("param_dtype,autocast", [(torch.bfloat16, False), (torch.float32, True)],
+                         ids=["bf16", "fp32-autocast"])
+def test_the_chunked_loss_adds_each_chunk_to_the_float32_weight_gradient_in_place(param_dtype, autocast):
+    """bf16 head GEMMs (bf16 weights, or float32 weights under autocast): the most tensor bytes the loss's backward
+    holds (tests/audit.py ``LiveBytes``) are the float32 weight-gradient sum, one [V, D] in bf16 (the gradient
+    returned for a bf16 weight, or a float32 weight's bf16 copy) and less than a few chunks' rows: no [V, D]
+    product per chunk and its float32 copy (6 bytes per weight element more). The chunks' products are summed in
+    float32 without rounding each to bf16 first: the float32 weight's gradient equals one chunk's to float32
+    summation order, and the float64 reference to bf16 rounding."""
+    from models.loss import _add_product_
+
+    g = torch.Generator().manual_seed(0)
+    N, D, V, chunk = 64, 512, 2048, 16
+    h0, w0 = torch.randn(N, D, generator=g), torch.randn(V, D, generator=g) / D**0.5  # logits ~ N(0, 1)
+    t = torch.randint(0, V, (N,), generator=g)
+
+    def backward(dtype, chunk_tokens, autocast):
+        h = h0.to(dtype, copy=True).requires_grad_()
+        w = torch.nn.Parameter(w0.to(dtype, copy=True))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = head_loss(h, w, t, chunk_tokens)
+        with LiveBytes() as live:
+            loss.backward()
+        return live.peak, w.grad
+
+    peak, grad_w = backward(param_dtype, chunk, autocast)
+    assert peak < V * D * (4 + 2) + 24 * chunk * V + 4 * N * D, peak / (V * D)  # before: 10.2 x V*D (bf16)
+    _, ref = backward(torch.float64, 0, False)
+    bf16 = torch.finfo(torch.bfloat16).eps
+    torch.testing.assert_close(grad_w.double(), ref, rtol=0, atol=2 * bf16 * ref.abs().max().item())
+    if param_dtype == torch.float32:
+        _, one_chunk = backward(param_dtype, N, autocast)
+        atol = N // chunk * torch.finfo(torch.float32).eps * one_chunk.abs().max().item()
+        torch.testing.assert_close(grad_w, one_chunk, rtol=0, atol=atol)  # before: 3.5e-3 of the largest entry
+    # the CUDA branch: a bf16 GEMM accumulating into the float32 sum (addmm with out_dtype), as torch's meta
+    # kernels (its shape and dtype rules) take it
+    acc = torch.zeros(V, D, device="meta")
+    rows = torch.empty(chunk, V, device="meta", dtype=torch.bfloat16), torch.empty(chunk, D, device="meta",
+                                                                                     dtype=torch.bfloat16)
+    assert _add_product_(acc, rows[0].T, rows[1]) is acc and acc.dtype == torch.float32
+
+
+def test_the_moe_combine_keeps_the_expert_outputs_in_bf16_and_sums_in_float32():
+    """The combine of the top-k expert outputs (models/moe.py ``_Combine``) sums in float32: the float64 sum of
+    the same bf16 rows and float32 weights to float32 rounding, and so are its gradients (the rows' rounded to
+    bf16). It keeps the rows for backward in bf16: a bf16 MoE layer keeps exactly the planner's bytes
+    (parallel/plan_activations.py ``moe_items``, 2 bytes per element of the [T*K, D] expert outputs, where
+    autograd of the plain float32 ops kept a float32 copy and the weighted rows, 8), and its output and gradients
+    equal a float64 copy's to bf16 rounding."""
+    import copy
+
+    from models import ModelConfig, MoE
+    from models.moe import _Combine
+    from parallel.plan_activations import moe_items
+    from tests.test_model import TINY
+
+    g = torch.Generator().manual_seed(0)
+    T, K, D = 48, 2, 64
+    token_of = torch.arange(T).repeat_interleave(K)[torch.randperm(T * K, generator=g)]
+    y = torch.randn(T * K, D, generator=g).bfloat16().requires_grad_()
+    w = torch.rand(T * K, generator=g).requires_grad_()
+    grad_out = torch.randn(T, D, generator=g)
+    out = _Combine.apply(y, w, token_of, T)
+    out.backward(grad_out)
+    y64, w64 = y.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = torch.zeros(T, D, dtype=torch.float64).index_add_(0, token_of, y64 * w64[:, None])
+    ref.backward(grad_out.double())
+    f32, bf16 = torch.finfo(torch.float32).eps, torch.finfo(torch.bfloat16).eps
+    assert out.dtype == torch.float32 and y.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=K * f32 * ref.abs().max().item())
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=0, atol=D * f32 * w64.grad.abs().max().item())
+    torch.testing.assert_close(y.grad.double(), y64.grad, rtol=bf16, atol=0)
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**TINY, "dim": 64, "moe_inter_dim": 32, "n_shared_experts": 1})
+    moe = MoE(cfg)
+    moe.gate.init_weights(1.0)
+    moe.experts.init_weights(0.1, 0.1)
+    moe64, moe = copy.deepcopy(moe).double(), moe.bfloat16()
+    x = torch.randn(2, 32, cfg.dim).bfloat16().requires_grad_()
+    saved, y_moe = saved_bytes(moe, x)
+    planned = sum(item.nbytes for item in moe_items("l1", cfg, x.shape[0] * x.shape[1], 1, 1, 2, 2))
+    # + the layer's input, which the shared experts keep (the planner counts it with the norm)
+    assert saved == planned + x.nbytes
+    grad = torch.randn(y_moe.shape)
+    y_moe.backward(grad.bfloat16())
+    x64 = x.detach().double().requires_grad_()
+    y64 = moe64(x64)
+    y64.backward(grad.double())
+    for a, b in [(y_moe, y64), (x.grad, x64.grad), *zip((p.grad for p in moe.experts.parameters()),
+                                                         (p.grad for p in moe64.experts.parameters()))]:
+        torch.testing.assert_close(a.double(), b, rtol=0, atol=4 * bf16 * b.abs().max().item())
+
+
 def test_a_run_with_the_chunked_loss_follows_the_whole_logits_run(tmp_path):
     """configs/debug.yaml, 6 steps, 1 process and pp=2: model.loss_chunk_tokens=100 gives the losses of the
     unchunked run (float32 rounding of the summed weight gradient only)."""
@@ -150,7 +244,8 @@ def test_activation_offload_moves_what_blocks_keep_to_the_host_with_bitwise_the_
 def test_a_technique_changes_what_stays_alive_after_forward_by_what_autograd_keeps(tmp_path, overrides):
     """The tensor bytes a forward leaves alive (tests/audit.py ``LiveBytes``) differ from the plain model's by what
     autograd keeps (``SavedBytes``) and nothing else: a technique's bytes are really let go, not just counted (FP8
-    storage once kept each original beside its tiles: autograd holds the pack hook, and the hook held them)."""
+    storage once kept each original beside its tiles: autograd holds the pack hook, and the hook held them);
+    activation offload's host copies live in its arena's chunks (muonclip/host_arena.py)."""
     kept = {}
     for name, extra in (("plain", []), ("technique", overrides)):
         cfg = debug_cfg(tmp_path / name, *MLA_MOE, *extra)
@@ -158,10 +253,12 @@ def test_a_technique_changes_what_stays_alive_after_forward_by_what_autograd_kee
         inputs, targets = trainer.loader.next_batch()
         with LiveBytes() as live, SavedBytes(trainer.model) as saved:
             loss = trainer.model(inputs, targets)  # held: its graph keeps what autograd saved
-        kept[name] = (live.current, saved.device + saved.host)
+        offload = getattr(trainer.model, "activation_offload", None)
+        host = saved.host if offload is None else offload.arena.reserved  # host copies are ranges of its chunks
+        kept[name] = (live.current, saved.device + saved.host, saved.device + host)
         del loss
     assert kept["technique"][1] < kept["plain"][1]
-    assert kept["technique"][0] - kept["technique"][1] == kept["plain"][0] - kept["plain"][1], kept
+    assert kept["technique"][0] - kept["technique"][2] == kept["plain"][0] - kept["plain"][2], kept
 
 
 def test_offloaded_activations_come_back_two_blocks_at_a_time_and_go_once_backward_used_them(tmp_path):
@@ -411,3 +508,59 @@ def test_recompute_repeats_no_collective_and_gives_bitwise_the_same_run_under_ep
             assert all(torch.equal(other["params"][n], p) for n, p in plain["params"].items())
     kinds = {call for call, _, _ in runs["none"][0]["calls"]}
     assert ("all_to_all_single" if "--parallel.ep=2" in layout else "all_reduce") in kinds
+
+
+CP_RECOMPUTE = {"none": [], "full": ["--parallel.recompute=full"],
+                "mla_up_proj": ["--parallel.recompute=selective", "--parallel.recompute_modules=[mla_up_proj]"]}
+
+
+def _cp_recompute_worker(rank: int, world: int, out: str) -> None:
+    from pathlib import Path
+
+    from tests.audit import WireAudit
+
+    torch.set_num_threads(1)
+    results = {}
+    for name, setting in CP_RECOMPUTE.items():
+        cfg = debug_cfg(Path(out) / name, *MLA_MOE, "--parallel.cp=2", *setting)
+        trainer = Trainer(cfg, init_runtime(cfg))
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        with WireAudit() as wire:
+            trainer.train_step()
+        inputs, targets = trainer.loader.next_batch()
+        with LiveBytes() as live, SavedBytes(trainer.model) as saved:
+            loss = trainer.model(inputs, targets)
+        results[name] = {
+            "update": {n: p.detach() - before[n] for n, p in trainer.model.named_parameters()},
+            "max_logits": [a.self_attn.max_logits_H.clone() for a in trainer.model.layers],
+            "saved": saved.device + saved.host, "kept_beside": live.current - saved.device - saved.host,
+            "all_to_all": sum(r.numel * r.dtype.itemsize for r in wire.records if r.call == "all_to_all_single")}
+        loss.backward()
+        trainer.close()
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+
+
+def test_mla_up_proj_under_context_parallelism_keeps_less_than_no_recompute_as_planned(tmp_path):
+    """cp=2: ``mla_up_proj`` drops the q, k, v attention keeps after the exchange over heads (rebuilt in backward,
+    exchange included) and keeps fewer bytes than no recomputation (it once kept them and the latents too). What
+    each recompute mode keeps for backward is the planner's, exactly, and so are the bytes full recompute keeps
+    beside autograd's (the exchanges' results it hands back) and the all-to-all bytes of a step (the rebuilt q, k,
+    v are sent again); the updates and max logits are bitwise those without recomputation (float32)."""
+    from parallel.plan import plan_layout
+    from tests.dist_utils import run_distributed
+
+    run_distributed(_cp_recompute_worker, 2, str(tmp_path))
+    for rank in range(2):
+        runs = torch.load(tmp_path / f"rank{rank}.pt")
+        plans = {name: plan_layout(debug_cfg(tmp_path, *MLA_MOE, "--parallel.cp=2", *setting), 2)[rank]
+                 for name, setting in CP_RECOMPUTE.items()}
+        ref = runs["none"]
+        assert runs["mla_up_proj"]["saved"] < ref["saved"], (runs["mla_up_proj"]["saved"], ref["saved"])
+        for name, run in runs.items():
+            plan = plans[name]
+            assert all(torch.equal(run["update"][n], u) for n, u in ref["update"].items()), name
+            assert all(torch.equal(a, b) for a, b in zip(run["max_logits"], ref["max_logits"])), name
+            assert plan.saved_per_micro == run["saved"], (name, rank)
+            replayed = plan.activations_per_micro + plan.activations_host_per_micro - plan.saved_per_micro
+            assert run["kept_beside"] - ref["kept_beside"] == replayed, (name, rank)
+            assert run["all_to_all"] == 2 * plan.comm["cp_all_to_all"], (name, rank)  # (cp-1)/cp leave the rank

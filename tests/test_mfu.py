@@ -66,3 +66,33 @@ def test_the_planner_prints_the_same_flop_model(capsys):
     out = capsys.readouterr().out
     cfg = load_config(DEBUG, [])
     assert f"model FLOPs: {flops_per_token(cfg.model, cfg.data.seq_len) / 1e9:,.2f} GFLOP per token" in out
+
+
+def test_the_planner_reports_the_probe_flops_by_dtype_and_their_h100_time():
+    """Kimi K2 at 4k on 256 H100s: the max-logit probe forms q.k^T of 64 heads x 192 wide over 61 layers for the
+    keys up to each 512-query block's end (36 of 64 blocks of 512 x 512), in bf16 with float32 output: 3.45 GFLOP
+    per token against 205.47 of model FLOPs, timed at the H100's bf16 peak (989 TFLOP/s) against the step at
+    Megatron's 338: 0.6%; its float32 scores, written and read (8 bytes each), bound it at the H100's 3.35 TB/s:
+    3.5% of the step (the float32 probe over all T keys was 15%); a float32 run's probe runs at 67 TFLOP/s; the
+    post-step mode (without pipeline stages) runs it twice; flex attention not at all."""
+    from parallel.plan import format_flops
+
+    k2 = load_config("configs/kimi_k2.yaml", [])
+    per_token = 2 * 61 * 64 * 192 * 4096 * 36 / 64
+    step_s, probe_s = flops_per_token(k2.model, 4096) / 338, per_token / 989
+    assert per_token / flops_per_token(k2.model, 4096) == pytest.approx(0.0168, abs=1e-4)
+    line = format_flops(k2, 256).splitlines()[1]
+    assert f"bfloat16 x bfloat16 -> float32 {per_token / 1e9:,.2f} GFLOP per token" in line
+    tokens = 67_108_864 // 256  # per device per step
+    assert f"~{per_token * tokens / 989e12:,.2f} s at the H100's 989 TFLOP/s bfloat16 peak" in line
+    assert probe_s / step_s == pytest.approx(0.0057, abs=1e-4)  # its FLOPs alone
+    pairs = 61 * 64 * 4096 * 36 / 64  # scores per token (layers x heads x keys per query on average)
+    bytes_share = 8 * pairs / 3.35e12 / (flops_per_token(k2.model, 4096) / 338e12)
+    assert f"so ~{bytes_share:.1%} of the step's modelled time" in line and "3.5%" in line
+    f32 = format_flops(load_config("configs/kimi_k2.yaml", ["--train.param_dtype=float32", "--train.dtype=float32"]),
+                     256).splitlines()[1]
+    assert f"float32 {per_token / 1e9:,.2f} GFLOP" in f32 and "67 TFLOP/s float32 peak" in f32
+    post = format_flops(load_config("configs/kimi_k2.yaml", ["--optim.qk_clip_mode=post_step", "--parallel.pp=1"]), 256)
+    assert f"{2 * per_token / 1e9:,.2f} GFLOP per token" in post.splitlines()[1]
+    flex = format_flops(load_config("configs/kimi_k2.yaml", ["--model.attention_impl=flex"]), 256)
+    assert flex.splitlines()[1].startswith("max-logit probe: none")

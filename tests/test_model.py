@@ -1,5 +1,6 @@
 """Model behaviour: causal masking, expert paths, routing rules, max-logit probe, init, config checks."""
 import math
+import types
 
 import pytest
 import torch
@@ -82,8 +83,9 @@ def test_grouped_experts_match_loop():
     torch.manual_seed(0)
     ex = GroupedExperts(6, 16, 24)
     ex.init_weights(0.1, 0.1)
-    assert ex.grouped_supported(torch.float32) and ex.grouped_supported(torch.bfloat16)
-    assert not ex.grouped_supported(torch.float64) and not GroupedExperts(2, 16, 6).grouped_supported(torch.float32)
+    cpu = torch.device("cpu")
+    assert ex.path(cpu, torch.float32) == ex.path(cpu, torch.bfloat16) == "grouped"
+    assert ex.path(cpu, torch.float64) == GroupedExperts(2, 16, 6).path(cpu, torch.float32) == "loop"
     counts = torch.tensor([3, 0, 5, 1, 0, 7])
     x = torch.randn(int(counts.sum()), 16, requires_grad=True)
     ex.use_grouped = True
@@ -95,6 +97,33 @@ def test_grouped_experts_match_loop():
     torch.testing.assert_close(y_g, y_l, rtol=1e-5, atol=1e-6)
     for a, b in zip(g_grouped, g_loop):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,capability,dtype,path", [
+    ("cuda", (9, 0), torch.bfloat16, "grouped"),  # H100/H200: torch's one grouped-GEMM kernel, no host read
+    ("cuda", (10, 0), torch.bfloat16, "grouped"),  # B200
+    ("cuda", (9, 0), torch.float32, "loop"),  # torch's fallback: the offsets to the host in every grouped GEMM
+    ("cuda", (9, 0), torch.float16, "loop"),
+    ("cuda", (8, 0), torch.bfloat16, "loop"),  # A100
+    ("cuda", (12, 0), torch.bfloat16, "loop"),  # sm120 has no grouped-GEMM kernel in torch
+    ("cpu", None, torch.float32, "grouped"), ("cpu", None, torch.bfloat16, "grouped"),
+    ("meta", None, torch.bfloat16, "grouped"), ("cpu", None, torch.float64, "loop"),
+])
+def test_the_expert_path_follows_the_device_capability_and_the_dtype(monkeypatch, device, capability, dtype, path):
+    """Grouped GEMMs where they run without a host synchronisation (bf16 on sm90/sm100; CPU and meta in every
+    dtype the kernel takes), else the loop, which reads the counts on the host once per forward instead of once
+    per grouped GEMM; rows that are not 16-byte multiples take the loop everywhere. The module asks a CUDA
+    device for its capability and nothing else."""
+    from models.moe import expert_path
+
+    assert expert_path(device, capability, dtype, (16, 24)) == path
+    assert expert_path(device, capability, dtype, (16, 6)) == "loop"  # 6 x 2 or 4 bytes
+    asked = []
+    props = None if capability is None else types.SimpleNamespace(major=capability[0], minor=capability[1])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: asked.append(d) or props)
+    assert GroupedExperts(6, 16, 24).path(torch.device(device), dtype) == path
+    assert asked == ([torch.device(device)] if device == "cuda" else [])
+    assert GroupedExperts(6, 16, 24, use_grouped=False).path(torch.device(device), dtype) == "loop"
 
 
 def test_moe_forward_and_backward_read_nothing_on_the_host():
@@ -123,8 +152,8 @@ def test_moe_forward_and_backward_read_nothing_on_the_host():
     moe = MoE(ModelConfig(**{**TINY, "dim": 32, "moe_inter_dim": 16, "n_routed_experts": 8}))
     moe.gate.init_weights(1.0)
     moe.experts.init_weights(0.1, 0.1)
-    assert moe.experts.grouped_supported(torch.float32)
     x = torch.randn(2, 24, 32, requires_grad=True)
+    assert moe.experts.path(x.device, x.dtype) == "grouped"
     with NoHostReads():
         y = moe(x)
         y.square().sum().backward()

@@ -472,6 +472,33 @@ def test_state_dict_resume_is_bit_identical():
     assert bias not in st and torch.equal(bias, torch.zeros_like(bias))  # frozen: never touched
 
 
+def test_a_row_scaling_outside_a_step_keeps_each_bf16_parameter_its_master_rounded():
+    """``MuonClip.scale_rows_`` (QK-Clip's post-step clip) on a bf16 parameter whose float32 master holds low bits:
+    the parameter is scaled in place (what every ZeRO-1 replica can do alone), the master is the exactly scaled
+    master moved into the parameter's rounding interval (less than one bf16 unit, a half-way point one float32
+    step inside), rows scaled by 1 keep every bit."""
+    g = torch.Generator().manual_seed(0)
+    exact = 0.2 * torch.randn(64, 256, generator=g) + 1e-3 * torch.randn(64, 256, generator=g)
+    p = nn.Parameter(exact.to(torch.bfloat16))
+    opt = muonclip.MuonClip([{"params": [p], "use_muon": True}], lr=0.02)
+    opt.init_state()
+    opt.state[p]["master"].copy_(exact)
+    scale_R = torch.cat([torch.rand(48, generator=g) * 0.9 + 0.05, torch.ones(16)])
+    replica = (p.detach().float() * scale_R[:, None]).to(torch.bfloat16)  # what a rank without the master makes
+    opt.scale_rows_(p, scale_R)
+    master = opt.state[p]["master"]
+    exact.mul_(scale_R[:, None])
+    assert torch.equal(p, replica) and torch.equal(p, master.to(torch.bfloat16))
+    unit = torch.ldexp(torch.ones_like(exact), torch.frexp(exact).exponent - 8)
+    assert ((master - exact).abs() < unit).all() and 0.1 < (master != exact)[:48].float().mean() < 0.5
+    assert torch.equal(master[48:], exact[48:]) and torch.equal(p[48:], exact[48:].to(torch.bfloat16))
+    odd = torch.tensor([1.0 + 2.0 ** -7], dtype=torch.bfloat16)  # half-way below it rounds to 1.0 (even)
+    half_way = torch.tensor([1.0 + 2.0 ** -8])
+    muonclip.optimizer.round_into_(half_way, odd)
+    assert half_way.to(torch.bfloat16) == odd and half_way.item() == torch.nextafter(
+        torch.tensor(1.0 + 2.0 ** -8), torch.tensor(2.0)).item()
+
+
 def test_init_state_equals_lazy_state():
     torch.manual_seed(2)
     eager_model = _tiny_model()

@@ -131,10 +131,15 @@ def test_planned_zero1_broadcast_sends_parameters_in_their_dtype(dtype, itemsize
     assert [plan.comm["broadcast"] for plan in plans] == [itemsize * elements // 2] * 2
 
 
+ARENA_CHUNK = 2**18  # the offloaders' host arenas grow in chunks this small here, so their layouts take several
+
+
 def _states(rank: int, world: int, out: str, overrides: list[str]) -> None:
+    import muonclip.host_arena
     from launch.trainer import Trainer, init_runtime
 
     torch.set_num_threads(1)
+    muonclip.host_arena.CHUNK_BYTES = ARENA_CHUNK
     cfg = debug_cfg(out, *overrides)
     trainer = Trainer(cfg, init_runtime(cfg))
     trainer.train_step()
@@ -143,7 +148,8 @@ def _states(rank: int, world: int, out: str, overrides: list[str]) -> None:
     Path(out, f"rank{rank}.json").write_text(json.dumps({
         "params": sum(p.numel() * p.element_size() for p in trainer.model.parameters()),
         "grads": sum(b.numel() * b.element_size() for b in buffers),
-        "optimizer": opt.state_bytes("device"), "optimizer_host": opt.state_bytes("host")}))
+        "optimizer": opt.state_bytes("device"), "optimizer_host": opt.state_bytes("host"),
+        "optimizer_host_reserved": opt.offload.arena.reserved if opt.offload is not None else 0}))
 
 
 BF16 = ["--train.param_dtype=bfloat16", "--train.dtype=bfloat16", "--train.steps=2", "--train.eval_interval=0",
@@ -158,16 +164,23 @@ BF16 = ["--train.param_dtype=bfloat16", "--train.dtype=bfloat16", "--train.steps
     (2, ["--parallel.pp=2"]),
     (2, ["--data.micro_batch_size=2", "--parallel.optimizer=replicated"]),
 ], ids=["1proc", "dp2", "dp2-offload", "dp2-ep2", "pp2", "dp2-replicated"])
-def test_planned_states_of_a_bf16_run_are_the_bytes_allocated(tmp_path, world, layout):
+def test_planned_states_of_a_bf16_run_are_the_bytes_allocated(tmp_path, monkeypatch, world, layout):
     """bf16 parameters (2 bytes, the router bias 4), float32 gradient buffers (4), and per owned parameter its float32
     master (4) + Muon momentum (4) or AdamW moments (8) and step: the planner's bytes equal the tensors each rank
-    allocated, exactly, the optimizer state split into device and host memory."""
+    allocated, exactly, the optimizer state split into device and host memory; offloaded, the host memory its
+    arena allocated for it (muonclip/host_arena.py: the chunks, unpinned here) is the planner's, exactly."""
+    import muonclip.host_arena
+
+    monkeypatch.setattr(muonclip.host_arena, "CHUNK_BYTES", ARENA_CHUNK)
     run_distributed(_states, world, str(tmp_path), [*BF16, *layout])
     plans = plan_layout(debug_cfg(tmp_path, *BF16, *layout), world)
     for rank, plan in enumerate(plans):
         measured = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert measured == {"params": plan.params, "grads": plan.grads, "optimizer": plan.optimizer,
-                            "optimizer_host": plan.optimizer_host}, rank
+                            "optimizer_host": plan.optimizer_host,
+                            "optimizer_host_reserved": plan.optimizer_host_reserved}, rank
+        if "--optim.offload_state=true" in layout:
+            assert plan.optimizer_host_reserved > 4 * ARENA_CHUNK  # several chunks to lay out
 
 
 # ------------------------------------------------------------------------------------------------ activations
@@ -183,10 +196,12 @@ SETTINGS = {"none": [], "none+fp8": [FP8], "full": ["--parallel.recompute=full"]
 
 
 def _activation_worker(rank: int, world: int, out: str, layout: list[str]) -> None:
+    import muonclip.host_arena
     from launch.trainer import Trainer, init_runtime
     from tests.audit import Bf16GemmsInFloat32, LiveBytes, SavedBytes
 
     torch.set_num_threads(1)
+    muonclip.host_arena.CHUNK_BYTES = ARENA_CHUNK
     results = {}
     for name, setting in SETTINGS.items():
         cfg = debug_cfg(Path(out) / name, *ACT, *layout, *setting)
@@ -195,7 +210,9 @@ def _activation_worker(rank: int, world: int, out: str, layout: list[str]) -> No
             trainer = Trainer(cfg, rt)
             with SavedBytes(trainer.model) as saved:
                 trainer.train_step()
-        results[name] = {"peak": live.peak, "device": saved.device, "host": saved.host}
+        offload = getattr(trainer.model, "activation_offload", None)
+        results[name] = {"peak": live.peak, "device": saved.device, "host": saved.host,
+                         "arena": offload.arena.reserved if offload is not None else 0}
         trainer.close()
         del trainer, saved
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
@@ -239,14 +256,19 @@ def test_bf16_gemms_in_float32_keep_every_byte_and_the_bf16_result():
     (2, ["--parallel.pp=2", "--data.grad_accum=8"]),
     (2, ["--parallel.pp=2", "--parallel.pp_virtual_stages=2", "--data.grad_accum=8"]),
 ], ids=["1proc", "dp2", "dp2-ep2", "pp2-1f1b", "pp2-interleaved"])
-def test_planned_activations_are_the_saved_bytes_and_the_peaks_of_real_runs(tmp_path, world, layout):
+def test_planned_activations_are_the_saved_bytes_and_the_peaks_of_real_runs(tmp_path, monkeypatch, world, layout):
     """Every recompute mode with FP8 storage on and off, and activation offload: the bytes the planner says one
     step keeps for backward (per micro batch, times the micro batches; on the device and, offloaded, on the host)
     are the bytes autograd kept (tests/audit.py ``SavedBytes``: to 0.5%; under expert parallelism to 10%, since
     the planner assumes each rank's experts get their share of the routed rows); and each rank's planned peak
     (device + host: on a CPU they are one memory) is within 10% of the most tensor bytes it held while it was built
     and ran one step (tests/audit.py ``LiveBytes``, what ``torch.cuda.max_memory_allocated`` reports on a GPU), at
-    pp=2 with 8 micro batches in flight as torch's 1F1B and interleaved schedules order them."""
+    pp=2 with 8 micro batches in flight as torch's 1F1B and interleaved schedules order them. Offloaded, the host
+    memory the offloader's arena allocated (muonclip/host_arena.py: its chunks, unpinned here) is the planner's,
+    exactly (without expert parallelism), and it is what the host side of the peak holds."""
+    import muonclip.host_arena
+
+    monkeypatch.setattr(muonclip.host_arena, "CHUNK_BYTES", ARENA_CHUNK)
     run_distributed(_activation_worker, world, str(tmp_path), layout)
     for name, setting in SETTINGS.items():
         cfg = debug_cfg(tmp_path, *ACT, *layout, *setting)
@@ -257,5 +279,31 @@ def test_planned_activations_are_the_saved_bytes_and_the_peaks_of_real_runs(tmp_
             assert plan.saved_per_micro * micro == pytest.approx(measured["device"] + measured["host"], rel=tol), \
                 (name, rank)
             assert plan.activations_host_per_micro * micro == pytest.approx(measured["host"], rel=tol), (name, rank)
-            assert plan.peak + plan.activations_host == pytest.approx(measured["peak"], rel=0.10), \
-                (name, rank, plan.phases, plan.activations_host, measured)
+            if "--parallel.ep=2" not in layout:
+                assert plan.activations_host_reserved == measured["arena"], (name, rank)
+            assert plan.peak + plan.activations_host_reserved == pytest.approx(measured["peak"], rel=0.10), \
+                (name, rank, plan.phases, plan.activations_host_reserved, measured)
+
+
+@pytest.mark.parametrize("dtype,document_mask", [("float32", False), ("bfloat16", True)])
+def test_the_planned_attention_working_set_is_what_the_max_logit_probe_holds(tmp_path, dtype, document_mask):
+    """On SDPA the attention core's working set (``attention_transient``: float32 copies of q's chunk and of k,
+    float32 scores of two chunks and the one before, the chunks' masks, with documents [B, 1, C, T]) is the most
+    tensor bytes the max-logit probe holds on top of q and k (tests/audit.py ``LiveBytes``), but for its position
+    vectors and per-head maxima (int64 [T] and [C], float32 [H])."""
+    from models.layers import MAX_LOGIT_CHUNK, causal_max_logits
+    from parallel.plan_activations import attention_transient
+    from parallel.precision import PrecisionPolicy
+    from tests.audit import LiveBytes
+
+    T = 2 * MAX_LOGIT_CHUNK
+    cfg = debug_cfg(tmp_path, f"--train.dtype={dtype}", f"--train.param_dtype={dtype}", f"--data.seq_len={T}",
+                    f"--model.max_seq_len={T}", f"--data.document_mask={str(document_mask).lower()}")
+    m, B = cfg.model, cfg.data.micro_batch_size
+    q, k = (torch.randn(B, m.n_heads, T, m.qk_nope_head_dim + m.qk_rope_head_dim, dtype=getattr(torch, dtype))
+            for _ in range(2))
+    segments = torch.randint(0, 2, (B, T)).cumsum(1) // 300 if document_mask else None
+    with LiveBytes() as live:
+        causal_max_logits(q, k, 0.1, segments_BT=segments)
+    planned = attention_transient(cfg, 1, PrecisionPolicy.from_config(cfg))
+    assert planned <= live.peak <= planned + 8 * (T + MAX_LOGIT_CHUNK) + 3 * 4 * m.n_heads, (planned, live.peak)

@@ -99,10 +99,15 @@ def _wire_worker(rank: int, world: int, out: str, overrides: list[str]) -> None:
     cfg = debug_cfg(out, *COMMON, *overrides)
     trainer = Trainer(cfg, init_runtime(cfg))
     trainer.train_step()
+    comm = getattr(trainer.optimizer, "comm", None)
+    if comm is not None:
+        comm.bytes_sent.clear()
     with WireAudit() as wire:
         trainer.train_step()
     buckets = [b.numel for b in getattr(trainer.optimizer, "buckets", []) if b.group_size > 1]
-    torch.save({"records": [(r.call, r.dtype, r.numel) for r in wire.records], "buckets": buckets},
+    torch.save({"records": [(r.call, r.dtype, r.numel) for r in wire.records], "buckets": buckets,
+                "comm": dict(comm.bytes_sent) if comm is not None else {},
+                "clipped": int(trainer.qkclip_post.last_clipped) if trainer.qkclip_post is not None else None},
                Path(out) / f"rank{rank}.pt")
 
 
@@ -124,6 +129,27 @@ def test_zero1_broadcasts_bf16_parameters_and_reduces_in_grad_reduce_dtype(tmp_p
         assert n > 0
         assert _elements(records, "broadcast") == {BF16: n}  # every bucket's parameters once, 2 bytes each
         assert _elements(records, "reduce") == {getattr(torch, reduce_dtype): n}  # the gradients, once
+
+
+def test_a_post_step_clip_that_clips_nothing_sends_what_a_step_without_qk_clip_sends(tmp_path):
+    """dp2 ZeRO-1, bf16 parameters: a step of ``qk_clip_mode: post_step`` with tau above every max logit makes the
+    collectives of a step with QK-Clip off, in the same order, plus one thing: the post-step probe's MAX
+    all-reduce of each layer's per-head max logits (float32, n_heads elements per layer). Both steps also make the
+    forward's max-logit reduction (one float32 all-reduce of n_layers x n_heads, kept for logging), the bucket
+    reduces and parameter broadcasts, the grad-norm and loss all-reduces; the optimizer's own counts
+    (CountingComm) are equal. The clip used to broadcast every query/key weight from its owner."""
+    sent = {}
+    for name, flags in {"off": ["--optim.qk_clip=false"],
+                        "post_step": ["--optim.qk_clip_mode=post_step", "--optim.qk_clip_tau=1e9"]}.items():
+        run_distributed(_wire_worker, 2, str(tmp_path / name), ["--data.micro_batch_size=2", *flags])
+        sent[name] = [torch.load(tmp_path / name / f"rank{r}.pt") for r in range(2)]
+    m = debug_cfg(tmp_path, *COMMON).model
+    probe = ("all_reduce", torch.float32, m.n_heads)
+    for off, post in zip(sent["off"], sent["post_step"]):
+        assert post["clipped"] == 0
+        assert post["comm"] == off["comm"] and off["comm"]["broadcast"] > 0
+        assert [r for r in post["records"] if r != probe] == off["records"]
+        assert len(post["records"]) - len(off["records"]) == m.n_layers and probe not in off["records"]
 
 
 def test_expert_parallel_all_to_all_moves_bf16_rows(tmp_path):

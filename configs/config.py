@@ -338,6 +338,8 @@ class MonitorConfig:
     max_rollbacks: int = 3  # consecutive rollbacks allowed before training stops with an error
     rollback_reset_after: int = 100  # a spike more than this many steps after the previous one is not consecutive
     alert_wait_s: float = 300.0  # W&B alerts (spike, rollback, non-finite loss, ...): at most one per title per wait
+    # a step whose global gradient norm is not finite is skipped (nothing changes); this many in a row stop the run
+    max_skipped_steps: int = 10
 
     def __post_init__(self) -> None:
         s = "monitor"
@@ -348,6 +350,8 @@ class MonitorConfig:
         _need(s, self.max_rollbacks >= 0, f"max_rollbacks must be >= 0, got {self.max_rollbacks}")
         _need(s, self.rollback_reset_after >= 0, f"rollback_reset_after must be >= 0, got {self.rollback_reset_after}")
         _need(s, self.alert_wait_s >= 0, f"alert_wait_s must be >= 0 seconds, got {self.alert_wait_s}")
+        _need(s, self.max_skipped_steps >= 1, f"max_skipped_steps must be >= 1 (the skipped steps in a row that stop "
+              f"the run), got {self.max_skipped_steps}")
 
 
 @dataclass

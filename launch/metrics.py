@@ -1,10 +1,11 @@
 """Rank-0 reporting: resolved config + environment, console (tqdm), metrics.jsonl and Weights & Biases.
 
 Metrics are grouped for W&B with ``define_metric``: ``step`` (optimizer steps) and ``tokens`` are the x axes
-(choose either in the UI), sections are ``max_logit/*``, ``qk_clip/*``, ``router/*``, ``spike/*``, ``ckpt/*`` and
-``data/*``. Events a user must not miss (loss spike, rollback, non-finite loss, dead/stuck rank, preemption save)
-also raise ``wandb.alert`` (e-mail/Slack per the user's W&B settings), at most one per title per
-``monitor.alert_wait_s``; they go to the console and metrics.jsonl (``{"alert": ...}``) in any mode.
+(choose either in the UI); ``skipped_steps`` counts the steps skipped for a non-finite gradient norm; sections
+are ``max_logit/*``, ``qk_clip/*``, ``router/*``, ``spike/*``, ``ckpt/*`` and ``data/*``. Events a user must not
+miss (loss spike, rollback, non-finite loss, skipped step, dead/stuck rank, preemption save) also raise
+``wandb.alert`` (e-mail/Slack per the user's W&B settings), at most one per title per ``monitor.alert_wait_s``;
+they go to the console and metrics.jsonl (``{"alert": ...}``) in any mode.
 
 W&B mode comes from ``logging.wandb_mode`` (default "offline": runs land in ``<output_dir>/wandb`` and can be
 uploaded later with ``wandb sync``); the ``WANDB_MODE`` environment variable overrides it (tests set
@@ -63,6 +64,8 @@ def format_line(step: int, total: int, m: dict[str, float]) -> str:
                      ("qk_clip/clipped_heads", "clipped {:.0f}")):
         if key in m:
             parts.append(fmt.format(m[key]))
+    if m.get("skipped_steps"):  # shown once a step was skipped (launch/skipped_steps.py)
+        parts.append(f"skipped steps {m['skipped_steps']:.0f}")
     return " | ".join(parts)
 
 

@@ -4,6 +4,9 @@ checkpoint and resume. ``run(cfg)`` is what ``train.py`` calls (also usable in-p
 One optimizer step = ``data.grad_accum`` micro batches per data-parallel rank:
 reset per-step stats -> set lr -> forward/backward (loss in float32) -> clip the global grad norm -> optimizer
 step (MuonClip / ZeRO-1 DistributedMuonClip) -> post-step hooks (QK-Clip, then router bias update) -> log.
+A step whose global grad norm is not finite changes nothing (weights, optimizer state, QK-Clip, router biases),
+decided on the device (muonclip/skip_nonfinite.py); the loop counts it when it next reads the losses and stops after
+``monitor.max_skipped_steps`` in a row (launch/skipped_steps.py). The step count, lr schedule and data go on.
 With ``optim.qk_clip_mode: post_step`` the QK-Clip hook only reduces the forward's max logits for logging, and
 after the router bias update one no-grad forward on the step's micro batches re-measures and clips
 (``muonclip.QKClip.apply_post_step``), so each head ends the step <= tau on that batch.
@@ -43,6 +46,7 @@ from launch.hooks import RouterBiasUpdate, register_post_step
 from launch.metrics import MetricsLogger, environment_info
 from launch.mfu import peak_tflops, throughput_metrics
 from launch.preemption import PreemptionHandler
+from launch.skipped_steps import SkippedSteps
 from launch.runtime import Runtime, init_runtime
 from parallel.precision import PrecisionPolicy
 from launch.schedule import schedule_fn
@@ -52,12 +56,14 @@ from models.flops import flops_per_token
 
 @dataclass
 class StepResult:
-    """One optimizer step, its loss (mean over the global batch) and gradient norm as tensors on the device:
-    reading ``loss``/``grad_norm`` is a host synchronisation, which the loop does at log intervals only."""
+    """One optimizer step, its loss (mean over the global batch), gradient norm and whether the update applied
+    (a bool: the norm was finite) as tensors on the device: reading them is a host synchronisation, which the loop
+    does at log intervals only."""
 
     loss_t: torch.Tensor
     grad_norm_t: torch.Tensor
     lr: float
+    applied_t: torch.Tensor
 
     @property
     def loss(self) -> float:
@@ -120,6 +126,8 @@ class Trainer:
                 self.model, process_group=dp_group, broadcast_buffers=False,  # buffers = per-rank step stats
                 device_ids=None)  # no moving of inputs: the document segments come in host memory (train_step)
         self.optimizer = build_optimizer(cfg, self.model, self.placements, rt, self.zero1)
+        if self.pipeline is not None and self.zero1:  # zero-bubble weight gradients into the float32 buckets
+            self.pipeline.collect_weight_grads(self.optimizer.grads_added_by_hand)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.lr_factor = schedule_fn(cfg.schedule, cfg.train.steps)
         o = cfg.optim
@@ -135,6 +143,8 @@ class Trainer:
         self.manual_hooks = [h for h in (register_post_step(self.optimizer, self.router_hook),) if h is not None]
         m = cfg.monitor
         self.detector = monitor_lib.SpikeDetector(m.spike_window, m.spike_threshold, m.spike_min_history)
+        self.skipped = SkippedSteps(m.max_skipped_steps,
+                                    lambda title, text, level: self.metrics.alert(title, text, level, self.step))
         self.rollbacks = (monitor_lib.RollbackPolicy(max_rollbacks=m.max_rollbacks, reset_after=m.rollback_reset_after,
                                                      batches_per_step=cfg.data.grad_accum) if m.rollback else None)
         # max logits / router loads over the whole logging interval, not just the logged step
@@ -188,16 +198,18 @@ class Trainer:
             loss_sum += loss.detach()
             self._progress()
         grad_norm = self._clip_gradients()
+        applied = self.optimizer.step_ok  # the norm was finite: the step applies (muonclip/skip_nonfinite.py)
         self.optimizer.step()
         self._progress()
         for hook in self.manual_hooks:
-            hook()
+            hook(self.optimizer)
         if self.qkclip_post is not None:
             self._post_step_clip(step_inputs)
         self.optimizer.zero_grad(set_to_none=True)
         loss_avg = self.rt.mean_over_dp(loss_sum / accum)
         self.step += 1
-        return StepResult(loss_avg.detach(), torch.as_tensor(grad_norm).detach(), lr=cfg.optim.lr * lr_scale)
+        return StepResult(loss_avg.detach(), torch.as_tensor(grad_norm).detach(), lr=cfg.optim.lr * lr_scale,
+                          applied_t=applied)
 
     def _pipeline_batches(self, n: int) -> list:
         """The step's ``n`` micro batches as this rank's stages need them: a rank without the first or the last
@@ -357,13 +369,16 @@ class Trainer:
         return result
 
     def _judge(self, pending: list[tuple[int, StepResult]], result: RunResult, window: list[float]) -> bool:
-        """Read the pending steps' losses on the host (one transfer) and pass them to the spike detector in
-        order; True if one was a spike and the run rolled back (the later pending steps are discarded with it).
-        Detection therefore waits for the next log / eval / checkpoint / stop step: at most log_interval steps."""
-        values = torch.stack([out.loss_t.float() for _, out in pending]).tolist()
+        """Read the pending steps' losses, grad norms and skip flags on the host (one transfer); pass the losses to
+        the spike detector in order, then count the skipped steps (launch/skipped_steps.py: a non-finite loss stops
+        or rolls back first); True if one was a spike and the run rolled back (the later pending steps are discarded
+        with it). Detection therefore waits for the next log / eval / checkpoint / stop step: at most log_interval
+        steps."""
+        values = torch.stack([torch.stack([out.loss_t.float(), out.grad_norm_t.float(), out.applied_t.float()])
+                              for _, out in pending]).tolist()
         steps = [step for step, _ in pending]
         pending.clear()
-        for step, loss in zip(steps, values):
+        for step, (loss, grad_norm, applied) in zip(steps, values):
             event = self.detector.update(step - 1, loss)
             if event is not None and self.on_spike(event):
                 return True
@@ -372,6 +387,7 @@ class Trainer:
                         "monitor.rollback with checkpoints")
                 self.metrics.alert("non-finite loss", text + "; training stopped", "ERROR", self.step)
                 raise FloatingPointError(text)
+            self.skipped.record(step, not applied, grad_norm)
             result.losses[step] = loss
             window.append(loss)
             self.metrics.show_loss(loss)
@@ -399,6 +415,7 @@ class Trainer:
         metrics.update(throughput_metrics(tokens_per_s, self.flops_per_token, self.rt.world_size, self.peak_tflops))
         metrics.update({f"data/{name}/tokens": n for name, n in self.loader.tokens_per_source().items()})
         metrics.update(self.interval_stats.flush(group=self.rt.groups.pp_group))
+        metrics.update(self.skipped.metrics())
         if self.zero1:  # the share of gradient buckets whose reduction backward started (the rest waited for it)
             stats = self.optimizer.last_step_stats
             metrics["zero1/reduced_in_backward"] = stats["reduced_in_backward"] / max(stats["buckets"], 1)
@@ -436,7 +453,7 @@ class Trainer:
 
     def save(self) -> None:
         extra = {"step": self.step, "loader": self.loader.state_dict(), "rng": ckpt.rng_state(self.rt.device),
-                 "detector": self.detector.state_dict(),
+                 "detector": self.detector.state_dict(), "skipped": self.skipped.state_dict(),
                  "rollbacks": self.rollbacks.state_dict() if self.rollbacks is not None else None}
         meta = {"config": config_to_dict(self.cfg), "world_size": self.rt.world_size}
         args = (self.ckpt_root, self.step, self.checkpoint_tensors(saving=True), meta, extra)
@@ -483,6 +500,8 @@ class Trainer:
         ckpt.set_rng_state(extra["rng"], self.rt.device)
         if restore_monitor and extra.get("detector"):
             self.detector.load_state_dict(extra["detector"])
+        if restore_monitor and extra.get("skipped"):
+            self.skipped.load_state_dict(extra["skipped"])
         if restore_monitor and self.rollbacks is not None and extra.get("rollbacks"):
             self.rollbacks.load_state_dict(extra["rollbacks"])
         self.last_ckpt_step = self.step

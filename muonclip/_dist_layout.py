@@ -121,6 +121,12 @@ class Bucket:
         """The bucket's size in bytes in ``dtype`` (default: the parameters')."""
         return self.numel * (dtype or self.dtype).itemsize
 
+    @property
+    def buffer_numel(self) -> int:
+        """Elements of the gradient buffer, and of its reduction: the gradients back to back, then one presence flag
+        per parameter (1 where it got a gradient on this rank), so the sum tells the owner whether any rank had one."""
+        return self.numel + len(self.slots)
+
 
 def set_backward_order(slots: list[ParamSlot], param_order: Sequence[str] | None) -> None:
     """Give each slot its position in ``param_order`` (the model's parameter names in definition order; backward

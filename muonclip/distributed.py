@@ -4,7 +4,8 @@ Per step (each rank)::
 
     loss.backward()                     # each gradient bucket's reduction starts as soon as backward completes it
     opt.reduce_gradients()              # waits for them (and reduces any bucket backward did not complete)
-    norm = opt.clip_grad_norm_(1.0)     # optional; global norm, one all_reduce of one scalar
+    norm = opt.clip_grad_norm_(1.0)     # optional; global norm, one all_reduce of one scalar (not finite: the
+                                        # step leaves everything as it was, on every rank: skip_nonfinite.py)
     opt.step()                          # bucket by bucket: Muon/AdamW on owned params, then the bucket's broadcast
     opt.zero_grad()
 
@@ -21,10 +22,14 @@ buffer, so backward accumulates in place and nothing is allocated per step. With
 hook counts each parameter's gradient accumulations; once every param of a bucket has had
 ``backward_passes_per_step`` of them (set it to the number of micro batches under gradient accumulation or
 pipeline schedules), the bucket is reduced to its owner asynchronously, while backward goes on (buckets start
-strictly in list order, the same on every rank). A bucket some param of which got fewer accumulations (unused
-in the forward, or accumulated by hand, as zero-bubble pipeline schedules do) is reduced in
-``reduce_gradients()`` instead; an accumulation into a bucket already in flight raises. In ``step()``, the
-update of one bucket overlaps the broadcasts of the buckets before it.
+strictly in list order, the same on every rank). Gradients set or added by hand count as accumulations inside
+``grads_added_by_hand(params)`` (the pipeline runs torch's zero-bubble weight-gradient actions there). A bucket
+some param of which got fewer accumulations (unused in the forward) is reduced in ``reduce_gradients()``
+instead, and so are the buckets after it: every rank starts them in one order, and nothing tells a hook that a
+parameter will get no gradient (DDP's ``find_unused_parameters`` walks the autograd graph from the outputs for
+that). Expert parallelism keeps a stack whose experts got no tokens in the graph (a zero gradient, as one process
+has for them), so routing never holds buckets back. An accumulation into a bucket already in flight raises. In
+``step()``, the update of one bucket overlaps the broadcasts of the buckets before it.
 
 Placement (``muonclip.placement.Placement``, from the parallelize step; names missing from ``placements`` are
 "replicated"):
@@ -52,8 +57,19 @@ layers, or several expert stacks) go through ONE batched Newton–Schulz call (`
 
 Ownership is whole tensors (see ``_dist_layout``), so ``opt.state`` holds whole tensors for owned params only
 (the local TP shard for "tp_sharded"), as the checkpoint contract requires. Parameters with
-``requires_grad=False`` are not managed (never updated, never communicated). A managed parameter without a
-gradient on a rank counts as a zero gradient there (MuonClip would skip it when it has no gradient at all).
+``requires_grad=False`` are not managed (never updated, never communicated).
+
+No gradient is not a zero gradient (as ``MuonClip``, which skips a parameter whose ``.grad`` is None). A parameter
+has a gradient on a rank when backward accumulated one (its hook ran), a ``.grad`` other than its bucket slice was
+set, or one was added inside ``grads_added_by_hand``; writing into the slice ``.grad`` in place does not count.
+Each rank writes that as a presence flag per parameter behind its bucket's gradients, and the flags are summed
+with them: a parameter that got a gradient on some ranks of its group but not on others has a zero contribution
+from those (the gradient of the global mean loss, exactly); one that got none on any rank is not updated at all:
+momentum, AdamW moments and step counter, weight (no weight decay) all stay as they were. The owner decides
+without a host read: where it has a gradient itself, the group has one; otherwise the parameter's step is gated
+on the device by its reduced flag, as a skipped step is (``Gate & has``, muonclip/skip_nonfinite.py: gradient
+zeroed, momentum and betas 1, no decay, no update, AdamW's counter advancing by the flag), before the update hooks
+run, so QK-Clip clips the kept weight as MuonClip's post-step pass would.
 """
 from __future__ import annotations
 
@@ -61,8 +77,9 @@ import math
 import time
 import weakref
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -76,6 +93,7 @@ from muonclip.muon import apply_muon_update_, muon_momentum_, orthogonalize
 from muonclip.newton_schulz import CoefficientSpec
 from muonclip.optimizer import MuonClip
 from muonclip.placement import REPLICATED, Placement
+from muonclip.skip_nonfinite import Gate, decide
 
 
 @dataclass(frozen=True)
@@ -158,15 +176,18 @@ class DistributedMuonClip(MuonClip):
         self._slot = {id(s.param): s for s in self.slots}
         self._bucket_of = {id(s.param): i for i, b in enumerate(self.buckets) for s in b.slots}
         # a persistent buffer per bucket (float32 for bf16 params): backward accumulates the gradients into it
-        # (``.grad`` are views of float32 params), the reduction and the parameter broadcast run in place in it
-        self._flat = [torch.zeros(b.numel, dtype=b.grad_dtype, device=b.slots[0].param.device) for b in self.buckets]
+        # (``.grad`` are views of float32 params), the reduction and the parameter broadcast run in place in it;
+        # behind the gradients one presence flag per param (``Bucket.buffer_numel``), reduced with them
+        self._flat = [torch.zeros(b.buffer_numel, dtype=b.grad_dtype, device=b.slots[0].param.device)
+                      for b in self.buckets]
         self._wire: list[Tensor | None] = [None] * len(self.buckets)  # a bucket's gradients in reduce_dtype
         self._grad_views = [self._slices(i, b.grad_dtype) for i, b in enumerate(self.buckets)]
         self._param_views = [self._slices(i, b.dtype) for i, b in enumerate(self.buckets)]
         self._grad_of = {id(s.param): view for views in self._grad_views for s, view in views}
         # per bucket: all-reduce instead of a reduce to the owner where that is faster (gloo, large buffers)
-        self._all_reduce = [reduce_by_all_reduce(b.nbytes(self._reduce_dtype(b)), dist.get_backend(self._group(b)),
-                                                 all_reduce_min_bytes) for b in self.buckets]
+        self._all_reduce = [reduce_by_all_reduce(b.buffer_numel * self._reduce_dtype(b).itemsize,
+                                                 dist.get_backend(self._group(b)), all_reduce_min_bytes)
+                            for b in self.buckets]
         self.backward_passes_per_step = 1
         self.grad_sum_divisor = 1  # also divide the reduced gradients by this (see the class docstring)
         me = weakref.ref(self)  # the hooks must not keep a dropped optimizer (and its buffers) alive
@@ -177,9 +198,8 @@ class DistributedMuonClip(MuonClip):
                 opt._grad_accumulated(p)
 
         self.overlap_reduce = overlap_reduce
-        self._hooks = [s.param.register_post_accumulate_grad_hook(on_accumulated)
-                       for s in self.slots if overlap_reduce or s.param.dtype != self._flat[self._bucket_of[
-                           id(s.param)]].dtype]  # bf16 grads are always moved into the float32 buckets
+        # every param: bf16 grads are moved into the float32 buckets, and each accumulation is a gradient this step
+        self._hooks = [s.param.register_post_accumulate_grad_hook(on_accumulated) for s in self.slots]
         self._works: list[Any] = [None] * len(self.buckets)  # the collective in flight per bucket
         self.zero_grad()
         self.last_step_stats: dict[str, float] = {"ns_seconds": 0.0, "ns_matrices": 0, "buckets": len(self.buckets),
@@ -313,6 +333,7 @@ class DistributedMuonClip(MuonClip):
         accumulates straight into them (``set_to_none`` is ignored: the buffers are the gradients; a bf16
         parameter's ``.grad`` stays None: the hook adds each backward's into the buffer)."""
         self._wait_all()  # nothing may still be reducing into a buffer that is zeroed
+        self.step_ok = None
         for i, flat in enumerate(self._flat):
             flat.zero_()
             for s, view in self._views(i):
@@ -324,6 +345,7 @@ class DistributedMuonClip(MuonClip):
         """Reset the per-step bookkeeping (after ``step()``, and by ``zero_grad()``)."""
         self._accumulated: dict[int, int] = {}  # id(param) -> gradient accumulations into the buffers
         self._incomplete = [len(b.slots) for b in self.buckets]  # params still short of backward_passes_per_step
+        self._present: list[list[bool] | None] = [None] * len(self.buckets)  # per bucket, per param: a gradient here
         self._launched = 0  # buckets [0, _launched) have their reduction under way (or done)
         self._in_backward = 0
         self._reduced = False
@@ -360,22 +382,59 @@ class DistributedMuonClip(MuonClip):
         low = p.dtype != flat.dtype
         if p.grad is None or not low and p.grad.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr():
             return  # not accumulating into this optimizer's buffer (e.g. another optimizer took the params over)
+        self._check_open(i, p)
+        if low:
+            self._fresh(i)
+            accumulate_(self._grad_of[id(p)], p)
+        self._count(p, i)
+
+    def _check_open(self, i: int, p: Tensor) -> None:
         if i < self._launched:
             raise RuntimeError(f"DistributedMuonClip: a gradient of {self._slot[id(p)].name} was accumulated after "
                                "its bucket's reduction had started: set opt.backward_passes_per_step to the number "
                                f"of backward passes per step (now {self.backward_passes_per_step}) or build the "
                                "optimizer with overlap_reduce=False")
-        if low:
-            self._fresh(i)
-            accumulate_(self._grad_of[id(p)], p)
-        if not self.overlap_reduce:
-            return
+
+    def _count(self, p: Tensor, i: int) -> None:
+        """One more gradient accumulation of ``p`` (so it has a gradient this step): with ``overlap_reduce``, start
+        the reductions of the buckets that are complete now."""
         n = self._accumulated[id(p)] = self._accumulated.get(id(p), 0) + 1
-        if n == self.backward_passes_per_step:
+        if self.overlap_reduce and n == self.backward_passes_per_step:
             self._incomplete[i] -= 1
             while self._launched < len(self.buckets) and self._incomplete[self._launched] == 0:
                 self._launch_reduce(self._launched)
                 self._in_backward += 1
+
+    @contextmanager
+    def grads_added_by_hand(self, params: Iterable[Tensor]) -> Iterator[None]:
+        """Inside, code may set or add to ``.grad`` of ``params`` without autograd's accumulation (torch's
+        zero-bubble pipeline schedules: ``stage_backward_weight`` does ``p.grad = dw`` or ``p.grad += dw``, no
+        hook): each gradient made inside is added to its float32 bucket on the way out, as backward's hook adds
+        one (a bf16 gradient is not summed in bf16 across micro batches), and counts as an accumulation (the
+        parameter has a gradient; its bucket's reduction may start). A float32 parameter's ``.grad``, its bucket
+        slice outside, is None inside, so that what is made there is told apart."""
+        managed = [p for p in params if id(p) in self._slot]
+        in_bucket = set()
+        for p in managed:
+            view = self._grad_of[id(p)]
+            if p.grad is not None and p.dtype == view.dtype and p.grad.data_ptr() == view.data_ptr():
+                in_bucket.add(id(p))
+                p.grad = None
+        yield
+        added = []
+        for p in managed:
+            view = self._grad_of[id(p)]
+            if p.grad is not None:
+                i = self._bucket_of[id(p)]
+                self._check_open(i, p)
+                self._fresh(i)
+                accumulate_(view, p)
+                in_bucket.add(id(p))
+                added.append((p, i))
+            if id(p) in in_bucket and p.dtype == view.dtype:
+                p.grad = view  # backward accumulates in place again
+        for p, i in added:  # counted once every .grad is back: a bucket this starts reads them all
+            self._count(p, i)
 
     def _fresh(self, i: int) -> None:
         """Zero bucket i if a step spent it and no ``zero_grad()`` came since (its buffer holds last step's
@@ -390,15 +449,27 @@ class DistributedMuonClip(MuonClip):
         added (bf16: accumulated by hand, e.g. by zero-bubble pipeline schedules) in."""
         b, flat = self.buckets[i], self._flat[i]
         self._fresh(i)
+        present = []
         for s, view in self._views(i):
             grad = s.param.grad
+            counted = id(s.param) in self._accumulated
             if s.param.dtype != flat.dtype:
                 if grad is not None:
                     accumulate_(view, s.param)
+                present.append(counted or grad is not None)
             elif grad is None:
                 view.zero_()
+                present.append(False)
             elif grad.data_ptr() != view.data_ptr():
                 view.copy_(grad)
+                present.append(True)
+            else:
+                present.append(counted)
+        flags = flat[b.numel:]
+        flags.fill_(1)  # device fills, no host-to-device copy (a blocking one would synchronise on CUDA)
+        for k in (k for k, has in enumerate(present) if not has):
+            flags[k].zero_()
+        self._present[i] = present
         group = self._group(b)
         wire = flat if self._reduce_dtype(b) == flat.dtype else flat.to(self._reduce_dtype(b))
         self._wire[i] = wire if wire is not flat else None
@@ -435,7 +506,7 @@ class DistributedMuonClip(MuonClip):
                 if self._wire[i] is not None:
                     self._flat[i].copy_(self._wire[i])
                 divisor = self.dp_size if b.sharding == "dp" else self.expert_grad_divisor
-                self._flat[i].div_(divisor * self.grad_sum_divisor)
+                self._flat[i][:b.numel].div_(divisor * self.grad_sum_divisor)  # the gradients (not the flags)
             self._wire[i] = None
             for s, view in self._views(i):
                 s.param.grad = view if mine and s.param.dtype == view.dtype else None
@@ -445,7 +516,9 @@ class DistributedMuonClip(MuonClip):
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
         """Scale owned gradients so the global L2 norm is at most ``max_norm``; return the norm (pre-clip), the
         same on every rank. Each element is counted once: tp_sharded params contribute their slice from every
-        tp rank, replicated params and expert stacks only from tp rank 0."""
+        tp rank, replicated params and expert stacks only from tp rank 0. A norm that is not finite (a NaN or inf
+        in any rank's gradient reaches every rank through the sum) makes the next ``step()`` a no-op on every
+        rank (``step_ok``, muonclip/skip_nonfinite.py)."""
         if float(norm_type) != 2.0:
             raise ValueError(f"DistributedMuonClip.clip_grad_norm_ supports norm_type=2 only, got {norm_type}")
         self.reduce_gradients()
@@ -459,6 +532,7 @@ class DistributedMuonClip(MuonClip):
         if self.pipeline_group is not None:
             self.comm.all_reduce(sq, dist.ReduceOp.SUM, self.pipeline_group)
         total = sq.sqrt()[0]
+        self.step_ok = decide(total)
         if math.isinf(max_norm):  # measure only
             return total
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
@@ -481,13 +555,14 @@ class DistributedMuonClip(MuonClip):
         self.last_step_stats = {"ns_seconds": 0.0, "ns_matrices": 0, "buckets": len(self.buckets),
                                 "reduced_in_backward": self._in_backward}
         mine = {i for i in range(len(self.buckets)) if self._owns_bucket(i)}
+        gate = Gate(self.step_ok)  # where the step is skipped, its coefficients make it a no-op (skip_nonfinite.py)
         lent = None if self.offload is None else self.offload.lend_in_turn(
             [[self.state[s.param] for s in self.buckets[i].slots] for i in sorted(mine)])
         for i in range(len(self.buckets)):
             if i in mine:
                 if lent is not None:
                     next(lent)  # bucket i's state is on the device now (the previous bucket's went home)
-                self._update_bucket(i)
+                self._update_bucket(i, gate)
             self._launch_broadcast(i)
         for _ in lent or ():  # the last bucket's state goes home
             pass
@@ -501,12 +576,16 @@ class DistributedMuonClip(MuonClip):
         self._stale = [True] * len(self.buckets)
         return loss
 
-    def _update_bucket(self, i: int) -> None:
-        owned = self.buckets[i].slots
-        self._muon_step([(s, g) for s, g in self._views(i) if s.use_muon])
-        for s in owned:
+    def _update_bucket(self, i: int, gate: Gate) -> None:
+        """Muon and AdamW on bucket i's params; a param without a gradient on any rank of its group is left as it
+        was, gated as a skipped step is, by its reduced presence flag (see the module docstring)."""
+        b, present = self.buckets[i], self._present[i]
+        reduced = self._flat[i][b.numel:]  # the presence flags summed over the group
+        gates = [gate if present[k] else gate & (reduced[k] > 0) for k in range(len(b.slots))]
+        self._muon_step([(s, g, gates[k]) for k, (s, g) in enumerate(self._views(i)) if s.use_muon])
+        for k, s in enumerate(b.slots):
             if not s.use_muon:
-                self._adamw_update(s.param, self.param_groups[s.group_index])
+                self._adamw_update(s.param, self.param_groups[s.group_index], gates[k])
 
     def _launch_broadcast(self, i: int) -> None:
         """The owner sends bucket i's updated params (bf16 where they are) to the group, in the (spent) gradient
@@ -517,23 +596,27 @@ class DistributedMuonClip(MuonClip):
         if self._owns_bucket(i):
             for s, view in self._param_views[i]:
                 view.copy_(s.param)
-        wire = self._flat[i] if b.dtype == b.grad_dtype else self._flat[i].view(b.dtype)[:b.numel]
+        wire = self._flat[i][:b.numel] if b.dtype == b.grad_dtype else self._flat[i].view(b.dtype)[:b.numel]
         self._works[i] = self.comm.broadcast(wire, b.owner, self._group(b), async_op=True)
 
-    def _muon_step(self, owned: list[tuple[ParamSlot, Tensor]]) -> None:
+    def _muon_step(self, owned: list[tuple[ParamSlot, Tensor, Gate]]) -> None:
+        """Muon on (slot, reduced gradient, gate) triples: where the gate is shut (a non-finite step, or no gradient
+        on any rank), momentum and weight stay as they were (muonclip/skip_nonfinite.py; every rank still takes part
+        in the tensor-parallel Newton–Schulz, whose collectives must line up)."""
         items = []
-        for s, grad in owned:
+        for s, grad, gate in owned:
             group = self.param_groups[s.group_index]
-            state = self.state[s.param]
-            update = muon_momentum_(grad, state["momentum_buffer"], group["momentum"], group["nesterov"])
+            gate.zero_(grad)  # a skipped step reads zeros (the bucket's gradients are spent after the step anyway)
+            update = muon_momentum_(grad, self.state[s.param]["momentum_buffer"], group["momentum"], group["nesterov"],
+                                    gate)
             items.append(NSItem(update.to(self.ns_dtype), s.ns_rank, s.shard_dim, s.tp_sizes,
                                 group["ns_steps"], group["ns_eps"]))
         outs = orthogonalize_once(items, self._orthogonalize, self.comm, self.tp_group)
-        for (s, _), out in zip(owned, outs):
+        for (s, _, gate), out in zip(owned, outs):
             group = self.param_groups[s.group_index]
             weight = self.weight(s.param)
             apply_muon_update_(weight, out, lr=float(group["lr"]), weight_decay=float(group["weight_decay"]),
-                               shape=s.full_shape)
+                               shape=s.full_shape, gate=gate)
             self._finish_update(s.param, weight)
 
     def _orthogonalize(self, update: Tensor, item: NSItem) -> Tensor:

@@ -7,7 +7,8 @@ hook adds every fresh ``.grad`` into it and drops it (``accumulate_``), so gradi
 parameters; ``DistributedMuonClip`` accumulates into its float32 gradient buckets with the same ``accumulate_``.
 
 Torch's zero-bubble pipeline schedules (zbv, dualpipev) accumulate weight gradients by hand (``weight.grad += dw``,
-no hook): there a bf16 ``.grad`` accumulates in bf16 until the optimizer adds it in.
+no hook): the pipeline runs those actions inside ``DistributedMuonClip.grads_added_by_hand``, which adds each into
+the float32 buckets; ``MainGrads.grad`` adds a bf16 ``.grad`` made without the hook when it is read.
 """
 from __future__ import annotations
 

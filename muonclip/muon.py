@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from muonclip.newton_schulz import CoefficientSpec, newton_schulz
+from muonclip.skip_nonfinite import APPLIES, Gate
 
 
 def muon_scale(shape: Sequence[int]) -> float:
@@ -50,12 +51,14 @@ def muon_update(
                          coefficients=coefficients, path=path)
 
 
-def muon_momentum_(grad: Tensor, momentum_buf: Tensor, momentum: float = 0.95, nesterov: bool = True) -> Tensor:
-    """B <- lerp(B, g, 1 - mu) in place; return lerp(g, B, mu) (Nesterov) or B itself."""
+def muon_momentum_(grad: Tensor, momentum_buf: Tensor, momentum: float = 0.95, nesterov: bool = True,
+                   gate: Gate = APPLIES) -> Tensor:
+    """B <- lerp(B, g, 1 - mu) in place; return lerp(g, B, mu) (Nesterov) or B itself. Where ``gate`` skips the
+    step, ``grad`` must be zero (``Gate.zero_``) and mu is 1: B stays, the look-ahead is B (skip_nonfinite.py)."""
     if grad.shape != momentum_buf.shape:
         raise ValueError(f"momentum buffer shape {tuple(momentum_buf.shape)} != gradient shape {tuple(grad.shape)}")
-    momentum_buf.lerp_(grad, 1 - momentum)
-    return grad.lerp(momentum_buf, momentum) if nesterov else momentum_buf
+    momentum_buf.lerp_(grad, gate.pick(1 - momentum, 0.0, momentum_buf))
+    return grad.lerp(momentum_buf, gate.pick(momentum, 1.0, grad)) if nesterov else momentum_buf
 
 
 def orthogonalize(update: Tensor, ns_steps: int = 5, *, eps: float = 1e-7,
@@ -69,13 +72,16 @@ def orthogonalize(update: Tensor, ns_steps: int = 5, *, eps: float = 1e-7,
 
 
 def apply_muon_update_(param: Tensor, update: Tensor, *, lr: float, weight_decay: float,
-                       shape: Sequence[int] | None = None) -> None:
+                       shape: Sequence[int] | None = None, gate: Gate = APPLIES) -> None:
     """W <- W * (1 - lr * wd) - lr * muon_scale(shape) * update (decoupled weight decay).
 
-    ``shape`` is the full matrix shape (defaults to ``param.shape``; pass the global shape for a local shard).
+    ``shape`` is the full matrix shape (defaults to ``param.shape``; pass the global shape for a local shard). Where
+    ``gate`` skips the step, ``update`` (a temporary of the step) is zeroed in place and the decay factor is 1:
+    W * 1 + (-a) * 0 = W bit for bit (skip_nonfinite.py).
     """
     adjusted_lr = lr * muon_scale(param.shape if shape is None else shape)
-    param.mul_(1 - lr * weight_decay)
+    gate.zero_(update)
+    param.mul_(gate.pick(1 - lr * weight_decay, 1.0, param))
     param.add_(update, alpha=-adjusted_lr)
 
 
@@ -84,24 +90,45 @@ def adamw_step_(
     grad: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
-    step: int | float,
+    step: int | float | Tensor,
     *,
     lr: float,
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
+    gate: Gate = APPLIES,
 ) -> None:
     """One AdamW step (decoupled weight decay, bias-corrected) applied in place; ``step`` counts from 1.
 
-    Same op order as ``torch.optim.AdamW`` (single-tensor path), so both agree bit for bit.
+    The same arithmetic as ``torch.optim.AdamW`` (single-tensor path), so both agree bit for bit on CPU (tested).
+    """
+    adamw_moments_(grad, exp_avg, exp_avg_sq, betas, gate)
+    adamw_apply_(param, exp_avg, exp_avg_sq, step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, gate=gate)
+
+
+def adamw_moments_(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, betas: tuple[float, float],
+                   gate: Gate = APPLIES) -> None:
+    """AdamW's first and second moments, advanced in place. Where ``gate`` skips the step, ``grad`` must be zero
+    (``Gate.zero_``) and the betas are 1: both moments stay (skip_nonfinite.py)."""
+    beta1, beta2 = betas
+    exp_avg.lerp_(grad, gate.pick(1 - beta1, 0.0, exp_avg))
+    exp_avg_sq.mul_(gate.pick(beta2, 1.0, exp_avg_sq)).addcmul_(grad, grad, value=1 - beta2)
+
+
+def adamw_apply_(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int | float | Tensor, *, lr: float,
+                 betas: tuple[float, float], eps: float, weight_decay: float, gate: Gate = APPLIES) -> None:
+    """W <- W * (1 - lr * wd) - lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps), from the advanced moments.
+
+    ``step`` may be a 0-dim tensor (the optimizers keep their counters on the device, so a skipped step is decided
+    there: muonclip/skip_nonfinite.py): the bias corrections are computed there in float64, as Python computes them
+    from a number, and enter the float32 arithmetic rounded as a Python scalar would be (equal bits on CPU). Where
+    ``gate`` skips the step, the decay factor is 1, lr 0 and eps 1, the bias corrections are taken at max(step, 1)
+    (1 - beta**0 = 0 would divide by zero): the update is a finite +-0.
     """
     beta1, beta2 = betas
     if weight_decay != 0:
-        param.mul_(1 - lr * weight_decay)
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    step_size = lr / bias_correction1
-    denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
-    param.addcdiv_(exp_avg, denom, value=-step_size)
+        param.mul_(gate.pick(1 - lr * weight_decay, 1.0, param))
+    step_t = torch.as_tensor(step, dtype=torch.float64, device=exp_avg.device).clamp(min=1)
+    step_size = (1 - beta1**step_t).reciprocal() * gate.pick(lr, 0.0, exp_avg, torch.float64)  # = lr / bc1 as torch
+    denom = (exp_avg_sq.sqrt() / (1 - beta2**step_t).sqrt()).add_(gate.pick(eps, 1.0, exp_avg_sq))
+    param.add_((exp_avg * -step_size).div_(denom))  # addcdiv_'s value must be a number: value * m / d, its order

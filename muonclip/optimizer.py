@@ -9,7 +9,12 @@ Usage with any model::
     opt = muonclip.MuonClip(groups, lr=2e-3)
 
 Per-parameter state: Muon ``momentum_buffer``; AdamW ``exp_avg``, ``exp_avg_sq``, ``step`` (float32 scalar
-tensor, as in ``torch.optim.AdamW``), so ``state_dict``/``load_state_dict`` behave like torch optimizers.
+tensor, as in ``torch.optim.AdamW``, but on the parameter's device, as its ``capturable`` mode keeps it), so
+``state_dict``/``load_state_dict`` behave like torch optimizers.
+
+A step whose global gradient norm, as ``clip_grad_norm_`` measured it, is not finite leaves the parameters, masters
+and state as they were (equal values), decided on the device (``step_ok``): its gradients are zeroed and its
+coefficients make it a no-op (muonclip/skip_nonfinite.py).
 
 bf16 (or fp16) parameters, Megatron-style: each gets a float32 ``master`` in its state (``master_weights``), the
 state is float32, the update is applied to the master and the parameter is its rounded copy; gradients accumulate
@@ -42,9 +47,10 @@ except ImportError:  # torch built without distributed support: no DTensor can r
 from torch.utils.hooks import RemovableHandle
 
 from muonclip.main_grads import MainGrads
-from muonclip.muon import adamw_step_, apply_muon_update_, muon_momentum_, orthogonalize
+from muonclip.muon import adamw_apply_, adamw_moments_, apply_muon_update_, muon_momentum_, orthogonalize
 from muonclip.newton_schulz import NS_DTYPES, CoefficientSpec, choose_path, ns_schedule
 from muonclip.offload import StateOffload
+from muonclip.skip_nonfinite import Gate, decide
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 UpdateHook = Callable[[Tensor, Tensor], None]
@@ -139,6 +145,9 @@ class MuonClip(torch.optim.Optimizer):
         self.ns_dtype, self.ns_coefficients, self.ns_path = ns_dtype, ns_coefficients, ns_path
         self.master_weights, self.reduce_group, self.reduce_dtype = master_weights, reduce_group, reduce_dtype
         self._update_hooks: OrderedDict[int, UpdateHook] = OrderedDict()  # weak-referenceable, for RemovableHandle
+        # whether the step applies: a 0-dim bool on the device from clip_grad_norm_'s global norm (None: not measured
+        # since zero_grad(), the step applies); read it for the step's hooks (QK-Clip, the router bias update)
+        self.step_ok: Tensor | None = None
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay,
                         adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps, ns_eps=ns_eps)
         super().__init__(params, defaults)
@@ -276,8 +285,8 @@ class MuonClip(torch.optim.Optimizer):
         wide = torch.promote_types(p.dtype, torch.float32)  # float32 state for a bf16 parameter, master or not
         if use_muon:
             state["momentum_buffer"] = torch.zeros_like(p, dtype=wide, memory_format=torch.preserve_format)
-        else:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        else:  # on the device: a skipped step leaves it without the host knowing (muonclip/skip_nonfinite.py)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=_local(p).device)
             state["exp_avg"] = torch.zeros_like(p, dtype=wide, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=wide, memory_format=torch.preserve_format)
         if self.offload is not None:
@@ -305,6 +314,9 @@ class MuonClip(torch.optim.Optimizer):
         for i, st in wide.items():
             p = params[i]
             self.state[p] = {k: v.to(p.device) if isinstance(v, Tensor) and k != "step" else v for k, v in st.items()}
+        for p, st in self.state.items():  # torch leaves a counter where the state dict had it (CPU)
+            if isinstance(st.get("step"), Tensor):
+                st["step"] = st["step"].to(device=_local(p).device, dtype=torch.float32)
         if self.offload is not None:
             for st in self.state.values():
                 self.offload.send_home(st)
@@ -315,6 +327,7 @@ class MuonClip(torch.optim.Optimizer):
         if self._main is not None:
             self._main.zero_()
         self._reduced = False
+        self.step_ok = None
 
     @torch.no_grad()
     def reduce_gradients(self) -> None:
@@ -341,10 +354,12 @@ class MuonClip(torch.optim.Optimizer):
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
         """Scale all gradients (float32 buffers included) so their global L2 norm is at most ``max_norm``; return
         the norm before clipping (``max_norm`` inf: measure only). The same arithmetic as
-        ``torch.nn.utils.clip_grad_norm_``."""
+        ``torch.nn.utils.clip_grad_norm_``. A norm that is not finite makes the next ``step()`` a no-op
+        (``step_ok``)."""
         self.reduce_gradients()
         grads = [g for g in (self.grad(p) for group in self.param_groups for p in group["params"]) if g is not None]
         total = torch.nn.utils.get_total_norm(grads, 2.0)
+        self.step_ok = decide(total)
         if math.isinf(max_norm):
             return total
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
@@ -371,6 +386,7 @@ class MuonClip(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.reduce_gradients()
+        gate = Gate(self.step_ok)  # where the step is skipped, its coefficients make it a no-op (skip_nonfinite.py)
         for group in self.param_groups:
             params = self._params_with_grad(group)
             for p in params:
@@ -379,21 +395,23 @@ class MuonClip(torch.optim.Optimizer):
             update = self._muon_update if group["use_muon"] else self._adamw_update
             if self.offload is None:
                 for p in params:
-                    update(p, group)
+                    update(p, group, gate)
             else:  # one parameter's state on the device at a time, the next one's fetched meanwhile
                 for i, _ in enumerate(self.offload.lend_in_turn([[self.state[p]] for p in params])):
-                    update(params[i], group)
+                    update(params[i], group, gate)
         return loss
 
-    def _muon_update(self, p: Tensor, group: dict[str, Any]) -> None:
+    def _muon_update(self, p: Tensor, group: dict[str, Any], gate: Gate) -> None:
         lr, wd = _scalar(group["lr"]), _scalar(group["weight_decay"])
         grad, state, weight = self.grad(p), self.state[p], self.weight(p)
-        update = muon_momentum_(_local(grad), _local(state["momentum_buffer"]), group["momentum"], group["nesterov"])
+        gate.zero_(_local(grad))  # a skipped step reads zeros (the gradient is spent after the step anyway)
+        update = muon_momentum_(_local(grad), _local(state["momentum_buffer"]), group["momentum"], group["nesterov"],
+                                gate)
         if isinstance(grad, DTensor):
             update = self._orthogonalize_dtensor(grad, update, group)
         else:
             update = orthogonalize(update, group["ns_steps"], eps=group["ns_eps"], **self._ns_options())
-        apply_muon_update_(_local(weight), update, lr=lr, weight_decay=wd, shape=p.shape)
+        apply_muon_update_(_local(weight), update, lr=lr, weight_decay=wd, shape=p.shape, gate=gate)
         self._finish_update(p, weight)
 
     def _ns_options(self) -> dict[str, Any]:
@@ -412,11 +430,14 @@ class MuonClip(torch.optim.Optimizer):
         out = orthogonalize(full, group["ns_steps"], **ns)
         return distribute_tensor(out, grad.device_mesh, placements, src_data_rank=None).to_local()
 
-    def _adamw_update(self, p: Tensor, group: dict[str, Any]) -> None:
+    def _adamw_update(self, p: Tensor, group: dict[str, Any], gate: Gate) -> None:
         lr, wd = _scalar(group["lr"]), _scalar(group["weight_decay"])
         betas = tuple(_scalar(b) for b in group["adamw_betas"])
-        state, weight = self.state[p], self.weight(p)
-        state["step"] += 1
-        adamw_step_(_local(weight), _local(self.grad(p)), _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
-                    state["step"].item(), lr=lr, betas=betas, eps=group["adamw_eps"], weight_decay=wd)
+        state, weight, grad = self.state[p], self.weight(p), _local(self.grad(p))
+        exp_avg, exp_avg_sq = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
+        gate.zero_(grad)  # a skipped step reads zeros (the gradient is spent after the step anyway)
+        state["step"].add_(1 if gate.ok is None else gate.ok)
+        adamw_moments_(grad, exp_avg, exp_avg_sq, betas, gate)
+        adamw_apply_(_local(weight), exp_avg, exp_avg_sq, state["step"], lr=lr, betas=betas, eps=group["adamw_eps"],
+                     weight_decay=wd, gate=gate)
         self._finish_update(p, weight)

@@ -18,7 +18,9 @@ training forward fills with each head's max pre-softmax logit); and, for ``apply
 current weights). In ``apply()`` the max logits of all layers are concatenated into one tensor and reduced with a single
 MAX all-reduce over ``process_group`` (the ranks that hold the same heads but see different data:
 data/FSDP/context parallel, never the tensor-parallel group).
-No ``.item()``: gammas stay tensors, so the hook does not synchronise a GPU stream.
+No ``.item()``: gammas stay tensors, so the hook does not synchronise a GPU stream. A step the optimizer skips (its
+``step_ok`` is false: a non-finite gradient norm, muonclip/skip_nonfinite.py) clips nothing: every gamma is exactly
+1, so the weights keep every bit.
 
 With master weights (bf16 parameters, ``MuonClip``/``DistributedMuonClip``), a clip must act on the float32 master
 and the bf16 parameter together, or the two drift apart (and ZeRO-1 replicas, which hold no master, with them).
@@ -170,7 +172,7 @@ class QKClip:
         self._pending = {}
         if self.tau != math.inf:
             for spec, max_H in zip(specs, flat.split(counts)):
-                for key, scale_R in row_scales(spec, head_gammas(max_H, self.tau)).items():
+                for key, scale_R in row_scales(spec, self._gammas(max_H)).items():
                     self._pending[id(spec[key])] = (spec[key], scale_R)
 
     def _clip_updated(self, param: Tensor, weight: Tensor) -> None:
@@ -275,12 +277,22 @@ class QKClip:
 
     def _clip_layer(self, spec: Spec, max_H: Tensor) -> None:
         if self.tau != math.inf:  # tau = inf: only measure and reduce (monitoring without clipping)
-            for key, scale_R in row_scales(spec, head_gammas(max_H, self.tau)).items():
+            for key, scale_R in row_scales(spec, self._gammas(max_H)).items():
                 self._scale(spec[key], scale_R)
+
+    def _step_ok(self) -> Tensor | None:
+        """The optimizer's decision on the step these max logits belong to (None: it applies)."""
+        return getattr(self.optimizer, "step_ok", None)
+
+    def _gammas(self, max_H: Tensor) -> Tensor:
+        """``head_gammas``, all exactly 1 when the optimizer skips the step."""
+        gamma_H, ok = head_gammas(max_H, self.tau), self._step_ok()
+        return gamma_H if ok is None else torch.where(ok, gamma_H, torch.ones_like(gamma_H))
 
     def _store(self, flat: Tensor, counts: list[int]) -> None:
         """``last_clipped`` and ``last_max_logits`` [L, max H] from all layers' max logits concatenated."""
-        self.last_clipped = (flat > self.tau).sum()
+        ok = self._step_ok()
+        self.last_clipped = (flat > self.tau).sum() if ok is None else ((flat > self.tau) & ok).sum()
         if len(set(counts)) == 1:
             self.last_max_logits = flat.view(len(counts), counts[0])
         else:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 import torch.distributed as dist
@@ -236,6 +236,16 @@ class Pipeline:
                 if action is not None:
                     setattr(stage, name, _then(action, progress))
 
+    def collect_weight_grads(self, collect: Callable[[list[nn.Parameter]], ContextManager]) -> None:
+        """Run each weight-gradient action of the zero-bubble schedules (zbv, dualpipev) inside ``collect(that
+        stage's parameters)``: torch's ``stage_backward_weight`` sets or adds ``.grad`` by hand (no
+        post-accumulate-grad hook), which an optimizer that accumulates in float32 buffers must take in itself
+        (``DistributedMuonClip.grads_added_by_hand``): a bf16 ``.grad`` would otherwise sum the micro batches in
+        bf16. The other schedules have no such action (their backward accumulates through autograd's hooks)."""
+        for stage in self.torch_stages:
+            params = list(stage.submod.parameters())
+            stage.backward_weight_one_chunk = _inside(stage.backward_weight_one_chunk, lambda p=params: collect(p))
+
     @property
     def stages(self) -> list[int]:
         return self.plan.stages
@@ -363,6 +373,13 @@ def pipeline_schedule(holder: nn.Module, plan: StagePlan, pp_group: Any, device:
                "dualpipev": pps.ScheduleDualPipeV}[schedule]
         sched = cls(stages, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
     return Pipeline(sched, modules, plan, holder, pp_group, loss_fn, dtype, stages, micro_batch)
+
+
+def _inside(action: Callable, context: Callable[[], ContextManager]) -> Callable:
+    def run(*args, **kwargs):
+        with context():
+            return action(*args, **kwargs)
+    return run
 
 
 def _then(action: Callable, after: Callable[[], None]) -> Callable:

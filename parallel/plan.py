@@ -14,7 +14,9 @@ and the ZeRO-1 plan ``DistributedMuonClip`` would make (the same ``assign_owners
   moments (8) and step counter, on the device or, with ``optim.offload_state``, in host memory (all but the
   counters); host memory is counted as the offloaders' arenas allocate it (muonclip/host_arena.py: power-of-two
   chunks, sub-allocated), laid out as they will lay it out: the states in the order the optimizer makes them, the
-  activations' host copies as the schedule's forwards take them and its backwards give them back;
+  activations' host copies as the schedule's forwards take them and its backwards give them back; with
+  ``train.ckpt_async`` also the buffer an asynchronous save stages the checkpoint in (launch/checkpoint/staging.py:
+  every tensor this rank writes, kept from save to save);
 - activations: the storages autograd keeps per micro batch, layer by layer, with recomputation, FP8 storage,
   activation offload (host) and the chunked loss acting on them as the mechanisms do (parallel/plan_activations.py,
   equal to the measured saved bytes), plus the stage inputs/outputs a pipeline schedule holds, its receive
@@ -70,6 +72,7 @@ class RankPlan:
     activations: int = 0  # what micro batches in flight hold at the step's high point, on the device
     activations_host: int = 0
     activations_host_reserved: int = 0  # activation offload's host arena (muonclip/host_arena.py): its chunks
+    ckpt_staging: int = 0  # train.ckpt_async: the host buffer a save stages this rank's checkpoint in
     backward_transient: int = 0  # what the action running at the high point holds on top (_working_sets)
     recompute_flops: float = 0.0  # extra forward FLOPs per step recomputation costs
     comm: dict[str, int] = field(default_factory=dict)  # bytes sent per step
@@ -85,6 +88,11 @@ class RankPlan:
     @property
     def peak(self) -> int:
         return max(self.phases.values())
+
+    @property
+    def host(self) -> int:
+        """Host memory: the offloaders' arenas and the checkpoint staging buffer."""
+        return self.optimizer_host_reserved + self.activations_host_reserved + self.ckpt_staging
 
 
 def _local_model(cfg, pp_rank: int, tp_rank: int, ep_rank: int):
@@ -290,7 +298,8 @@ def _comm(cfg, slots, buckets, me: dict[str, int], tp_rank: int, plan, pp_rank: 
     for b in buckets:
         G = b.group_size
         if G > 1:
-            wire = b.nbytes(policy.reduce_dtype if b.grad_dtype == torch.float32 else b.grad_dtype)
+            # the gradients and a presence flag per parameter (Bucket.buffer_numel)
+            wire = b.buffer_numel * (policy.reduce_dtype if b.grad_dtype == torch.float32 else b.grad_dtype).itemsize
             if reduce_by_all_reduce(wire, _backend(cfg)):  # as DistributedMuonClip chooses
                 add("all_reduce", 2 * (G - 1) * wire // G)
             else:
@@ -361,6 +370,24 @@ def _state_arena(owned: list, policy) -> int:
     return arena.reserved
 
 
+def _staging_buffer(model, slots: list, owned: list, policy) -> int:
+    """The host buffer an asynchronous save stages this rank's checkpoint tensors in (launch/checkpoint/staging.py,
+    each aligned): the model's state with the float32 master of a bf16 parameter this rank owns (one whose master
+    another rank keeps is that rank's to write), and the owned parameters' optimizer state: Muon's momentum, AdamW's
+    two moments and step (launch/checkpoint/state.py)."""
+    from launch.checkpoint.staging import staging_bytes
+
+    trainable, mine = {s.name for s in slots}, {s.name for s in owned}
+    sizes = []
+    for name, t in model.state_dict().items():
+        master = name in trainable and policy.master_weights and t.dtype in LOW_PRECISION
+        if not master or name in mine:
+            sizes.append(t.numel() * (F32 if master else t.element_size()))
+    for s in owned:
+        sizes += [s.param.numel() * F32] if s.use_muon else [s.param.numel() * F32] * 2 + [F32]
+    return staging_bytes(sizes)
+
+
 def plan_layout(cfg, world: int) -> list[RankPlan]:
     """One RankPlan per rank of ``world`` for the job config ``cfg`` (``parallel.dp: 0`` is inferred)."""
     from dataclasses import replace
@@ -396,11 +423,14 @@ def plan_layout(cfg, world: int) -> list[RankPlan]:
         r = RankPlan(rank, (pp_rank, d, t), layers)
         r.params = sum(q.numel() * q.element_size() for q in model.parameters())
         r.grads = sum(q.numel() for q in model.parameters() if q.requires_grad) * F32  # float32 buffers
+        if sharded:  # ZeRO-1's buckets also hold a presence flag per parameter (Bucket.buffer_numel)
+            r.grads += sum(len(b.slots) for b in buckets) * F32
         owned = [s for s in slots if s.owner == me[s.sharding]] if sharded else slots
         state = sum(s.param.numel() * _state_elements(s, policy) for s in owned) * F32
         counters = sum(1 for s in owned if not s.use_muon) * F32  # AdamW's step, a float32 scalar
         r.optimizer, r.optimizer_host = (counters, state) if cfg.optim.offload_state else (state + counters, 0)
         r.optimizer_host_reserved = _state_arena(owned, policy) if cfg.optim.offload_state else 0
+        r.ckpt_staging = _staging_buffer(model, slots, owned, policy) if cfg.train.ckpt_async else 0
         muon = [s for s in owned if s.use_muon]
         if sharded:  # DistributedMuonClip: bucket by bucket, batched NS per shape
             # gradients live in persistent per-bucket buffers (no padding: one owner per bucket), reduced and
@@ -447,17 +477,17 @@ def _size(n: int) -> str:
 def format_plan(plans: list[RankPlan], all_ranks: bool = False, budget_gib: float = 80.0) -> str:
     rows = plans if all_ranks else _worst_per_stage(plans)
     kinds = sorted({k for r in rows for k in r.comm})
-    host = any(r.optimizer_host_reserved or r.activations_host_reserved for r in rows)
+    host = any(r.host for r in rows)
     head = ["rank", "(pp,dp,tp)", "layers", "params", "grads", "optim", "act/micro", "in flight", "activations",
-            "bwd transient", "NS transient", "peak", *(["host (optim + act)"] if host else []), "recompute GFLOP",
-            *kinds, "largest NS matrix"]
+            "bwd transient", "NS transient", "peak", *(["host (optim + act + ckpt)"] if host else []),
+            "recompute GFLOP", *kinds, "largest NS matrix"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         layers = _ranges(r.layers)
         cells = [str(r.rank), str(r.coords), layers, _size(r.params), _size(r.grads), _size(r.optimizer),
                  _size(r.activations_per_micro), f"{r.in_flight:.1f}", _size(r.activations),
                  _size(r.backward_transient), _size(r.step_transient), f"**{_size(r.peak)}**",
-                 *([_size(r.optimizer_host_reserved + r.activations_host_reserved)] if host else []),
+                 *([_size(r.host)] if host else []),
                  f"{r.recompute_flops / 1e9:,.0f}",
                  *[_size(r.comm.get(k, 0)) for k in kinds],
                  "x".join(map(str, r.largest_matrix)) if r.largest_matrix else "-"]

@@ -178,6 +178,50 @@ def test_files_are_checksummed_as_they_are_written_not_read_back(tmp_path, monke
     ckpt.verify_checkpoint(path)
 
 
+OFFLOADED = ["--train.param_dtype=bfloat16", "--train.dtype=bfloat16", "--optim.offload_state=true",
+             "--train.ckpt_async=true", "--train.eval_interval=0", "--schedule.warmup_steps=1"]
+
+
+def test_async_saves_stage_into_one_kept_buffer_and_load_bitwise(tmp_path):
+    """``train.ckpt_async`` with ``optim.offload_state``: the first save allocates one staging buffer of the
+    state's bytes; the second allocates no host memory (its staged tensors are the same bytes) and each staged
+    tensor has a storage of exactly its bytes (DCP's writer writes it without a clone); the checkpoint loads
+    bitwise. Before: every save allocated a fresh copy of all state."""
+    from tests.audit import LiveBytes
+
+    cfg = debug_cfg(tmp_path, *OFFLOADED)
+    trainer = Trainer(cfg, init_runtime(cfg))
+    assert trainer.optimizer.offload is not None  # the optimizer state lives in host memory
+    peaks, saved = [], []
+    for _ in range(2):
+        trainer.train_step()
+        with LiveBytes() as live:
+            trainer.save()
+        trainer.saver.wait()
+        peaks.append(live.peak)
+        saved.append({k: v.to_local().clone() if hasattr(v, "to_local") else v.clone()
+                      for k, v in trainer.checkpoint_tensors(saving=True).items()})
+    state = sum(t.numel() * t.element_size() for t in saved[1].values())
+    print(f"state {state} B; host bytes allocated by the 1st and 2nd save: {peaks}")
+    assert peaks[1] < 4096, (peaks, state)  # the 2nd save: the finite check's scalars only
+    stager = trainer.saver.stager
+    assert stager.allocations == 1 and state <= stager.nbytes < state + 512 * len(saved[1])
+    assert stager.nbytes <= peaks[0] < stager.nbytes + 4096  # the 1st: the buffer
+    first = {k: (v.data_ptr(), v.untyped_storage().nbytes()) for k, v in stager._views.items()}
+    assert all(n == saved[1][k].numel() * saved[1][k].element_size() for k, (_, n) in first.items())
+    trainer.train_step()
+    trainer.save()
+    trainer.saver.wait()
+    assert {k: (v.data_ptr(), v.untyped_storage().nbytes()) for k, v in stager._views.items()} == first
+    trainer.saver.close()
+    for step in (1, 2):
+        loaded = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else torch.zeros_like(v)
+                  for k, v in saved[step - 1].items()}
+        ckpt.load_checkpoint(ckpt.step_dir(trainer.ckpt_root, step), loaded)
+        for k, v in saved[step - 1].items():
+            assert torch.equal(loaded[k], v), (step, k)
+
+
 def test_a_checkpoint_with_a_sha256_manifest_still_verifies_and_names_damage(straight_run, tmp_path):
     """Checkpoints written before CRC-32 carry sha256 manifests: they verify, and damage is named with sha256."""
     out, _, _ = straight_run

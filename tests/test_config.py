@@ -100,6 +100,8 @@ def test_override_forms():
     (["--model.n_activated_experts=9"], r"n_activated_experts \(9\) must be in \[1, n_routed_experts=8\]"),
     (["--parallel.tp=3"], r"tp \(3\) must divide model.n_heads"),
     (["--logging.wandb_mode=cloud"], r"wandb_mode must be one of"),
+    (["--monitor.max_skipped_steps=0"], r"monitor config: max_skipped_steps must be >= 1 \(the skipped steps in a row "
+     r"that stop the run\), got 0"),
 ])
 def test_validation_errors(overrides, match):
     with pytest.raises(ValueError, match=match):

@@ -2,7 +2,8 @@
 
 Every rank gets different deterministic gradients; the reference is MuonClip on ONE full copy of the params
 with the dp-averaged gradients. Tolerance: TOL = 1e-12 absolute on params of size ~0.2 after 5 steps in
-float64 (the only differences are summation order in the gradient reduction and the norm), replicas bitwise equal.
+float64 (the only differences are summation order in the gradient reduction and the norm), replicas bitwise equal
+(TOL32 where a float32 model runs).
 Process groups are built by hand (rank = dp_index * tp + tp_index, EP blocks of consecutive dp indices).
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tests.dist_utils import run_distributed
 
 HP = dict(lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.1, ns_dtype=torch.float64)
 TOL = 1e-12
+TOL32 = 8 * torch.finfo(torch.float32).eps  # a float32 model's layouts: a few units in the last place of gains ~1
 MAX_NORM = 8.0  # below the typical global norm here, so clipping is active
 STEPS = 5
 DENSE = {  # name -> full shape (names follow the model so build_param_groups routes them as in training)
@@ -95,9 +97,9 @@ def _assert_identical(tensors: list[torch.Tensor], group, what: str) -> None:
         assert torch.equal(chunk, flat), f"{what}: replica {r} differs from rank {dist.get_rank()}"
 
 
-def _assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str, tol: float = TOL) -> None:
     err = (actual.detach() - expected.detach()).abs().max().item()
-    assert err < TOL, f"{name}: max |dist - single| = {err:.3e} >= {TOL}"
+    assert err < tol, f"{name}: max |dist - single| = {err:.3e} >= {tol}"
 
 
 def _dense_step(params, ref, opt, ref_opt, dp_index: int, dp_size: int, step: int) -> None:
@@ -604,11 +606,108 @@ def _order_worker(rank: int, world: int) -> None:
     assert unordered != sorted(unordered)  # what param_order fixes
 
 
+# ---------------------------------------------------------------- parameters without a gradient
+NEVER = {"layers.0.mlp.unused_proj.weight": (16, 8), "layers.0.mlp.unused_scale": (8,)}  # Muon, AdamW (decayed)
+SOMETIMES = {"layers.0.mlp.gate_proj.weight": (24, 8), "layers.0.mlp.gate_scale": (6,)}
+PRESENT = [(), (0,), (1,), (), (0, 1)]  # per step: the dp ranks where SOMETIMES get a gradient (from backward)
+
+
+def _unused_worker(rank: int, world: int) -> None:
+    """dp=2: a matrix and a vector that never get a gradient, and a matrix and a vector that get one on no rank, on
+    one, on the other or on both (by backward, through the hooks): one process skips a parameter whose ``.grad``
+    is None (no momentum decay, no AdamW step, no weight decay) and sees the missing rank's share as zero. Each
+    owner has or lacks its own gradient in some step, so both ways of deciding run; as one reduce per owner and as
+    small all-reduced buckets. Reduction, clipping and step read nothing on the host: an owner that lacks its own
+    gradient gates the parameter's step by the reduced flag on the device, Muon and AdamW alike."""
+    from tests.audit import NoDeviceSync
+
+    for options in ({}, dict(all_reduce_min_bytes=0, bucket_cap_mb=2**-10)):
+        params = _make({**DENSE, **NEVER, **SOMETIMES})
+        ref = _clone(params)
+        opt = DistributedMuonClip(build_param_groups(list(params.items())), {}, OptimizerGroups(), **options, **HP)
+        ref_opt = MuonClip(build_param_groups(list(ref.items())), **HP)
+        opt.init_state()
+        for step, ranks in enumerate(PRESENT, start=1):
+            for n in DENSE:
+                params[n].grad = _grad(n, rank, step, params[n].shape)
+                ref[n].grad = _mean_grad(n, world, step, params[n].shape)
+            for n in SOMETIMES:
+                if rank in ranks:  # backward's gradient: accumulated in place in the bucket, its hook counts it
+                    (params[n] * _grad(n, rank, step, params[n].shape)).sum().backward()
+                if ranks:
+                    ref[n].grad = sum(_grad(n, d, step, params[n].shape) for d in ranks) / world
+            with NoDeviceSync():
+                opt.reduce_gradients()
+                norm = opt.clip_grad_norm_(MAX_NORM)
+                opt.step()
+            ref_norm = torch.nn.utils.clip_grad_norm_([p for p in ref.values() if p.grad is not None], MAX_NORM)
+            assert abs(norm.item() - ref_norm.item()) < TOL * ref_norm.item(), (norm, ref_norm)
+            ref_opt.step()
+            opt.zero_grad()
+            ref_opt.zero_grad()
+        for n, p in params.items():
+            _assert_close(p, ref[n], n)
+            if opt.owns(p):  # the state too: AdamW's step counts the steps with a gradient somewhere
+                expected = ref_opt.state.get(ref[n], {})
+                for key, value in opt.state[p].items():
+                    _assert_close(value, expected[key] if expected else torch.zeros_like(value), f"{n} {key}")
+        for n in NEVER:
+            assert torch.equal(params[n], 0.2 * _seeded("init/" + n, NEVER[n])), n  # bitwise untouched
+        _assert_identical(list(params.values()), dist.group.WORLD, "params")
+
+
+def _no_tokens_worker(rank: int, world: int) -> None:
+    """dp=2 x ep=2, a real MoE: the router bias sends every token to EP rank 0's experts, so EP rank 1's stacks see
+    none; they still get their (zero) gradient in backward, as one process gives the whole stack one, so every
+    bucket's reduction starts inside backward, and 2 steps match one process on the whole batch. In float64 the
+    experts run as a loop of GEMMs, in float32 as grouped GEMMs (what training runs), where no rows mean no GEMM."""
+    from parallel.dims import ParallelDims
+    from parallel.parallelize import parallelize
+    from tests.test_expert_parallel import ROWS_PER_RANK, SEQ, TINY
+    from models import ModelConfig, Transformer
+
+    pdims = ParallelDims(dp=world, tp=1, ep=2)
+    groups = pdims.build("cpu")
+    for dtype, path, tol in ((torch.float64, "loop", TOL), (torch.float32, "grouped", TOL32)):
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig(**TINY)).to(dtype).train()
+        ref = copy.deepcopy(model)
+        placements = parallelize(model, pdims, groups)
+        assert model.layers[1].mlp.experts.path(torch.device("cpu"), dtype) == path
+        for m in (model, ref):
+            for router in m.moe_routers():
+                router.e_score_correction_bias.data[:TINY["n_activated_experts"]] = 100.0  # EP rank 0's experts
+        opt = DistributedMuonClip(build_param_groups(model.named_parameters()), placements, groups,
+                                  bucket_cap_mb=2**-10, param_order=[n for n, _ in model.named_parameters()], **HP)
+        ref_opt = MuonClip(build_param_groups(ref.named_parameters()), **HP)
+        for step in range(2):
+            tokens = torch.randint(0, TINY["vocab_size"], (ROWS_PER_RANK * world, SEQ),
+                                   generator=torch.Generator().manual_seed(step))
+            local = tokens[rank * ROWS_PER_RANK:(rank + 1) * ROWS_PER_RANK]
+            for m, batch in ((model, local), (ref, tokens)):
+                m.reset_step_stats()
+                logits = m(batch[:, :-1])
+                nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).backward()
+            assert all(r.expert_load_E[TINY["n_routed_experts"] // 2:].sum() == 0 for r in model.moe_routers())
+            opt.step()
+            ref_opt.step()
+            assert opt.last_step_stats["reduced_in_backward"] == len(opt.buckets) > 4, (dtype, opt.last_step_stats)
+            opt.zero_grad()
+            ref_opt.zero_grad()
+        ref_params = dict(ref.named_parameters())
+        for n, p in model.named_parameters():
+            expected = ref_params[n].detach()
+            if ".experts." in n:
+                experts = model.get_submodule(n.rsplit(".", 1)[0])
+                expected = expected[experts.expert_offset:experts.expert_offset + experts.n_local]
+            _assert_close(p, expected, f"{n} ({dtype})", tol)
+
+
 # ---------------------------------------------------------------- one spawn per world size (startup dominates)
 CHECKS = {"replicated": _replicated_worker, "resume_qkclip": _resume_and_qkclip_worker, "tp": _tp_worker,
           "post_step_clip": _post_step_clip_worker,
           "experts": _expert_worker, "options": _options_worker, "overlap": _overlap_worker, "order": _order_worker,
-          "bf16_buckets": _bf16_buckets_worker}
+          "bf16_buckets": _bf16_buckets_worker, "unused": _unused_worker, "no_tokens": _no_tokens_worker}
 
 
 def _suite_worker(rank: int, world: int, out_dir: str, names: list[str]) -> None:
@@ -644,7 +743,8 @@ class _Suite:
 
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory) -> _Suite:
-    return _Suite(2, ["replicated", "resume_qkclip", "overlap", "order", "bf16_buckets", "post_step_clip"],
+    return _Suite(2, ["replicated", "resume_qkclip", "overlap", "order", "bf16_buckets", "post_step_clip", "unused",
+                      "no_tokens"],
                   str(tmp_path_factory.mktemp("dist2")))
 
 
@@ -667,6 +767,14 @@ def test_buckets_are_reduced_in_the_order_backward_completes_them_dp2(world2):
 
 def test_bf16_gradients_accumulate_in_float32_buckets_also_without_zero_grad_dp2(world2):
     world2.check("bf16_buckets")
+
+
+def test_a_parameter_without_a_gradient_is_skipped_as_in_one_process_dp2(world2):
+    world2.check("unused")
+
+
+def test_experts_without_tokens_keep_the_overlap_and_match_one_process_dp2_ep2(world2):
+    world2.check("no_tokens")
 
 
 def test_state_dict_resume_and_qkclip_dp2(world2):

@@ -1,8 +1,8 @@
 """The memory and communication planner (parallel/plan.py) against real CPU runs: per-step optimizer bytes equal
 CountingComm's counts exactly, and each rank's peak is within 10% of the most tensor bytes it held (tests/audit.py
 ``LiveBytes``, the CPU's ``torch.cuda.max_memory_allocated``), at several layouts (1 process, dp=2 ZeRO-1, tp=2,
-dp=2 x ep=2, pp=2); the states of a bf16 run exactly; the activations against saved-tensor bytes and peaks with
-every memory technique."""
+dp=2 x ep=2, pp=2); the states of a bf16 run and an asynchronous save's staging buffer exactly; the activations
+against saved-tensor bytes and peaks with every memory technique."""
 from __future__ import annotations
 
 import contextlib
@@ -181,6 +181,36 @@ def test_planned_states_of_a_bf16_run_are_the_bytes_allocated(tmp_path, monkeypa
                             "optimizer_host_reserved": plan.optimizer_host_reserved}, rank
         if "--optim.offload_state=true" in layout:
             assert plan.optimizer_host_reserved > 4 * ARENA_CHUNK  # several chunks to lay out
+
+
+def _staged(rank: int, world: int, out: str, overrides: list[str]) -> None:
+    from launch.trainer import Trainer, init_runtime
+
+    torch.set_num_threads(1)
+    cfg = debug_cfg(out, *overrides)
+    trainer = Trainer(cfg, init_runtime(cfg))
+    trainer.train_step()
+    trainer.save()
+    trainer.saver.wait()
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"staged": trainer.saver.stager.nbytes}))
+
+
+@pytest.mark.parametrize("world,layout", [
+    (1, []),
+    (2, ["--data.micro_batch_size=2"]),
+], ids=["1proc", "dp2"])
+def test_planned_checkpoint_staging_is_the_buffer_an_async_save_keeps(tmp_path, world, layout):
+    """``train.ckpt_async`` with the optimizer state offloaded: the host buffer an asynchronous save staged this
+    rank's checkpoint in (launch/checkpoint/staging.py: its masters, bf16 parameters whose master another rank
+    keeps left out, its optimizer state) is the planner's, exactly; without async saves the planner counts none."""
+    setting = [*BF16, *layout, "--optim.offload_state=true", "--train.ckpt_async=true"]
+    run_distributed(_staged, world, str(tmp_path), setting)
+    plans = plan_layout(debug_cfg(tmp_path, *setting), world)
+    for rank, plan in enumerate(plans):
+        staged = json.loads((tmp_path / f"rank{rank}.json").read_text())["staged"]
+        assert plan.ckpt_staging == staged > 0, rank
+        assert plan.host == plan.optimizer_host_reserved + plan.activations_host_reserved + staged
+    assert [p.ckpt_staging for p in plan_layout(debug_cfg(tmp_path, *BF16, *layout), world)] == [0] * world
 
 
 # ------------------------------------------------------------------------------------------------ activations

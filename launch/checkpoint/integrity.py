@@ -1,5 +1,6 @@
 """Checkpoint integrity: per-file checksums written with every checkpoint and verified before it is loaded, a
-finite check of what was loaded, and plain words for the OS errors a save meets (disk full, read-only, quota).
+finite check of what is saved and what was loaded (the same check: a save that would fail it is refused), and plain
+words for the OS errors a save meets (disk full, read-only, quota).
 
 ``checksums.json`` in a checkpoint directory::
 
@@ -28,8 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
+
+from launch.checkpoint.state import distributed
 
 MANIFEST = "checksums.json"
 ALGORITHM = "crc32"
@@ -41,6 +45,10 @@ _OVERLAP_BYTES = 1 << 20  # buffers this large are checksummed on the helper thr
 class DamagedCheckpoint(ValueError):
     """A checkpoint whose files do not match their checksums, are missing or truncated, or hold non-finite
     values. ``train.resume_fallback`` may skip it for an older one; other ValueErrors (wrong shapes) never."""
+
+
+class NonFiniteState(FloatingPointError):
+    """A save refused because the state holds NaN/inf (it would load as damaged): a runtime failure, exit code 1."""
 
 
 class _Checksum:
@@ -201,6 +209,17 @@ def first_non_finite(tensors: dict[str, Any]) -> str | None:
         if not finite:
             return name
     return None
+
+
+def non_finite_on_any_rank(tensors: dict[str, Any], group: Any = None) -> str | None:
+    """Collective over ``group`` (the world by default): the first rank's ``first_non_finite``, the same on every
+    rank, or None."""
+    bad = [first_non_finite(tensors)]
+    if distributed():
+        found = bad[0]
+        bad = [None] * dist.get_world_size(group)
+        dist.all_gather_object(bad, found, group=group)
+    return next((b for b in bad if b is not None), None)
 
 
 # ------------------------------------------------------------------------------------------------ save errors

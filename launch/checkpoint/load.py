@@ -60,12 +60,9 @@ def verify_checkpoint(path: str | Path) -> None:
 
 
 def _check_finite(path: Path, tensors: dict[str, Any]) -> None:
-    """Collective: all ranks raise when any rank loaded NaN/inf (a checkpoint of a run that had diverged)."""
-    bad = [integrity.first_non_finite(tensors)]
-    if distributed():
-        bad = [None] * dist.get_world_size()
-        dist.all_gather_object(bad, integrity.first_non_finite(tensors))
-    name = next((b for b in bad if b is not None), None)
+    """Collective: all ranks raise when any rank loaded NaN/inf (a checkpoint of a run that had diverged; saves
+    refuse such state since the check was added there too)."""
+    name = integrity.non_finite_on_any_rank(tensors)
     if name is not None:
         raise DamagedCheckpoint(f"checkpoint {path} is damaged ({name}: non-finite values)")
 

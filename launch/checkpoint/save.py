@@ -1,5 +1,7 @@
-"""Saving: ``step_XXXXXXXX.tmp`` -> checksums -> rename -> ``latest`` -> prune, synchronously or with
-``AsyncSaver`` (only the staging copy blocks training); a failed write raises one OSError on every rank."""
+"""Saving: finite check -> ``step_XXXXXXXX.tmp`` -> checksums -> rename -> ``latest`` -> prune, synchronously or
+with ``AsyncSaver`` (only the staging copy into its kept buffer, staging.py, blocks training); a failed write raises
+one OSError on every rank. State holding NaN/inf (what a load rejects as damaged) is refused before anything is
+written: ``NonFiniteState`` on every rank, ``latest`` and the earlier checkpoints untouched."""
 from __future__ import annotations
 
 import shutil
@@ -16,6 +18,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from launch.checkpoint import integrity
 from launch.checkpoint.paths import LATEST, latest_checkpoint, list_checkpoints, step_dir
+from launch.checkpoint.staging import StagingBuffer
 from launch.checkpoint.state import distributed, rank, to_bytes
 
 # DCP warns on every single-process save/load ("assuming the intent is to ..."), also from its async save thread:
@@ -30,8 +33,9 @@ def save_checkpoint(root: str | Path, step: int, tensors: dict[str, Any], meta: 
     Writes ``step_XXXXXXXX.tmp``, checksumming every file as it is written (``checksums.json``), renames it when
     complete, points ``latest`` at it, prunes to ``keep``. A failed write (disk full, read-only, ...) removes the
     partial directory, leaves the earlier checkpoints and ``latest`` untouched and raises the same OSError on every
-    rank.
+    rank. State holding NaN/inf raises ``NonFiniteState`` on every rank before anything is written.
     """
+    refuse_non_finite(Path(root), step, tensors, group=None)
     save = _Save(Path(root), step, keep, config_text, group=None)
     save.begin()
     try:
@@ -43,27 +47,30 @@ def save_checkpoint(root: str | Path, step: int, tensors: dict[str, Any], meta: 
 
 
 class AsyncSaver:
-    """``train.ckpt_async``: ``dcp.async_save`` stages a copy of the state (the only part that blocks training),
-    then a background thread writes it, hashes the files and commits (rename + ``latest``) once every rank has
-    finished, all on a process group of its own, so the training collectives never interleave with it. At most
-    one save is in flight: a new save, a load and the end of training wait for the previous one; its error (if
-    any) is raised then, on every rank."""
+    """``train.ckpt_async``: ``dcp.async_save`` stages a copy of the state into this saver's buffer, the same one at
+    every save (staging.py; the only part that blocks training), then a background thread writes it, hashes the
+    files and commits (rename + ``latest``) once every rank has finished, all on a process group of its own, so
+    the training collectives never interleave with it. At most one save is in flight: a new save, a load and the
+    end of training wait for the previous one; its error (if any) is raised then, on every rank."""
 
     def __init__(self) -> None:
         self.group = dist.new_group(backend="gloo") if distributed() else None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-async")
         self._pending: Future | None = None
+        self.stager = StagingBuffer()
 
     def save(self, root: str | Path, step: int, tensors: dict[str, Any], meta: dict[str, Any],
              extra: dict[str, Any], keep: int = 3, config_text: str = "") -> float:
         """Start a save (after waiting for the previous one); returns the seconds the staging copy took."""
-        self.wait()
+        self.wait()  # the staging buffer is free again
+        refuse_non_finite(Path(root), step, tensors, group=self.group)
         t0 = time.perf_counter()
         save = _Save(Path(root), step, keep, config_text, group=self.group)
         save.begin()
         try:
             written = dcp.async_save(save.state(tensors, meta, extra), storage_writer=save.writer,
-                                     process_group=self.group, no_dist=not distributed())
+                                     process_group=self.group, no_dist=not distributed(),
+                                     async_stager=self.stager)
         except (Exception, CheckpointException) as e:  # noqa: BLE001
             save.fail(e)
         self._pending = self._executor.submit(self._complete, save, written, t0)
@@ -93,11 +100,23 @@ class AsyncSaver:
         return None
 
     def close(self) -> None:
-        """Wait for the save in flight, then stop the thread (the end of a run)."""
+        """Wait for the save in flight, then stop the thread and free the staging buffer (the end of a run)."""
         try:
             self.wait()
         finally:
             self._executor.shutdown(wait=True)
+            self.stager.close()
+
+
+def refuse_non_finite(root: Path, step: int, tensors: dict[str, Any], group: Any) -> None:
+    """Collective: the finite check a load makes (load.py), before the save starts; raises ``NonFiniteState``
+    naming the first tensor with NaN/inf on every rank (a rank's local shard counts)."""
+    name = integrity.non_finite_on_any_rank(tensors, group)
+    if name is not None:
+        latest = latest_checkpoint(root) if root.is_dir() else None
+        raise integrity.NonFiniteState(
+            f"checkpoint save to {step_dir(root, step)} refused: {name} holds non-finite values (a load would reject "
+            f"it as damaged); nothing written, latest is still {latest.name if latest is not None else 'none'}")
 
 
 class _Save:

@@ -1,10 +1,12 @@
 """Stability monitoring: per-step attention/router statistics, loss-spike detection, rollback decisions.
 
-Three independent pieces, all free of torch.distributed:
+Three independent pieces:
 
 * ``step_stats(model, qkclip)``: per-layer and per-head attention max logits and per-expert router load, read
   from the model's per-step buffers (``max_logits_H`` of the attention modules, ``expert_load_E`` of the
-  routers) with ONE device->host transfer.
+  routers) with ONE device->host transfer. ``IntervalStats`` keeps them over a logging interval and, at the log
+  step, gathers them over the ranks that split heads (tensor parallel) and layers (pipeline stages), so what is
+  logged, plotted and shown on the console is every head of the model, as one process would log it.
 * ``SpikeDetector``: robust z-score of each loss against the median/MAD of a moving window of accepted losses;
   non-finite losses are always spikes; spikes never enter the window.
 * ``plan_rollback`` / ``RollbackPolicy``: pure decision logic. On a spike at step ``s`` with the last checkpoint
@@ -71,7 +73,8 @@ def step_stats(model: nn.Module, qkclip: Any | None = None,
 
     Keys: ``max_logit/max`` (over all layers), ``max_logit/l{i}``, ``max_logit/l{i}/h{h}`` (pre-softmax scaled
     logit maxima; with ``qkclip`` these are the values it reduced over data-parallel ranks, measured BEFORE
-    its clip; heads are local heads under tensor parallelism), ``qk_clip/clipped_heads`` (with ``qkclip``),
+    its clip; heads are this rank's heads under tensor parallelism: ``IntervalStats.flush`` gathers them),
+    ``qk_clip/clipped_heads`` (with ``qkclip``),
     ``router/l{i}/e{e}`` (share of routed token slots that went to expert e; sums to 1),
     ``router/l{i}/max_over_mean`` (1.0 = perfectly balanced). ``expert_loads`` overrides the model's local
     counts (e.g. loads already all-reduced for the aux-loss-free bias update). Layers that recorded nothing since
@@ -173,12 +176,16 @@ class IntervalStats:
         if aux is not None:
             self._aux = aux if self._aux is None else self._aux + aux
 
-    def flush(self, group: Any = None) -> dict[str, float]:
-        """The interval's statistics (``step_stats`` keys); then starts a new interval. With ``group`` (the
+    def flush(self, group: Any = None, head_group: Any = None) -> dict[str, float]:
+        """The interval's statistics (``step_stats`` keys); then starts a new interval. With ``head_group`` (the
+        tensor-parallel group of attention: each rank holds other heads of the same layers) every head is
+        gathered in global order and each rank's clip count added (``_gather_heads``); with ``group`` (the
         pipeline group: each rank holds other layers) every rank's layers are gathered, so each returns the
-        statistics of the whole model (collective over ``group``)."""
+        statistics of the whole model (collectives over both groups; every rank of them calls it)."""
         attn, loads, clipped, post, aux = self._attn, self._loads, self._clipped, self._post_max, self._aux
         steps = self._steps
+        if attn and head_group is not None and dist.get_world_size(head_group) > 1:
+            attn, clipped, post = _gather_heads(attn, clipped, post, head_group)
         if group is not None and dist.get_world_size(group) > 1:
             mine = (_cpu(attn or []), _cpu(loads or []), None if clipped is None else clipped.cpu(),
                     None if post is None else post.cpu(), None if aux is None else aux.cpu())
@@ -208,6 +215,31 @@ class IntervalStats:
         self._post_max: torch.Tensor | None = None
         self._aux: torch.Tensor | None = None
         self._steps = 0
+
+
+def _gather_heads(attn: list[tuple[int, torch.Tensor]], clipped: torch.Tensor | None, post: torch.Tensor | None,
+                  group: Any) -> tuple[list[tuple[int, torch.Tensor]], torch.Tensor | None, torch.Tensor | None]:
+    """Every head of these layers from the ranks of ``group`` that split them: tensor-parallel rank r holds heads
+    [r * H/tp, (r + 1) * H/tp) of each layer (parallel/tensor_parallel.py), so rank r's heads go to r * H/tp of
+    the gathered rows (every layer has H heads). Each rank counted the clips of its own heads (the same count on
+    its data/context-parallel replicas, which reduced the max logits before): the counts are summed; the
+    post-step max is the max. One ``all_gather_single`` of L * H/tp + 1 float32 values per rank (+ 1 in
+    post_step mode), on the device: no host sync."""
+    size = dist.get_world_size(group)
+    rows_LH = torch.stack([t.reshape(-1) for _, t in attn])
+    n_layers, n_local = rows_LH.shape
+    extras = [x.reshape(1).to(rows_LH) for x in (clipped, post) if x is not None]
+    mine = torch.cat([rows_LH.reshape(-1), *extras])
+    every = mine.new_empty(size * mine.numel())
+    dist.all_gather_single(every, mine, group=group)
+    every_RN = every.view(size, -1)
+    heads_LH = every_RN[:, :n_layers * n_local].view(size, n_layers, n_local).transpose(0, 1).reshape(n_layers, -1)
+    pos = n_layers * n_local
+    if clipped is not None:
+        clipped, pos = every_RN[:, pos].sum(), pos + 1
+    if post is not None:
+        post = every_RN[:, pos].max()
+    return [(i, row) for (i, _), row in zip(attn, heads_LH)], clipped, post
 
 
 def _seq_aux_loss(model: nn.Module) -> torch.Tensor | None:

@@ -414,7 +414,8 @@ class Trainer:
                    "tokens": self.loader.tokens_consumed, "data/seq_len": self.loader.seq_len}
         metrics.update(throughput_metrics(tokens_per_s, self.flops_per_token, self.rt.world_size, self.peak_tflops))
         metrics.update({f"data/{name}/tokens": n for name, n in self.loader.tokens_per_source().items()})
-        metrics.update(self.interval_stats.flush(group=self.rt.groups.pp_group))
+        metrics.update(self.interval_stats.flush(group=self.rt.groups.pp_group,
+                                                 head_group=self.rt.groups.tp_group))
         metrics.update(self.skipped.metrics())
         if self.zero1:  # the share of gradient buckets whose reduction backward started (the rest waited for it)
             stats = self.optimizer.last_step_stats

@@ -1,8 +1,11 @@
-"""launch/monitor.py: step statistics, spike detection, rollback decisions (pure and on a real tiny model)."""
+"""launch/monitor.py: step statistics, spike detection, rollback decisions (pure and on a real tiny model); the
+statistics rank 0 logs under tp2, tp2 x pp2 and tp2 x cp2 are one process's (every head, each clip counted once)."""
 import copy
+import json
 import math
 import random
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +14,10 @@ import torch.nn.functional as F
 import muonclip
 from launch.monitor import (IntervalStats, RollbackLimitError, RollbackPolicy, SpikeDetector, plan_rollback, robust_z,
                             step_stats)
+from launch.trainer import Trainer, init_runtime
 from models import ModelConfig, Transformer
+from tests.dist_utils import run_distributed
+from tests.test_train import debug_cfg
 
 TINY = dict(vocab_size=97, dim=32, n_layers=3, n_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
             v_head_dim=8, inter_dim=64, moe_inter_dim=16, n_routed_experts=8, n_activated_experts=2,
@@ -355,3 +361,114 @@ def _assert_stats_match_an_independent_recomputation(model, inputs):
         assert stats[f"router/l{i}/max_over_mean"] == pytest.approx(float(load_E.max() / load_E.mean()), rel=1e-6)
         assert stats[f"router/l{i}/max_over_mean"] > 1.0  # a trained router is not perfectly balanced on this batch
 
+
+# ------------------------------------------------------------------------------------------------ every layout
+# 4 MLA heads, a tau that clips heads at most steps (the debug model's max logits are ~0.1), 8 steps, each logged;
+# the global batch of 4 sequences as 2 micro batches of 2 (a pipeline needs micro batches >= stages)
+TAU = 0.09
+HEADS = ["--model.n_heads=4", "--train.steps=8", "--train.eval_interval=0", "--schedule.warmup_steps=2",
+         f"--optim.qk_clip_tau={TAU}", "--data.micro_batch_size=2", "--data.grad_accum=2"]
+
+
+def _head_records(out_dir) -> list[dict]:
+    """The per-step max-logit and QK-Clip metrics rank 0 logged."""
+    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in r.items() if k.startswith(("max_logit/", "qk_clip/"))}
+            for r in map(json.loads, lines) if "loss" in r]
+
+
+def _layout_worker(rank: int, world: int, out: str, overrides: list[str]) -> None:
+    """Train; without a pipeline (whose object gather reads the host) also audit each log step's ``flush``: its one
+    host read is ``_format_stats``'s, and the elements it hands to ``all_gather_single`` are recorded."""
+    import torch.distributed as dist
+
+    from tests.audit import NoDeviceSync
+
+    torch.set_num_threads(1)
+    cfg = debug_cfg(out, *overrides)
+    trainer = Trainer(cfg, init_runtime(cfg))
+    stats, gathered, reads = trainer.interval_stats, [], {}
+    flush, gather = stats.flush, dist.all_gather_single
+
+    def counted_gather(output, input, *args, **kwargs):
+        gathered.append(input.numel())
+        return gather(output, input, *args, **kwargs)
+
+    def audited_flush(*args, **kwargs):
+        dist.all_gather_single = counted_gather
+        try:
+            with NoDeviceSync(tolist_from=("_format_stats",)) as audit:
+                return flush(*args, **kwargs)
+        finally:
+            dist.all_gather_single = gather
+            for name, n in audit.tolist_calls.items():
+                reads[name] = reads.get(name, 0) + n
+
+    if cfg.parallel.pp == 1:
+        stats.flush = audited_flush
+    trainer.fit()
+    (Path(out) / f"flush{rank}.json").write_text(json.dumps({"gathered": gathered, "reads": reads}))
+
+
+@pytest.fixture(scope="module")
+def one_process_heads(tmp_path_factory):
+    out = tmp_path_factory.mktemp("heads_one")
+    cfg = debug_cfg(out, *HEADS)
+    Trainer(cfg, init_runtime(cfg)).fit()
+    ref = _head_records(out)
+    assert len(ref) == 8 and sum(r["qk_clip/clipped_heads"] for r in ref) > 0
+    # no head within 1e-4 relative of tau, 100x the layouts' float32 differences (measured <= 9e-7): exact counts
+    assert min(abs(v - TAU) for r in ref for k, v in r.items() if "/h" in k) > 1e-4 * TAU
+    return ref
+
+
+@pytest.mark.parametrize("world,layout", [(2, ["--parallel.tp=2"]), (4, ["--parallel.tp=2", "--parallel.pp=2"]),
+                                          (4, ["--parallel.tp=2", "--parallel.cp=2"])],
+                         ids=["tp2", "tp2xpp2", "tp2xcp2"])
+def test_every_layout_logs_one_process_heads_and_clip_counts(tmp_path, one_process_heads, world, layout):
+    """Rank 0's metrics (what W&B, the console line and metrics.jsonl show) hold every head of every layer with one
+    process's values: the TP ranks' heads in global order, the PP stages' layers, the CP ranks' heads reduced;
+    each clipped head counted once."""
+    run_distributed(_layout_worker, world, str(tmp_path), [*HEADS, *layout])
+    ours = _head_records(tmp_path)
+    assert len(ours) == len(one_process_heads)
+    for step, (a, b) in enumerate(zip(ours, one_process_heads), 1):
+        assert sorted(a) == sorted(b), f"step {step}: logged keys differ"
+        assert a["qk_clip/clipped_heads"] == b["qk_clip/clipped_heads"], f"step {step}: clip counts differ"
+        assert a == pytest.approx(b, rel=2e-5), f"step {step}"  # float32 sums in other orders, over 8 steps
+    if "--parallel.pp=2" not in layout:  # per log step: one gather of 2 layers x 2 local heads + the clip count
+        for rank in range(world):
+            audit = json.loads((tmp_path / f"flush{rank}.json").read_text())
+            assert audit == {"gathered": [2 * 2 + 1] * 8, "reads": {"_format_stats": 8}}, f"rank {rank}: {audit}"
+
+
+def _post_step_worker(rank: int, world: int, out: str) -> None:
+    """Two TP ranks of 2 layers x 2 heads: rank r's head j of layer i holds 10 * i + 2 * r + j (its global head
+    index), its post-step clip counted r + 1 heads and re-measured 5 + r."""
+    import torch.distributed as dist
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("max_logits_H", torch.zeros(2))
+
+    model = nn.Module()
+    model.layers = nn.ModuleList([Attention(), Attention()])
+    forward = SimpleNamespace(last_max_logits=torch.tensor([[0.0, 1], [10, 11]]) + 2 * rank)
+    post = SimpleNamespace(last_max_logits=torch.full((2, 2), 5.0 + rank), last_clipped=torch.tensor(rank + 1))
+    stats = IntervalStats()
+    stats.update(model, forward, post_clip=post)
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(stats.flush(head_group=dist.group.WORLD)))
+
+
+def test_post_step_flush_gathers_heads_sums_clips_and_takes_the_max_over_tp(tmp_path):
+    run_distributed(_post_step_worker, 2, str(tmp_path))
+    for rank in range(2):
+        stats = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert {k: v for k, v in stats.items() if "/h" in k} == {f"max_logit/l{i}/h{h}": 10.0 * i + h
+                                                                 for i in range(2) for h in range(4)}
+        assert (stats["max_logit/max"], stats["qk_clip/clipped_heads"], stats["qk_clip/post_step_max_logit"]) == (
+            13.0, 3.0, 6.0)

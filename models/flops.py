@@ -41,8 +41,7 @@ def probe_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     ``causal_max_logits``): q.k^T of each head over the keys up to its query block's end (``probe_pairs``), no
     backward. Not part of the model FLOPs (no model computes it; MFU leaves it out as it leaves out the
     optimizer)."""
-    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim if cfg.attn_type == "mla" else cfg.head_dim
-    return 2 * cfg.n_layers * cfg.n_heads * qk * probe_pairs(seq_len) / seq_len
+    return 2 * cfg.n_layers * cfg.n_heads * cfg.qk_head_dim * probe_pairs(seq_len) / seq_len
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

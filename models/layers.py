@@ -203,14 +203,15 @@ def probe_logits(q_GCd: torch.Tensor, kT_GdK: torch.Tensor) -> torch.Tensor:
         return torch.bmm(q_GCd.float(), kT_GdK)
 
 
-def first_document_key(lengths: tuple[tuple[int, ...], ...], query: int) -> int:
-    """The earliest position, over the rows, where the document holding position ``query`` starts (``lengths``:
-    each row's document lengths in order): no query at or after ``query`` attends to a key before it."""
-    firsts = []
-    for row in lengths:
-        starts = list(itertools.accumulate(row[:-1], initial=0))
-        firsts.append(starts[bisect.bisect_right(starts, query) - 1])
-    return min(firsts)
+def document_starts(lengths: tuple[tuple[int, ...], ...]) -> list[list[int]]:
+    """Each row's document start positions, from its document lengths in order."""
+    return [list(itertools.accumulate(row[:-1], initial=0)) for row in lengths]
+
+
+def first_document_key(starts: list[list[int]], query: int) -> int:
+    """The earliest position, over the rows, where the document holding position ``query`` starts (``starts``:
+    ``document_starts``): no query at or after ``query`` attends to a key before it."""
+    return min(row[bisect.bisect_right(row, query) - 1] for row in starts)
 
 
 @torch.no_grad()
@@ -236,18 +237,19 @@ def causal_max_logits(q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, scale: float, 
     if q_BHTd.is_meta:  # shapes only (the memory planner runs the model on meta tensors): nothing to measure
         return out_H
     q_GTd, kT_GdT = probe_operands(q_BHTd, k_BHTd)
+    starts = None if lengths is None else document_starts(lengths)
+    above_CC = torch.ones(min(chunk, T), min(chunk, T), dtype=torch.bool, device=q_BHTd.device).triu_(1)
     for start, end in probe_spans(T, chunk):
-        first = 0 if lengths is None else first_document_key(lengths, start)
+        first = 0 if starts is None else first_document_key(starts, start)
         C = end - start
         s_BHCK = probe_logits(q_GTd[:, start:end], kT_GdT[:, :, first:end]).view(B, H, C, end - first)
         # masked in place, one score tensor at a time: causally only the square on the diagonal (the keys before
-        # the block precede all its queries); with documents every pair across documents
+        # the block precede all its queries: ``above_CC``, made once); with documents every pair across documents
         if segments_BT is None:
-            s_BHCK[..., start - first:].masked_fill_(torch.ones(C, C, dtype=torch.bool, device=s_BHCK.device)
-                                                     .triu_(1), float("-inf"))
+            s_BHCK[..., start - first:].masked_fill_(above_CC[:C, :C], float("-inf"))
         else:
             hidden_B1CK = segments_BT[:, None, start:end, None] != segments_BT[:, None, None, first:end]
-            hidden_B1CK[..., start - first:] |= torch.ones(C, C, dtype=torch.bool, device=s_BHCK.device).triu_(1)
+            hidden_B1CK[..., start - first:] |= above_CC[:C, :C]
             s_BHCK.masked_fill_(hidden_B1CK, float("-inf"))
             del hidden_B1CK
         out_H = torch.maximum(out_H, s_BHCK.amax(dim=(0, 2, 3)))

@@ -572,8 +572,7 @@ def format_flops(cfg, world: int) -> str:
     probe_device = probe_token * tokens / world
     probe_s = probe_device / (H100_PEAK_TFLOPS[dtype] * 1e12)
     # its scores go through memory (no fused kernel): at 2 x head dim FLOPs per score, the bytes bound it
-    bytes_device = probe_token / (2 * (m.qk_nope_head_dim + m.qk_rope_head_dim if m.attn_type == "mla"
-                                       else m.head_dim)) * probe_bytes_per_pair(cfg) * tokens / world
+    bytes_device = probe_token / (2 * m.qk_head_dim) * probe_bytes_per_pair(cfg) * tokens / world
     bytes_s = bytes_device / (H100_HBM_TBPS * 1e12)
     operands = "float32" if dtype == torch.float32 else f"{str(dtype)[6:]} x {str(dtype)[6:]} -> float32"
     return model + (

@@ -220,7 +220,7 @@ def replayed(cfg, layer: int, tp: int, ep: int, policy: PrecisionPolicy) -> list
         out += [Saved(f"l{layer}.tp_attn", N, D, c), Saved(f"l{layer}.tp_ffn", N, D, c)]
     if cfg.parallel.cp > 1:  # q, k, v over heads and the attention output back (parallel/context_parallel.py)
         H = m.n_heads // tp
-        dq = m.qk_nope_head_dim + m.qk_rope_head_dim if m.attn_type == "mla" else m.head_dim
+        dq = m.qk_head_dim
         dv = m.v_head_dim if m.attn_type == "mla" else m.head_dim
         v_cols = dq if dv < dq else dv  # MLA's v goes padded to the q/k width
         out += [Saved(f"l{layer}.cp_q", N, H * dq, c), Saved(f"l{layer}.cp_k", N, H * dq, c),
@@ -319,19 +319,20 @@ def attention_transient(cfg, tp: int, policy: PrecisionPolicy) -> int:
     """What the attention core holds while it runs, on top of q, k and v: on SDPA the max-logit probe's block
     (models/layers.py ``causal_max_logits``, in training), over the whole sequence and this rank's heads (after
     context parallelism's exchange), at its largest, the last block: k in float32 (converted once) and the block's
-    float32 scores [B, H, C, T], with either the block's float32 queries (while the GEMM runs) or its masks (after:
-    the causal [C, C] square, with documents also [B, 1, C, T]). Flex takes the max logits from its kernel."""
+    float32 scores [B, H, C, T], the causal [C, C] square (made once per call), and either the block's float32
+    queries (while the GEMM runs) or, with documents, its [B, 1, C, T] mask (after). Flex takes the max logits from
+    its kernel."""
     m, d, p = cfg.model, cfg.data, cfg.parallel
     if m.attention_impl != "sdpa":
         return 0
     B, T, H = d.micro_batch_size, d.seq_len * p.cp, m.n_heads // tp // p.cp
-    dq = m.qk_nope_head_dim + m.qk_rope_head_dim if m.attn_type == "mla" else m.head_dim
+    dq = m.qk_head_dim
     C = min(MAX_LOGIT_CHUNK, T)
     low = min(policy.compute_dtype.itemsize, policy.param_dtype.itemsize) != 4  # q and k are copied to float32
     scores = B * H * C * T * 4
     q_f32, k_f32 = (B * H * C * dq * 4, B * H * T * dq * 4) if low else (0, 0)
-    masks = C * C + (B * C * T if d.document_mask else 0)
-    return k_f32 + scores + max(q_f32, masks)
+    document_mask = B * C * T if d.document_mask else 0
+    return k_f32 + scores + C * C + max(q_f32, document_mask)  # the causal [C, C] square lives through the loop
 
 
 def recompute_transient(mb: MicroBatch, tech: Techniques) -> int:

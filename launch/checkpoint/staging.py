@@ -36,12 +36,16 @@ import torch
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor
 
-ALIGN = 512  # every dtype's alignment and the copy engines' preferred one (muonclip/host_arena.py)
+from muonclip.host_arena import ALIGN  # every dtype's alignment and the copy engines' preferred one
 
 
 def staging_bytes(sizes: Iterable[int]) -> int:
     """The buffer ``StagingBuffer`` allocates for tensors of these byte counts: each rounded up to ``ALIGN``."""
-    return sum(-(-n // ALIGN) * ALIGN for n in sizes)
+    return sum(_aligned(n) for n in sizes)
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
 
 
 class StagingBuffer(AsyncStager):
@@ -91,7 +95,7 @@ class StagingBuffer(AsyncStager):
             view = torch.frombuffer(memory, dtype=t.dtype, count=t.numel(), offset=offset) if n else \
                 torch.empty(0, dtype=t.dtype)
             self._views[key] = view.view(t.shape)
-            offset += -(-n // ALIGN) * ALIGN
+            offset += _aligned(n)
         self.buffer, self._layout = buffer, layout
         self.allocations += 1
 

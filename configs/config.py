@@ -237,8 +237,9 @@ class ParallelConfig:
     pp_schedule: str = ""  # "1f1b", "interleaved_1f1b", "zbv", "dualpipev"; "" = 1f1b, or interleaved_1f1b
     pp_virtual_stages: int = 1  # stages per pipeline rank (2 for zbv / dualpipev)
     pp_layers: list[int] = field(default_factory=list)  # layers per stage (pp * pp_virtual_stages numbers); [] = balanced
-    # micro batches per schedule call (a round; the step runs grad_accum / pp_microbatches rounds, gradients summed):
-    # torch's stages hold a receive buffer per micro batch of a call, so a round bounds that memory; 0 = all in one
+    # micro batches per schedule call; 0 (default) = all the step's in one pass, one fill and drain of the pipeline
+    # per step, memory bounded by the micro batches in flight (parallel/pipeline_runtime.py). n > 0 splits the step
+    # into grad_accum / n rounds, gradients summed, each filling and draining the pipeline (a bubble per round)
     pp_microbatches: int = 0
     optimizer: str = "zero1"  # "zero1" (sharded optimizer state when dp > 1) or "replicated" (DDP)
     zero1_bucket_mb: float = 25.0  # zero1 gradient buckets: MiB of parameters of one owner each (0 = one per owner)
@@ -289,7 +290,8 @@ class ParallelConfig:
             _need(s, self.pp_virtual_stages == 2, f"pp_schedule {self.schedule} places exactly 2 stages per rank "
                   f"(a V): set pp_virtual_stages: 2, got {self.pp_virtual_stages}")
         _need(s, self.pp_microbatches >= 0,
-              f"pp_microbatches must be >= 0 (0 = all the step's micro batches per round), got {self.pp_microbatches}")
+              f"pp_microbatches must be >= 0 (0 = all the step's micro batches in one pass), "
+              f"got {self.pp_microbatches}")
         _need(s, all(isinstance(n, int) and n >= 1 for n in self.pp_layers),
               f"pp_layers must be a list of positive layer counts, got {self.pp_layers!r}")
         _need(s, self.pp == 1 or self.optimizer == "zero1",

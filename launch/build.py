@@ -71,7 +71,8 @@ def load_released_weights(cfg: JobConfig, rt: Runtime, model: Transformer, place
                          f"{path} --print-config")
     with torch.device("meta"):
         shapes = {name: tuple(p.shape) for name, p in Transformer(cfg.model).named_parameters()}
-    load_hf_sharded(model, shapes, placements, rt.groups.ep_rank, HFTensors(path), targets=optimizer.master_params())
+    load_hf_sharded(model, shapes, placements, rt.groups.ep_rank, HFTensors(path), targets=optimizer.master_params(),
+                    row_shards=optimizer.row_shards())
     optimizer.sync_params_from_masters()
     return getattr(hf_cfg, "num_nextn_predict_layers", 0) or 0
 
@@ -87,8 +88,8 @@ def stage_plan(cfg: JobConfig, rt: Runtime) -> StagePlan:
 
 
 def build_pipeline(cfg: JobConfig, rt: Runtime, model: Transformer) -> Pipeline:
-    """The schedule that runs this rank's stages of ``model`` (build_model's pruned model), one round of
-    ``parallel.pp_microbatches`` micro batches per call (the trainer runs ``data.grad_accum`` of them per step),
+    """The schedule that runs this rank's stages of ``model`` (build_model's pruned model), all the step's
+    ``data.grad_accum`` micro batches per call (or a round of ``parallel.pp_microbatches``),
     the loss (float32 mean cross entropy per micro batch) on the last stage. The stages' gradients are the sum over
     micro batches: DistributedMuonClip divides them (``grad_sum_divisor``), since its reductions start inside the
     schedule's backward, before torch's own in-place scaling would run."""

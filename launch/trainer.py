@@ -222,8 +222,9 @@ class Trainer:
         return [None] * n
 
     def _pipeline_step(self, batches: list, train: bool) -> torch.Tensor:
-        """The micro batches through this rank's stages (``schedule.step`` per round of
-        ``parallel.pp_microbatches``, gradients adding up across rounds; or the pipelined forward for validation):
+        """The micro batches through this rank's stages (one ``schedule.step`` over all of them, or one per round of
+        ``parallel.pp_microbatches``, gradients adding up across rounds; or the pipelined forward for validation,
+        ``parallel.pp`` micro batches per call):
         the sum of their losses, summed over the pipeline group so every rank has it (the last stage computed it).
         Only the first stage's inputs and the last stage's targets go to the device."""
         pipe, device = self.pipeline, self.rt.device
@@ -233,6 +234,8 @@ class Trainer:
         # memory (models/document_mask.py reads the documents' lengths there)
         segments = [b[2] for b in batches] if self.cfg.data.document_mask else None
         per_round = self.cfg.parallel.microbatches_per_round(len(batches))
+        if not train:  # the stage-major forward keeps what a stage sends in a call until the call ends: pp at a time
+            per_round = min(per_round, self.cfg.parallel.pp)
         losses: list[torch.Tensor] = []
         with self.autocast:
             for start in range(0, len(batches), per_round):
@@ -450,7 +453,7 @@ class Trainer:
         rank keeps (ZeRO-1) is left to that rank; a load fills it, rounded, straight from the checkpoint."""
         model = ckpt.model_state(self.model, self.optimizer, saving)
         tensors = {**model, **ckpt.optimizer_state(self.optimizer)}
-        return shard_views(tensors, self.placements, self.rt.groups)
+        return shard_views(tensors, self.placements, self.rt.groups, self.optimizer.row_shards())
 
     def save(self) -> None:
         extra = {"step": self.step, "loader": self.loader.state_dict(), "rng": ckpt.rng_state(self.rt.device),

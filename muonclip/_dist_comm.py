@@ -1,10 +1,12 @@
 """Collectives used by ``DistributedMuonClip``, with a per-rank count of the bytes each one sends.
 
 ``CountingComm`` wraps the torch.distributed calls the optimizer makes (reduce, broadcast, all_reduce,
-all_to_all_single) and adds to ``bytes_sent[op]`` the bytes a rank sends under the usual pipelined ring/chain
-algorithms: reduce and broadcast (G-1)/G of the buffer (every rank but one sends it once: the group's average),
-all-reduce 2(G-1)/G, all-to-all whatever leaves for other ranks. Groups of size 1 cost nothing. Every call takes ``async_op`` and then returns the work handle
-(None where nothing was sent).
+reduce_scatter_single, all_gather_single, all_to_all_single) and adds to ``bytes_sent[op]`` the bytes a rank sends
+under the usual pipelined ring/chain algorithms: reduce and broadcast (G-1)/G of the buffer (every rank but one
+sends it once: the group's average), all-reduce 2(G-1)/G, reduce-scatter and all-gather (G-1)/G of the whole buffer
+(G-1 segments of it: every other rank's, on their way round the ring; its own, in all-gather's case), all-to-all
+whatever leaves for other ranks. Groups of size 1 cost nothing. Every call takes ``async_op`` and then returns the
+work handle (None where nothing was sent).
 
 ``orthogonalize_once`` runs Newton–Schulz for the Muon matrices one dp index owns across its tensor-parallel
 group: each matrix is orthogonalised on exactly one tp rank (its ``ns_rank``). Matrix shards are gathered
@@ -64,6 +66,23 @@ class CountingComm:
             return None
         self._count("broadcast", (G - 1) * t.numel() * t.element_size() // G)
         return dist.broadcast(t, dist.get_global_rank(group, src), group=group, async_op=async_op)
+
+    def reduce_scatter(self, out: Tensor, t: Tensor, group: Any, async_op: bool = False) -> Any:
+        """Sum ``t`` (G equal segments) over ``group``; segment r of the sum lands in ``out`` on group rank r (``out``
+        may be that segment of ``t`` itself: in place)."""
+        G = group_size(group)
+        if G == 1:
+            return None
+        self._count("reduce_scatter", (G - 1) * out.numel() * out.element_size())
+        return dist.reduce_scatter_single(out, t, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
+
+    def all_gather(self, out: Tensor, t: Tensor, group: Any, async_op: bool = False) -> Any:
+        """Segment r of ``out`` <- ``t`` of group rank r (``t`` may be this rank's segment of ``out``: in place)."""
+        G = group_size(group)
+        if G == 1:
+            return None
+        self._count("all_gather", (G - 1) * t.numel() * t.element_size())
+        return dist.all_gather_single(out, t, group=group, async_op=async_op)
 
     def all_reduce(self, t: Tensor, op: Any, group: Any, async_op: bool = False) -> Any:
         G = dist.get_world_size(group)

@@ -3,14 +3,18 @@
 Pure Python, no communication: every rank that sees the same parameter structure computes the same answer,
 which is what lets the per-bucket collectives line up across ranks.
 
-Ownership. Every parameter is owned WHOLE (never element-split) by one rank of its sharding group:
-``dp_group`` for "replicated" and "tp_sharded" params, ``edp_group`` for "expert" stacks. A Muon parameter is
-additionally given the tensor-parallel rank (``ns_rank``) that runs its Newton–Schulz, so each matrix is
-orthogonalised exactly once in the world. Assignment is greedy, largest first:
+Ownership. A large AdamW tensor (``sliced``: "replicated", at least ``slice_min_bytes``, every rank of the group
+at least one row) is split by rows over ``dp_group`` as ``torch.chunk`` splits it (ceil(rows/G) rows per rank, the
+last rank fewer; ``row_slice``), DTensor's Shard(0): each rank keeps the state of its rows (ZeRO-1 proper: gradients
+reduce-scattered in, parameters all-gathered out). Every other parameter is owned WHOLE by one rank of its sharding
+group: ``dp_group`` for "replicated" and "tp_sharded" params, ``edp_group`` for "expert" stacks (Muon needs the
+whole matrix; a small AdamW tensor is not worth a collective of its own). A Muon parameter is additionally given the
+tensor-parallel rank (``ns_rank``) that runs its Newton–Schulz, so each matrix is orthogonalised exactly once in the
+world. Assignment is greedy, largest first:
 
 1. dense Muon matrices -> the (dp index, tp rank) cell with the least Newton–Schulz cost so far
    (cost of the FULL matrix, ``ns_cost``; ties -> least loaded dp column, then lowest index);
-2. dense AdamW params -> the dp index with the fewest optimizer-state bytes so far;
+2. dense AdamW params not sliced -> the dp index with the fewest optimizer-state bytes so far;
 3. / 4. the same for expert stacks over the (edp index, tp rank) cells, with their own load table.
 
 Assignments depend only on names, full shapes and dtypes, so they agree across the dp and tp groups. Expert
@@ -28,6 +32,18 @@ import torch
 from torch import Tensor
 
 
+EVERY = -1  # the owner of a sliced parameter: every rank of its group, each its rows
+SLICE_MIN_BYTES = 2**20  # AdamW tensors from this size on are sliced (the embedding and the head, not norms)
+
+
+def row_slice(rows: int, group_size: int, rank: int) -> tuple[int, int]:
+    """(first row, number of rows) of ``rank``'s slice: ceil(rows / G) rows each, as ``torch.chunk`` and DTensor's
+    Shard(0) split a tensor, so a checkpoint can describe the slice as a shard of the global tensor."""
+    per = -(-rows // group_size)
+    start = min(rows, rank * per)
+    return start, min(rows, start + per) - start
+
+
 @dataclass(eq=False)
 class ParamSlot:
     """One managed parameter (``index``: position over all param groups, in order; ``order``: position in the
@@ -41,7 +57,7 @@ class ParamSlot:
     kind: str
     shard_dim: int | None = None
     tp_sizes: tuple[int, ...] | None = None  # size along shard_dim on each tp rank (tp_sharded only)
-    owner: int = -1  # index within the sharding group (dp_group, or edp_group for experts)
+    owner: int = -2  # index within the sharding group (dp_group, or edp_group for experts); EVERY: sliced
     ns_rank: int = 0  # tp rank that runs Newton–Schulz for this matrix (Muon only)
     order: int = -1  # position in the model's parameters (set_backward_order); -1: index
 
@@ -55,6 +71,16 @@ class ParamSlot:
     @property
     def sharding(self) -> str:
         return "edp" if self.kind == "expert" else "dp"
+
+    @property
+    def sliced(self) -> bool:
+        """Split by rows over its group (every rank keeps the state of its rows), not owned whole."""
+        return self.owner == EVERY
+
+    @property
+    def row_numel(self) -> int:
+        """Elements per row (dim 0) of the full tensor."""
+        return math.prod(self.full_shape[1:])
 
     @property
     def state_bytes(self) -> int:
@@ -90,19 +116,39 @@ class _Loads:
             self.mem_O[o] += s.state_bytes
 
 
-def assign_owners(slots: list[ParamSlot], dp_size: int, tp_size: int, edp_size: int) -> None:
-    """Set ``owner`` and ``ns_rank`` of every slot in place (see module docstring)."""
+def sliceable(slot: ParamSlot, group_size: int, min_bytes: int) -> bool:
+    """Whether ``slot`` is split by rows over its group: an AdamW tensor whole on every tp rank ("replicated"; a
+    tp- or ep-sharded one would need a 2-D mesh to be described in a checkpoint, and the models here have none
+    large), of at least ``min_bytes``, with at least one row on every rank of the group."""
+    if slot.use_muon or slot.kind != "replicated" or group_size < 2 or slot.param.ndim == 0:
+        return False
+    rows = slot.full_shape[0]
+    big = math.prod(slot.full_shape) * slot.param.element_size() >= min_bytes
+    return big and row_slice(rows, group_size, group_size - 1)[1] > 0
+
+
+def assign_owners(slots: list[ParamSlot], dp_size: int, tp_size: int, edp_size: int,
+                  slice_min_bytes: int = SLICE_MIN_BYTES) -> None:
+    """Set ``owner`` (``EVERY`` for a sliced slot) and ``ns_rank`` of every slot in place (see module docstring)."""
     for kinds, size in (({"replicated", "tp_sharded"}, dp_size), ({"expert"}, edp_size)):
+        mine = [s for s in slots if s.kind in kinds]
+        for s in mine:
+            s.owner = EVERY if sliceable(s, size, slice_min_bytes) else -2  # -2: assigned below
         loads = _Loads([[0.0] * tp_size for _ in range(size)], [0] * size)
-        loads.muon([s for s in slots if s.kind in kinds and s.use_muon])
-        loads.adamw([s for s in slots if s.kind in kinds and not s.use_muon])
+        loads.muon([s for s in mine if s.use_muon])
+        loads.adamw([s for s in mine if not s.use_muon and not s.sliced])
 
 
 @dataclass(eq=False)
 class Bucket:
     """Params of ONE owner (a rank of the sharding group) and one dtype, packed back to back into ``numel``
     elements: reduced to the owner, and broadcast from it after its update. No padding, whatever the sizes.
-    ``dtype`` is the parameters'; the gradient buffer is ``grad_dtype`` (float32 for bf16 parameters)."""
+    ``dtype`` is the parameters'; the gradient buffer is ``grad_dtype`` (float32 for bf16 parameters).
+
+    A ``sliced`` bucket (owner ``EVERY``) holds sliced params; its buffer is ``group_size`` equal segments, one per
+    rank, each the rank's rows of every param back to back (``numel`` elements: ceil(rows/G) rows of each, the last
+    rank's padded with zeros) and the presence flags: a reduce-scatter leaves each rank its segment reduced, an
+    all-gather of the segments' updated rows (in the parameters' dtype) gives every rank the whole parameters."""
 
     sharding: str
     dtype: torch.dtype
@@ -122,10 +168,23 @@ class Bucket:
         return self.numel * (dtype or self.dtype).itemsize
 
     @property
-    def buffer_numel(self) -> int:
-        """Elements of the gradient buffer, and of its reduction: the gradients back to back, then one presence flag
-        per parameter (1 where it got a gradient on this rank), so the sum tells the owner whether any rank had one."""
+    def sliced(self) -> bool:
+        return self.owner == EVERY
+
+    @property
+    def segment_numel(self) -> int:
+        """Elements the reduction leaves on a rank that holds it: the gradients, then one presence flag per
+        parameter (1 where it got a gradient on this rank), so the sum tells the owner whether any rank had one."""
         return self.numel + len(self.slots)
+
+    @property
+    def buffer_numel(self) -> int:
+        """Elements of the gradient buffer, and of its reduction: one segment, or one per rank (sliced)."""
+        return self.segment_numel * (self.group_size if self.sliced else 1)
+
+    def slice_rows(self, s: ParamSlot) -> int:
+        """Rows of ``s`` in each rank's segment of a sliced bucket (the last rank's padded)."""
+        return -(-s.full_shape[0] // self.group_size)
 
 
 def set_backward_order(slots: list[ParamSlot], param_order: Sequence[str] | None) -> None:
@@ -149,7 +208,8 @@ def build_buckets(slots: list[ParamSlot], group_sizes: dict[str, int], cap_bytes
     Slots are taken in reverse model order (``order``: autograd produces the last layers' gradients first) and a
     bucket is closed before it would hold more than ``cap_bytes`` (None or 0: one bucket per key; a tensor larger
     than the cap is a bucket of its own). A bucket is complete when its lowest-order slot is, so buckets are listed
-    by that order, highest first: the order in which every rank of a group issues their collectives."""
+    by that order, highest first: the order in which every rank of a group issues their collectives. A sliced
+    bucket's ``numel`` and ``offsets`` count one rank's segment (ceil(rows/G) rows of each param)."""
     open_: dict[tuple, Bucket] = {}
     full_bytes: dict[tuple, int] = {}  # the cap counts FULL tensors, so tp ranks with uneven shards agree
     buckets: list[Bucket] = []
@@ -164,7 +224,7 @@ def build_buckets(slots: list[ParamSlot], group_sizes: dict[str, int], cap_bytes
         full_bytes[key] += nbytes
         b.slots.append(s)
         b.offsets.append(b.numel)
-        b.numel += s.param.numel()
+        b.numel += b.slice_rows(s) * s.row_numel if b.sliced else s.param.numel()
     return sorted(buckets, key=lambda b: -min(_order(s) for s in b.slots))
 
 

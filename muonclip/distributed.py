@@ -59,6 +59,28 @@ Ownership is whole tensors (see ``_dist_layout``), so ``opt.state`` holds whole 
 (the local TP shard for "tp_sharded"), as the checkpoint contract requires. Parameters with
 ``requires_grad=False`` are not managed (never updated, never communicated).
 
+Large AdamW tensors are split by rows instead (ZeRO-1 proper, ``sliced``: "replicated", ``slice_min_bytes`` or more,
+every dp rank at least one row: the embedding and the head; Kimi K2's are 1.17G elements, whose AdamW state
+whole on one rank of 16 was 14 GB there, moved over PCIe twice a step with offload, while the other 15 waited for
+its broadcast). Rank r keeps the state of rows [r * ceil(R/G), ...) only (``row_shards()``; masters and moments of
+that shape), as ``torch.chunk`` and DTensor's Shard(0) split; ``owns(p)`` is true on every rank. Their bucket's
+buffer is G equal segments, segment r holding rank r's rows of each tensor (the last rank's padded) and the
+presence flags; backward's hook adds each gradient's rows into the segments (``.grad`` stays None; the extra pass
+reads the gradient autograd made anyway), a reduce-scatter leaves each rank its segment summed, in place, the rank
+updates its rows (AdamW's update computed in the spent gradient: one temporary, the denominator, of the rows' size),
+and an all-gather of the segments' updated rows, in the parameters' dtype and in place in the buffer, gives every
+rank the whole parameters, overlapping the next buckets' updates as a broadcast does. The norm counts each rank's
+rows once; the skip gate, presence flags, offload and ``reduce_dtype`` apply to the segments as to a bucket;
+update hooks see the rows' master (QK-Clip touches Muon matrices only). A checkpoint saves the rows as a shard of
+the global tensor (launch/checkpoint/state.py), so it loads at another dp size and in one process.
+
+Where Megatron-LM's distributed optimizer differs: it shards every parameter, each bucket's flat buffer cut into
+dp equal element ranges that may split a tensor anywhere (padded to a multiple of dp), and gathers the parameters
+in the next forward. Here Muon matrices stay whole (Newton–Schulz needs the matrix), a small AdamW tensor stays whole
+in a packed bucket (norms: a few KB; slicing them would cost a collective's latency for nothing), and a slice is
+whole rows, so that the checkpoint describes it as a DTensor shard of the parameter (layout-free, re-shardable
+by DCP) and the padding is at most G - 1 rows of each tensor.
+
 No gradient is not a zero gradient (as ``MuonClip``, which skips a parameter whose ``.grad`` is None). A parameter
 has a gradient on a rank when backward accumulated one (its hook ran), a ``.grad`` other than its bucket slice was
 set, or one was added inside ``grads_added_by_hand``; writing into the slice ``.grad`` in place does not count.
@@ -87,7 +109,8 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from muonclip._dist_comm import CountingComm, NSItem, group_size, orthogonalize_once, reduce_by_all_reduce
-from muonclip._dist_layout import ParamSlot, assign_owners, build_buckets, set_backward_order
+from muonclip._dist_layout import (SLICE_MIN_BYTES, ParamSlot, assign_owners, build_buckets, row_slice,
+                                   set_backward_order)
 from muonclip.main_grads import accumulate_
 from muonclip.muon import apply_muon_update_, muon_momentum_, orthogonalize
 from muonclip.newton_schulz import CoefficientSpec
@@ -107,6 +130,43 @@ class OptimizerGroups:
     dp_group: Any = None
     tp_group: Any = None
     edp_group: Any = None
+
+
+@dataclass(frozen=True)
+class RowShard:
+    """The rows of a sliced parameter whose state this rank keeps: ``rows`` rows from row ``start`` of the full
+    ``shape``, DTensor's Shard(0) of that tensor over ``group`` (launch/checkpoint/state.py writes them so)."""
+
+    group: Any
+    shape: tuple[int, ...]
+    start: int
+    rows: int
+
+
+def _by_rank(segments: Tensor, offset: int, rows: int, row_numel: int) -> Tensor:
+    """[G, rows, row_numel] view of one parameter's rows in each of the G segments of a sliced bucket."""
+    return segments[:, offset:offset + rows * row_numel].view(segments.shape[0], rows, row_numel)
+
+
+def _spread_(by_rank: Tensor, full: Tensor, add: bool) -> None:
+    """``by_rank[r]`` <- (or +=) rank r's rows of ``full`` [R, C] (ceil(R/G) each; the padding rows untouched)."""
+    per, R = by_rank.shape[1], full.shape[0]
+    k = R // per
+    op = Tensor.add_ if add else Tensor.copy_
+    if k:
+        op(by_rank[:k], full[:k * per].view(k, per, -1))
+    if R > k * per:
+        op(by_rank[k, :R - k * per], full[k * per:])
+
+
+def _collect_(full: Tensor, by_rank: Tensor) -> None:
+    """``full`` [R, C] <- every rank's rows from ``by_rank`` (the inverse of ``_spread_``)."""
+    per, R = by_rank.shape[1], full.shape[0]
+    k = R // per
+    if k:
+        full[:k * per].view(k, per, -1).copy_(by_rank[:k])
+    if R > k * per:
+        full[k * per:].copy_(by_rank[k, :R - k * per])
 
 
 def _or(group: Any, default: Any) -> Any:
@@ -134,6 +194,8 @@ class DistributedMuonClip(MuonClip):
         param_order: the model's parameter names in definition order (``[n for n, _ in
             model.named_parameters()]``): buckets are packed and reduced in its reverse, the order backward
             completes gradients (the head's first). Default: the param groups' order, rule by rule.
+        slice_min_bytes: AdamW tensors of at least this many bytes (whole on every tp rank, one row or more per dp
+            rank) are split by rows over dp instead of owned whole (see the module docstring; default 1 MiB).
     """
 
     def __init__(self, params: Iterable[dict[str, Any]], placements: Mapping[str, Placement] | None, groups: Any,
@@ -144,7 +206,8 @@ class DistributedMuonClip(MuonClip):
                  expert_grad_divisor: int | None = None, norm_group: Any = None, pipeline_group: Any = None,
                  bucket_cap_mb: float = 25.0, overlap_reduce: bool = True,
                  all_reduce_min_bytes: int | None = None, master_weights: bool = True, offload_state: bool = False,
-                 reduce_dtype: torch.dtype = torch.float32, param_order: Sequence[str] | None = None) -> None:
+                 reduce_dtype: torch.dtype = torch.float32, param_order: Sequence[str] | None = None,
+                 slice_min_bytes: int = SLICE_MIN_BYTES) -> None:
         self._frozen = False
         super().__init__(params, lr, momentum, nesterov, ns_steps, weight_decay, adamw_betas, adamw_eps,
                          ns_dtype=ns_dtype, ns_eps=ns_eps, ns_coefficients=ns_coefficients, ns_path=ns_path,
@@ -167,7 +230,7 @@ class DistributedMuonClip(MuonClip):
         self._check_same_structure()
         self._gather_tp_sizes()
         sizes = {"dp": self.dp_size, "edp": dist.get_world_size(self.edp_group)}
-        assign_owners(self.slots, self.dp_size, group_size(self.tp_group), sizes["edp"])
+        assign_owners(self.slots, self.dp_size, group_size(self.tp_group), sizes["edp"], slice_min_bytes)
         if bucket_cap_mb < 0:
             raise ValueError(f"DistributedMuonClip: bucket_cap_mb must be >= 0 (0 = one bucket per owner), got "
                              f"{bucket_cap_mb}")
@@ -175,18 +238,28 @@ class DistributedMuonClip(MuonClip):
         self._index = {"dp": dist.get_rank(self.dp_group), "edp": dist.get_rank(self.edp_group)}
         self._slot = {id(s.param): s for s in self.slots}
         self._bucket_of = {id(s.param): i for i, b in enumerate(self.buckets) for s in b.slots}
+        # a sliced param's rows this rank keeps (the state's shape), as a view of the param
+        self._rows: dict[int, RowShard] = {}
+        self._rows_of: dict[int, Tensor] = {}
+        for b in self.buckets:
+            for s in b.slots if b.sliced else ():
+                start, n = row_slice(s.full_shape[0], b.group_size, self._index[b.sharding])
+                self._rows[id(s.param)] = RowShard(self._group(b), s.full_shape, start, n)
+                self._rows_of[id(s.param)] = s.param.detach().narrow(0, start, n)
         # a persistent buffer per bucket (float32 for bf16 params): backward accumulates the gradients into it
-        # (``.grad`` are views of float32 params), the reduction and the parameter broadcast run in place in it;
-        # behind the gradients one presence flag per param (``Bucket.buffer_numel``), reduced with them
+        # (``.grad`` are views of float32 params owned whole), the reduction and the parameter broadcast (all-gather)
+        # run in place in it; behind the gradients one presence flag per param (``Bucket.segment_numel``), reduced
+        # with them
         self._flat = [torch.zeros(b.buffer_numel, dtype=b.grad_dtype, device=b.slots[0].param.device)
                       for b in self.buckets]
         self._wire: list[Tensor | None] = [None] * len(self.buckets)  # a bucket's gradients in reduce_dtype
         self._grad_views = [self._slices(i, b.grad_dtype) for i, b in enumerate(self.buckets)]
-        self._param_views = [self._slices(i, b.dtype) for i, b in enumerate(self.buckets)]
+        self._param_views = [self._slices(i, b.dtype, gathered=True) for i, b in enumerate(self.buckets)]
         self._grad_of = {id(s.param): view for views in self._grad_views for s, view in views}
         # per bucket: all-reduce instead of a reduce to the owner where that is faster (gloo, large buffers)
-        self._all_reduce = [reduce_by_all_reduce(b.buffer_numel * self._reduce_dtype(b).itemsize,
-                                                 dist.get_backend(self._group(b)), all_reduce_min_bytes)
+        self._all_reduce = [not b.sliced and reduce_by_all_reduce(b.buffer_numel * self._reduce_dtype(b).itemsize,
+                                                                  dist.get_backend(self._group(b)),
+                                                                  all_reduce_min_bytes)
                             for b in self.buckets]
         self.backward_passes_per_step = 1
         self.grad_sum_divisor = 1  # also divide the reduced gradients by this (see the class docstring)
@@ -278,9 +351,9 @@ class DistributedMuonClip(MuonClip):
 
     # ------------------------------------------------------------------ ownership / state
     def owns(self, p: Tensor) -> bool:
-        """True if this rank holds (and updates) the optimizer state of ``p``."""
+        """True if this rank holds (and updates) the optimizer state of ``p`` (of its rows: ``row_shards``)."""
         s = self._slot.get(id(p))
-        return s is not None and s.owner == self._index[s.sharding]
+        return s is not None and (s.sliced or s.owner == self._index[s.sharding])
 
     def owned_names(self) -> list[str]:
         return [s.name for s in self.slots if self.owns(s.param)]
@@ -290,7 +363,56 @@ class DistributedMuonClip(MuonClip):
         return id(p) in self._slot and not self.owns(p)
 
     def _owned(self) -> list[ParamSlot]:
-        return [s for s in self.slots if s.owner == self._index[s.sharding]]
+        return [s for s in self.slots if self.owns(s.param)]
+
+    def row_shards(self) -> dict[str, RowShard]:
+        """{name: this rank's rows} of every sliced parameter: its optimizer state (masters included) has that
+        shape, a Shard(0) of the full tensor (launch/checkpoint/state.py saves it as one)."""
+        return {s.name: self._rows[id(s.param)] for s in self.slots if s.sliced}
+
+    def weight(self, p: Tensor) -> Tensor:
+        """What the update changes: the float32 master, or ``p`` itself (of a sliced ``p``: this rank's rows)."""
+        rows = self._rows_of.get(id(p))
+        if rows is None:
+            return super().weight(p)
+        return self.state[p].get("master", rows) if p in self.state else rows
+
+    def _init_param_state(self, p: Tensor, use_muon: bool, like: Tensor | None = None) -> dict[str, Any]:
+        return super()._init_param_state(p, use_muon, self._rows_of.get(id(p), like))
+
+    def _finish_update(self, p: Tensor, weight: Tensor) -> None:
+        """As ``MuonClip``'s, a sliced ``p`` receiving its rows (the update hooks see the rows' master)."""
+        rows = self._rows_of.get(id(p))
+        if rows is None:
+            return super()._finish_update(p, weight)
+        for hook in self._update_hooks.values():
+            hook(p, weight)
+        if weight is not rows:
+            rows.copy_(weight)
+
+    def _spent(self, grad: Tensor) -> Tensor:
+        return grad  # a bucket's gradient, spent once AdamW's moments have read it (the broadcast reuses the buffer)
+
+    @torch.no_grad()
+    def sync_params_from_masters(self) -> None:
+        """Round every master this rank keeps into its parameter; a sliced parameter is then all-gathered from every
+        rank's rows (a collective: every rank calls it, e.g. after a checkpoint load)."""
+        for s in self.slots:
+            master = self.state.get(s.param, {}).get("master")
+            if master is not None and not s.sliced:
+                s.param.copy_(master)
+        for i, b in enumerate(self.buckets):
+            if not b.sliced or not any(self._keeps_master(s.param) for s in b.slots):
+                continue
+            self._wait(i)
+            for s in b.slots:
+                master = self.state.get(s.param, {}).get("master")
+                if master is not None:
+                    self._rows_of[id(s.param)].copy_(master)
+            self._launch_broadcast(i)
+            self._wait(i)
+            self._receive(i)
+            self._stale[i] = True  # the buffer holds parameters now: zeroed before the next gradient
 
     def _make_main_grads(self, trainable: list[Tensor]) -> None:
         return None  # the float32 gradient buckets below take that role
@@ -321,8 +443,8 @@ class DistributedMuonClip(MuonClip):
 
     # ------------------------------------------------------------------ gradients
     def grad(self, p: Tensor) -> Tensor | None:
-        """The reduced float32 gradient of an owned ``p`` after ``reduce_gradients()`` (a view of its bucket), else
-        None."""
+        """The reduced float32 gradient of an owned ``p`` after ``reduce_gradients()`` (a view of its bucket; this
+        rank's rows of a sliced ``p``), else None."""
         if not self._reduced or not self.owns(p):
             return None
         return self._grad_of[id(p)]
@@ -330,14 +452,14 @@ class DistributedMuonClip(MuonClip):
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradient buffers and point every managed float32 parameter's ``.grad`` at its slice, so backward
-        accumulates straight into them (``set_to_none`` is ignored: the buffers are the gradients; a bf16
+        accumulates straight into them (``set_to_none`` is ignored: the buffers are the gradients; a bf16 or sliced
         parameter's ``.grad`` stays None: the hook adds each backward's into the buffer)."""
         self._wait_all()  # nothing may still be reducing into a buffer that is zeroed
         self.step_ok = None
         for i, flat in enumerate(self._flat):
             flat.zero_()
             for s, view in self._views(i):
-                s.param.grad = view if s.param.dtype == view.dtype else None
+                s.param.grad = view if self._inplace(s) else None
         self._new_step()
         self._stale = [False] * len(self.buckets)
 
@@ -361,31 +483,67 @@ class DistributedMuonClip(MuonClip):
 
     def _owns_bucket(self, i: int) -> bool:
         b = self.buckets[i]
-        return b.owner == self._index[b.sharding]
+        return b.sliced or b.owner == self._index[b.sharding]
 
-    def _slices(self, i: int, dtype: torch.dtype) -> list[tuple[ParamSlot, Tensor]]:
+    def _slices(self, i: int, dtype: torch.dtype, gathered: bool = False) -> list[tuple[ParamSlot, Tensor]]:
         """Each param of bucket i with its slice of the bucket's buffer seen in ``dtype``, shaped like the param:
-        the gradients (the buffer's dtype), or the parameters (bf16 ones in the float32 buffer's first half)."""
+        the gradients (the buffer's dtype), or the parameters (bf16 ones in the float32 buffer's first half). A
+        sliced bucket: this rank's rows of each gradient in its segment, or (``gathered``) every rank's rows of
+        each parameter, [G, ceil(rows/G), row elements], as the all-gather leaves them."""
+        b = self.buckets[i]
         flat = self._flat[i] if dtype == self._flat[i].dtype else self._flat[i].view(dtype)
-        return [(s, flat[off:off + s.param.numel()].view(s.param.shape))
-                for s, off in zip(self.buckets[i].slots, self.buckets[i].offsets)]
+        if not b.sliced:
+            return [(s, flat[off:off + s.param.numel()].view(s.param.shape)) for s, off in zip(b.slots, b.offsets)]
+        if not gathered:
+            held = self._segments(i)[self._index[b.sharding]]
+            return [(s, held[off:off + s.row_numel * self._rows[id(s.param)].rows].view(
+                self._rows_of[id(s.param)].shape)) for s, off in zip(b.slots, b.offsets)]
+        segments = flat[:b.group_size * b.numel].view(b.group_size, b.numel)  # the rows, no flags
+        return [(s, _by_rank(segments, off, b.slice_rows(s), s.row_numel)) for s, off in zip(b.slots, b.offsets)]
+
+    def _segments(self, i: int, flat: Tensor | None = None) -> Tensor:
+        """Bucket i's buffer (or ``flat``, its reduce_dtype copy) as [G, segment] (one row a rank; sliced only)."""
+        b = self.buckets[i]
+        return (self._flat[i] if flat is None else flat).view(b.group_size, b.segment_numel)
+
+    def _held(self, i: int, flat: Tensor | None = None) -> Tensor:
+        """What bucket i's reduction leaves this rank (of ``flat``, default its buffer): the segment of a sliced
+        bucket, else the whole buffer (the owner's): the gradients, then the presence flags."""
+        if not self.buckets[i].sliced:
+            return self._flat[i] if flat is None else flat
+        return self._segments(i, flat)[self._index[self.buckets[i].sharding]]
+
+    def _inplace(self, s: ParamSlot) -> bool:
+        """Whether backward accumulates ``s``'s gradient straight into its bucket (``.grad`` a view of it): a float32
+        parameter owned whole; bf16 and sliced ones are added in by the hook (``_add_grad``)."""
+        return not s.sliced and s.param.dtype == self._flat[self._bucket_of[id(s.param)]].dtype
+
+    def _add_grad(self, i: int, s: ParamSlot) -> None:
+        """Add ``s.param.grad`` into bucket i and drop it: a sliced one's rows into every rank's segment."""
+        if not s.sliced:
+            return accumulate_(self._grad_of[id(s.param)], s.param)
+        b = self.buckets[i]
+        offset = b.offsets[b.slots.index(s)]
+        _spread_(_by_rank(self._segments(i), offset, b.slice_rows(s), s.row_numel),
+                 s.param.grad.reshape(s.full_shape[0], s.row_numel), add=True)
+        s.param.grad = None
 
     def _views(self, i: int) -> list[tuple[ParamSlot, Tensor]]:
         """Each param of bucket i with its gradient slice."""
         return self._grad_views[i]
 
     def _grad_accumulated(self, p: Tensor) -> None:
-        """Post-accumulate-grad hook: move a bf16 gradient into its float32 bucket; count, and start the
-        reductions of the buckets that are complete now."""
+        """Post-accumulate-grad hook: move a bf16 gradient into its float32 bucket (a sliced param's rows into every
+        rank's segment); count, and start the reductions of the buckets that are complete now."""
         i = self._bucket_of[id(p)]
-        flat = self._flat[i]
-        low = p.dtype != flat.dtype
-        if p.grad is None or not low and p.grad.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr():
+        flat, s = self._flat[i], self._slot[id(p)]
+        by_hand = not self._inplace(s)
+        if p.grad is None or not by_hand and p.grad.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr():
             return  # not accumulating into this optimizer's buffer (e.g. another optimizer took the params over)
         self._check_open(i, p)
-        if low:
+        if by_hand:
             self._fresh(i)
-            accumulate_(self._grad_of[id(p)], p)
+            self._add_grad(i, s)
         self._count(p, i)
 
     def _check_open(self, i: int, p: Tensor) -> None:
@@ -417,7 +575,7 @@ class DistributedMuonClip(MuonClip):
         in_bucket = set()
         for p in managed:
             view = self._grad_of[id(p)]
-            if p.grad is not None and p.dtype == view.dtype and p.grad.data_ptr() == view.data_ptr():
+            if p.grad is not None and self._inplace(self._slot[id(p)]) and p.grad.data_ptr() == view.data_ptr():
                 in_bucket.add(id(p))
                 p.grad = None
         yield
@@ -428,10 +586,10 @@ class DistributedMuonClip(MuonClip):
                 i = self._bucket_of[id(p)]
                 self._check_open(i, p)
                 self._fresh(i)
-                accumulate_(view, p)
+                self._add_grad(i, self._slot[id(p)])
                 in_bucket.add(id(p))
                 added.append((p, i))
-            if id(p) in in_bucket and p.dtype == view.dtype:
+            if id(p) in in_bucket and self._inplace(self._slot[id(p)]):
                 p.grad = view  # backward accumulates in place again
         for p, i in added:  # counted once every .grad is back: a bucket this starts reads them all
             self._count(p, i)
@@ -445,17 +603,18 @@ class DistributedMuonClip(MuonClip):
 
     @torch.no_grad()
     def _launch_reduce(self, i: int) -> None:
-        """Start bucket i's reduction to its owner; gradients that are not in the buffer are copied (float32) or
-        added (bf16: accumulated by hand, e.g. by zero-bubble pipeline schedules) in."""
+        """Start bucket i's reduction to its owner (a sliced bucket's reduce-scatter: each rank its segment);
+        gradients that are not in the buffer are copied (float32) or added (bf16, sliced: accumulated by hand, e.g.
+        by zero-bubble pipeline schedules) in."""
         b, flat = self.buckets[i], self._flat[i]
         self._fresh(i)
         present = []
         for s, view in self._views(i):
             grad = s.param.grad
             counted = id(s.param) in self._accumulated
-            if s.param.dtype != flat.dtype:
+            if not self._inplace(s):
                 if grad is not None:
-                    accumulate_(view, s.param)
+                    self._add_grad(i, s)
                 present.append(counted or grad is not None)
             elif grad is None:
                 view.zero_()
@@ -465,15 +624,17 @@ class DistributedMuonClip(MuonClip):
                 present.append(True)
             else:
                 present.append(counted)
-        flags = flat[b.numel:]
+        flags = self._segments(i)[:, b.numel:] if b.sliced else flat[b.numel:]  # a sliced bucket's: in every segment
         flags.fill_(1)  # device fills, no host-to-device copy (a blocking one would synchronise on CUDA)
         for k in (k for k, has in enumerate(present) if not has):
-            flags[k].zero_()
+            flags[..., k].zero_()
         self._present[i] = present
         group = self._group(b)
         wire = flat if self._reduce_dtype(b) == flat.dtype else flat.to(self._reduce_dtype(b))
         self._wire[i] = wire if wire is not flat else None
-        if self._all_reduce[i]:
+        if b.sliced:  # in place: this rank's segment of the sum lands in its segment
+            self._works[i] = self.comm.reduce_scatter(self._held(i, wire), wire, group, async_op=True)
+        elif self._all_reduce[i]:
             self._works[i] = self.comm.all_reduce(wire, dist.ReduceOp.SUM, group, async_op=True)
         else:
             self._works[i] = self.comm.reduce(wire, b.owner, group, async_op=True)
@@ -493,8 +654,8 @@ class DistributedMuonClip(MuonClip):
     def reduce_gradients(self) -> None:
         """Average gradients: each owner receives the full averaged gradient of its params (the reductions
         backward started, and the rest now, in bucket order); ``p.grad`` of owned float32 params is a view of its
-        bucket's buffer (``opt.grad(p)`` for any owned param), other params' ``p.grad`` is set to None. No-op if
-        already done since the last step."""
+        bucket's buffer (``opt.grad(p)`` for any owned param: this rank's rows of a sliced one), other params'
+        ``p.grad`` is set to None. No-op if already done since the last step."""
         if self._reduced:
             return
         while self._launched < len(self.buckets):
@@ -503,13 +664,14 @@ class DistributedMuonClip(MuonClip):
             self._wait(i)
             mine = self._owns_bucket(i)
             if mine:
+                held = self._held(i)
                 if self._wire[i] is not None:
-                    self._flat[i].copy_(self._wire[i])
+                    held.copy_(self._held(i, self._wire[i]))
                 divisor = self.dp_size if b.sharding == "dp" else self.expert_grad_divisor
-                self._flat[i][:b.numel].div_(divisor * self.grad_sum_divisor)  # the gradients (not the flags)
+                held[:b.numel].div_(divisor * self.grad_sum_divisor)  # the gradients (not the flags)
             self._wire[i] = None
             for s, view in self._views(i):
-                s.param.grad = view if mine and s.param.dtype == view.dtype else None
+                s.param.grad = view if mine and self._inplace(s) else None
         self._reduced = True
 
     @torch.no_grad()
@@ -568,10 +730,10 @@ class DistributedMuonClip(MuonClip):
             pass
         for i in range(len(self.buckets)):
             self._wait(i)
-            for s, view in self._param_views[i]:
+            for s in self.buckets[i].slots:
                 s.param.grad = None
-                if i not in mine:
-                    s.param.copy_(view)
+            if i not in mine or self.buckets[i].sliced:
+                self._receive(i)
         self._new_step()  # a backward before the next zero_grad() makes new .grad tensors: copied in when reduced
         self._stale = [True] * len(self.buckets)
         return loss
@@ -580,7 +742,7 @@ class DistributedMuonClip(MuonClip):
         """Muon and AdamW on bucket i's params; a param without a gradient on any rank of its group is left as it
         was, gated as a skipped step is, by its reduced presence flag (see the module docstring)."""
         b, present = self.buckets[i], self._present[i]
-        reduced = self._flat[i][b.numel:]  # the presence flags summed over the group
+        reduced = self._held(i)[b.numel:]  # the presence flags summed over the group
         gates = [gate if present[k] else gate & (reduced[k] > 0) for k in range(len(b.slots))]
         self._muon_step([(s, g, gates[k]) for k, (s, g) in enumerate(self._views(i)) if s.use_muon])
         for k, s in enumerate(b.slots):
@@ -589,15 +751,36 @@ class DistributedMuonClip(MuonClip):
 
     def _launch_broadcast(self, i: int) -> None:
         """The owner sends bucket i's updated params (bf16 where they are) to the group, in the (spent) gradient
-        buffer."""
+        buffer; of a sliced bucket, every rank its rows (an all-gather of the segments)."""
         b = self.buckets[i]
         if b.group_size == 1:
+            return
+        if b.sliced:
+            me = self._index[b.sharding]
+            for s, view in self._param_views[i]:
+                rows = self._rows_of[id(s.param)]
+                view[me, :rows.shape[0]].copy_(rows.reshape(rows.shape[0], -1))
+            flat = self._flat[i] if b.dtype == b.grad_dtype else self._flat[i].view(b.dtype)
+            wire = flat[:b.group_size * b.numel]
+            mine = wire.view(b.group_size, b.numel)[me]
+            self._works[i] = self.comm.all_gather(wire, mine, self._group(b), async_op=True)
             return
         if self._owns_bucket(i):
             for s, view in self._param_views[i]:
                 view.copy_(s.param)
         wire = self._flat[i][:b.numel] if b.dtype == b.grad_dtype else self._flat[i].view(b.dtype)[:b.numel]
         self._works[i] = self.comm.broadcast(wire, b.owner, self._group(b), async_op=True)
+
+    def _receive(self, i: int) -> None:
+        """Copy bucket i's broadcast (or all-gathered) parameters from its buffer into the parameters."""
+        b = self.buckets[i]
+        if b.group_size == 1:
+            return
+        for s, view in self._param_views[i]:
+            if b.sliced:
+                _collect_(s.param.detach().view(s.full_shape[0], s.row_numel), view)
+            else:
+                s.param.copy_(view)
 
     def _muon_step(self, owned: list[tuple[ParamSlot, Tensor, Gate]]) -> None:
         """Muon on (slot, reduced gradient, gate) triples: where the gate is shut (a non-finite step, or no gradient

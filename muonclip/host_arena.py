@@ -17,8 +17,12 @@ ZeRO-Offload keeps one flat pinned buffer per parameter group, the same idea as 
 
 A range is given back when the tensor handed out dies (a state tensor replaced by a loaded one, an activation's
 host copy once backward has it back). The device copies that read or write a range must be ordered before the
-next use of the range: the offloaders run them all on one side stream (a range taken again is written by a later
-copy on that stream).
+next use of the range. Activation offload runs them all on its one side stream (a range taken again is written by
+a later copy on that stream). The state offloader fetches on one stream and writes back on another
+(muonclip/offload.py): its fetch stream waits for every write-back's event, the host has synchronised with its
+copies before a step's loop returns (the write stream, which follows every lent group's fetch; the fetch stream
+too where a fetched group was never lent), and its homes die only outside that loop; so a range given back has
+no copy pending.
 
 ``ArenaLayout`` is the bookkeeping alone, without memory: the planner (parallel/plan.py) runs the requests it
 predicts through it, so the host bytes it plans are the chunks the arena will allocate.

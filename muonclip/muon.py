@@ -116,8 +116,13 @@ def adamw_moments_(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, betas: tup
 
 
 def adamw_apply_(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int | float | Tensor, *, lr: float,
-                 betas: tuple[float, float], eps: float, weight_decay: float, gate: Gate = APPLIES) -> None:
+                 betas: tuple[float, float], eps: float, weight_decay: float, gate: Gate = APPLIES,
+                 scratch: Tensor | None = None) -> None:
     """W <- W * (1 - lr * wd) - lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps), from the advanced moments.
+
+    Temporaries: the denominator (one tensor of ``exp_avg``'s size, divided and shifted in place) and the update,
+    computed in ``scratch`` where given (a tensor of ``exp_avg``'s shape and dtype the caller has no more use for,
+    e.g. the spent gradient: ZeRO-1's bucket slice), else in a second temporary.
 
     ``step`` may be a 0-dim tensor (the optimizers keep their counters on the device, so a skipped step is decided
     there: muonclip/skip_nonfinite.py): the bias corrections are computed there in float64, as Python computes them
@@ -130,5 +135,7 @@ def adamw_apply_(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int |
         param.mul_(gate.pick(1 - lr * weight_decay, 1.0, param))
     step_t = torch.as_tensor(step, dtype=torch.float64, device=exp_avg.device).clamp(min=1)
     step_size = (1 - beta1**step_t).reciprocal() * gate.pick(lr, 0.0, exp_avg, torch.float64)  # = lr / bc1 as torch
-    denom = (exp_avg_sq.sqrt() / (1 - beta2**step_t).sqrt()).add_(gate.pick(eps, 1.0, exp_avg_sq))
-    param.add_((exp_avg * -step_size).div_(denom))  # addcdiv_'s value must be a number: value * m / d, its order
+    denom = exp_avg_sq.sqrt()  # then in place: torch's (sqrt(v) / sqrt(bc2)) + eps, without a second temporary
+    denom.div_((1 - beta2**step_t).sqrt()).add_(gate.pick(eps, 1.0, exp_avg_sq))
+    update = exp_avg * -step_size if scratch is None else torch.mul(exp_avg, -step_size, out=scratch)
+    param.add_(update.div_(denom))  # addcdiv_'s value must be a number: value * m / d, its order

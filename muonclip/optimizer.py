@@ -237,6 +237,11 @@ class MuonClip(torch.optim.Optimizer):
         """Whether another rank updates ``p`` and sends it here (ZeRO-1); never for this optimizer."""
         return False
 
+    def row_shards(self) -> dict[str, Any]:
+        """{parameter name: ``RowShard``} for the parameters whose state this rank keeps for some rows only (ZeRO-1's
+        sliced AdamW tensors); none for this optimizer."""
+        return {}
+
     def master_elsewhere(self, p: Tensor) -> bool:
         """Whether ``p``'s float32 master lives on another rank (ZeRO-1 non-owners of a bf16 parameter)."""
         return self.updated_elsewhere(p) and self._keeps_master(p)
@@ -278,17 +283,19 @@ class MuonClip(torch.optim.Optimizer):
                     continue
                 self._init_param_state(p, group["use_muon"])
 
-    def _init_param_state(self, p: Tensor, use_muon: bool) -> dict[str, Any]:
+    def _init_param_state(self, p: Tensor, use_muon: bool, like: Tensor | None = None) -> dict[str, Any]:
+        """``p``'s state, shaped and valued like ``like`` (default ``p``; ZeRO-1's rows of a sliced ``p``)."""
         state = self.state[p]
+        like = p if like is None else like
         if self._keeps_master(p):
-            state["master"] = p.detach().float()
+            state["master"] = like.detach().float()
         wide = torch.promote_types(p.dtype, torch.float32)  # float32 state for a bf16 parameter, master or not
         if use_muon:
-            state["momentum_buffer"] = torch.zeros_like(p, dtype=wide, memory_format=torch.preserve_format)
+            state["momentum_buffer"] = torch.zeros_like(like, dtype=wide, memory_format=torch.preserve_format)
         else:  # on the device: a skipped step leaves it without the host knowing (muonclip/skip_nonfinite.py)
             state["step"] = torch.zeros((), dtype=torch.float32, device=_local(p).device)
-            state["exp_avg"] = torch.zeros_like(p, dtype=wide, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=wide, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros_like(like, dtype=wide, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(like, dtype=wide, memory_format=torch.preserve_format)
         if self.offload is not None:
             self.offload.send_home(state)
         return state
@@ -439,5 +446,10 @@ class MuonClip(torch.optim.Optimizer):
         state["step"].add_(1 if gate.ok is None else gate.ok)
         adamw_moments_(grad, exp_avg, exp_avg_sq, betas, gate)
         adamw_apply_(_local(weight), exp_avg, exp_avg_sq, state["step"], lr=lr, betas=betas, eps=group["adamw_eps"],
-                     weight_decay=wd, gate=gate)
+                     weight_decay=wd, gate=gate, scratch=self._spent(grad))
         self._finish_update(p, weight)
+
+    def _spent(self, grad: Tensor) -> Tensor | None:
+        """Where AdamW may compute its update once the moments have read ``grad``: nowhere here (``grad`` may be the
+        caller's ``.grad``); ZeRO-1's gradient buckets are spent after the update."""
+        return None

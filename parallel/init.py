@@ -9,6 +9,8 @@ draw only the rank's own experts.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -37,11 +39,13 @@ def init_sharded(model: nn.Module, rules: dict[str, InitRule], global_shapes: di
 
 @torch.no_grad()
 def load_hf_sharded(model: nn.Module, global_shapes: dict[str, tuple[int, ...]], placements: dict[str, Placement],
-                    ep_rank: int, source, targets: dict[str, torch.Tensor] | None = None) -> None:
+                    ep_rank: int, source, targets: dict[str, torch.Tensor] | None = None,
+                    row_shards: dict[str, Any] | None = None) -> None:
     """Overwrite this rank's (allocated) parameters with a released checkpoint's, reading only this rank's
     slices: its stage's layers, its experts, its tensor-parallel slices (``source``: ``models.hf_interop.HFTensors``).
-    ``targets``: {name: tensor} to fill instead of the parameter (the optimizer's float32 masters)."""
-    targets = targets or {}
+    ``targets``: {name: tensor} to fill instead of the parameter (the optimizer's float32 masters); a target with
+    fewer rows than the parameter takes the rows ``row_shards`` names (ZeRO-1's sliced masters)."""
+    targets, row_shards = targets or {}, row_shards or {}
     for name, p in model.named_parameters():
         placement = placements.get(name)
         kwargs = {}
@@ -50,7 +54,10 @@ def load_hf_sharded(model: nn.Module, global_shapes: dict[str, tuple[int, ...]],
         elif placement is not None and placement.kind == "tp_sharded" and tuple(p.shape) != global_shapes[name]:
             dim = placement.shard_dim
             kwargs = {"shard": (dim, dist.get_rank(placement.tp_group) * p.shape[dim])}
-        targets.get(name, p).copy_(source.local(name, tuple(p.shape), **kwargs))
+        target, value = targets.get(name, p), source.local(name, tuple(p.shape), **kwargs)
+        if name in row_shards and target.shape != value.shape:
+            value = value.narrow(0, row_shards[name].start, row_shards[name].rows)
+        target.copy_(value)
 
 
 __all__ = ["init_sharded", "load_hf_sharded"]

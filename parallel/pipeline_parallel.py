@@ -15,9 +15,13 @@ Stage modules. A rank holds ONE copy of the plain ``models.Transformer`` (build 
 union of its stages' layers (``prune_to_stage``; the embedding if it holds the first stage, norm + head if the
 last): parameter and checkpoint names stay global (``layers.7.…``), so checkpoints are layout-free, and the
 trainer treats it like the whole model (its parameters, QK-Clip specs, routers, state dict). Each stage is a
-``stage_view`` of it that runs some of those layers and shares their modules. The schedule runs ``data.grad_accum`` micro batches per step; the loss (mean cross entropy per
-micro batch) lives on the last stage, and gradients are averaged over micro batches (``scale_grads``), which
-is the same gradient as one process averaging the micro batches' losses.
+``stage_view`` of it that runs some of those layers and shares their modules.
+
+The schedule runs the step's ``data.grad_accum`` micro batches in one pass (one fill and drain per step), on
+torch's stages and schedules changed so that its receive buffers and sends are held only while their micro batch
+needs them (parallel/pipeline_runtime.py): memory follows the micro batches in flight, not the step's count. The
+loss (mean cross entropy per micro batch) lives on the last stage, and gradients are averaged over micro batches
+(``scale_grads``), which is the same gradient as one process averaging the micro batches' losses.
 """
 from __future__ import annotations
 
@@ -185,35 +189,6 @@ def stage_owners(pp: int, virtual: int, schedule: str) -> list[int]:
     return owners
 
 
-def rank_actions(schedule: str, pp: int, virtual: int, n_microbatches: int, pp_rank: int) -> list[tuple[str, int]]:
-    """The compute actions pipeline rank ``pp_rank`` runs in one step, in order, as torch's schedule orders them:
-    ("F", stage) forward of a micro batch, ("B", stage) its backward (full, or the input half "I" of zero-bubble
-    schedules, after which its activations are gone; "W" weight halves are left out). The memory planner counts the
-    activations in flight from it."""
-    from types import SimpleNamespace
-
-    from torch.distributed.pipelining import schedules as pps
-
-    if schedule == "1f1b":  # Schedule1F1B: min(M, pp - rank) warm-up forwards, then backward/forward pairs
-        warmup = min(n_microbatches, pp - pp_rank)
-        out = [("F", pp_rank)] * warmup
-        for _ in range(n_microbatches - warmup):
-            out += [("B", pp_rank), ("F", pp_rank)]
-        return out + [("B", pp_rank)] * warmup
-    cls = {"interleaved_1f1b": pps.ScheduleInterleaved1F1B, "zbv": pps.ScheduleZBVZeroBubble,
-           "dualpipev": pps.ScheduleDualPipeV}[schedule]
-    rounds = max(1, n_microbatches // pp)
-    fake = SimpleNamespace(n_local_stages=virtual, microbatches_per_round=n_microbatches // rounds, pp_group_size=pp,
-                           _n_microbatches=n_microbatches, num_stages=pp * virtual)
-    out: list[tuple[str, int]] = []
-    for action in cls._calculate_single_rank_operations(fake, pp_rank):
-        for a in (action.sub_actions or (action,)) if action is not None else ():
-            kind = a.computation_type.value
-            if kind in ("F", "B", "I"):
-                out.append(("F" if kind == "F" else "B", a.stage_index))
-    return out
-
-
 @dataclass
 class Pipeline:
     schedule: Any  # a torch.distributed.pipelining schedule: step(inputs, target=..., losses=[...])
@@ -223,7 +198,7 @@ class Pipeline:
     group: Any  # the pipeline group
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # the last stage's output, targets -> loss
     dtype: torch.dtype = torch.float32  # the hidden states stages send (the precision policy's activation dtype)
-    torch_stages: list = field(default_factory=list)  # this rank's torch PipelineStage objects, in stage order
+    torch_stages: list = field(default_factory=list)  # this rank's BoundedStage objects (torch stages), in stage order
     micro_shape: tuple[int, int] | None = None  # (micro batch size, sequence length): what a middle stage receives
 
     def report_progress(self, progress: Callable[[], None]) -> None:
@@ -339,8 +314,9 @@ def pipeline_schedule(holder: nn.Module, plan: StagePlan, pp_group: Any, device:
     (max logits that QK-Clip acts on, router loads), so the trainer always passes it. ``scale_grads=False``: the
     stages' gradients stay the SUM over micro batches (torch divides them in place after the last backward
     otherwise; an optimizer that starts reducing them from backward divides them itself)."""
-    from torch.distributed.pipelining import PipelineStage
     from torch.distributed.pipelining import schedules as pps
+
+    from parallel.pipeline_runtime import RUNTIME_SCHEDULES, BoundedStage, bound_sends, lowering
 
     head_in_loss = loss_fn is None
     if head_in_loss:
@@ -365,13 +341,13 @@ def pipeline_schedule(holder: nn.Module, plan: StagePlan, pp_group: Any, device:
                           output_args=out if last else hidden,
                           input_grads=(None,) if first else (hidden,),  # tokens get no gradient
                           output_grads=(None,) if last else (hidden,))  # the loss starts the backward
-        stages.append(PipelineStage(module, s, plan.n_stages, device, group=pp_group, **shapes))
+        stages.append(BoundedStage(module, s, plan.n_stages, device, group=pp_group, **shapes))
     if schedule == "1f1b":
         sched = pps.Schedule1F1B(stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
     else:
-        cls = {"interleaved_1f1b": pps.ScheduleInterleaved1F1B, "zbv": pps.ScheduleZBVZeroBubble,
-               "dualpipev": pps.ScheduleDualPipeV}[schedule]
-        sched = cls(stages, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
+        with lowering():  # torch's lowering in linear time (its own is quadratic: ~11 s a process at 1,024)
+            sched = RUNTIME_SCHEDULES[schedule](stages, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
+        bound_sends(sched, stages)
     return Pipeline(sched, modules, plan, holder, pp_group, loss_fn, dtype, stages, micro_batch)
 
 
@@ -391,5 +367,5 @@ def _then(action: Callable, after: Callable[[], None]) -> Callable:
 
 
 __all__ = ["SCHEDULES", "Pipeline", "StagePlan", "balanced_split", "build_pipeline", "pipeline_schedule",
-           "plan_stages", "prune_to_stage", "rank_actions", "split_layers", "stage_ids", "stage_owners", "stage_view",
+           "plan_stages", "prune_to_stage", "split_layers", "stage_ids", "stage_owners", "stage_view",
            "unit_costs"]

@@ -9,30 +9,38 @@ and the ZeRO-1 plan ``DistributedMuonClip`` would make (the same ``assign_owners
 
 - parameters (in the precision policy's dtype: 2 bytes with ``train.param_dtype: bfloat16``, the router bias 4),
   gradients (float32, every trainable local tensor; with ZeRO-1 its persistent gradient buffers, one owner's
-  params per bucket without padding, which the reduce and broadcast use in place) and optimizer state of the
-  parameters this rank owns: the float32 master of a bf16 parameter (4 bytes), Muon momentum (4) or AdamW's two
-  moments (8) and step counter, on the device or, with ``optim.offload_state``, in host memory (all but the
-  counters); host memory is counted as the offloaders' arenas allocate it (muonclip/host_arena.py: power-of-two
-  chunks, sub-allocated), laid out as they will lay it out: the states in the order the optimizer makes them, the
-  activations' host copies as the schedule's forwards take them and its backwards give them back; with
+  params per bucket without padding, which the reduce and broadcast use in place, or a sliced bucket's segment
+  per rank: ceil(rows/dp) rows of each tensor) and optimizer state of the parameters this rank owns (of a sliced
+  AdamW tensor, its rows: the embedding's and the head's 1/dp): the float32 master of a bf16 parameter (4 bytes),
+  Muon momentum (4) or AdamW's two moments (8) and step counter, on the device or, with ``optim.offload_state``, in
+  host memory (all but the counters); host memory is counted as the offloaders' arenas allocate it
+  (muonclip/host_arena.py: power-of-two chunks, sub-allocated), laid out as they will lay it out: the states in the
+  order the optimizer makes them, the activations' host copies as the schedule's forwards take them and its
+  backwards give them back; with
   ``train.ckpt_async`` also the buffer an asynchronous save stages the checkpoint in (launch/checkpoint/staging.py:
   every tensor this rank writes, kept from save to save);
 - activations: the storages autograd keeps per micro batch, layer by layer, with recomputation, FP8 storage,
   activation offload (host) and the chunked loss acting on them as the mechanisms do (parallel/plan_activations.py,
-  equal to the measured saved bytes), plus the stage inputs/outputs a pipeline schedule holds, its receive
-  buffers for a round and, in a multi-stage schedule, what it sent until the round ends; their high point over
-  the step follows this rank's actions in torch's own schedule (``rank_actions``: forwards add a micro batch of a
-  stage, backwards free it), each action with what it holds while it runs (a layer's working set, FP8's
-  quantisation copies, offload's blocks on the device, full recompute's rebuilt block, the loss's backward, the
-  embedding's gradient); and the recomputation's extra forward FLOPs per step;
+  equal to the measured saved bytes), plus the pipeline's stage inputs, outputs and gradients as its runtime
+  holds them (parallel/pipeline_runtime.py ``buffer_timeline``: a receive buffer from its receive to its use, a
+  sent gradient until the peer has posted its receive) and the step's token ids and targets; their high point over
+  the step follows this rank's actions in torch's own schedule (forwards add a micro batch of a stage, backwards
+  free it), each action with what it holds while it runs (a layer's working set, FP8's quantisation copies,
+  offload's blocks on the device, full recompute's rebuilt block, the loss's backward, the embedding's gradient);
+  and the recomputation's extra forward FLOPs per step;
+- each pipeline rank's idle share of its slots in torch's compute order for a pass (``idle_fraction``) and the
+  modelled step time it gives (``format_pipeline``);
 - the optimizer step's transients: ``DistributedMuonClip`` goes bucket by bucket, holding the bucket's owned
-  momentum updates, then batching its matrices of one shape (the stack plus two Newton–Schulz iterates);
-  ``MuonClip`` (one process) one matrix at a time; with offloaded state, two groups' state on the device;
+  momentum updates, then batching its matrices of one shape (the stack plus two Newton–Schulz iterates), then
+  AdamW's denominator for one tensor (or its rows; the update goes into the spent gradient); ``MuonClip`` (one
+  process) one matrix at a time, AdamW's denominator and update; with offloaded state, two groups' state on the
+  device;
 - a peak estimate: the larger of two phases: backward (parameters, optimizer state, all gradients, activations
   in flight; the gradient reductions run in place inside it) and the optimizer step (the gradients still held:
   the owned ones, or ZeRO-1's buffers, + its transients);
 - per-step bytes sent by this rank, per collective: DP/EDP reduce (or all-reduce; in ``parallel.grad_reduce_dtype``)
-  and broadcast (the parameters' dtype) and the grad-norm all-reduce (exact: the counts ``CountingComm`` reports),
+  and broadcast (the parameters' dtype), a sliced bucket's reduce-scatter and all-gather, and the grad-norm
+  all-reduce (exact: the counts ``CountingComm`` reports),
   the Newton–Schulz gathers/scatters over TP (exact), TP all-reduces of activations (4 per layer per micro batch),
   EP all-to-all (expected under uniform routing), PP send/recv (activations forward, their gradients backward),
   activations in the policy's compute/activation dtype;
@@ -69,6 +77,7 @@ class RankPlan:
     activations_host_per_micro: int = 0  # offloaded
     saved_per_micro: int = 0  # what autograd keeps (device + host): no stage tensors, no replayed collectives
     in_flight: float = 1  # the most micro batches between forward and backward (chunks / stages on the rank)
+    idle: float = 0.0  # the share of this rank's slots in the pipeline schedule with no compute action
     activations: int = 0  # what micro batches in flight hold at the step's high point, on the device
     activations_host: int = 0
     activations_host_reserved: int = 0  # activation offload's host arena (muonclip/host_arena.py): its chunks
@@ -145,40 +154,46 @@ def _zero1_layout(model, placements, tp: int, dp: int, edp: int, bucket_mb: floa
 
 def _activation_plan(cfg, plan, pp_rank: int, tp: int, ep: int, policy: PrecisionPolicy,
                      model: torch.nn.Module) -> dict[str, float]:
-    """Per micro batch, and at the high point of the step: torch's schedule for this rank (``rank_actions``) walked
-    action by action, each forward adding its micro batch's bytes and each backward removing them, with what an
-    action holds while it runs on top (``_working_sets``); device and host; the recomputation's extra forward FLOPs
-    per step. ``activations`` is what is held at the high point, ``transient`` what the action running then adds."""
-    from parallel.pipeline_parallel import rank_actions
+    """Per micro batch, and at the high point of the step: this rank's pass as torch's schedule orders it and the
+    pipeline runtime holds it (``buffer_timeline``) walked action by action, each forward adding its micro batch's
+    bytes and each backward removing them, the pipeline's receive buffers and sent gradients coming and going
+    between them, with what an action holds while it runs on top (``_working_sets``); device and host; the
+    recomputation's extra forward FLOPs per step; the share of the rank's schedule slots idle (``idle_fraction``).
+    ``activations`` is what is held at the high point, ``transient`` what the action running then adds."""
+    from parallel.pipeline_runtime import buffer_timeline, idle_fraction
     from parallel.plan_activations import Techniques, micro_batch
 
     m, d, p = cfg.model, cfg.data, cfg.parallel
     tech = Techniques.from_config(cfg)
-    held = d.micro_batch_size * d.seq_len * m.dim * policy.activation_dtype.itemsize  # a stage's input or output
-    buffers = 0  # torch's PipelineStage allocates a receive buffer per micro batch of a round: inputs, output grads
+    N = d.micro_batch_size * d.seq_len
+    held = N * m.dim * policy.activation_dtype.itemsize  # a pipeline tensor
+    idle, batch = 0.0, 0
     if plan is None:
         stages = {0: (list(range(m.n_layers)), True, True)}
-        actions = [("F", 0), ("B", 0)]  # micro batch after micro batch
+        timeline = (("F", 0), ("B", 0))  # micro batch after micro batch
     else:
         stages = {s: (plan.ranges[s], s == 0, s == plan.n_stages - 1) for s in plan.stages}
-        per_round = p.microbatches_per_round(d.grad_accum)  # one schedule call; rounds run one after another
-        actions = rank_actions(p.schedule, p.pp, p.pp_virtual_stages, per_round, pp_rank)
-        buffers = sum(per_round * held * ((not first) + (not last)) for _, first, last in stages.values())
-    per_stage, sent = {}, {}
+        per_pass = p.microbatches_per_round(d.grad_accum)  # one schedule call; more run one after another
+        timeline = buffer_timeline(p.schedule, p.pp, p.pp_virtual_stages, per_pass, pp_rank)
+        idle = idle_fraction(p.schedule, p.pp, p.pp_virtual_stages, per_pass, pp_rank)
+        # the step's token ids (first stage) and targets (last stage), int64, through the step: every micro batch
+        # moved to the device, and the pass's concatenated copy the schedule splits (launch/trainer.py)
+        batch = (d.grad_accum + per_pass) * N * 8 * (plan.has_first + plan.has_last)
+    actions = tuple(e for e in timeline if e[0] != "buf")
+    per_stage = {}
     for s, (layers, first, last) in stages.items():
         mb = micro_batch(cfg, layers, first, last, tp, ep, policy, tech)
         output_held = 0 if plan is None or last else held  # a stage's output, kept for its backward
         per_stage[s] = (mb.device + output_held, mb.host, mb)
-        # torch's multi-stage schedules wait for their sends when the round ends: what a stage sent (its output,
-        # its input's gradient) stays alive after its backward until then; Schedule1F1B waits at the next exchange
-        crossing = [] if plan is None or p.schedule == "1f1b" else \
-            [n for n in (s - 1, s + 1) if 0 <= n < plan.n_stages and plan.owners[n] != pp_rank]
-        sent[s] = held * len(crossing)
     work = _working_sets(cfg, stages, {s: v[2] for s, v in per_stage.items()}, tp, policy, tech, model)
-    device, host = buffers, 0
-    top = (buffers, 0)  # (held, transient) at the high point
+    device, host = batch, 0
+    top = (batch, 0)  # (held, transient) at the high point
     peak_host = chunks = peak_chunks = 0
-    for kind, s in actions:
+    for kind, s in timeline:
+        if kind == "buf":
+            device += s * held
+            top = max(top, (device, 0), key=sum)
+            continue
         forward, backward, after = work[s]
         if kind == "F":
             device += per_stage[s][0]
@@ -187,7 +202,7 @@ def _activation_plan(cfg, plan, pp_rank: int, tp: int, ep: int, policy: Precisio
             points = [(device, forward)]
         else:
             points = [(device, backward)]
-            device -= per_stage[s][0] - sent[s]
+            device -= per_stage[s][0]
             host -= per_stage[s][1]
             chunks -= 1
             points.append((device, after))
@@ -196,10 +211,16 @@ def _activation_plan(cfg, plan, pp_rank: int, tp: int, ep: int, policy: Precisio
     per_micro = sum(v[0] for v in per_stage.values())
     return {"per_micro": per_micro, "host_per_micro": sum(v[1] for v in per_stage.values()),
             "saved_per_micro": sum(mb.device + mb.host - mb.replayed for _, _, mb in per_stage.values()),
-            "peak": top[0], "peak_host": peak_host, "in_flight": peak_chunks / len(stages),
-            "host_reserved": _offload_arena(tuple(actions), tuple((s, tuple(map(tuple, v[2].block_copies)))
-                                                                  for s, v in per_stage.items())),
+            "peak": top[0], "peak_host": peak_host, "in_flight": peak_chunks / len(stages), "idle": idle,
+            "host_reserved": _offload_arena(actions, tuple((s, tuple(map(tuple, v[2].block_copies)))
+                                                           for s, v in per_stage.items())),
             "transient": top[1], "recompute_flops": _recompute_flops(cfg, stages, tp, tech)}
+
+
+# a pass's steady state laid out for this many periods: the arena stops growing well before (Kimi K2 at 4k and 32k,
+# one pass, every rank: its last new chunk within 1.5 periods of the steady state's start; equal to the whole
+# pass's layout, 2026-12-07)
+ARENA_PERIODS = 4
 
 
 @functools.lru_cache(maxsize=64)
@@ -207,7 +228,10 @@ def _offload_arena(actions: tuple, block_copies: tuple[tuple[int, tuple[tuple[in
     """The host bytes activation offload's arena allocates (muonclip/host_arena.py): the schedule's forwards take
     a range per host copy, block by block, and each backward gives back those of its stage's oldest micro batch
     (what they hold together, as the arena lays it out). ``block_copies``: (stage, each block's copies' bytes);
-    cached: the ranks of a pipeline stage lay out the same requests."""
+    cached: the ranks of a pipeline stage lay out the same requests. A long pass repeats one pattern of actions
+    (its steady state, ``_periodic``): laid out up to ``ARENA_PERIODS`` of them (what follows takes what the
+    pattern gives back; the pass's last period and end are laid out after them), so a pass of 1,024 micro batches
+    costs what one of a few dozen does."""
     from collections import deque
 
     from muonclip.host_arena import ArenaLayout
@@ -215,6 +239,10 @@ def _offload_arena(actions: tuple, block_copies: tuple[tuple[int, tuple[tuple[in
     arena = ArenaLayout()
     block_copies = dict(block_copies)
     taken: dict[int, deque] = {s: deque() for s in block_copies}
+    start, end, period = _periodic(actions)
+    periods = (end - start) // period
+    if periods > ARENA_PERIODS:  # the first ones, then the last of the stretch and what follows it
+        actions = actions[:start + ARENA_PERIODS * period] + actions[end - (end - start) % period - period:]
     for kind, s in actions:
         if kind == "F":
             taken[s].append([(arena.take(n), n) for block in block_copies[s] for n in block])
@@ -222,6 +250,25 @@ def _offload_arena(actions: tuple, block_copies: tuple[tuple[int, tuple[tuple[in
             for (chunk, offset), n in taken[s].popleft():
                 arena.give_back(chunk, offset, n)
     return arena.reserved
+
+
+def _periodic(actions: tuple) -> tuple[int, int, int]:
+    """(start, end, period): a stretch ``actions[start:end]`` around the middle in which every action after the first
+    period is the one ``period`` before it, for the shortest period (up to a quarter of the actions) whose stretch
+    covers at least half of them; (0, 0, 1) if none does."""
+    n = len(actions)
+    mid = n // 2
+    for p in range(1, n // 4 + 1):
+        if actions[mid:mid + p] != actions[mid + p:mid + 2 * p]:
+            continue
+        start, end = mid, mid + 2 * p
+        while start > 0 and actions[start - 1] == actions[start - 1 + p]:
+            start -= 1
+        while end < n and actions[end] == actions[end - p]:
+            end += 1
+        if end - start >= n // 2:
+            return start, end, p
+    return 0, 0, 1
 
 
 def _working_sets(cfg, stages: dict, mbs: dict, tp: int, policy: PrecisionPolicy, tech, model: torch.nn.Module
@@ -297,9 +344,13 @@ def _comm(cfg, slots, buckets, me: dict[str, int], tp_rank: int, plan, pp_rank: 
     policy = PrecisionPolicy.from_config(cfg)
     for b in buckets:
         G = b.group_size
-        if G > 1:
+        itemsize = (policy.reduce_dtype if b.grad_dtype == torch.float32 else b.grad_dtype).itemsize
+        if G > 1 and b.sliced:  # every other rank's segment (its rows and flags), then this rank's rows to each
+            add("reduce_scatter", (G - 1) * b.segment_numel * itemsize)
+            add("all_gather", (G - 1) * b.nbytes())
+        elif G > 1:
             # the gradients and a presence flag per parameter (Bucket.buffer_numel)
-            wire = b.buffer_numel * (policy.reduce_dtype if b.grad_dtype == torch.float32 else b.grad_dtype).itemsize
+            wire = b.buffer_numel * itemsize
             if reduce_by_all_reduce(wire, _backend(cfg)):  # as DistributedMuonClip chooses
                 add("all_reduce", 2 * (G - 1) * wire // G)
             else:
@@ -350,6 +401,16 @@ def _backend(cfg) -> str:
     return "nccl" if device == "cuda" else "gloo"
 
 
+def _held_numel(slot, group_size: int, index: int) -> int:
+    """Elements of ``slot`` whose optimizer state a rank of index ``index`` in its group keeps: its rows of a sliced
+    tensor (``row_slice``), else the whole."""
+    from muonclip._dist_layout import row_slice
+
+    if not slot.sliced:
+        return slot.param.numel()
+    return row_slice(slot.full_shape[0], group_size, index)[1] * slot.row_numel
+
+
 def _state_elements(slot, policy) -> int:
     """Float32 optimizer-state elements per parameter element: the master of a bf16 parameter, then Muon's
     momentum or AdamW's two moments."""
@@ -357,34 +418,34 @@ def _state_elements(slot, policy) -> int:
     return master + (1 if slot.use_muon else 2)
 
 
-def _state_arena(owned: list, policy) -> int:
+def _state_arena(owned: list, held: dict[int, int], policy) -> int:
     """The host bytes the state offloader's arena allocates (muonclip/host_arena.py): each owned parameter's
-    float32 state tensors (its master, then Muon's momentum or AdamW's two moments) in the order the optimizer
-    makes them."""
+    float32 state tensors (its master, then Muon's momentum or AdamW's two moments; ``held`` elements each) in the
+    order the optimizer makes them."""
     from muonclip.host_arena import ArenaLayout
 
     arena = ArenaLayout()
     for s in owned:
         for _ in range(_state_elements(s, policy)):
-            arena.take(s.param.numel() * F32)
+            arena.take(held[id(s)] * F32)
     return arena.reserved
 
 
-def _staging_buffer(model, slots: list, owned: list, policy) -> int:
+def _staging_buffer(model, slots: list, owned: list, held: dict[int, int], policy) -> int:
     """The host buffer an asynchronous save stages this rank's checkpoint tensors in (launch/checkpoint/staging.py,
     each aligned): the model's state with the float32 master of a bf16 parameter this rank owns (one whose master
-    another rank keeps is that rank's to write), and the owned parameters' optimizer state: Muon's momentum, AdamW's
-    two moments and step (launch/checkpoint/state.py)."""
+    another rank keeps is that rank's to write; of a sliced one, its rows), and the owned parameters' optimizer
+    state: Muon's momentum, AdamW's two moments and step (launch/checkpoint/state.py)."""
     from launch.checkpoint.staging import staging_bytes
 
-    trainable, mine = {s.name for s in slots}, {s.name for s in owned}
+    trainable, mine = {s.name for s in slots}, {s.name: s for s in owned}
     sizes = []
     for name, t in model.state_dict().items():
         master = name in trainable and policy.master_weights and t.dtype in LOW_PRECISION
         if not master or name in mine:
-            sizes.append(t.numel() * (F32 if master else t.element_size()))
+            sizes.append(held[id(mine[name])] * F32 if master else t.numel() * t.element_size())
     for s in owned:
-        sizes += [s.param.numel() * F32] if s.use_muon else [s.param.numel() * F32] * 2 + [F32]
+        sizes += [held[id(s)] * F32] if s.use_muon else [held[id(s)] * F32] * 2 + [F32]
     return staging_bytes(sizes)
 
 
@@ -416,25 +477,29 @@ def plan_layout(cfg, world: int) -> list[RankPlan]:
         if key not in cache:
             model, placements, plan = _local_model(cfg, pp_rank, t, ep_rank)
             slots, buckets = _zero1_layout(model, placements, p.tp, dp, edp, p.zero1_bucket_mb)
-            cache[key] = (model, slots, buckets, plan)
-        model, slots, buckets, plan = cache[key]
-        me = {"dp": d, "edp": edp_rank}
+            acts = _activation_plan(cfg, plan, pp_rank, p.tp, p.ep, policy, model)  # the same for the key's ranks
+            cache[key] = (model, slots, buckets, plan, acts)
+        model, slots, buckets, plan, acts = cache[key]
+        me, sizes = {"dp": d, "edp": edp_rank}, {"dp": dp, "edp": edp}
         layers = plan.layers if plan is not None else list(range(cfg.model.n_layers))
         r = RankPlan(rank, (pp_rank, d, t), layers)
         r.params = sum(q.numel() * q.element_size() for q in model.parameters())
         r.grads = sum(q.numel() for q in model.parameters() if q.requires_grad) * F32  # float32 buffers
-        if sharded:  # ZeRO-1's buckets also hold a presence flag per parameter (Bucket.buffer_numel)
-            r.grads += sum(len(b.slots) for b in buckets) * F32
-        owned = [s for s in slots if s.owner == me[s.sharding]] if sharded else slots
-        state = sum(s.param.numel() * _state_elements(s, policy) for s in owned) * F32
+        if sharded:  # ZeRO-1's buckets: a presence flag per parameter, a sliced one's padded rows (buffer_numel)
+            r.grads = sum(b.buffer_numel for b in buckets) * F32
+        owned = [s for s in slots if s.sliced or s.owner == me[s.sharding]] if sharded else slots
+        mine_ids = {id(s) for s in owned}
+        held = {id(s): _held_numel(s, sizes[s.sharding], me[s.sharding]) if sharded else s.param.numel()
+                for s in slots}
+        state = sum(held[id(s)] * _state_elements(s, policy) for s in owned) * F32
         counters = sum(1 for s in owned if not s.use_muon) * F32  # AdamW's step, a float32 scalar
         r.optimizer, r.optimizer_host = (counters, state) if cfg.optim.offload_state else (state + counters, 0)
-        r.optimizer_host_reserved = _state_arena(owned, policy) if cfg.optim.offload_state else 0
-        r.ckpt_staging = _staging_buffer(model, slots, owned, policy) if cfg.train.ckpt_async else 0
+        r.optimizer_host_reserved = _state_arena(owned, held, policy) if cfg.optim.offload_state else 0
+        r.ckpt_staging = _staging_buffer(model, slots, owned, held, policy) if cfg.train.ckpt_async else 0
         muon = [s for s in owned if s.use_muon]
-        if sharded:  # DistributedMuonClip: bucket by bucket, batched NS per shape
-            # gradients live in persistent per-bucket buffers (no padding: one owner per bucket), reduced and
-            # broadcast in place, held through the step
+        if sharded:  # DistributedMuonClip: bucket by bucket, batched NS per shape, then AdamW
+            # gradients live in persistent per-bucket buffers (no padding: one owner per bucket; a sliced bucket's
+            # segments pad the last rank's rows), reduced and broadcast (all-gathered) in place, held through the step
             r.owned_grads = r.grads
             transients = [0]
             for b in buckets:
@@ -444,20 +509,23 @@ def plan_layout(cfg, world: int) -> list[RankPlan]:
                     key = tuple(s.full_shape[-2:])
                     by_shape[key] = by_shape.get(key, 0) + s.param.numel() * (p.tp if s.kind == "tp_sharded" else 1)
                 transients.append(sum(s.param.numel() for s in mine) + 3 * max(by_shape.values(), default=0))
+                # AdamW: its denominator (muon.py adamw_apply_; the update goes into the spent gradient)
+                transients.append(max((held[id(s)] for s in b.slots if id(s) in mine_ids and not s.use_muon),
+                                       default=0))
             r.step_transient = max(transients) * F32
-        else:  # MuonClip: one parameter at a time (update, normalised copy, next iterate)
-            r.owned_grads = r.grads
-            r.step_transient = 3 * max((s.param.numel() for s in muon), default=0) * F32
+        else:  # MuonClip: one parameter at a time (update, normalised copy, next iterate; AdamW's denominator and
+            r.owned_grads = r.grads  # update)
+            adamw = max((s.param.numel() for s in slots if not s.use_muon), default=0)
+            r.step_transient = max(3 * max((s.param.numel() for s in muon), default=0), 2 * adamw) * F32
         if cfg.optim.offload_state:  # one group's state lent to the device, the next one's prefetched
-            groups = ([[s for s in b.slots if b.owner == me[s.sharding]] for b in buckets] if sharded
-                      else [[s] for s in slots])
-            lent = sorted((sum(s.param.numel() * _state_elements(s, policy) for s in g) * F32 for g in groups),
+            groups = ([[s for s in b.slots if id(s) in mine_ids] for b in buckets] if sharded else [[s] for s in slots])
+            lent = sorted((sum(held[id(s)] * _state_elements(s, policy) for s in g) * F32 for g in groups),
                           reverse=True)
             r.step_transient += sum(lent[:2])
-        acts = _activation_plan(cfg, plan, pp_rank, p.tp, p.ep, policy, model)
         r.activations_per_micro, r.activations_host_per_micro = acts["per_micro"], acts["host_per_micro"]
         r.saved_per_micro = acts["saved_per_micro"]
         r.activations, r.activations_host, r.in_flight = acts["peak"], acts["peak_host"], acts["in_flight"]
+        r.idle = acts["idle"]
         r.activations_host_reserved = acts["host_reserved"]
         r.backward_transient, r.recompute_flops = acts["transient"], acts["recompute_flops"]
         r.comm = _comm(cfg, slots, buckets, me, t, plan, pp_rank)
@@ -478,14 +546,14 @@ def format_plan(plans: list[RankPlan], all_ranks: bool = False, budget_gib: floa
     rows = plans if all_ranks else _worst_per_stage(plans)
     kinds = sorted({k for r in rows for k in r.comm})
     host = any(r.host for r in rows)
-    head = ["rank", "(pp,dp,tp)", "layers", "params", "grads", "optim", "act/micro", "in flight", "activations",
+    head = ["rank", "(pp,dp,tp)", "layers", "params", "grads", "optim", "act/micro", "in flight", "idle", "activations",
             "bwd transient", "NS transient", "peak", *(["host (optim + act + ckpt)"] if host else []),
             "recompute GFLOP", *kinds, "largest NS matrix"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         layers = _ranges(r.layers)
         cells = [str(r.rank), str(r.coords), layers, _size(r.params), _size(r.grads), _size(r.optimizer),
-                 _size(r.activations_per_micro), f"{r.in_flight:.1f}", _size(r.activations),
+                 _size(r.activations_per_micro), f"{r.in_flight:.1f}", f"{r.idle:.1%}", _size(r.activations),
                  _size(r.backward_transient), _size(r.step_transient), f"**{_size(r.peak)}**",
                  *([_size(r.host)] if host else []),
                  f"{r.recompute_flops / 1e9:,.0f}",
@@ -547,6 +615,33 @@ def probe_dtype(policy: PrecisionPolicy) -> torch.dtype:
     return policy.param_dtype if policy.low_precision else policy.compute_dtype
 
 
+def compute_seconds(cfg, world: int) -> float:
+    """A device's share of the step's model FLOPs (models/flops.py) at the modelled H100 rate."""
+    from models.flops import flops_per_token
+
+    d = cfg.data
+    tokens = d.seq_len * d.micro_batch_size * d.grad_accum * cfg.parallel.data_parallel(world)
+    return flops_per_token(cfg.model, d.seq_len) * tokens / world / (H100_STEP_TFLOPS * 1e12)
+
+
+def format_pipeline(cfg, plans: list[RankPlan], world: int) -> str:
+    """Each pipeline rank's idle share of its schedule slots (torch's own compute order for one pass: a forward, a
+    backward or a weight gradient per slot, taken as equally long) and the step time they give: a device's compute
+    (``compute_seconds``) stretched by the most idle rank's bubble, the time every rank waits for it."""
+    p, d = cfg.parallel, cfg.data
+    if p.pp == 1:
+        return "pipeline: none (parallel.pp: 1)"
+    idle = {r.coords[0]: r.idle for r in plans}
+    per_pass = p.microbatches_per_round(d.grad_accum)
+    passes = d.grad_accum // per_pass
+    busy = compute_seconds(cfg, world)
+    worst = max(idle.values())
+    return (f"pipeline: {p.schedule}, pp {p.pp} x {p.pp_virtual_stages} stages per rank, {d.grad_accum:,} micro "
+            f"batches per step in {passes} pass{'es' if passes > 1 else ''} of {per_pass:,}: idle share of each rank's "
+            f"slots {', '.join(f'{idle[k]:.1%}' for k in sorted(idle))} (pipeline ranks 0..{p.pp - 1}); modelled "
+            f"step ~{busy:,.4g} s of compute / (1 - {worst:.1%}) = {busy / (1 - worst):,.4g} s")
+
+
 def format_flops(cfg, world: int) -> str:
     """The FLOP model the trainer logs MFU with (models/flops.py): per token, per step, per device; and the
     max-logit probe's FLOPs (outside the model FLOPs), their dtype and their modelled H100 time next to the
@@ -558,7 +653,7 @@ def format_flops(cfg, world: int) -> str:
     per_token = flops_per_token(m, d.seq_len)
     tokens = d.seq_len * d.micro_batch_size * d.grad_accum * p.data_parallel(world)
     step_device = per_token * tokens / world
-    step_s = step_device / (H100_STEP_TFLOPS * 1e12)
+    step_s = compute_seconds(cfg, world)
     model = (f"model FLOPs: {per_token / 1e9:,.2f} GFLOP per token (6 x {matmul_params_per_token(m) / 1e9:,.3f}B "
              f"matmul weights per token + causal attention {attention_flops_per_token(m, d.seq_len) / 1e9:,.2f} "
              f"GFLOP at {d.seq_len} tokens); {per_token * tokens / 1e15:,.1f} PFLOP per step of {tokens:,} tokens, "
@@ -596,8 +691,10 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)
-        print(format_plan(plan_layout(cfg, args.world), args.all_ranks, args.gpu_gib))
+        plans = plan_layout(cfg, args.world)
+        print(format_plan(plans, args.all_ranks, args.gpu_gib))
         print(format_flops(cfg, args.world))
+        print(format_pipeline(cfg, plans, args.world))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

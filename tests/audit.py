@@ -258,7 +258,8 @@ class WireAudit:
     """Records every tensor handed to a torch.distributed collective or point-to-point call (``records``)."""
 
     CALLS = ("all_to_all_single", "send", "recv", "broadcast", "reduce", "all_reduce", "all_gather_into_tensor",
-             "reduce_scatter_tensor")
+             "reduce_scatter_tensor", "all_gather_single", "reduce_scatter_single")
+    SENDS_SECOND = ("all_to_all_single", "all_gather_single", "reduce_scatter_single")  # (output, input, ...)
 
     def __init__(self) -> None:
         self.records: list[WireRecord] = []
@@ -278,7 +279,7 @@ class WireAudit:
 
     def _wrap(self, name: str, fn):
         def call(tensor, *args, **kwargs):
-            t = args[0] if name == "all_to_all_single" else tensor  # (output, input, ...): the input is sent
+            t = args[0] if name in self.SENDS_SECOND else tensor  # (output, input, ...): the input is sent
             self.records.append(WireRecord(name, t.dtype, t.numel()))
             return fn(tensor, *args, **kwargs)
         return call

@@ -70,6 +70,25 @@ def test_the_fake_fails_where_cuda_would_reuse_or_read_memory_too_early():
     host_read_of_a_copy(True)
 
 
+def test_the_fake_orders_the_bytes_each_op_touches_not_the_whole_storage():
+    """The offloaders' host memory is ranges of one arena chunk (one storage): a copy on one stream writing one
+    range and a copy on another reading a different range need no order; reading the written range does."""
+
+    def read_after_write(overlap: bool) -> None:
+        fake = FakeCudaStreams()
+        with fake:
+            chunk = fake.empty((1024,), torch.uint8, "cpu", host=True)
+            writer, reader = fake.new_stream(), fake.new_stream()
+            with fake.use(writer):
+                fake.copy_(chunk[:512], torch.ones(512, dtype=torch.uint8))
+            with fake.use(reader):
+                fake.copy_(fake.empty((256,), torch.uint8, "cpu"), chunk[256:512] if overlap else chunk[512:768])
+
+    read_after_write(False)
+    with pytest.raises(Violation, match=r"copy_ on side2 reads host memory .* \(bytes 256:512\) before side1's write"):
+        read_after_write(True)
+
+
 class _Block(nn.Module):
     def __init__(self, d: int):
         super().__init__()

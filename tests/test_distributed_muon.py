@@ -621,7 +621,7 @@ def _unused_worker(rank: int, world: int) -> None:
     gradient gates the parameter's step by the reduced flag on the device, Muon and AdamW alike."""
     from tests.audit import NoDeviceSync
 
-    for options in ({}, dict(all_reduce_min_bytes=0, bucket_cap_mb=2**-10)):
+    for options in ({}, dict(all_reduce_min_bytes=0, bucket_cap_mb=2**-10), dict(slice_min_bytes=0)):
         params = _make({**DENSE, **NEVER, **SOMETIMES})
         ref = _clone(params)
         opt = DistributedMuonClip(build_param_groups(list(params.items())), {}, OptimizerGroups(), **options, **HP)
@@ -648,9 +648,13 @@ def _unused_worker(rank: int, world: int) -> None:
         for n, p in params.items():
             _assert_close(p, ref[n], n)
             if opt.owns(p):  # the state too: AdamW's step counts the steps with a gradient somewhere
-                expected = ref_opt.state.get(ref[n], {})
+                expected, shard = ref_opt.state.get(ref[n], {}), opt.row_shards().get(n)
                 for key, value in opt.state[p].items():
-                    _assert_close(value, expected[key] if expected else torch.zeros_like(value), f"{n} {key}")
+                    want = expected[key] if expected else torch.zeros_like(value)
+                    if expected and shard is not None and key != "step":  # the rows this rank keeps
+                        want = want[shard.start:shard.start + shard.rows]
+                    _assert_close(value, want, f"{n} {key}")
+        assert bool(opt.row_shards()) == ("slice_min_bytes" in options)
         for n in NEVER:
             assert torch.equal(params[n], 0.2 * _seeded("init/" + n, NEVER[n])), n  # bitwise untouched
         _assert_identical(list(params.values()), dist.group.WORLD, "params")
@@ -703,11 +707,112 @@ def _no_tokens_worker(rank: int, world: int) -> None:
             _assert_close(p, expected, f"{n} ({dtype})", tol)
 
 
+# ---------------------------------------------------------------- AdamW tensors split by rows (ZeRO-1 proper)
+# rows on dp ranks 0 | 1: 17 | 16, 16 | 16, 5 | 4
+SLICED = {"embed_tokens.weight": (33, 8), "lm_head.weight": (32, 8), "layers.0.mlp.bias": (9,)}
+SLICE_MIN = 65  # bytes: the float64 tensors above are sliced, the (8,) norm (64 bytes) is owned whole
+
+
+
+def _sliced_worker(rank: int, world: int) -> None:
+    """dp=2, float64: the embedding, the head and a bias (odd row counts) are split by rows, each rank keeping the
+    AdamW state of its rows only (1/dp of the bytes, the padding aside); the rest is owned whole as before. Five
+    steps (gradients by backward's hooks, by hand inside ``grads_added_by_hand`` and set before the reduction) equal
+    one process; the reduce-scatter and all-gather send each rank's segment: ceil(rows/2) rows of each tensor and a
+    presence flag each (CountingComm's counts); a state_dict resume is bitwise. Then bf16 parameters with float32
+    masters: slicing gives bitwise the run that owns every tensor whole (the sums of two ranks do not depend on the
+    collective; no clipping, whose norm sums other partial sums), also with offloaded state and with the gradients
+    reduced in bf16, every reduction started from backward's hooks."""
+    shapes = {**DENSE, **SLICED}
+    params = _make(shapes)
+    ref = _clone(params)
+    opt = DistributedMuonClip(build_param_groups(list(params.items())), {}, OptimizerGroups(),
+                              slice_min_bytes=SLICE_MIN, **HP)
+    ref_opt = MuonClip(build_param_groups(list(ref.items())), **HP)
+    assert set(opt.row_shards()) == set(SLICED) and all(opt.owns(params[n]) for n in SLICED)
+    assert [b.sliced for b in opt.buckets].count(True) == 1 and not any(opt._all_reduce)
+    for step in range(1, STEPS + 1):
+        for n, p in params.items():
+            if not p.requires_grad:
+                continue
+            g = _grad(n, rank, step, p.shape)
+            ref[n].grad = _mean_grad(n, world, step, p.shape)
+            if n == "embed_tokens.weight" and step % 2:  # through autograd: the hook adds it into the segments
+                (p * g).sum().backward()
+            elif n == "lm_head.weight" and step % 2:  # by hand, as zero-bubble pipeline schedules add theirs
+                with opt.grads_added_by_hand([p]):
+                    p.grad = g
+            else:
+                p.grad = g
+        _step_both(opt, ref, ref_opt)
+        if step == 3:
+            saved, at3 = copy.deepcopy(opt.state_dict()), _clone(params)
+    for n, p in params.items():
+        _assert_close(p, ref[n], n)
+    _assert_identical(list(params.values()), dist.group.WORLD, "params")
+    for n, shape in SLICED.items():  # this rank's rows (torch.chunk's, DTensor Shard(0)'s): 1/dp of the bytes
+        mine = torch.arange(shape[0]).chunk(world)[rank]
+        start, rows = int(mine[0]), len(mine)
+        shard = opt.row_shards()[n]
+        assert (shard.start, shard.rows, shard.shape) == (start, rows, shape), (n, shard)
+        state, full = opt.state[params[n]], ref_opt.state[ref[n]]
+        assert state["exp_avg"].shape == (rows, *shape[1:]) and state["step"].item() == STEPS, n
+        for key in ("exp_avg", "exp_avg_sq"):
+            _assert_close(state[key], full[key][start:start + rows], f"{n} {key}")
+        nbytes = sum(state[k].numel() * state[k].element_size() for k in ("exp_avg", "exp_avg_sq"))
+        assert _world_sum(nbytes) == 2 * math.prod(shape) * 8 and nbytes <= 16 * -(-shape[0] // world) * shape[-1]
+    # per step, each rank sends the other its segment of the gradients (float64: ceil(rows/2) rows of each tensor,
+    # a presence flag each) and its updated rows
+    segment = sum(-(-s[0] // world) * math.prod(s[1:]) for s in SLICED.values())
+    assert opt.comm_bytes["reduce_scatter"] == STEPS * (world - 1) * (segment + len(SLICED)) * 8
+    assert opt.comm_bytes["all_gather"] == STEPS * (world - 1) * segment * 8
+    assert opt.comm_bytes["reduce"] > 0 and opt.comm_bytes["broadcast"] > 0  # the tensors owned whole
+    resumed = DistributedMuonClip(build_param_groups(list(at3.items())), {}, OptimizerGroups(),
+                                  slice_min_bytes=SLICE_MIN, **HP)
+    resumed.init_state()
+    resumed.load_state_dict(saved)
+    for step in (4, 5):
+        for n, p in at3.items():
+            if p.requires_grad:
+                p.grad = _grad(n, rank, step, p.shape)
+        resumed.clip_grad_norm_(MAX_NORM)
+        resumed.step()
+        resumed.zero_grad()
+    for n, p in params.items():
+        assert torch.equal(at3[n], p), f"{n} after a resume"
+
+    # bf16 parameters, float32 masters: sliced == owned whole, bit for bit (no clipping: the norm's partial sums differ)
+    def run(slice_min: int, **options) -> dict[str, torch.Tensor]:
+        ps = {n: nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=p.requires_grad)
+              for n, p in _make(shapes).items()}
+        o = DistributedMuonClip(build_param_groups(list(ps.items())), {}, OptimizerGroups(), slice_min_bytes=slice_min,
+                                **options, **dict(HP, ns_dtype=torch.float32))
+        for step in range(1, 4):
+            for n, p in ps.items():
+                if p.requires_grad:
+                    (p * _grad(n, rank, step, p.shape).to(torch.bfloat16)).float().sum().backward()
+            o.step()
+            assert o.last_step_stats["reduced_in_backward"] == len(o.buckets)  # the sliced one's too: hooks start it
+            o.zero_grad()
+        assert bool(o.row_shards()) == (slice_min == SLICE_MIN)
+        if options.get("offload_state"):
+            assert o.state_bytes("host") > 0
+        return ps
+
+    whole = run(2**40)
+    for options in ({}, dict(offload_state=True), dict(reduce_dtype=torch.bfloat16)):
+        sliced = run(SLICE_MIN, **options)
+        base = whole if not options.get("reduce_dtype") else run(2**40, **options)
+        for n, p in sliced.items():
+            assert torch.equal(p, base[n]), (n, options)
+
+
 # ---------------------------------------------------------------- one spawn per world size (startup dominates)
 CHECKS = {"replicated": _replicated_worker, "resume_qkclip": _resume_and_qkclip_worker, "tp": _tp_worker,
           "post_step_clip": _post_step_clip_worker,
           "experts": _expert_worker, "options": _options_worker, "overlap": _overlap_worker, "order": _order_worker,
-          "bf16_buckets": _bf16_buckets_worker, "unused": _unused_worker, "no_tokens": _no_tokens_worker}
+          "bf16_buckets": _bf16_buckets_worker, "unused": _unused_worker, "no_tokens": _no_tokens_worker,
+          "sliced": _sliced_worker}
 
 
 def _suite_worker(rank: int, world: int, out_dir: str, names: list[str]) -> None:
@@ -744,7 +849,7 @@ class _Suite:
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory) -> _Suite:
     return _Suite(2, ["replicated", "resume_qkclip", "overlap", "order", "bf16_buckets", "post_step_clip", "unused",
-                      "no_tokens"],
+                      "no_tokens", "sliced"],
                   str(tmp_path_factory.mktemp("dist2")))
 
 
@@ -775,6 +880,10 @@ def test_a_parameter_without_a_gradient_is_skipped_as_in_one_process_dp2(world2)
 
 def test_experts_without_tokens_keep_the_overlap_and_match_one_process_dp2_ep2(world2):
     world2.check("no_tokens")
+
+
+def test_large_adamw_tensors_are_split_by_rows_and_match_one_process_dp2(world2):
+    world2.check("sliced")
 
 
 def test_state_dict_resume_and_qkclip_dp2(world2):

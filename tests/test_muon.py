@@ -255,6 +255,30 @@ def test_adamw_groups_bit_identical_to_torch_adamw():
         assert ours.state[a]["step"].item() == 6
 
 
+def test_adamw_holds_one_temporary_when_given_the_spent_gradient():
+    """``adamw_apply_``'s high point above its inputs (tests/audit.py ``LiveBytes``) is one tensor of the moments'
+    size when the update goes into ``scratch`` (ZeRO-1's spent gradient; the denominator divided and shifted in
+    place), two without (what the planner counts for one process), and the result is bitwise the same: Kimi K2's
+    head was two full-size float32 temporaries of 4.7 GB each, now one of its rows on each rank."""
+    from muonclip.muon import adamw_apply_, adamw_moments_
+    from tests.audit import LiveBytes
+
+    gen = torch.Generator().manual_seed(7)
+    n, hp = 1 << 16, dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    weights, grad = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    results, peaks = [], []
+    for scratch in (False, True):
+        weight, exp_avg, exp_avg_sq, g = weights.clone(), torch.zeros(n), torch.zeros(n), grad.clone()
+        step = torch.ones(())
+        adamw_moments_(g, exp_avg, exp_avg_sq, hp["betas"])
+        with LiveBytes() as live:
+            adamw_apply_(weight, exp_avg, exp_avg_sq, step, **hp, scratch=g if scratch else None)
+        results.append(weight)
+        peaks.append(live.peak)
+    assert torch.equal(*results)
+    assert [p // (4 * n) for p in peaks] == [2, 1] and max(p % (4 * n) for p in peaks) <= 64, peaks
+
+
 def _mixed_params(gen, dtype):
     shapes = {"w_wide": (12, 20), "w_tall": (20, 12), "experts": (3, 8, 16), "emb": (30, 8), "gain": (8,)}
     return {k: nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for k, s in shapes.items()}

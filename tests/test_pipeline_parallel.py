@@ -130,6 +130,20 @@ def test_pp2_schedules_match_one_process(tmp_path, schedule, virtual):
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("schedule,pp", [("interleaved_1f1b", 4), ("zbv", 2), ("dualpipev", 2)])
+def test_the_planned_pass_is_lowered_as_torch_lowers_it(schedule, pp):
+    """The planner's and the send ledger's view of a pass (parallel/pipeline_runtime.py ``lowered_order``, with its
+    linear-time FSDP prefetch pass) is torch's own lowering of its compute order, action for action."""
+    from torch.distributed.pipelining import schedules as pps
+
+    from parallel.pipeline_runtime import compute_order, flatten, lowered_order, stage_to_rank
+
+    order = compute_order(schedule, pp, 2, 8)
+    torchs = pps._add_send_recv({r: pps._add_reduce_grad(pps._add_unshard_reshard(a), 8) for r, a in order.items()},
+                                stage_to_rank(schedule, pp, 2), 2 * pp)
+    assert lowered_order(schedule, pp, 2, 8) == {r: flatten(a) for r, a in torchs.items()}
+
+
 def _logged(action, name, events):
     def run(*args, **kwargs):
         out = action(*args, **kwargs)

@@ -20,7 +20,7 @@ from tests.test_train import debug_cfg
 # parameters (routed experts) dominate; 2 steps, 2 micro batches each
 BIG = ["--model.dim=256", "--model.n_layers=3", "--model.n_routed_experts=32", "--model.moe_inter_dim=2048",
        "--train.steps=2", "--train.eval_interval=0", "--schedule.warmup_steps=1", "--data.grad_accum=2"]
-OPTIMIZER_COMM = ("reduce", "broadcast", "all_reduce", "all_to_all")  # what CountingComm counts
+OPTIMIZER_COMM = ("reduce", "broadcast", "all_reduce", "all_to_all", "reduce_scatter", "all_gather")  # CountingComm's
 
 
 def _measure(rank: int, world: int, out: str, overrides: list[str]) -> None:
@@ -86,14 +86,30 @@ def test_planned_context_parallel_bytes_are_the_all_to_alls_of_a_step(tmp_path, 
         assert plan.comm["cp_all_to_all"] == measured // 2  # the other half stays on the rank
 
 
-def test_the_cli_prints_every_stage_and_the_verdict(capsys):
+def test_the_cli_prints_every_stage_the_verdict_and_the_bubble(capsys):
+    """Kimi K2 on 256 GPUs runs its 1,024 micro batches in one pipeline pass: it fits 80 GiB and every pipeline
+    rank idles at most 5% of its schedule slots (1.5% on rank 0; 49% in the 16-micro-batch rounds it used to run)."""
     root = Path(__file__).resolve().parent.parent
     assert main(["--config", str(root / "configs" / "kimi_k2.yaml"), "--world", "256", "--train.device=cuda"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if re.match(r"\| \d+ \| \(", line)]
     assert len(rows) == 16 and all("7168" in line for line in rows)  # one row per pipeline stage
-    assert "largest peak: rank" in out
+    assert "largest peak: rank" in out and "-> fits in 80 GiB" in out
+    column = [c.strip() for c in next(x for x in out.splitlines() if x.startswith("| rank")).split("|")].index("idle")
+    idle = [float(line.split("|")[column].strip().rstrip("%")) for line in rows]
+    assert max(idle) <= 5.0 and idle[0] == 1.5, idle
+    assert "1,024 micro batches per step in 1 pass of 1,024" in out and "modelled step ~" in out
     assert main(["--config", str(root / "configs" / "kimi_k2.yaml"), "--world", "100"]) == 2
+
+
+def test_the_idle_share_is_the_bubble_of_torchs_op_table():
+    """Interleaved 1F1B at pp16 x 2 virtual stages, rank 0 (torch 2.13's op table: a forward or a backward per
+    slot): 16 micro batches per pass take 126 slots for 64 busy, 64 take 318 for 256, 1,024 take 4,158 for 4,096."""
+    from parallel.pipeline_runtime import idle_fraction
+
+    for micro, slots in ((16, 126), (64, 318), (1024, 4158)):
+        assert idle_fraction("interleaved_1f1b", 16, 2, micro, 0) == (slots - 4 * micro) / slots
+    assert [round(idle_fraction("interleaved_1f1b", 16, 2, m, 0), 3) for m in (16, 1024)] == [0.492, 0.015]
 
 
 def test_plan_of_the_whole_model_adds_up():
@@ -117,9 +133,10 @@ def test_plan_of_the_whole_model_adds_up():
 
 @pytest.mark.parametrize("dtype,itemsize", [("bfloat16", 2), ("float32", 4)])
 def test_planned_zero1_broadcast_sends_parameters_in_their_dtype(dtype, itemsize):
-    """dp=2 ZeRO-1 (planned, no processes): every trainable parameter is broadcast once per step from its owner, in
-    the parameters' dtype (bf16: 2 bytes an element, not float32's 4), and each rank sends (G-1)/G = 1/2 of it, as
-    CountingComm counts a broadcast (tests/test_precision_dist.py measures the wire: bf16, every bucket once)."""
+    """dp=2 ZeRO-1 (planned, no processes): every trainable parameter is broadcast once per step from its owner (the
+    embedding and the head all-gathered from every rank's rows), in the parameters' dtype (bf16: 2 bytes an element,
+    not float32's 4), and each rank sends (G-1)/G = 1/2 of it, as CountingComm counts a broadcast or an all-gather
+    (tests/test_precision_dist.py measures the wire: bf16, every bucket once)."""
     from models import Transformer
 
     cfg = debug_cfg("/tmp/unused", "--data.micro_batch_size=2", f"--train.param_dtype={dtype}",
@@ -128,7 +145,8 @@ def test_planned_zero1_broadcast_sends_parameters_in_their_dtype(dtype, itemsize
         model = Transformer(cfg.model)
     elements = sum(p.numel() for p in model.parameters() if p.requires_grad)
     plans = plan_layout(cfg, 2)
-    assert [plan.comm["broadcast"] for plan in plans] == [itemsize * elements // 2] * 2
+    assert [plan.comm["broadcast"] + plan.comm["all_gather"] for plan in plans] == [itemsize * elements // 2] * 2
+    assert all(plan.comm["all_gather"] == itemsize * 2 * cfg.model.vocab_size * cfg.model.dim // 2 for plan in plans)
 
 
 ARENA_CHUNK = 2**18  # the offloaders' host arenas grow in chunks this small here, so their layouts take several
@@ -145,11 +163,15 @@ def _states(rank: int, world: int, out: str, overrides: list[str]) -> None:
     trainer.train_step()
     opt = trainer.optimizer
     buffers = opt._flat if hasattr(opt, "_flat") else [opt._main.flat]
+    params = dict(trainer.model.named_parameters())
+    adamw = {n: sum(t.numel() * t.element_size() for k, t in opt.state.get(params[n], {}).items() if k != "step")
+             for n in ("embed_tokens.weight", "lm_head.weight") if n in params}
     Path(out, f"rank{rank}.json").write_text(json.dumps({
         "params": sum(p.numel() * p.element_size() for p in trainer.model.parameters()),
         "grads": sum(b.numel() * b.element_size() for b in buffers),
         "optimizer": opt.state_bytes("device"), "optimizer_host": opt.state_bytes("host"),
-        "optimizer_host_reserved": opt.offload.arena.reserved if opt.offload is not None else 0}))
+        "optimizer_host_reserved": opt.offload.arena.reserved if opt.offload is not None else 0,
+        "embedding_and_head": adamw}))
 
 
 BF16 = ["--train.param_dtype=bfloat16", "--train.dtype=bfloat16", "--train.steps=2", "--train.eval_interval=0",
@@ -168,17 +190,23 @@ def test_planned_states_of_a_bf16_run_are_the_bytes_allocated(tmp_path, monkeypa
     """bf16 parameters (2 bytes, the router bias 4), float32 gradient buffers (4), and per owned parameter its float32
     master (4) + Muon momentum (4) or AdamW moments (8) and step: the planner's bytes equal the tensors each rank
     allocated, exactly, the optimizer state split into device and host memory; offloaded, the host memory its
-    arena allocated for it (muonclip/host_arena.py: the chunks, unpinned here) is the planner's, exactly."""
+    arena allocated for it (muonclip/host_arena.py: the chunks, unpinned here) is the planner's, exactly. Under
+    ZeRO-1 over dp2 each rank keeps the master and moments of half the embedding's and the head's rows (they were
+    owned whole: all on one rank, none on the other)."""
     import muonclip.host_arena
 
     monkeypatch.setattr(muonclip.host_arena, "CHUNK_BYTES", ARENA_CHUNK)
     run_distributed(_states, world, str(tmp_path), [*BF16, *layout])
     plans = plan_layout(debug_cfg(tmp_path, *BF16, *layout), world)
+    m = debug_cfg(tmp_path, *BF16, *layout).model
+    dp = world // (2 if "--parallel.pp=2" in layout else 1) if "--parallel.optimizer=replicated" not in layout else 1
     for rank, plan in enumerate(plans):
         measured = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        adamw = measured.pop("embedding_and_head")
         assert measured == {"params": plan.params, "grads": plan.grads, "optimizer": plan.optimizer,
                             "optimizer_host": plan.optimizer_host,
                             "optimizer_host_reserved": plan.optimizer_host_reserved}, rank
+        assert adamw and set(adamw.values()) == {(4 + 8) * m.vocab_size * m.dim // dp}, (rank, adamw)
         if "--optim.offload_state=true" in layout:
             assert plan.optimizer_host_reserved > 4 * ARENA_CHUNK  # several chunks to lay out
 

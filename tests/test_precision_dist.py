@@ -41,14 +41,16 @@ def replicas_hold_the_rounded_masters(trainer) -> None:
     """Every managed bf16 parameter equals its float32 master rounded: on the owner directly, elsewhere the
     owner's parameter (every rank of a parameter's sharding group holds the same bf16 values)."""
     opt = trainer.optimizer
-    for p in trainer.model.parameters():
+    rows = opt.row_shards()  # the tensors split by rows: this rank keeps the master of its rows
+    for name, p in trainer.model.named_parameters():
         if not p.requires_grad:
             assert p.dtype == torch.float32  # the router bias
             continue
         assert p.dtype == BF16
         master = opt.state.get(p, {}).get("master")
+        mine = p if name not in rows else p[rows[name].start:rows[name].start + rows[name].rows]
         if master is not None:
-            assert master.dtype == torch.float32 and torch.equal(p, master.to(BF16))
+            assert master.dtype == torch.float32 and torch.equal(mine, master.to(BF16))
         if getattr(opt, "_slot", None) and id(p) in opt._slot:
             slot = opt._slot[id(p)]
             group = opt._group(slot)
@@ -104,7 +106,8 @@ def _wire_worker(rank: int, world: int, out: str, overrides: list[str]) -> None:
         comm.bytes_sent.clear()
     with WireAudit() as wire:
         trainer.train_step()
-    buckets = [(b.numel, b.buffer_numel) for b in getattr(trainer.optimizer, "buckets", []) if b.group_size > 1]
+    buckets = [(b.numel, b.buffer_numel, b.sliced) for b in getattr(trainer.optimizer, "buckets", [])
+               if b.group_size > 1]
     torch.save({"records": [(r.call, r.dtype, r.numel) for r in wire.records], "buckets": buckets,
                 "comm": dict(comm.bytes_sent) if comm is not None else {},
                 "clipped": int(trainer.qkclip_post.last_clipped) if trainer.qkclip_post is not None else None},
@@ -125,11 +128,15 @@ def test_zero1_broadcasts_bf16_parameters_and_reduces_in_grad_reduce_dtype(tmp_p
                                                      f"--parallel.grad_reduce_dtype={reduce_dtype}"])
     for rank in range(2):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
-        records, n, wire = saved["records"], *map(sum, zip(*saved["buckets"]))
-        assert 0 < n < wire
-        assert _elements(records, "broadcast") == {BF16: n}  # every bucket's parameters once, 2 bytes each
-        # the gradients once, and a presence flag per parameter
-        assert _elements(records, "reduce") == {getattr(torch, reduce_dtype): wire}
+        records = saved["records"]
+        for sliced, (reduce, send) in {False: ("reduce", "broadcast"),
+                                       True: ("reduce_scatter_single", "all_gather_single")}.items():
+            n, wire = (sum(b[k] for b in saved["buckets"] if b[2] == sliced) for k in (0, 1))
+            assert 0 < n < wire
+            # every bucket's parameters once, 2 bytes each (a sliced bucket's: each rank its rows, its segment)
+            assert _elements(records, send) == {BF16: n}, sliced
+            # the gradients once, and a presence flag per parameter (a sliced bucket's: every rank's segment)
+            assert _elements(records, reduce) == {getattr(torch, reduce_dtype): wire}, sliced
 
 
 def test_a_post_step_clip_that_clips_nothing_sends_what_a_step_without_qk_clip_sends(tmp_path):
@@ -295,8 +302,9 @@ def test_zero1_and_zbv_accumulate_bf16_micro_batches_in_float32(tmp_path):
     grads = {}
     for name in ACCUM_LAYOUTS:
         owned = [torch.load(tmp_path / f"{name}.{rank}.pt") for rank in range(2)]
-        assert owned[0] and owned[1] and not owned[0].keys() & owned[1].keys(), name  # each rank owns a part
-        grads[name] = {**owned[0], **owned[1]}
+        both = owned[0].keys() & owned[1].keys()  # the tensors split by rows: each rank reads its half
+        assert owned[0] and owned[1] and both <= {"embed_tokens.weight", "lm_head.weight"}, name  # each owns a part
+        grads[name] = {**owned[0], **owned[1], **{k: torch.cat([owned[0][k], owned[1][k]]) for k in both}}
     bf16_noise = relative_distance(grads["bf16"], grads["fp32"])  # also: every gradient is in every layout
     for name in ("zero1", "zbv_pp2"):
         distance = relative_distance(grads[name], grads["bf16"])

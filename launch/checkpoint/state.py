@@ -80,10 +80,13 @@ def rank() -> int:
     return dist.get_rank() if distributed() else 0
 
 
-def shard_views(tensors: dict[str, Any], placements: dict[str, Any], groups: Any) -> dict[str, Any]:
+def shard_views(tensors: dict[str, Any], placements: dict[str, Any], groups: Any,
+                row_shards: dict[str, Any] | None = None) -> dict[str, Any]:
     """Wrap tensors of expert-parallel ("expert": Shard(0) over ``groups.ep_group``) and tensor-parallel
     ("tp_sharded": Shard(dim) over the tp group) parameters, and their optimizer state, as DTensors sharing
-    the local storage, so DCP saves/loads the global tensors. Replicated tensors are returned unchanged.
+    the local storage, so DCP saves/loads the global tensors. Replicated tensors are returned unchanged, but for the
+    state of the ZeRO-1 sliced ones (``row_shards``: ``optimizer.row_shards()``; masters included: a tensor with
+    fewer rows than the parameter), this rank's rows: Shard(0) over their group, torch.chunk's split.
 
     One mesh per (group, device type): ``DTensor.from_local`` copies a tensor of another device type onto its
     mesh's device, and DCP would load into that copy. With ``optim.offload_state`` a group holds host masters and
@@ -93,8 +96,21 @@ def shard_views(tensors: dict[str, Any], placements: dict[str, Any], groups: Any
 
     meshes: dict[tuple[int, str], Any] = {}
     out = dict(tensors)
+    row_shards = row_shards or {}
+
+    def mesh(group: Any, device_type: str) -> Any:
+        if (id(group), device_type) not in meshes:
+            meshes[id(group), device_type] = DeviceMesh.from_group(group, device_type)
+        return meshes[id(group), device_type]
+
     for key, t in tensors.items():
         name = key[len("optim/"):].rsplit("/", 1)[0] if key.startswith("optim/") else key
+        rows = row_shards.get(name)
+        if rows is not None and t.ndim > 0 and tuple(t.shape) != tuple(rows.shape):  # this rank's rows
+            stride = torch.empty(rows.shape, device="meta").stride()
+            out[key] = DTensor.from_local(t, mesh(rows.group, t.device.type), [Shard(0)], run_check=False,
+                                          shape=torch.Size(rows.shape), stride=stride)
+            continue
         placement = placements.get(name)
         if placement is None or placement.kind == "replicated" or t.ndim == 0:
             continue
@@ -102,8 +118,5 @@ def shard_views(tensors: dict[str, Any], placements: dict[str, Any], groups: Any
                       else (placement.tp_group, placement.shard_dim))
         if group is None or dist.get_world_size(group) == 1:
             continue
-        mesh_key = (id(group), t.device.type)
-        if mesh_key not in meshes:
-            meshes[mesh_key] = DeviceMesh.from_group(group, t.device.type)
-        out[key] = DTensor.from_local(t, meshes[mesh_key], [Shard(dim)], run_check=False)
+        out[key] = DTensor.from_local(t, mesh(group, t.device.type), [Shard(dim)], run_check=False)
     return out

@@ -116,6 +116,7 @@ from muonclip.muon import apply_muon_update_, muon_momentum_, orthogonalize
 from muonclip.newton_schulz import CoefficientSpec
 from muonclip.optimizer import MuonClip
 from muonclip.placement import REPLICATED, Placement
+from muonclip.grad_norm import sum_of_squares
 from muonclip.skip_nonfinite import Gate, decide
 
 
@@ -685,11 +686,10 @@ class DistributedMuonClip(MuonClip):
             raise ValueError(f"DistributedMuonClip.clip_grad_norm_ supports norm_type=2 only, got {norm_type}")
         self.reduce_gradients()
         owned = [(s, view) for i in range(len(self.buckets)) if self._owns_bucket(i) for s, view in self._views(i)]
-        acc = torch.float64 if any(view.dtype == torch.float64 for _, view in owned) else torch.float32
-        sq = torch.zeros(1, dtype=acc, device=self._device)
+        sq = torch.zeros(1, dtype=torch.float64, device=self._device)  # muonclip/grad_norm.py: row norms in float64
         for s, grad in owned:
             if s.kind == "tp_sharded" or self.tp_rank == 0:
-                sq += torch.linalg.vector_norm(grad, dtype=acc).square().to(self._device)
+                sq += sum_of_squares(grad).to(self._device)
         self.comm.all_reduce(sq, dist.ReduceOp.SUM, self.norm_group)
         if self.pipeline_group is not None:
             self.comm.all_reduce(sq, dist.ReduceOp.SUM, self.pipeline_group)

@@ -46,6 +46,7 @@ except ImportError:  # torch built without distributed support: no DTensor can r
 
 from torch.utils.hooks import RemovableHandle
 
+from muonclip.grad_norm import sum_of_squares
 from muonclip.main_grads import MainGrads
 from muonclip.muon import adamw_apply_, adamw_moments_, apply_muon_update_, muon_momentum_, orthogonalize
 from muonclip.newton_schulz import NS_DTYPES, CoefficientSpec, choose_path, ns_schedule
@@ -360,12 +361,15 @@ class MuonClip(torch.optim.Optimizer):
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
         """Scale all gradients (float32 buffers included) so their global L2 norm is at most ``max_norm``; return
-        the norm before clipping (``max_norm`` inf: measure only). The same arithmetic as
-        ``torch.nn.utils.clip_grad_norm_``. A norm that is not finite makes the next ``step()`` a no-op
+        the norm before clipping (``max_norm`` inf: measure only). ``torch.nn.utils.clip_grad_norm_``'s arithmetic
+        but for the norm, summed from row norms in float64 (muonclip/grad_norm.py: every layout of
+        DistributedMuonClip adds up the same rows). A norm that is not finite makes the next ``step()`` a no-op
         (``step_ok``)."""
         self.reduce_gradients()
         grads = [g for g in (self.grad(p) for group in self.param_groups for p in group["params"]) if g is not None]
-        total = torch.nn.utils.get_total_norm(grads, 2.0)
+        device = grads[0].device if grads else torch.device("cpu")
+        total = sum((sum_of_squares(g).to(device) for g in grads), torch.zeros((), dtype=torch.float64,
+                                                                                 device=device)).sqrt()
         self.step_ok = decide(total)
         if math.isinf(max_norm):
             return total

@@ -59,6 +59,7 @@ import torch
 from parallel.precision import LOW_PRECISION, PrecisionPolicy, apply_precision
 
 F32 = 4
+F64 = 8
 
 
 @dataclass
@@ -357,8 +358,8 @@ def _comm(cfg, slots, buckets, me: dict[str, int], tp_rank: int, plan, pp_rank: 
                 add("reduce", (G - 1) * wire // G)
             add("broadcast", (G - 1) * b.nbytes() // G)  # the parameters, in their dtype
     stage = dp * tp
-    add("all_reduce", 2 * (stage - 1) * F32 // stage if stage > 1 else 0)  # the grad norm (one float)
-    add("all_reduce", 2 * (pp - 1) * F32 // pp if pp > 1 else 0)
+    add("all_reduce", 2 * (stage - 1) * F64 // stage if stage > 1 else 0)  # the grad norm (one float64)
+    add("all_reduce", 2 * (pp - 1) * F64 // pp if pp > 1 else 0)
     if tp > 1:  # Newton–Schulz over TP: gather the owned tp_sharded updates, send every result back
         owned = [s for s in slots if s.use_muon and s.owner == me[s.sharding]]
         gather = sum(s.param.numel() for s in owned if s.kind == "tp_sharded" and s.ns_rank != tp_rank)

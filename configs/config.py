@@ -229,6 +229,9 @@ class ParallelConfig:
 
     dp: int = 0  # 0 = world_size // (pp * cp * tp)
     tp: int = 1
+    # sequence parallelism (Megatron's --sequence-parallel, parallel/sequence_parallel.py): the tp ranks also split
+    # each sequence outside the tensor-parallel regions (norms, residual stream, routers, routed experts)
+    sequence_parallel: bool = False
     ep: int = 1
     # context parallelism: ranks that split each sequence (data.seq_len / cp tokens each; all-to-all over heads
     # around attention, Ulysses: parallel/context_parallel.py); gradients are reduced over dp x cp
@@ -280,6 +283,12 @@ class ParallelConfig:
         _need(s, self.dp >= 0, f"dp must be >= 0 (0 = infer from the world size), got {self.dp}")
         _need(s, self.tp >= 1 and self.ep >= 1 and self.cp >= 1,
               f"tp, ep and cp must be >= 1, got tp={self.tp} ep={self.ep} cp={self.cp}")
+        _need(s, not self.sequence_parallel or self.tp > 1,
+              f"sequence_parallel: true splits sequences over the tensor-parallel ranks: it needs tp > 1, got "
+              f"tp={self.tp}")
+        _need(s, not (self.sequence_parallel and self.ep > 1),
+              f"sequence_parallel: true with ep={self.ep} (experts folded across the tensor-parallel ranks) is not "
+              "supported yet: use ep: 1")
         _need(s, self.pp >= 1 and self.pp_virtual_stages >= 1,
               f"pp and pp_virtual_stages must be >= 1, got pp={self.pp} pp_virtual_stages={self.pp_virtual_stages}")
         _one_of(s, "pp_schedule", self.pp_schedule, ("", "1f1b", "interleaved_1f1b", "zbv", "dualpipev"))
@@ -395,6 +404,10 @@ class JobConfig:
             _need("optim", not (self.optim.qk_clip and self.optim.qk_clip_mode == "post_step"),
                   "qk_clip_mode: post_step re-runs a forward after the update, which a pipeline cannot do per stage "
                   "in order yet: use qk_clip_mode: forward with parallel.pp > 1")
+        if p.sequence_parallel:
+            _need("data", d.seq_len % (p.cp * p.tp) == 0,
+                  f"seq_len ({d.seq_len}) must be divisible by parallel.cp * parallel.tp ({p.cp} * {p.tp}): "
+                  "sequence parallelism gives each tensor-parallel rank 1/tp of a context-parallel chunk")
         if m.first_k_dense < m.n_layers:
             _need("parallel", m.n_routed_experts % p.ep == 0,
                   f"ep ({p.ep}) must divide model.n_routed_experts ({m.n_routed_experts})")
@@ -403,9 +416,6 @@ class JobConfig:
                   f"tp * cp ({p.tp} * {p.cp}) must divide model.n_heads ({m.n_heads}): each context-parallel rank "
                   f"attends over the whole sequence for 1/cp of its heads")
             _need("data", d.seq_len % p.cp == 0, f"seq_len ({d.seq_len}) must be divisible by parallel.cp ({p.cp})")
-            _need("model", m.seq_aux_loss_alpha == 0,
-                  "seq_aux_loss_alpha > 0 with parallel.cp > 1: the sequence-wise balance loss needs each whole "
-                  "sequence on one rank; use seq_aux_loss_alpha: 0 (the router's bias balances the load) or cp: 1")
         _need("data", bool(d.val_sources) or d.val_fraction > 0 or self.train.eval_interval == 0,
               "validation needs data: set val_fraction > 0 or val_sources, or train.eval_interval: 0")
         _need("schedule", self.schedule.warmup_steps <= self.train.steps,

@@ -93,10 +93,12 @@ def build_pipeline(cfg: JobConfig, rt: Runtime, model: Transformer) -> Pipeline:
     the loss (float32 mean cross entropy per micro batch) on the last stage. The stages' gradients are the sum over
     micro batches: DistributedMuonClip divides them (``grad_sum_divisor``), since its reductions start inside the
     schedule's backward, before torch's own in-place scaling would run."""
-    d = cfg.data
-    per_round = cfg.parallel.microbatches_per_round(d.grad_accum)
+    d, p = cfg.data, cfg.parallel
+    per_round = p.microbatches_per_round(d.grad_accum)
+    tokens = d.seq_len // p.cp  # the ids of a micro batch; the hidden states 1/tp of them under sequence parallelism
+    hidden = tokens // p.tp if p.sequence_parallel else tokens
     return pipeline_schedule(model, stage_plan(cfg, rt), rt.groups.pp_group, rt.device, per_round, None,
-                             cfg.parallel.schedule, micro_batch=(d.micro_batch_size, d.seq_len // cfg.parallel.cp),
+                             p.schedule, micro_batch=(d.micro_batch_size, tokens, hidden),
                              dtype=PrecisionPolicy.from_config(cfg).activation_dtype, scale_grads=False)
 
 

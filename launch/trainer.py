@@ -139,7 +139,9 @@ class Trainer:
         self.qkclip.register(self.optimizer)
         self.qkclip_post = (muonclip.QKClip(self.model.qk_clip_specs(), tau=o.qk_clip_tau, process_group=dp_group,
                                             optimizer=self.optimizer) if post_step else None)
-        self.router_hook = RouterBiasUpdate(self.model.moe_routers(), process_group=dp_group)
+        # the loads of every token of the stage (sequence parallelism: each TP rank routes its own; without it TP peers
+        # count the same tokens tp times, which the sign of the update and the logged shares do not see)
+        self.router_hook = RouterBiasUpdate(self.model.moe_routers(), process_group=rt.groups.stage)
         self.manual_hooks = [h for h in (register_post_step(self.optimizer, self.router_hook),) if h is not None]
         m = cfg.monitor
         self.detector = monitor_lib.SpikeDetector(m.spike_window, m.spike_threshold, m.spike_min_history)

@@ -56,10 +56,10 @@ class _AttentionBase:
                 positions_BT: torch.Tensor | None = None) -> torch.Tensor:
         """``documents`` (document masking, models/document_mask.py): the packed sample's documents, a token attends
         only to its own; ``positions_BT``: RoPE positions (default 0..T-1), e.g. restarting per document."""
-        B, T, _ = x_BTD.shape
         masked = () if documents is None else (documents,)
         out = self.attend(*self._qkv(x_BTD, positions_BT), *masked)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        # the output's own length (sequence parallelism gathers the sequence inside ``_qkv``: x holds a part of it)
+        return self.o_proj(out.transpose(1, 2).flatten(2))
 
     def attend(self, q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, v_BHTe: torch.Tensor,
                documents: Documents | None = None) -> torch.Tensor:

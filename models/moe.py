@@ -1,6 +1,8 @@
 """Mixture of experts: sigmoid top-k router with aux-loss-free bias, stacked routed experts, shared experts."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,6 +38,13 @@ class Router(nn.Module):
     ``f_i = E / (K * T) * (tokens that selected expert i)`` and ``P_i`` the mean over the sequence's tokens of
     expert i's score normalised over all experts; the mean over the micro batch's sequences. ``MoE`` adds it to
     the training objective; ``seq_aux_loss_stat`` keeps [sum, count] of its values over the step's forwards.
+
+    ``sequence_shards`` (set by parallel/ where ranks split each sequence: sequence or context parallelism): ``(n,
+    total, grad_scale)``, this router sees 1/n of each sequence's tokens and ``total`` sums a tensor over the n ranks
+    holding them. The token counts and the probability means are then summed over them (one collective of [S, 2E]),
+    so every rank's loss has the whole sequences' value, and its gradient reaches this rank's tokens' scores only,
+    times ``grad_scale``: the sum over the n ranks is one process's gradient once the data-parallel average (over
+    context-parallel ranks too: ``grad_scale`` = cp) is taken.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -49,6 +58,7 @@ class Router(nn.Module):
         self.register_buffer("expert_load_E", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.register_buffer("seq_aux_loss_stat", torch.zeros(2), persistent=False)
         self.record_stats = True  # False while activation checkpointing recomputes this forward
+        self.sequence_shards: tuple[int, Callable[[torch.Tensor], torch.Tensor], int] | None = None
 
     def forward(self, x_TD: torch.Tensor, n_seqs: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                    torch.Tensor | None]:
@@ -81,13 +91,20 @@ class Router(nn.Module):
 
     def _seq_aux_loss(self, scores_TE: torch.Tensor, idx_TK: torch.Tensor, n_seqs: int) -> torch.Tensor:
         E, K = self.n_experts, self.top_k
-        T = scores_TE.shape[0] // n_seqs
+        T = scores_TE.shape[0] // n_seqs  # this router's tokens of each sequence
         probs_STE = (scores_TE / scores_TE.sum(-1, keepdim=True)).view(n_seqs, T, E)
         selected_SE = torch.zeros(n_seqs, E, device=scores_TE.device, dtype=scores_TE.dtype)
         selected_SE.scatter_add_(1, idx_TK.view(n_seqs, T * K), torch.ones_like(idx_TK, dtype=scores_TE.dtype).view(
             n_seqs, T * K))
+        P_SE = probs_STE.mean(1)
+        if self.sequence_shards is not None:
+            n, total, grad_scale = self.sequence_shards
+            both_SE2 = total(torch.cat([selected_SE, P_SE.detach()], -1))
+            selected_SE, T = both_SE2[:, :E], T * n
+            own_SE = P_SE * grad_scale
+            P_SE = (own_SE + (both_SE2[:, E:] - own_SE).detach()) / n  # the whole value, the own tokens' gradient
         f_SE = selected_SE * (E / (K * T))
-        aux = self.seq_aux_loss_alpha * (f_SE * probs_STE.mean(1)).sum(-1).mean()
+        aux = self.seq_aux_loss_alpha * (f_SE * P_SE).sum(-1).mean()
         if self.record_stats:
             with torch.no_grad():
                 self.seq_aux_loss_stat += torch.stack([aux.detach().float(), aux.new_ones((), dtype=torch.float32)])

@@ -61,18 +61,20 @@ def heads_to_seq(x_BhTd: torch.Tensor, group: Any, cp: int) -> torch.Tensor:
     return recv.transpose(0, 1).reshape(B, cp * h, T // cp, d)
 
 
-def apply_context_parallel(model: nn.Module, cp_rank: int, cp_size: int, cp_group: Any) -> None:
+def apply_context_parallel(model: nn.Module, cp_rank: int, cp_size: int, cp_group: Any,
+                           hidden_parts: int = 1) -> None:
     """Context parallelism on a ``models.Transformer`` in place (see the module docstring); nothing at cp 1.
-    Apply before the memory techniques, which wrap what this leaves as the attention core."""
+    Apply before the memory techniques, which wrap what this leaves as the attention core. ``hidden_parts``: the
+    hidden states a pipeline stage receives hold 1/hidden_parts of the chunk (sequence parallelism: tp)."""
     if cp_size == 1:
         return
-    model.register_forward_pre_hook(_positions_hook(cp_rank, cp_size), with_kwargs=True)
+    model.register_forward_pre_hook(_positions_hook(cp_rank, cp_size, hidden_parts), with_kwargs=True)
     for module in model.modules():
         if hasattr(module, "attend") and hasattr(module, "max_logits_H"):
             _exchange_heads(module, cp_rank, cp_size, cp_group)
 
 
-def _positions_hook(cp_rank: int, cp_size: int) -> Callable:
+def _positions_hook(cp_rank: int, cp_size: int, hidden_parts: int = 1) -> Callable:
     """Adds ``positions`` (global, [B, T/cp]) to the model's forward: its tokens are a slice of the sequence."""
 
     def hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -80,7 +82,7 @@ def _positions_hook(cp_rank: int, cp_size: int) -> Callable:
         call = {**dict(zip(names, args)), **kwargs}
         if call.get("positions") is None:
             x, segments = call["x"], call.get("segments")
-            n = x.shape[1]
+            n = x.shape[1] * (hidden_parts if x.is_floating_point() else 1)  # ids, or a stage's hidden states
             if segments is not None and model.reset_positions:
                 # the segments may be in host memory (the trainer's: models/document_mask.py)
                 positions = local_tokens(document_positions(segments), cp_rank, cp_size)

@@ -17,6 +17,9 @@ Axes (world_size == pp * dp * cp * tp):
   (parallel/context_parallel.py); every replica sees different tokens, so ``dp_group`` is the whole replica axis
   (``dp_size`` = dp * cp): it reduces gradients of non-expert parameters (and the losses, QK-Clip's max logits,
   the routers' loads) and is the ZeRO-1 sharding group.
+- ``sp`` (sequence parallelism, parallel/sequence_parallel.py): the ranks of a TP group also split each sequence
+  (of the CP chunk) outside the TP regions; no group of its own. Expert parallelism folded across them comes later
+  (``sp`` with ``ep > 1`` is refused).
 - ``ep`` (expert parallel) BORROWS from the replica axis (``ep`` divides ``dp * cp``): it is cut into
   ``dp * cp // ep`` blocks of ``ep`` consecutive replica indices; an ``ep_group`` is one block (same tp index).
   Each rank of an EP group holds ``n_routed_experts // ep`` experts and exchanges tokens with the others
@@ -44,12 +47,19 @@ class ParallelDims:
     ep: int = 1
     pp: int = 1
     cp: int = 1
+    sp: bool = False  # sequence parallelism: TP ranks split each sequence outside the TP regions
 
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "ep", "pp", "cp"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"parallel dims: {name} must be an integer >= 1, got {value!r}")
+        if self.sp and self.tp == 1:
+            raise ValueError("parallel dims: sp (sequence parallelism) splits sequences over the tensor-parallel "
+                             "ranks: it needs tp > 1")
+        if self.sp and self.ep > 1:
+            raise ValueError(f"parallel dims: sp with ep={self.ep} (expert parallelism folded across the "
+                             f"tensor-parallel ranks) is not supported yet: use ep 1")
         if self.replicas % self.ep != 0:
             raise ValueError(
                 f"parallel dims: ep ({self.ep}) must divide dp * cp ({self.replicas}) - expert parallelism borrows "
@@ -195,6 +205,14 @@ class ParallelGroups:
     @property
     def pp_size(self) -> int:
         return self.dims.pp
+
+    @property
+    def stage(self) -> Optional[Any]:
+        """The dp x cp x tp ranks of this pipeline index as a group to reduce over (``stage_group``, the world when
+        pp == 1, None in one process): every token of the stage's global batch is on one of them."""
+        if self.stage_group is not None:
+            return self.stage_group
+        return dist.group.WORLD if self.world_size > 1 else None
 
     @property
     def data_rank(self) -> int:

@@ -1,4 +1,5 @@
-"""One place that turns the plain model into the parallel one, in a fixed order: EP, TP, CP (the all-to-all over
+"""One place that turns the plain model into the parallel one, in a fixed order: EP, TP (with sequence parallelism,
+parallel/sequence_parallel.py, when ``ParallelDims.sp``), CP (the all-to-all over
 heads around attention, parallel/context_parallel.py), precision (bf16 parameters, parallel/precision.py), recomputation (parallel/recompute.py), FP8 activation storage
 (parallel/fp8_storage.py), activation offload (parallel/activation_offload.py) (``parallelize``);
 ``apply_compile`` (``train.compile``) comes last, on the parallel model.
@@ -26,6 +27,8 @@ from parallel.expert_parallel import apply_expert_parallel, expert_placements
 from parallel.fp8_storage import apply_fp8_storage
 from parallel.precision import PrecisionPolicy, apply_precision
 from parallel.recompute import RECOMPUTE_MODULES, apply_recompute
+from parallel.router_stats import apply_sequence_shards
+from parallel.sequence_parallel import SequenceParallel, apply_sequence_parallel
 from parallel.tensor_parallel import apply_tensor_parallel, tp_placements
 
 
@@ -71,8 +74,14 @@ def parallelize(model: nn.Module, pdims: ParallelDims, groups: ParallelGroups,
         raise ValueError(f"parallelize: groups were built for {groups.dims}, not {pdims}")
     pdims.check_model(model.cfg)
     apply_expert_parallel(model, groups.ep_rank, groups.ep_size, groups.ep_group)
-    apply_tensor_parallel(model, groups.tp_rank, groups.tp_size, groups.tp_group)
-    apply_context_parallel(model, groups.cp_rank, groups.cp_size, groups.cp_group)
+    seq = SequenceParallel(groups.tp_group, groups.tp_size, groups.tp_rank) if pdims.sp else None
+    apply_tensor_parallel(model, groups.tp_rank, groups.tp_size, groups.tp_group, seq)
+    if seq is not None:
+        model.sequence_parallel = apply_sequence_parallel(model, seq)
+    apply_context_parallel(model, groups.cp_rank, groups.cp_size, groups.cp_group,
+                           hidden_parts=groups.tp_size if seq is not None else 1)
+    apply_sequence_shards(model, sp=(groups.tp_group, groups.tp_size if seq is not None else 1),
+                          cp=(groups.cp_group, groups.cp_size))
     apply_precision(model, precision)
     mode = "full" if cfg.activation_checkpointing else cfg.recompute
     modules = cfg.recompute_modules or RECOMPUTE_MODULES

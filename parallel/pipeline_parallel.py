@@ -199,7 +199,7 @@ class Pipeline:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # the last stage's output, targets -> loss
     dtype: torch.dtype = torch.float32  # the hidden states stages send (the precision policy's activation dtype)
     torch_stages: list = field(default_factory=list)  # this rank's BoundedStage objects (torch stages), in stage order
-    micro_shape: tuple[int, int] | None = None  # (micro batch size, sequence length): what a middle stage receives
+    micro_shape: tuple[int, ...] | None = None  # pipeline_schedule's micro_batch: what a middle stage receives
 
     def report_progress(self, progress: Callable[[], None]) -> None:
         """Call ``progress`` after each of this rank's pipeline actions (a chunk's forward, backward or weight
@@ -258,6 +258,7 @@ class Pipeline:
         if shape is None:
             raise ValueError("Pipeline.forward_losses: a middle stage needs micro_shape "
                              "(pipeline_schedule's micro_batch)")
+        shape = (shape[0], self.micro_shape[-1]) if self.micro_shape else shape  # the hidden states' length
         total = torch.zeros((), device=device)
         sends, local = [], []
         for s in self.stages:
@@ -307,7 +308,8 @@ def pipeline_schedule(holder: nn.Module, plan: StagePlan, pp_group: Any, device:
     ``loss_fn`` None (the trainer's): the last stage ends at the final norm and the schedule's loss is the
     model's ``head_loss`` (the LM head and cross entropy, chunked with ``model.loss_chunk_tokens``: the logits
     never leave it); otherwise the last stage returns logits and ``loss_fn(logits, targets)`` is the loss.
-    ``micro_batch`` = (micro batch size, sequence length) declares every stage's input and output shapes
+    ``micro_batch`` = (micro batch size, sequence length[, the hidden states' length: 1/tp of it under sequence
+    parallelism]) declares every stage's input and output shapes
     (tokens, hidden states in ``dtype``: bf16 with bf16 parameters; the last stage's normed hidden states or
     logits). Without it torch infers them by running each stage once on the first micro batch, or on
     uninitialised memory for later stages, which would leak into the per-step statistics the model records
@@ -329,12 +331,13 @@ def pipeline_schedule(holder: nn.Module, plan: StagePlan, pp_group: Any, device:
         modules.append(module)
         shapes = {}
         if micro_batch is not None:
-            B, T = micro_batch
-            hidden = torch.empty(B, T, holder.cfg.dim, dtype=dtype, device="meta")
+            B, T, *parts = micro_batch  # (B, ids' length[, hidden states' length: sequence parallelism's 1/tp])
+            t = parts[0] if parts else T
+            hidden = torch.empty(B, t, holder.cfg.dim, dtype=dtype, device="meta")
             received = hidden.clone().requires_grad_()  # so the stage computes the gradient it sends back
             if head_in_loss:  # the final norm's output: the narrower of the stream's and the norm weight's dtypes
                 normed = min(dtype, holder.norm.weight.dtype if last else dtype, key=lambda t: t.itemsize)
-                out = torch.empty(B, T, holder.cfg.dim, dtype=normed, device="meta")
+                out = torch.empty(B, t, holder.cfg.dim, dtype=normed, device="meta")
             else:
                 out = torch.empty(B, T, holder.cfg.vocab_size, dtype=torch.float32, device="meta")
             shapes = dict(input_args=torch.empty(B, T, dtype=torch.long, device="meta") if first else received,

@@ -329,7 +329,7 @@ def _recompute_flops(cfg, stages: dict, tp: int, tech) -> float:
     return per_micro * d.grad_accum
 
 
-def _comm(cfg, slots, buckets, me: dict[str, int], tp_rank: int, plan, pp_rank: int) -> dict[str, int]:
+def _comm(cfg, slots, buckets, me: dict[str, int], tp_rank: int, plan, pp_rank: int, model=None) -> dict[str, int]:
     """Bytes this rank sends per step, named like CountingComm's counters plus the model's collectives."""
     p, m, d = cfg.parallel, cfg.model, cfg.data
     dp, tp, pp = (cfg.parallel.dp, p.tp, p.pp)
@@ -381,7 +381,10 @@ def _comm(cfg, slots, buckets, me: dict[str, int], tp_rank: int, plan, pp_rank: 
         per_layer = tokens * H * sends * policy.compute_dtype.itemsize * (p.cp - 1) // p.cp
         add("cp_all_to_all", len(layers) * micro * per_layer)
     compute = min(policy.compute_dtype.itemsize, policy.activation_dtype.itemsize)  # GEMM outputs (bf16 or fp32)
-    if tp > 1:  # attention and FFN outputs forward, their input gradients backward
+    if tp > 1 and p.sequence_parallel:
+        for key, n in _sp_comm(cfg, model, layers, compute).items():
+            add(key, n)
+    elif tp > 1:  # attention and FFN outputs forward, their input gradients backward
         add("tp_all_reduce", len(layers) * 4 * micro * 2 * (tp - 1) * tokens * m.dim * compute // tp)
     if p.ep > 1:  # dispatch + combine forward and backward; (ep-1)/ep of the routed rows leave the rank
         moe = sum(1 for i in layers if i >= m.first_k_dense)
@@ -391,8 +394,46 @@ def _comm(cfg, slots, buckets, me: dict[str, int], tp_rank: int, plan, pp_rank: 
         owner = plan.owners
         sends = sum(1 for s in plan.stages if s + 1 < plan.n_stages and owner[s + 1] != pp_rank)
         sends += sum(1 for s in plan.stages if s > 0 and owner[s - 1] != pp_rank)  # gradients back
-        add("pp_send", sends * micro * tokens * m.dim * policy.activation_dtype.itemsize)
+        hidden = tokens // tp if p.sequence_parallel else tokens  # a stage sends 1/tp of the sequence under SP
+        add("pp_send", sends * micro * hidden * m.dim * policy.activation_dtype.itemsize)
     return out
+
+
+def _sp_comm(cfg, model, layers: list[int], compute: int) -> dict[str, int]:
+    """Sequence parallelism's bytes per step (``SequenceComm``'s counters, parallel/sequence_parallel.py): per layer
+    and micro batch each column region all-gathers its input forward and reduce-scatters its gradient backward, each
+    row region the reverse, (tp-1)/tp of the whole tensor each; the widths are the regions' own (MLA: q's and kv's
+    latents and the rotary key). The head's input is gathered forward, the embedding's gradient backward; full
+    recomputation runs the forward's collectives again but the block's last reduce-scatter (torch's checkpoint stops
+    after the last tensor backward needs: the FFN's output, or with a MoE layer without shared experts the MoE's),
+    ``mla_up_proj`` the latents' gather; the per-token parameters' gradients are all-reduced in float32 per micro
+    batch."""
+    from parallel.plan_activations import Techniques
+    from parallel.sequence_parallel import per_token_params
+
+    p, m, d = cfg.parallel, cfg.model, cfg.data
+    tp, micro, tokens = p.tp, d.grad_accum, d.micro_batch_size * d.seq_len  # seq_len: this CP rank's
+    part = tokens * (tp - 1) // tp  # the tokens an all-gather or a reduce-scatter sends
+    up = m.kv_lora_rank + m.qk_rope_head_dim + m.q_lora_rank  # what qkv_up gathers (MLA)
+    latents = (up + (0 if m.q_lora_rank else m.dim)) if m.attn_type == "mla" else m.dim  # q_proj gathers x
+    tech = Techniques.from_config(cfg)
+    gathered = scattered = 0  # widths per token and micro batch
+    for i in layers:
+        ffn = m.dim if i < m.first_k_dense or m.n_shared_experts > 0 else 0  # a dense FFN or shared experts
+        region = latents + m.dim + 2 * ffn  # forward: entries gathered, exits scattered; backward the reverse
+        gathered, scattered = gathered + region, scattered + region
+        if tech.recompute == "full":
+            gathered += latents + ffn
+            scattered += m.dim
+        elif "mla_up_proj" in tech.selective and m.attn_type == "mla":
+            gathered += up
+    gathered, scattered = micro * part * gathered * compute, micro * part * scattered * compute
+    if model.lm_head is not None:  # the final norm's output, gathered for the whole head
+        gathered += micro * part * m.dim * compute
+    if model.embed_tokens is not None:  # the embedding output's gradient
+        gathered += micro * part * m.dim * model.embed_tokens.weight.element_size()
+    grads = sum(2 * (tp - 1) * getattr(mod, name).numel() * F32 // tp for mod, name in per_token_params(model))
+    return {"sp_all_gather": gathered, "sp_reduce_scatter": scattered, "sp_grad_all_reduce": micro * grads}
 
 
 def _backend(cfg) -> str:
@@ -529,7 +570,7 @@ def plan_layout(cfg, world: int) -> list[RankPlan]:
         r.idle = acts["idle"]
         r.activations_host_reserved = acts["host_reserved"]
         r.backward_transient, r.recompute_flops = acts["transient"], acts["recompute_flops"]
-        r.comm = _comm(cfg, slots, buckets, me, t, plan, pp_rank)
+        r.comm = _comm(cfg, slots, buckets, me, t, plan, pp_rank, model)
         shapes = [s.full_shape for s in muon]
         r.largest_matrix = max(shapes, key=lambda s: s[-1] * s[-2]) if shapes else None
         out.append(r)

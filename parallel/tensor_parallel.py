@@ -22,10 +22,14 @@ Communication (autograd-correct, one op per split region):
   its gradient is partial per rank: ``kv_a_proj_with_mqa`` all-reduces just that slice of its output gradient.
 - row output: ``reduce_from_tp`` = all-reduce forward / identity backward.
 As a result every replicated parameter gets the same (full) gradient on all TP ranks with no extra reduction.
+
+Under sequence parallelism (``seq``: parallel/sequence_parallel.py) the replicated parts run on 1/tp of each
+sequence instead: the regions are entered by an all-gather (MLA: one for its latents and rotary key, in place of
+the copies above and the rotary key's gradient all-reduce) and left by a reduce-scatter.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -106,18 +110,21 @@ class ColumnParallelLinear(nn.Linear):
 
 
 class RowParallelLinear(nn.Linear):
-    """Holds columns [rank*in/tp, (rank+1)*in/tp) of a full weight; sums the partial outputs over the group.
+    """Holds columns [rank*in/tp, (rank+1)*in/tp) of a full weight; sums the partial outputs over the group
+    (``reduce``: ``reduce_from_tp`` by default; sequence parallelism's reduce-scatter).
     A bias stays replicated and is added once, after the sum."""
 
-    def __init__(self, full: nn.Linear, rank: int, size: int, group: Any):
+    def __init__(self, full: nn.Linear, rank: int, size: int, group: Any,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
         n = full.in_features // size
         super().__init__(n, full.out_features, bias=False, device="meta")
         self.weight = nn.Parameter(full.weight.detach()[:, rank * n:(rank + 1) * n].clone())
         self.bias = full.bias  # same Parameter (or None): replicated
         self.tp_group = group
+        self.reduce = reduce or (lambda out: reduce_from_tp(out, group))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = reduce_from_tp(F.linear(x, self.weight), self.tp_group)
+        out = self.reduce(F.linear(x, self.weight))
         return out if self.bias is None else out + self.bias
 
 
@@ -146,10 +153,16 @@ def _local_max_logits(attn: nn.Module, n_local: int) -> None:
     attn.n_heads = n_local
 
 
-def _split_attention(attn: nn.Module, rank: int, size: int, group: Any) -> None:
+def _split_attention(attn: nn.Module, rank: int, size: int, group: Any, seq: Any) -> None:
+    """``seq`` (sequence parallelism, parallel/sequence_parallel.py): the regions gather their inputs and
+    reduce-scatter their outputs through it."""
+    reduce = seq.reduce_scatter if seq is not None else None
     if isinstance(attn, Attention):
         n_local = attn.q_proj.out_features // attn.head_dim // size
-        attn.register_forward_pre_hook(_copy_input_hook(group))
+        if seq is None:
+            attn.register_forward_pre_hook(_copy_input_hook(group))
+        else:
+            seq.enter_sequence(attn, "_qkv")  # the forward and QK-Clip's probe both reach it
         for name in ("q_proj", "k_proj", "v_proj"):
             setattr(attn, name, ColumnParallelLinear(getattr(attn, name), rank, size, group, copy_input=False))
         attn.n_kv_heads = attn.k_proj.out_features // attn.head_dim
@@ -157,36 +170,46 @@ def _split_attention(attn: nn.Module, rank: int, size: int, group: Any) -> None:
         n_local = attn.kv_b_proj.out_features // (attn.dn + attn.dv) // size
         q_name = "q_b_proj" if hasattr(attn, "q_b_proj") else "q_proj"
         for name in (q_name, "kv_b_proj"):
-            setattr(attn, name, ColumnParallelLinear(getattr(attn, name), rank, size, group, copy_input=True))
-        attn.kv_a_proj_with_mqa = LatentRopeLinear(attn.kv_a_proj_with_mqa, attn.dr, group)
+            setattr(attn, name, ColumnParallelLinear(getattr(attn, name), rank, size, group,
+                                                     copy_input=seq is None))
+        if seq is None:
+            attn.kv_a_proj_with_mqa = LatentRopeLinear(attn.kv_a_proj_with_mqa, attn.dr, group)
+        else:  # the rotary key goes with the latents: the gather's reduce-scatter sums its partial gradients
+            seq.enter_latents(attn)
     else:
         raise TypeError(f"tensor parallel: unsupported attention module {type(attn).__name__}")
-    attn.o_proj = RowParallelLinear(attn.o_proj, rank, size, group)
+    attn.o_proj = RowParallelLinear(attn.o_proj, rank, size, group, reduce)
     _local_max_logits(attn, n_local)
 
 
-def _split_ffn(ffn: FeedForward, rank: int, size: int, group: Any) -> None:
-    ffn.register_forward_pre_hook(_copy_input_hook(group))
+def _split_ffn(ffn: FeedForward, rank: int, size: int, group: Any, seq: Any) -> None:
+    if seq is None:
+        ffn.register_forward_pre_hook(_copy_input_hook(group))
+    else:
+        seq.enter_rows(ffn)
     ffn.gate_proj = ColumnParallelLinear(ffn.gate_proj, rank, size, group, copy_input=False)
     ffn.up_proj = ColumnParallelLinear(ffn.up_proj, rank, size, group, copy_input=False)
-    ffn.down_proj = RowParallelLinear(ffn.down_proj, rank, size, group)
+    ffn.down_proj = RowParallelLinear(ffn.down_proj, rank, size, group,
+                                      seq.reduce_scatter if seq is not None else None)
 
 
-def apply_tensor_parallel(model: nn.Module, tp_rank: int, tp_size: int, tp_group: Any) -> None:
+def apply_tensor_parallel(model: nn.Module, tp_rank: int, tp_size: int, tp_group: Any, seq: Any = None) -> None:
     """Shard ``model`` in place (weights sliced from the full initialised ones; meta tensors work too).
 
     Call on the model built identically on every TP rank, before the optimizer and QK-Clip specs are built.
     Divisibility (heads, kv heads, FFN widths by ``tp_size``) is checked by ``ParallelDims.check_model``.
+    ``seq``: a ``parallel.sequence_parallel.SequenceParallel`` whose all-gathers and reduce-scatters enter and
+    leave the regions instead of ``copy_to_tp`` / ``reduce_from_tp`` (then apply ``apply_sequence_parallel``).
     """
     if tp_size == 1:
         return
     for block in model.layers:
-        _split_attention(block.self_attn, tp_rank, tp_size, tp_group)
+        _split_attention(block.self_attn, tp_rank, tp_size, tp_group, seq)
         mlp = block.mlp
         if isinstance(mlp, FeedForward):
-            _split_ffn(mlp, tp_rank, tp_size, tp_group)
+            _split_ffn(mlp, tp_rank, tp_size, tp_group, seq)
         elif getattr(mlp, "shared_experts", None) is not None:
-            _split_ffn(mlp.shared_experts, tp_rank, tp_size, tp_group)
+            _split_ffn(mlp.shared_experts, tp_rank, tp_size, tp_group, seq)
 
 
 def tp_placements(model: nn.Module, tp_group: Any) -> dict[str, Placement]:

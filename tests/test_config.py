@@ -99,6 +99,13 @@ def test_override_forms():
     (["--optim.qk_clip_mode=exact"], r"qk_clip_mode must be one of \['forward', 'post_step'\], got 'exact'"),
     (["--model.n_activated_experts=9"], r"n_activated_experts \(9\) must be in \[1, n_routed_experts=8\]"),
     (["--parallel.tp=3"], r"tp \(3\) must divide model.n_heads"),
+    (["--parallel.sequence_parallel=true"], r"^parallel config: sequence_parallel: true splits sequences over the "
+     r"tensor-parallel ranks: it needs tp > 1, got tp=1 \("),
+    (["--parallel.sequence_parallel=true", "--parallel.tp=2", "--parallel.ep=2"],
+     r"^parallel config: sequence_parallel: true with ep=2 \(experts folded across the tensor-parallel ranks\) is "
+     r"not supported yet: use ep: 1 \("),
+    (["--parallel.sequence_parallel=true", "--parallel.tp=2", "--parallel.cp=2", "--data.seq_len=6",
+      "--model.n_heads=4"], r"^data config: seq_len \(6\) must be divisible by parallel.cp \* parallel.tp \(2 \* 2\)"),
     (["--logging.wandb_mode=cloud"], r"wandb_mode must be one of"),
     (["--monitor.max_skipped_steps=0"], r"monitor config: max_skipped_steps must be >= 1 \(the skipped steps in a row "
      r"that stop the run\), got 0"),

@@ -123,28 +123,40 @@ def test_activation_offload_keeps_the_allocators_stream_rule_and_two_blocks_on_t
     assert fake.peak_device_bytes == 2 * per_block and fake.live_device_bytes == 0
 
 
+def muonclip_run(offload: bool, steps: int, load_at: int | None = None) -> list[torch.Tensor]:
+    """``steps`` MuonClip steps of a small model on the fake device (``offload``: state offloaded), a state dict
+    round trip before step ``load_at`` (offloaded: the homes' arena ranges given back and taken again, asserted),
+    then the parameters and the state read on the host (as a checkpoint does)."""
+    import muonclip
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 8))
+    opt = muonclip.MuonClip(muonclip.build_param_groups(model.named_parameters()), lr=0.02, offload_state=offload)
+    fake = FakeCudaStreams()
+    if offload:
+        opt.offload = StateOffload(opt.offload.device, streams=fake)
+    with fake:
+        for step in range(steps):
+            if step == load_at:
+                saved = opt.state_dict()
+                saved["state"] = {i: {k: v.clone() for k, v in st.items()} for i, st in saved["state"].items()}
+                before = sorted(v.data_ptr() for st in opt.state.values() for k, v in st.items() if k != "step")
+                opt.load_state_dict(saved)
+                del saved
+                if offload:  # the new homes are the old ones' ranges
+                    assert sorted(v.data_ptr() for st in opt.state.values() for k, v in st.items()
+                                  if k != "step") == before
+            model(torch.randn(4, 16)).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+        state = [v.clone() for st in opt.state.values() for k, v in sorted(st.items()) if k != "step"]
+    return [p.detach().clone() for p in model.parameters()] + state
+
+
 def test_offloaded_optimizer_state_keeps_the_stream_rules_and_the_steps():
     """MuonClip with ``offload_state`` on the fake device for three steps: bitwise the steps without offload, and
     no violation, reading the state on the host afterwards (as a checkpoint does) included."""
-    import muonclip
-
-    def run(offload: bool) -> list[torch.Tensor]:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 8))
-        opt = muonclip.MuonClip(muonclip.build_param_groups(model.named_parameters()), lr=0.02,
-                                offload_state=offload)
-        fake = FakeCudaStreams()
-        if offload:
-            opt.offload = StateOffload(opt.offload.device, streams=fake)
-        with fake:
-            for _ in range(3):
-                model(torch.randn(4, 16)).square().sum().backward()
-                opt.step()
-                opt.zero_grad()
-            state = [v.clone() for st in opt.state.values() for k, v in sorted(st.items()) if k != "step"]
-        return [p.detach().clone() for p in model.parameters()] + state
-
-    plain, offloaded = run(False), run(True)
+    plain, offloaded = muonclip_run(False, 3), muonclip_run(True, 3)
     assert len(plain) == len(offloaded) and all(torch.equal(a, b) for a, b in zip(plain, offloaded))
 
 

@@ -7,15 +7,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from muonclip.offload import StateOffload
 from tests.fake_streams import FakeCudaStreams
+from tests.test_device_streams import muonclip_run
 
 
 def _states(n: int) -> list[dict[str, torch.Tensor]]:
     return [{"exp_avg": torch.full((64, 64), float(i)), "exp_avg_sq": torch.full((32,), float(i)),
              "step": torch.tensor(1.0)} for i in range(n)]
+
+
+def _homed(offload: StateOffload, n: int) -> list[dict[str, torch.Tensor]]:
+    """``_states(n)``, each given its home by ``offload`` (new state, or state a load put in place)."""
+    states = _states(n)
+    for st in states:
+        offload.send_home(st)
+    return states
 
 
 def _lend_and_update(offload: StateOffload, fake: FakeCudaStreams, states: list[dict]) -> list:
@@ -44,9 +52,7 @@ def test_an_update_waits_for_its_own_fetch_only_and_may_overlap_the_next_fetch_a
     fake = FakeCudaStreams(log=True)
     with fake:
         offload = StateOffload("cpu", streams=fake)
-        states = _states(4)
-        for st in states:
-            offload.send_home(st)
+        states = _homed(offload, 4)
         homes = [st["exp_avg"].data_ptr() for st in states]
         updates = _lend_and_update(offload, fake, states)
         values = [(st["exp_avg"].clone(), st["exp_avg_sq"].clone()) for st in states]
@@ -78,12 +84,10 @@ def test_arena_ranges_given_back_and_taken_again_are_ordered_after_the_copies_th
     fake = FakeCudaStreams(log=True)
     with fake:
         offload = StateOffload("cpu", streams=fake)
-        states = _states(3)
-        for st in states:
-            offload.send_home(st)
+        states = _homed(offload, 3)
         ranges = sorted(v.data_ptr() for st in states for k, v in st.items() if k != "step")
         _lend_and_update(offload, fake, states)
-        states = _states(3)  # loaded: the old homes die
+        states = _states(3)  # loaded: the old homes die (before the new ones are taken)
         for st in states:
             offload.send_home(st)
         assert sorted(v.data_ptr() for st in states for k, v in st.items() if k != "step") == ranges
@@ -103,15 +107,13 @@ def test_a_step_an_update_stops_leaves_no_copy_reading_the_ranges():
     fake = FakeCudaStreams()
     with fake:
         offload = StateOffload("cpu", streams=fake)
-        states = _states(3)
-        for st in states:
-            offload.send_home(st)
+        states = _homed(offload, 3)
         with pytest.raises(RuntimeError, match="update failed"):
             for _ in offload.lend_in_turn([[st] for st in states]):
                 raise RuntimeError("update failed")
         assert all(offload.is_home(v) for st in states for k, v in st.items() if k != "step")
         values = [st["exp_avg"].clone() for st in states]
-        states = _states(3)  # loaded: the old homes die
+        states = _states(3)  # loaded: the old homes die (before the new ones are taken)
         for st in states:
             offload.send_home(st)
     assert all(torch.equal(v, torch.full((64, 64), float(i))) for i, v in enumerate(values))
@@ -120,32 +122,5 @@ def test_a_step_an_update_stops_leaves_no_copy_reading_the_ranges():
 def test_offloaded_muonclip_over_steps_with_a_load_between_is_bitwise_the_plain_one():
     """MuonClip with ``offload_state`` on the fake device: two steps, a state dict round trip (the homes' ranges
     given back and taken again), two more steps: bitwise the same run without offload, no stream violation."""
-    import muonclip
-
-    def run(offload: bool) -> list[torch.Tensor]:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 8))
-        opt = muonclip.MuonClip(muonclip.build_param_groups(model.named_parameters()), lr=0.02,
-                                offload_state=offload)
-        fake = FakeCudaStreams()
-        if offload:
-            opt.offload = StateOffload(opt.offload.device, streams=fake)
-        with fake:
-            for step in range(4):
-                if step == 2:
-                    saved = opt.state_dict()
-                    saved["state"] = {i: {k: v.clone() for k, v in st.items()} for i, st in saved["state"].items()}
-                    before = sorted(v.data_ptr() for st in opt.state.values() for k, v in st.items() if k != "step")
-                    opt.load_state_dict(saved)
-                    del saved
-                    if offload:  # the new homes are the old ones' ranges
-                        assert sorted(v.data_ptr() for st in opt.state.values() for k, v in st.items()
-                                      if k != "step") == before
-                model(torch.randn(4, 16)).square().sum().backward()
-                opt.step()
-                opt.zero_grad()
-            state = [v.clone() for st in opt.state.values() for k, v in sorted(st.items()) if k != "step"]
-        return [p.detach().clone() for p in model.parameters()] + state
-
-    plain, offloaded = run(False), run(True)
+    plain, offloaded = muonclip_run(False, 4, load_at=2), muonclip_run(True, 4, load_at=2)
     assert len(plain) == len(offloaded) and all(torch.equal(a, b) for a, b in zip(plain, offloaded))

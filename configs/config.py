@@ -225,14 +225,20 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    """world size = pp * dp * cp * tp; ep splits the experts over ep of the dp * cp ranks (EP borrows from DP/CP)."""
+    """world size = pp * dp * cp * tp; ep splits the experts over ep of the dp * cp ranks (EP borrows from DP/CP), or
+    with sequence_parallel over ep of a stage's dp * cp * tp ranks (folded across TP, parallel/dims.py)."""
 
     dp: int = 0  # 0 = world_size // (pp * cp * tp)
     tp: int = 1
     # sequence parallelism (Megatron's --sequence-parallel, parallel/sequence_parallel.py): the tp ranks also split
-    # each sequence outside the tensor-parallel regions (norms, residual stream, routers, routed experts)
+    # each sequence outside the tensor-parallel regions (norms, residual stream, routers, routed experts); the expert
+    # groups are then folded over the tp ranks too: ep must divide dp * cp * tp (each token is routed once)
     sequence_parallel: bool = False
     ep: int = 1
+    # expert tensor parallelism (Megatron's --expert-tensor-parallel-size, parallel/expert_parallel.py): each routed
+    # expert's gate/up split by columns and down by rows over etp ranks of the folded expert groups (etp * ep must
+    # divide dp * cp * tp; with tp > 1 it needs sequence_parallel; at tp 1 it splits over data ranks)
+    etp: int = 1
     # context parallelism: ranks that split each sequence (data.seq_len / cp tokens each; all-to-all over heads
     # around attention, Ulysses: parallel/context_parallel.py); gradients are reduced over dp x cp
     cp: int = 1
@@ -286,9 +292,18 @@ class ParallelConfig:
         _need(s, not self.sequence_parallel or self.tp > 1,
               f"sequence_parallel: true splits sequences over the tensor-parallel ranks: it needs tp > 1, got "
               f"tp={self.tp}")
-        _need(s, not (self.sequence_parallel and self.ep > 1),
-              f"sequence_parallel: true with ep={self.ep} (experts folded across the tensor-parallel ranks) is not "
-              "supported yet: use ep: 1")
+        _need(s, self.etp >= 1, f"etp must be >= 1, got etp={self.etp}")
+        _need(s, self.etp == 1 or self.tp == 1 or self.sequence_parallel,
+              f"etp ({self.etp}) > 1 with tp ({self.tp}) > 1 needs sequence_parallel: true (expert tensor parallelism "
+              "splits the experts over ranks that route different tokens)")
+        if self.dp and (self.sequence_parallel or self.tp == 1) and self.etp > 1:
+            ranks = self.dp * self.cp * self.tp
+            _need(s, ranks % (self.etp * self.ep) == 0, f"etp * ep ({self.etp} * {self.ep}) must divide dp * cp * tp "
+                  f"({self.dp} * {self.cp} * {self.tp} = {ranks}): the expert groups are folded over a stage's ranks")
+        if self.dp and self.sequence_parallel:  # the expert groups fold over the stage's ranks (parallel/dims.py)
+            ranks = self.dp * self.cp * self.tp
+            _need(s, ranks % self.ep == 0, f"ep ({self.ep}) must divide dp * cp * tp ({self.dp} * {self.cp} * "
+                  f"{self.tp} = {ranks}): with sequence_parallel the expert groups are folded over a stage's ranks")
         _need(s, self.pp >= 1 and self.pp_virtual_stages >= 1,
               f"pp and pp_virtual_stages must be >= 1, got pp={self.pp} pp_virtual_stages={self.pp_virtual_stages}")
         _one_of(s, "pp_schedule", self.pp_schedule, ("", "1f1b", "interleaved_1f1b", "zbv", "dualpipev"))
@@ -298,6 +313,13 @@ class ParallelConfig:
         if self.schedule in ("zbv", "dualpipev"):
             _need(s, self.pp_virtual_stages == 2, f"pp_schedule {self.schedule} places exactly 2 stages per rank "
                   f"(a V): set pp_virtual_stages: 2, got {self.pp_virtual_stages}")
+            _need(s, not self.activation_offload, f"activation_offload: true with pp_schedule {self.schedule} is not "
+                  "supported yet: its split backward reads each saved tensor twice (the input pass, then the weight "
+                  "pass) and offload hands a host copy back once; use 1f1b or interleaved_1f1b")
+            _need(s, self.recompute_mode != "full", f"recompute: full with pp_schedule {self.schedule} is not supported "
+                  "yet: its split backward recomputes each block twice (the input pass, then the weight pass) and a "
+                  "block's recorded collectives are handed back once; use recompute: selective, or 1f1b or "
+                  "interleaved_1f1b")
         _need(s, self.pp_microbatches >= 0,
               f"pp_microbatches must be >= 0 (0 = all the step's micro batches in one pass), "
               f"got {self.pp_microbatches}")
@@ -321,8 +343,8 @@ class ParallelConfig:
         _need(s, not self.fp8_activations or self.recompute_mode != "full",
               "fp8_activations compress what the layers keep for backward; with recompute: full (or "
               "activation_checkpointing: true) they keep only their inputs: use recompute: selective or none")
-        _need(s, self.optimizer == "zero1" or (self.tp == 1 and self.ep == 1),
-              f"tp={self.tp}, ep={self.ep} needs optimizer: zero1 (DistributedMuonClip reduces expert/sharded "
+        _need(s, self.optimizer == "zero1" or (self.tp == 1 and self.ep == 1 and self.etp == 1),
+              f"tp={self.tp}, ep={self.ep}{f', etp={self.etp}' if self.etp > 1 else ''} needs optimizer: zero1 (DistributedMuonClip reduces expert/sharded "
               "gradients over the right groups and orthogonalises the full TP matrices; DDP + MuonClip cannot)")
 
 
@@ -383,6 +405,9 @@ class JobConfig:
         _need("data", d.seq_len <= m.max_seq_len,
               f"seq_len ({d.seq_len}) must be <= model.max_seq_len ({m.max_seq_len})")
         _need("parallel", m.n_heads % p.tp == 0, f"tp ({p.tp}) must divide model.n_heads ({m.n_heads})")
+        _need("parallel", m.vocab_size % p.tp == 0,
+              f"tp ({p.tp}) must divide model.vocab_size ({m.vocab_size}): the embedding and the head split their "
+              "rows over the tensor-parallel ranks (pad the vocabulary)")
         if p.pp > 1:
             stages = p.pp * p.pp_virtual_stages
             _need("parallel", stages <= m.n_layers,
@@ -411,6 +436,9 @@ class JobConfig:
         if m.first_k_dense < m.n_layers:
             _need("parallel", m.n_routed_experts % p.ep == 0,
                   f"ep ({p.ep}) must divide model.n_routed_experts ({m.n_routed_experts})")
+            _need("parallel", m.moe_inter_dim % p.etp == 0,
+                  f"etp ({p.etp}) must divide model.moe_inter_dim ({m.moe_inter_dim}): expert tensor parallelism splits "
+                  "each routed expert's columns")
         if p.cp > 1:
             _need("parallel", m.n_heads % (p.tp * p.cp) == 0,
                   f"tp * cp ({p.tp} * {p.cp}) must divide model.n_heads ({m.n_heads}): each context-parallel rank "

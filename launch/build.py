@@ -109,8 +109,8 @@ def use_zero1(cfg: JobConfig, rt: Runtime) -> bool:
         import muonclip.distributed  # noqa: F401
         return True
     except ImportError:
-        if rt.groups.ep_size > 1:
-            raise
+        if rt.groups.ep_size > 1 or rt.groups.tp_size > 1:  # plain MuonClip neither gathers TP shards nor sums
+            raise  # folded experts' gradients over the stage
         return False
 
 

@@ -71,7 +71,8 @@ def init_runtime(cfg: JobConfig) -> Runtime:
     if world % (p.tp * p.pp * p.cp):
         raise ValueError(f"parallel.tp * parallel.pp * parallel.cp ({p.tp} * {p.pp} * {p.cp}) must divide the world "
                          f"size ({world})")
-    pdims = ParallelDims(dp=p.data_parallel(world), tp=p.tp, ep=p.ep, pp=p.pp, cp=p.cp, sp=p.sequence_parallel)
+    pdims = ParallelDims(dp=p.data_parallel(world), tp=p.tp, ep=p.ep, pp=p.pp, cp=p.cp, sp=p.sequence_parallel,
+                         etp=p.etp)
     pdims.check_world(world)
     groups = pdims.build(device.type)
     return Runtime(device, dist.get_rank() if world > 1 else 0, world, pdims, groups, owns)

@@ -432,31 +432,43 @@ class HFTensors:
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
-    def slice(self, name: str, index: tuple = ()) -> torch.Tensor:
+    def _part(self, name: str):
         from safetensors import safe_open
         if name not in self.files:
             raise ValueError(f"{self.path}: missing key {name!r}; the checkpoint does not match its config.json")
         file = self.files[name]
         if file not in self._open:
             self._open[file] = safe_open(str(file), "pt")
-        part = self._open[file].get_slice(name)
+        return self._open[file].get_slice(name)
+
+    def slice(self, name: str, index: tuple = ()) -> torch.Tensor:
+        part = self._part(name)
         return part[index] if index else part[:]
+
+    def shape(self, name: str) -> list[int]:
+        """The stored shape of tensor ``name`` (from the file's header)."""
+        return list(self._part(name).get_shape())
 
     def local(self, key: str, local_shape: tuple[int, ...], expert_offset: int = 0,
               shard: tuple[int, int] | None = None) -> torch.Tensor:
-        """Our parameter ``key`` as this rank holds it: experts ``expert_offset`` onward of a stack, or the slice
-        ``shard`` = (dim, offset) of a tensor-parallel matrix."""
+        """Our parameter ``key`` as this rank holds it: experts ``expert_offset`` onward of a stack (with ``shard`` =
+        (dim, offset), each expert's slice along the stack's ``dim``), or the slice ``shard`` of a tensor-parallel
+        matrix."""
         m = _EXPERT_RE.fullmatch(key)
-        if m:
+        if m:  # ``shard`` = (dim, offset) of a stack: each expert's slice (expert tensor parallelism)
             base, proj = f"model.layers.{m[1]}.mlp.experts", m[2]
-            E, rows, _ = local_shape
+            E, rows, cols = local_shape
             experts = range(expert_offset, expert_offset + E)
-            if f"{base}.{expert_offset}.{proj}.weight" in self:
-                return torch.stack([self.slice(f"{base}.{e}.{proj}.weight") for e in experts])
+            first, count = (shard[1], local_shape[shard[0]]) if shard else (0, None)
+            part = slice(first, None if count is None else first + count)
+            if f"{base}.{expert_offset}.{proj}.weight" in self:  # [I, H] gate/up, [H, I] down
+                index = (slice(None), part) if proj == "down_proj" else (part,)
+                return torch.stack([self.slice(f"{base}.{e}.{proj}.weight", index) for e in experts])
             if proj == "down_proj":
-                return self.slice(f"{base}.down_proj", (slice(experts.start, experts.stop),))
-            half = slice(0, rows) if proj == "gate_proj" else slice(rows, 2 * rows)
-            return self.slice(f"{base}.gate_up_proj", (slice(experts.start, experts.stop), half))
+                return self.slice(f"{base}.down_proj", (slice(experts.start, experts.stop), slice(None), part))
+            inter = self.shape(f"{base}.gate_up_proj")[1] // 2  # [E, 2I, H], the first I rows gate
+            start = first + (0 if proj == "gate_proj" else inter)
+            return self.slice(f"{base}.gate_up_proj", (slice(experts.start, experts.stop), slice(start, start + rows)))
         if shard is None:
             t = self.slice(_hf_name(key))
         else:

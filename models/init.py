@@ -61,12 +61,19 @@ def _normal_(t: torch.Tensor, std: float, generator: torch.Generator) -> None:
 def fill_(t: torch.Tensor, rule: InitRule, seed: int, name: str, expert_offset: int = 0,
           shard: tuple[int, int, tuple[int, ...]] | None = None) -> None:
     """Initialise ``t``, which holds global parameter ``name`` (whole, or experts ``expert_offset..`` of a stack,
-    or ``shard = (dim, offset, global_shape)``: the slice ``[offset, offset + t.shape[dim])`` along ``dim``).
+    or ``shard = (dim, offset, global_shape)``: the slice ``[offset, offset + t.shape[dim])`` along ``dim``; of a
+    stack, each expert drawn whole and sliced: expert tensor parallelism).
     A bf16 ``t`` gets the float32 draws rounded, so it starts as the float32 model rounded to bf16."""
     if rule.kind == "ones":
         t.fill_(1.0)
     elif rule.kind == "zeros":
         t.zero_()
+    elif rule.per_expert and shard is not None:
+        dim, offset, global_shape = shard
+        for i in range(t.shape[0]):
+            full = torch.empty(global_shape[1:], dtype=_draw_dtype(t.dtype), device=t.device)
+            full.normal_(0.0, rule.std, generator=_generator(seed, name, expert_offset + i, t.device))
+            t[i].copy_(full.narrow(dim - 1, offset, t.shape[dim]))
     elif rule.per_expert:
         for i in range(t.shape[0]):
             _normal_(t[i], rule.std, _generator(seed, name, expert_offset + i, t.device))

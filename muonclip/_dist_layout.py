@@ -7,7 +7,9 @@ Ownership. A large AdamW tensor (``sliced``: "replicated", at least ``slice_min_
 at least one row) is split by rows over ``dp_group`` as ``torch.chunk`` splits it (ceil(rows/G) rows per rank, the
 last rank fewer; ``row_slice``), DTensor's Shard(0): each rank keeps the state of its rows (ZeRO-1 proper: gradients
 reduce-scattered in, parameters all-gathered out). Every other parameter is owned WHOLE by one rank of its sharding
-group: ``dp_group`` for "replicated" and "tp_sharded" params, ``edp_group`` for "expert" stacks (Muon needs the
+group: ``dp_group`` for "replicated" and "tp_sharded" params, ``edp_group`` for "expert" stacks, ``stage_group``
+(the pipeline stage's dp x cp x tp ranks) for a "replicated" tensor that is no copy on the tp peers (sequence
+parallelism: each tp rank applies it to its own tokens, so its gradient is summed over the stage) (Muon needs the
 whole matrix; a small AdamW tensor is not worth a collective of its own). A Muon parameter is additionally given the
 tensor-parallel rank (``ns_rank``) that runs its Newton–Schulz, so each matrix is orthogonalised exactly once in the
 world. Assignment is greedy, largest first:
@@ -15,7 +17,13 @@ world. Assignment is greedy, largest first:
 1. dense Muon matrices -> the (dp index, tp rank) cell with the least Newton–Schulz cost so far
    (cost of the FULL matrix, ``ns_cost``; ties -> least loaded dp column, then lowest index);
 2. dense AdamW params not sliced -> the dp index with the fewest optimizer-state bytes so far;
-3. / 4. the same for expert stacks over the (edp index, tp rank) cells, with their own load table.
+3. / 4. the same for expert stacks over the (edp index, tp rank) cells, with their own load table; stacks of
+   the folded expert groups (``ParamSlot.folded``: other experts, or other tokens' gradients, on the tp peers)
+   over the edp indices alone, each orthogonalised by its owner (``ns_rank`` 0, no TP exchange); stacks split by
+   expert tensor parallelism (``ParamSlot.etp``: column/row slices on the etp peers, which share the edp index) over
+   the (edp index, etp rank) cells: the slices are gathered to ``ns_rank`` and each expert orthogonalised whole;
+5. / 6. the same for the per-token tensors of sequence parallelism over the stage's ranks, each orthogonalised by
+   its owner.
 
 Assignments depend only on names, full shapes and dtypes, so they agree across the dp and tp groups. Expert
 stacks are balanced among themselves (not against the dense params) so that a given stack name is owned by
@@ -56,21 +64,42 @@ class ParamSlot:
     use_muon: bool
     kind: str
     shard_dim: int | None = None
-    tp_sizes: tuple[int, ...] | None = None  # size along shard_dim on each tp rank (tp_sharded only)
+    tp_sizes: tuple[int, ...] | None = None  # size along shard_dim on each tp rank (tp_sharded; etp rank: etp)
     owner: int = -2  # index within the sharding group (dp_group, or edp_group for experts); EVERY: sliced
     ns_rank: int = 0  # tp rank that runs Newton–Schulz for this matrix (Muon only)
     order: int = -1  # position in the model's parameters (set_backward_order); -1: index
+    tp_copies: bool = True  # the same tensor and gradient on every tp rank (Placement.tp_copies); False: folded
+
+    @property
+    def etp(self) -> bool:
+        """An expert stack split by expert tensor parallelism: slices along ``shard_dim`` on the etp peers."""
+        return self.kind == "expert" and self.shard_dim is not None
+
+    @property
+    def folded(self) -> bool:
+        """An expert stack of the folded expert groups, or a per-token tensor of sequence parallelism: not a copy
+        on the tp peers (other experts, or other tokens' gradients), so it is orthogonalised (and its gradient
+        counted in the norm) on its owner alone, without the TP group."""
+        return self.kind in ("expert", "replicated") and not self.tp_copies
+
+    def counted_on(self, tp_rank: int) -> bool:
+        """Whether this rank's owned copy counts in the global grad norm: a TP slice and a folded stack (an ETP one:
+        its slice) on every tp rank, a tensor whole on every tp rank on tp rank 0 only."""
+        return self.kind == "tp_sharded" or self.folded or tp_rank == 0
 
     @property
     def full_shape(self) -> tuple[int, ...]:
         shape = list(self.param.shape)
-        if self.kind == "tp_sharded":
+        if self.kind == "tp_sharded" or self.etp:
             shape[self.shard_dim] = sum(self.tp_sizes)
         return tuple(shape)
 
     @property
     def sharding(self) -> str:
-        return "edp" if self.kind == "expert" else "dp"
+        """The group it is owned in and its gradient summed over: "edp" (experts), "stage" (per-token), "dp"."""
+        if self.kind == "expert":
+            return "edp"
+        return "stage" if self.folded else "dp"
 
     @property
     def sliced(self) -> bool:
@@ -128,13 +157,16 @@ def sliceable(slot: ParamSlot, group_size: int, min_bytes: int) -> bool:
 
 
 def assign_owners(slots: list[ParamSlot], dp_size: int, tp_size: int, edp_size: int,
-                  slice_min_bytes: int = SLICE_MIN_BYTES) -> None:
+                  slice_min_bytes: int = SLICE_MIN_BYTES, etp_size: int = 1, stage_size: int | None = None) -> None:
     """Set ``owner`` (``EVERY`` for a sliced slot) and ``ns_rank`` of every slot in place (see module docstring)."""
-    for kinds, size in (({"replicated", "tp_sharded"}, dp_size), ({"expert"}, edp_size)):
-        mine = [s for s in slots if s.kind in kinds]
+    sizes = {"dp": dp_size, "edp": edp_size, "stage": stage_size or dp_size * tp_size}
+    for sharding, size in sizes.items():
+        mine = [s for s in slots if s.sharding == sharding]
         for s in mine:
             s.owner = EVERY if sliceable(s, size, slice_min_bytes) else -2  # -2: assigned below
-        loads = _Loads([[0.0] * tp_size for _ in range(size)], [0] * size)
+        # folded stacks: Newton–Schulz on the owner (ETP ones: on one of its etp ranks)
+        cells = (etp_size if any(s.etp for s in mine) else 1) if any(s.folded for s in mine) else tp_size
+        loads = _Loads([[0.0] * cells for _ in range(size)], [0] * size)
         loads.muon([s for s in mine if s.use_muon])
         loads.adamw([s for s in mine if not s.use_muon and not s.sliced])
 

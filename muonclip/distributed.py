@@ -35,14 +35,25 @@ Placement (``muonclip.placement.Placement``, from the parallelize step; names mi
 "replicated"):
 
 - "replicated": whole on every rank. Owner = one dp index; its Newton–Schulz runs on one tp rank (``ns_rank``)
-  and the result is sent to the tp peers, so a matrix replicated across TP is still orthogonalised once.
+  and the result is sent to the tp peers, so a matrix replicated across TP is still orthogonalised once. One that
+  is no copy on the tp peers (``tp_copies`` False: sequence parallelism's per-token tensors, norms, routers, MLA's
+  down projections, applied by each tp rank to its own tokens) is owned by one rank of the pipeline stage
+  (``stage``): its gradient is summed over the stage's dp x cp x tp ranks in ZeRO-1's buckets, once per step
+  (Megatron sums it over TP once per step too), divided by the dp size, orthogonalised on its owner alone and
+  counted in the grad norm there.
 - "tp_sharded": rank t of ``tp_group`` holds slice t along ``shard_dim``. The owner dp index holds the momentum
   of its slice on every tp rank; the slices of the momentum-applied update are gathered to ``ns_rank``,
   orthogonalised as ONE full matrix (exact Muon, not blockwise) and the result's slices sent back.
 - "expert": an [E_local, A, B] stack of whole experts; owner = one rank of ``edp_group`` (the replicas of these
   experts); batched Newton–Schulz over the stack, no gather. Expert gradients are summed over ``edp_group`` and
   divided by the dp size (``expert_grad_divisor``): each expert's local gradient already sums the tokens of its
-  EP group, so this gives the same global-mean gradient as the dense params.
+  EP group, so this gives the same global-mean gradient as the dense params. A stack that is a copy on the tp
+  peers (``tp_copies``: TP without sequence parallelism) is orthogonalised on one tp rank as a replicated matrix;
+  one of the folded expert groups (sequence parallelism: the tp peers hold other experts, or at ep 1 other tokens'
+  gradients, and ``edp_group`` spans them) on its owner alone, and counted in the grad norm there. A stack split by
+  expert tensor parallelism (``shard_dim`` set, ``tp_group`` = the etp group) is owned by one edp index on each etp
+  rank; its slices are gathered to its ``ns_rank`` in the etp group and each expert is orthogonalised as the whole
+  matrix (exact Muon, as one process), the result's slices sent back; each rank counts its slice in the norm.
 
 bf16 parameters (``MuonClip``'s precision contract, as Megatron's distributed optimizer): the bucket buffers are
 float32 (each bf16 ``.grad`` is added in by the hook and dropped; ``.grad`` of a bf16 parameter stays None, read
@@ -126,11 +137,14 @@ class OptimizerGroups:
 
     dp_group: ranks with the same tp rank (ZeRO sharding, dense gradient averaging); None = the world.
     tp_group: tensor-parallel peers (None = no TP). edp_group: replicas of the same experts (None = dp_group).
+    stage: the pipeline stage's dp x cp x tp ranks, over which the per-token tensors of sequence parallelism
+    (``Placement(tp_copies=False)``) are owned and their gradients summed (None = the world).
     """
 
     dp_group: Any = None
     tp_group: Any = None
     edp_group: Any = None
+    stage: Any = None
 
 
 @dataclass(frozen=True)
@@ -180,7 +194,8 @@ class DistributedMuonClip(MuonClip):
     Args:
         params: param groups as for ``MuonClip`` (``build_param_groups``), identical structure on every rank.
         placements: {param name: Placement}; missing names are "replicated".
-        groups: object with ``dp_group`` and optionally ``tp_group``, ``edp_group`` (``OptimizerGroups``).
+        groups: object with ``dp_group`` and optionally ``tp_group``, ``edp_group``, ``etp_group`` and ``stage``
+            (``OptimizerGroups``; ``parallel.dims.ParallelGroups``).
         expert_grad_divisor: divisor of expert gradients after the edp sum (default: dp size).
         bucket_cap_mb: the most MiB of (full) parameters in one gradient bucket; 0 = one bucket per owner.
         overlap_reduce: start each bucket's reduction from backward (see module docstring); False = all in
@@ -220,9 +235,11 @@ class DistributedMuonClip(MuonClip):
         self.pipeline_group = pipeline_group
         self.dp_group = _or(getattr(groups, "dp_group", None), dist.group.WORLD)
         self.edp_group = _or(getattr(groups, "edp_group", None), self.dp_group)
+        self.stage_group = _or(getattr(groups, "stage", None), dist.group.WORLD)
         placements = dict(placements or {})
         self.tp_group = self._resolve_tp_group(getattr(groups, "tp_group", None), placements)
         self.tp_rank = dist.get_rank(self.tp_group) if self.tp_group is not None else 0
+        self.etp_group = self._resolve_etp_group(placements)
         self.dp_size = dist.get_world_size(self.dp_group)
         self.expert_grad_divisor = expert_grad_divisor or self.dp_size
         self.slots = self._make_slots(placements)
@@ -230,13 +247,21 @@ class DistributedMuonClip(MuonClip):
         self._device = self.slots[0].param.device if self.slots else torch.device("cpu")
         self._check_same_structure()
         self._gather_tp_sizes()
-        sizes = {"dp": self.dp_size, "edp": dist.get_world_size(self.edp_group)}
-        assign_owners(self.slots, self.dp_size, group_size(self.tp_group), sizes["edp"], slice_min_bytes)
+        sizes = {"dp": self.dp_size, "edp": dist.get_world_size(self.edp_group),
+                 "stage": dist.get_world_size(self.stage_group)}
+        stage_ranks = self.dp_size * group_size(self.tp_group)
+        if any(s.sharding == "stage" for s in self.slots) and sizes["stage"] != stage_ranks:
+            raise ValueError(f"DistributedMuonClip: per-token parameters (Placement tp_copies=False) are summed over "
+                             f"the pipeline stage's dp x tp ranks ({stage_ranks}), but groups.stage has "
+                             f"{sizes['stage']}: pass the stage's group")
+        assign_owners(self.slots, self.dp_size, group_size(self.tp_group), sizes["edp"], slice_min_bytes,
+                      group_size(self.etp_group), sizes["stage"])
         if bucket_cap_mb < 0:
             raise ValueError(f"DistributedMuonClip: bucket_cap_mb must be >= 0 (0 = one bucket per owner), got "
                              f"{bucket_cap_mb}")
         self.buckets = build_buckets(self.slots, sizes, int(bucket_cap_mb * 2**20))
-        self._index = {"dp": dist.get_rank(self.dp_group), "edp": dist.get_rank(self.edp_group)}
+        self._index = {"dp": dist.get_rank(self.dp_group), "edp": dist.get_rank(self.edp_group),
+                       "stage": dist.get_rank(self.stage_group)}
         self._slot = {id(s.param): s for s in self.slots}
         self._bucket_of = {id(s.param): i for i, b in enumerate(self.buckets) for s in b.slots}
         # a sliced param's rows this rank keeps (the state's shape), as a view of the param
@@ -300,6 +325,20 @@ class DistributedMuonClip(MuonClip):
                                      f"{dist.get_process_group_ranks(pl.tp_group)}, expected {ranks} (one TP group)")
         return tp_group
 
+    @staticmethod
+    def _resolve_etp_group(placements: Mapping[str, Placement]) -> Any:
+        """The expert-tensor-parallel group of the ETP-split expert stacks (one for all of them), or None."""
+        etp = [(n, pl) for n, pl in placements.items() if pl.kind == "expert" and pl.shard_dim is not None]
+        if not etp:
+            return None
+        group = etp[0][1].tp_group
+        ranks = dist.get_process_group_ranks(group)
+        for name, pl in etp:
+            if dist.get_process_group_ranks(pl.tp_group) != ranks:
+                raise ValueError(f"DistributedMuonClip: placement of {name} uses an etp group with ranks "
+                                 f"{dist.get_process_group_ranks(pl.tp_group)}, expected {ranks} (one ETP group)")
+        return group
+
     def _make_slots(self, placements: Mapping[str, Placement]) -> list[ParamSlot]:
         slots = []
         index = 0
@@ -322,15 +361,16 @@ class DistributedMuonClip(MuonClip):
                 if pl.kind == "expert" and group["use_muon"] and p.ndim < 3:
                     raise ValueError(f"DistributedMuonClip: expert param {name} has shape {tuple(p.shape)}; expected "
                                      "an [E_local, A, B] stack")
-                slots.append(ParamSlot(index - 1, name, p, gi, group["use_muon"], pl.kind,
-                                       pl.shard_dim if pl.kind == "tp_sharded" else None))
+                slots.append(ParamSlot(index - 1, name, p, gi, group["use_muon"], pl.kind, pl.shard_dim,
+                                       tp_copies=pl.tp_copies))
         return slots
 
     def _check_same_structure(self) -> None:
         """Every rank must plan over the same names/kinds/dtypes/shapes (else collectives would not line up)."""
         def shape(s: ParamSlot) -> tuple:
             return tuple(-1 if d == s.shard_dim else n for d, n in enumerate(s.param.shape))
-        text = "|".join(f"{s.name}:{s.kind}:{s.use_muon}:{s.param.dtype}:{shape(s)}" for s in self.slots)
+        text = "|".join(f"{s.name}:{s.kind}:{s.sharding}:{s.shard_dim}:{s.use_muon}:{s.param.dtype}:{shape(s)}"
+                        for s in self.slots)
         h = zlib.crc32(text.encode())
         hh = torch.tensor([h, -h], dtype=torch.int64, device=self._device)
         dist.all_reduce(hh, op=dist.ReduceOp.MAX, group=self.norm_group)
@@ -349,6 +389,9 @@ class DistributedMuonClip(MuonClip):
             sizes.copy_(local)
         for k, s in enumerate(sharded):
             s.tp_sizes = tuple(int(x) for x in sizes.view(T, len(sharded))[:, k])
+        for s in self.slots:  # ETP slices are even (parallel/expert_parallel.py)
+            if s.etp:
+                s.tp_sizes = (s.param.shape[s.shard_dim],) * group_size(self.etp_group)
 
     # ------------------------------------------------------------------ ownership / state
     def owns(self, p: Tensor) -> bool:
@@ -474,8 +517,9 @@ class DistributedMuonClip(MuonClip):
         self._reduced = False
 
     def _group(self, b: Any) -> Any:
-        """The group a bucket's gradients are reduced and its params broadcast over (dp, or edp for experts)."""
-        return self.dp_group if b.sharding == "dp" else self.edp_group
+        """The group a bucket's gradients are reduced and its params broadcast over (dp, edp for experts, the
+        stage for sequence parallelism's per-token tensors)."""
+        return {"dp": self.dp_group, "edp": self.edp_group, "stage": self.stage_group}[b.sharding]
 
     def _reduce_dtype(self, b: Any) -> torch.dtype:
         """The dtype bucket ``b``'s gradients travel in: ``reduce_dtype`` unless the buffer is narrower/wider
@@ -668,7 +712,8 @@ class DistributedMuonClip(MuonClip):
                 held = self._held(i)
                 if self._wire[i] is not None:
                     held.copy_(self._held(i, self._wire[i]))
-                divisor = self.dp_size if b.sharding == "dp" else self.expert_grad_divisor
+                # the stage's sum is the tp ranks' tokens (one process's gradient) times the dp x cp replicas
+                divisor = self.expert_grad_divisor if b.sharding == "edp" else self.dp_size
                 held[:b.numel].div_(divisor * self.grad_sum_divisor)  # the gradients (not the flags)
             self._wire[i] = None
             for s, view in self._views(i):
@@ -679,16 +724,16 @@ class DistributedMuonClip(MuonClip):
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
         """Scale owned gradients so the global L2 norm is at most ``max_norm``; return the norm (pre-clip), the
         same on every rank. Each element is counted once: tp_sharded params contribute their slice from every
-        tp rank, replicated params and expert stacks only from tp rank 0. A norm that is not finite (a NaN or inf
-        in any rank's gradient reaches every rank through the sum) makes the next ``step()`` a no-op on every
-        rank (``step_ok``, muonclip/skip_nonfinite.py)."""
+        tp rank, folded expert stacks from every owner, replicated params and TP copies of expert stacks only from
+        tp rank 0. A norm that is not finite (a NaN or inf in any rank's gradient reaches every rank through the
+        sum) makes the next ``step()`` a no-op on every rank (``step_ok``, muonclip/skip_nonfinite.py)."""
         if float(norm_type) != 2.0:
             raise ValueError(f"DistributedMuonClip.clip_grad_norm_ supports norm_type=2 only, got {norm_type}")
         self.reduce_gradients()
         owned = [(s, view) for i in range(len(self.buckets)) if self._owns_bucket(i) for s, view in self._views(i)]
         sq = torch.zeros(1, dtype=torch.float64, device=self._device)  # muonclip/grad_norm.py: row norms in float64
         for s, grad in owned:
-            if s.kind == "tp_sharded" or self.tp_rank == 0:
+            if s.counted_on(self.tp_rank):
                 sq += sum_of_squares(grad).to(self._device)
         self.comm.all_reduce(sq, dist.ReduceOp.SUM, self.norm_group)
         if self.pipeline_group is not None:
@@ -794,7 +839,13 @@ class DistributedMuonClip(MuonClip):
                                     gate)
             items.append(NSItem(update.to(self.ns_dtype), s.ns_rank, s.shard_dim, s.tp_sizes,
                                 group["ns_steps"], group["ns_eps"]))
-        outs = orthogonalize_once(items, self._orthogonalize, self.comm, self.tp_group)
+        # folded expert stacks differ between tp peers: orthogonalised here (ETP slices: gathered over the etp
+        # group), sequence parallelism's per-token tensors on their owner alone, the rest once across the TP group
+        outs: list = [None] * len(items)
+        for kind, group in (("tp", self.tp_group), ("expert", self.etp_group), ("replicated", None)):
+            ks = [k for k, (s, _, _) in enumerate(owned) if (s.kind if s.folded else "tp") == kind]
+            for k, out in zip(ks, orthogonalize_once([items[k] for k in ks], self._orthogonalize, self.comm, group)):
+                outs[k] = out
         for (s, _, gate), out in zip(owned, outs):
             group = self.param_groups[s.group_index]
             weight = self.weight(s.param)

@@ -18,15 +18,24 @@ Axes (world_size == pp * dp * cp * tp):
   (``dp_size`` = dp * cp): it reduces gradients of non-expert parameters (and the losses, QK-Clip's max logits,
   the routers' loads) and is the ZeRO-1 sharding group.
 - ``sp`` (sequence parallelism, parallel/sequence_parallel.py): the ranks of a TP group also split each sequence
-  (of the CP chunk) outside the TP regions; no group of its own. Expert parallelism folded across them comes later
-  (``sp`` with ``ep > 1`` is refused).
-- ``ep`` (expert parallel) BORROWS from the replica axis (``ep`` divides ``dp * cp``): it is cut into
-  ``dp * cp // ep`` blocks of ``ep`` consecutive replica indices; an ``ep_group`` is one block (same tp index).
-  Each rank of an EP group holds ``n_routed_experts // ep`` experts and exchanges tokens with the others
-  (all-to-all).
-- ``edp`` (expert data parallel): ranks with the same tp index and the same ``ep_rank`` in different EP blocks,
-  i.e. the replicas of the same experts (``dp * cp // ep`` of them). Expert gradients are reduced over
-  ``edp_group``.
+  (of the CP chunk) outside the TP regions; no group of its own. Every rank of a stage then routes tokens no other
+  rank routes, so the experts are folded over all of them (below).
+- ``ep`` (expert parallel): each rank of an ``ep_group`` holds ``n_routed_experts // ep`` experts and exchanges
+  tokens with the others (all-to-all); ``edp`` (expert data parallel): the ranks holding the same experts (their
+  replicas); expert gradients are reduced over ``edp_group``. Two layouts:
+  - folded (Megatron's MoE parallel folding; with ``sp``, and whenever ``tp == 1``): the expert groups cut the
+    stage's ``dp * cp * tp`` ranks, rank within the stage ``s = replica_index * tp + tp_index``, into
+    ``etp_index = s % etp``, ``ep_index = (s // etp) % ep`` and ``edp_index = s // (etp * ep)`` (Megatron's
+    ``tp-cp-ep-dp-pp`` order with etp as the experts' "tp"): an ``etp_group`` is ``etp`` consecutive ranks, an
+    ``ep_group`` the ranks with the same etp and edp index (``ep`` consecutive ranks at etp 1: it may span TP
+    ranks: at tp2 + SP, ep2 it is the TP pair), ``etp * ep`` divides ``dp * cp * tp``. At tp 1 and etp 1 these are
+    the replica-axis blocks below.
+  - ``etp`` (expert tensor parallelism, folded layout only): the ranks of an ``etp_group`` hold column slices of
+    each expert's gate/up and row slices of its down projection (parallel/expert_parallel.py); they route
+    different tokens and gather each other's rows into the expert GEMMs. At tp 1 they are data ranks.
+  - legacy (tp > 1 without ``sp``: TP peers route the same tokens, their experts are copies): EP BORROWS from the
+    replica axis (``ep`` divides ``dp * cp``), cut into ``dp * cp // ep`` blocks of ``ep`` consecutive replica
+    indices at one tp index; ``edp_group``: the same tp index and ``ep_rank`` in different blocks.
 
 The loader's data rank is the data index (``data_rank``/``data_size``: dp_rank // cp and dp): the ranks of one
 TP group and of one CP group read the same batch. No module-level globals: build once, pass the object
@@ -48,19 +57,31 @@ class ParallelDims:
     pp: int = 1
     cp: int = 1
     sp: bool = False  # sequence parallelism: TP ranks split each sequence outside the TP regions
+    etp: int = 1  # expert tensor parallelism: ranks that split each routed expert's matrices (folded layout)
 
     def __post_init__(self) -> None:
-        for name in ("dp", "tp", "ep", "pp", "cp"):
+        for name in ("dp", "tp", "ep", "pp", "cp", "etp"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"parallel dims: {name} must be an integer >= 1, got {value!r}")
         if self.sp and self.tp == 1:
             raise ValueError("parallel dims: sp (sequence parallelism) splits sequences over the tensor-parallel "
                              "ranks: it needs tp > 1")
-        if self.sp and self.ep > 1:
-            raise ValueError(f"parallel dims: sp with ep={self.ep} (expert parallelism folded across the "
-                             f"tensor-parallel ranks) is not supported yet: use ep 1")
-        if self.replicas % self.ep != 0:
+        if self.etp > 1 and not self.folded:
+            raise ValueError(f"parallel dims: etp ({self.etp}) > 1 with tp ({self.tp}) > 1 needs sp (sequence "
+                             f"parallelism): expert tensor parallelism splits the experts over ranks that route "
+                             f"different tokens")
+        if self.etp > 1 and self.folded and self.expert_ranks % (self.ep * self.etp) != 0:
+            n = self.expert_ranks
+            raise ValueError(f"parallel dims: etp * ep ({self.etp} * {self.ep}) must divide dp * cp * tp ({n}): the "
+                             f"expert groups are folded over the ranks of a pipeline stage")
+        if self.sp and self.expert_ranks % self.ep != 0:
+            n = self.expert_ranks
+            raise ValueError(
+                f"parallel dims: ep ({self.ep}) must divide dp * cp * tp ({n}) - the expert groups are folded over the "
+                f"ranks of a pipeline stage (sequence parallelism: each routes its own tokens); choose ep in "
+                f"{[d for d in range(1, n + 1) if n % d == 0]} or raise dp")
+        if self.expert_ranks % self.ep != 0:
             raise ValueError(
                 f"parallel dims: ep ({self.ep}) must divide dp * cp ({self.replicas}) - expert parallelism borrows "
                 f"ranks from the data/context-parallel axis (ranks of an EP group see different tokens); choose ep "
@@ -76,8 +97,19 @@ class ParallelDims:
         return self.pp * self.replicas * self.tp
 
     @property
+    def folded(self) -> bool:
+        """Whether the expert groups are folded over the stage's ranks (see the module docstring): with sequence
+        parallelism, and at tp 1 (where both layouts agree)."""
+        return self.sp or self.tp == 1
+
+    @property
+    def expert_ranks(self) -> int:
+        """The ranks of one tp index (legacy) or of the stage (folded) that the ep x edp expert groups cut."""
+        return self.replicas * self.tp if self.folded else self.replicas
+
+    @property
     def edp(self) -> int:
-        return self.replicas // self.ep
+        return self.expert_ranks // (self.ep * self.etp)
 
     def check_world(self, world_size: int) -> None:
         if world_size != self.world_size:
@@ -97,6 +129,9 @@ class ParallelDims:
         if model_cfg.attn_type == "mha" and model_cfg.n_kv_heads % tp:
             errors.append(f"n_kv_heads ({model_cfg.n_kv_heads}) must be divisible by tp ({tp}) "
                           f"(KV-head replication is not supported)")
+        if model_cfg.vocab_size % tp:
+            errors.append(f"vocab_size ({model_cfg.vocab_size}) must be divisible by tp ({tp}): the embedding and the "
+                          f"head split their rows over the tensor-parallel ranks")
         if model_cfg.first_k_dense > 0 and model_cfg.inter_dim % tp:
             errors.append(f"inter_dim ({model_cfg.inter_dim}) must be divisible by tp ({tp})")
         has_moe = model_cfg.first_k_dense < model_cfg.n_layers
@@ -106,10 +141,13 @@ class ParallelDims:
                 errors.append(f"moe_inter_dim*n_shared_experts ({shared}) must be divisible by tp ({tp})")
             if model_cfg.n_routed_experts % self.ep:
                 errors.append(f"n_routed_experts ({model_cfg.n_routed_experts}) must be divisible by ep ({self.ep})")
+            if model_cfg.moe_inter_dim % self.etp:
+                errors.append(f"moe_inter_dim ({model_cfg.moe_inter_dim}) must be divisible by etp ({self.etp}): expert "
+                              f"tensor parallelism splits each routed expert's columns")
         if errors:
             raise ValueError("parallel dims vs model config: " + "; ".join(errors)
-                             + f" (dp={self.dp}, tp={self.tp}, ep={self.ep}, cp={self.cp}): change tp/ep/cp or the "
-                               f"model sizes")
+                             + f" (dp={self.dp}, tp={self.tp}, ep={self.ep}, etp={self.etp}, cp={self.cp}): change "
+                               f"tp/ep/etp/cp or the model sizes")
 
     def group_ranks(self) -> dict[str, list[list[int]]]:
         """Global ranks of every group of each kind, in creation order (pure; used by ``build`` and tests)."""
@@ -121,11 +159,25 @@ class ParallelDims:
         out = {
             "tp": [[rank(d, t, p) for t in range(tp)] for p in range(pp) for d in range(dp)],
             "dp": [[rank(d, t, p) for d in range(dp)] for p in range(pp) for t in range(tp)],
-            "ep": [[rank(b * ep + e, t, p) for e in range(ep)] for p in range(pp) for t in range(tp)
-                   for b in range(dp // ep)],
-            "edp": [[rank(b * ep + e, t, p) for b in range(dp // ep)] for p in range(pp) for t in range(tp)
-                    for e in range(ep)],
         }
+        if self.folded:  # rank within the stage s = d * tp + t = (edp * ep + ep index) * etp + etp index
+            etp = self.etp
+            blocks = dp * tp // (ep * etp)
+
+            def fold(p: int, b: int, e: int, k: int) -> int:
+                return p * dp * tp + (b * ep + e) * etp + k
+            out["ep"] = [[fold(p, b, e, k) for e in range(ep)] for p in range(pp) for b in range(blocks)
+                         for k in range(etp)]
+            out["edp"] = [[fold(p, b, e, k) for b in range(blocks)] for p in range(pp) for e in range(ep)
+                          for k in range(etp)]
+            if etp > 1:
+                out["etp"] = [[fold(p, b, e, k) for k in range(etp)] for p in range(pp) for b in range(blocks)
+                              for e in range(ep)]
+        else:
+            out["ep"] = [[rank(b * ep + e, t, p) for e in range(ep)] for p in range(pp) for t in range(tp)
+                         for b in range(dp // ep)]
+            out["edp"] = [[rank(b * ep + e, t, p) for b in range(dp // ep)] for p in range(pp) for t in range(tp)
+                          for e in range(ep)]
         if cp > 1:
             out["cp"] = [[rank(b * cp + c, t, p) for c in range(cp)] for p in range(pp) for t in range(tp)
                          for b in range(dp // cp)]
@@ -142,7 +194,8 @@ class ParallelDims:
         """
         if not dist.is_initialized():
             self.check_world(1)
-            return ParallelGroups(self, device_type, 0, None, 0, None, 0, None, 0, None, 0, None, 0, None, None, 0)
+            return ParallelGroups(self, device_type, 0, None, 0, None, 0, None, 0, None, 0, None, 0, None, None, 0,
+                                  None, 0)
         self.check_world(dist.get_world_size())
         me = dist.get_rank()
         mine = {}
@@ -152,8 +205,9 @@ class ParallelDims:
                 if me in ranks:
                     mine[kind] = (group, ranks.index(me))
         pp, stage, cp = mine.get("pp", (None, 0)), mine.get("stage", (None, 0)), mine.get("cp", (None, 0))
+        etp = mine.get("etp", (None, 0))
         return ParallelGroups(self, device_type, me, *mine["dp"], *mine["tp"], *mine["ep"], *mine["edp"], *pp,
-                              stage[0], *cp)
+                              stage[0], *cp, *etp)
 
 
 @dataclass(frozen=True)
@@ -176,6 +230,8 @@ class ParallelGroups:
     stage_group: Optional[Any] = None  # the dp x tp ranks of this pipeline index; None = the world (pp == 1)
     cp_group: Optional[Any] = None  # None when cp == 1
     cp_rank: int = 0
+    etp_group: Optional[Any] = None  # the expert-tensor-parallel peers (folded layout); None when etp == 1
+    etp_rank: int = 0
 
     @property
     def world_size(self) -> int:
@@ -197,6 +253,10 @@ class ParallelGroups:
     @property
     def ep_size(self) -> int:
         return self.dims.ep
+
+    @property
+    def etp_size(self) -> int:
+        return self.dims.etp
 
     @property
     def edp_size(self) -> int:

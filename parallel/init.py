@@ -5,7 +5,7 @@ Each rank allocates its stage's layers, its tensor-parallel slices and its exper
 else (``load_hf_sharded`` then fills them from a released checkpoint, reading only those slices). The weights equal, element for element, those of one
 process initialising the whole model with the same seed, so losses do not depend on the layout. Peak memory is
 the rank's shard plus, transiently, one full tensor-parallel matrix (drawn whole, then sliced); expert stacks
-draw only the rank's own experts.
+draw only the rank's own experts (expert tensor parallelism: each drawn whole, then sliced).
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def init_sharded(model: nn.Module, rules: dict[str, InitRule], global_shapes: di
     for name, p in model.named_parameters():
         placement = placements.get(name)
         if placement is not None and placement.kind == "expert":
-            fill_(p, rules[name], seed, name, expert_offset=ep_rank * p.shape[0])
+            fill_(p, rules[name], seed, name, expert_offset=ep_rank * p.shape[0], shard=_etp_shard(p, placement,
+                                                                                                    global_shapes[name]))
         elif placement is not None and placement.kind == "tp_sharded" and tuple(p.shape) != global_shapes[name]:
             dim = placement.shard_dim
             offset = dist.get_rank(placement.tp_group) * p.shape[dim]  # slices in tp-rank order
@@ -50,7 +51,8 @@ def load_hf_sharded(model: nn.Module, global_shapes: dict[str, tuple[int, ...]],
         placement = placements.get(name)
         kwargs = {}
         if placement is not None and placement.kind == "expert":
-            kwargs = {"expert_offset": ep_rank * p.shape[0]}
+            shard = _etp_shard(p, placement, global_shapes[name])
+            kwargs = {"expert_offset": ep_rank * p.shape[0], "shard": shard and shard[:2]}
         elif placement is not None and placement.kind == "tp_sharded" and tuple(p.shape) != global_shapes[name]:
             dim = placement.shard_dim
             kwargs = {"shard": (dim, dist.get_rank(placement.tp_group) * p.shape[dim])}
@@ -58,6 +60,15 @@ def load_hf_sharded(model: nn.Module, global_shapes: dict[str, tuple[int, ...]],
         if name in row_shards and target.shape != value.shape:
             value = value.narrow(0, row_shards[name].start, row_shards[name].rows)
         target.copy_(value)
+
+
+def _etp_shard(p: torch.Tensor, placement: Placement, global_shape: tuple[int, ...]) -> tuple | None:
+    """(dim, offset, global shape) of an expert stack's expert-tensor-parallel slice (slices in etp-rank order), or
+    None for a stack of whole experts."""
+    if placement.shard_dim is None:
+        return None
+    dim = placement.shard_dim
+    return dim, dist.get_rank(placement.tp_group) * p.shape[dim], global_shape
 
 
 __all__ = ["init_sharded", "load_hf_sharded"]

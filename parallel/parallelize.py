@@ -1,5 +1,6 @@
-"""One place that turns the plain model into the parallel one, in a fixed order: EP, TP (with sequence parallelism,
-parallel/sequence_parallel.py, when ``ParallelDims.sp``), CP (the all-to-all over
+"""One place that turns the plain model into the parallel one, in a fixed order: EP, TP (the vocabulary-split
+embedding, head and loss, parallel/vocab_parallel.py; with sequence parallelism, parallel/sequence_parallel.py, when
+``ParallelDims.sp``), CP (the all-to-all over
 heads around attention, parallel/context_parallel.py), precision (bf16 parameters, parallel/precision.py), recomputation (parallel/recompute.py), FP8 activation storage
 (parallel/fp8_storage.py), activation offload (parallel/activation_offload.py) (``parallelize``);
 ``apply_compile`` (``train.compile``) comes last, on the parallel model.
@@ -15,6 +16,7 @@ parameter is laid out.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -28,8 +30,9 @@ from parallel.fp8_storage import apply_fp8_storage
 from parallel.precision import PrecisionPolicy, apply_precision
 from parallel.recompute import RECOMPUTE_MODULES, apply_recompute
 from parallel.router_stats import apply_sequence_shards
-from parallel.sequence_parallel import SequenceParallel, apply_sequence_parallel
+from parallel.sequence_parallel import SequenceParallel, sp_placements
 from parallel.tensor_parallel import apply_tensor_parallel, tp_placements
+from parallel.vocab_parallel import apply_vocab_parallel, vocab_placements
 
 
 @dataclass(frozen=True)
@@ -73,11 +76,14 @@ def parallelize(model: nn.Module, pdims: ParallelDims, groups: ParallelGroups,
     if groups.dims != pdims:
         raise ValueError(f"parallelize: groups were built for {groups.dims}, not {pdims}")
     pdims.check_model(model.cfg)
-    apply_expert_parallel(model, groups.ep_rank, groups.ep_size, groups.ep_group)
+    apply_expert_parallel(model, groups.ep_rank, groups.ep_size, groups.ep_group, groups.etp_rank, groups.etp_size,
+                          groups.etp_group)
     seq = SequenceParallel(groups.tp_group, groups.tp_size, groups.tp_rank) if pdims.sp else None
     apply_tensor_parallel(model, groups.tp_rank, groups.tp_size, groups.tp_group, seq)
+    if groups.tp_size > 1:
+        model.vocab_parallel = apply_vocab_parallel(model, groups.tp_rank, groups.tp_size, groups.tp_group, seq)
     if seq is not None:
-        model.sequence_parallel = apply_sequence_parallel(model, seq)
+        model.sequence_parallel = seq
     apply_context_parallel(model, groups.cp_rank, groups.cp_size, groups.cp_group,
                            hidden_parts=groups.tp_size if seq is not None else 1)
     apply_sequence_shards(model, sp=(groups.tp_group, groups.tp_size if seq is not None else 1),
@@ -89,10 +95,19 @@ def parallelize(model: nn.Module, pdims: ParallelDims, groups: ParallelGroups,
     apply_fp8_storage(model, cfg.fp8_activations, recomputed=set(modules) if mode == "selective" else set())
     if cfg.activation_offload:
         model.activation_offload = apply_activation_offload(model)
+    return model_placements(model, pdims.sp, groups.tp_group)
+
+
+def model_placements(model: nn.Module, sp: bool, tp_group: Any) -> dict[str, Placement]:
+    """A placement per parameter of a model ``parallelize`` split (the planner's meta models too): the TP and
+    vocabulary shards, the expert stacks (folded over TP under sequence parallelism), sequence parallelism's
+    per-token tensors, the rest replicated."""
     placements = {name: Placement("replicated") for name, _ in model.named_parameters()}
-    placements.update(expert_placements(model))
-    placements.update(tp_placements(model, groups.tp_group))
+    placements.update(sp_placements(model) if sp else {})
+    placements.update(expert_placements(model, tp_copies=not sp))
+    placements.update(tp_placements(model, tp_group))
+    placements.update(vocab_placements(model, tp_group))
     return placements
 
 
-__all__ = ["ParallelizeConfig", "parallelize", "apply_activation_checkpointing", "apply_compile"]
+__all__ = ["ParallelizeConfig", "parallelize", "model_placements", "apply_activation_checkpointing", "apply_compile"]

@@ -41,9 +41,12 @@ and the ZeRO-1 plan ``DistributedMuonClip`` would make (the same ``assign_owners
 - per-step bytes sent by this rank, per collective: DP/EDP reduce (or all-reduce; in ``parallel.grad_reduce_dtype``)
   and broadcast (the parameters' dtype), a sliced bucket's reduce-scatter and all-gather, and the grad-norm
   all-reduce (exact: the counts ``CountingComm`` reports),
-  the Newton–Schulz gathers/scatters over TP (exact), TP all-reduces of activations (4 per layer per micro batch),
-  EP all-to-all (expected under uniform routing), PP send/recv (activations forward, their gradients backward),
-  activations in the policy's compute/activation dtype;
+  the Newton–Schulz gathers/scatters over TP (exact), TP all-reduces of activations (4 per layer per micro batch,
+  and the vocab-split embedding's output and head input's gradient), the vocab-parallel loss's all-reduces (exact),
+  EP all-to-all (expected under uniform routing; under sequence parallelism each rank routes 1/tp of the tokens
+  over its folded expert group), PP send/recv (activations forward, their gradients backward),
+  activations in the policy's compute/activation dtype; sequence parallelism's collectives (``_sp_comm``) and the
+  routers' all-reduces (``_router_comm``: the balance loss's counts, the step's expert loads);
 - the largest matrix this rank orthogonalises (full shape, after the TP gather).
 """
 from __future__ import annotations
@@ -105,14 +108,15 @@ class RankPlan:
         return self.optimizer_host_reserved + self.activations_host_reserved + self.ckpt_staging
 
 
-def _local_model(cfg, pp_rank: int, tp_rank: int, ep_rank: int):
+def _local_model(cfg, pp_rank: int, tp_rank: int, ep_rank: int, etp_rank: int = 0):
     """The meta model a rank builds (launch/build.py): its stages' layers, EP, TP and the parameter dtypes applied;
-    and placements."""
+    and placements (expert stacks folded over TP under sequence parallelism, parallel/dims.py)."""
     from models import Transformer
-    from parallel.expert_parallel import apply_expert_parallel, expert_placements
+    from parallel.expert_parallel import apply_expert_parallel
+    from parallel.parallelize import model_placements
     from parallel.pipeline_parallel import plan_stages, prune_to_stage
-    from parallel.tensor_parallel import apply_tensor_parallel, tp_placements
-    from muonclip.placement import Placement
+    from parallel.tensor_parallel import apply_tensor_parallel
+    from parallel.vocab_parallel import apply_vocab_parallel
 
     p = cfg.parallel
     with torch.device("meta"):
@@ -121,16 +125,16 @@ def _local_model(cfg, pp_rank: int, tp_rank: int, ep_rank: int):
         if p.pp > 1:
             plan = plan_stages(cfg.model, pp_rank, p.pp, p.pp_virtual_stages, p.schedule, p.pp_layers or None)
             model = prune_to_stage(model, plan.layers, first=plan.has_first, last=plan.has_last)
-        apply_expert_parallel(model, ep_rank, p.ep, None)
+        apply_expert_parallel(model, ep_rank, p.ep, None, etp_rank, p.etp, None)
         apply_tensor_parallel(model, tp_rank, p.tp, None)
+        if p.tp > 1:
+            apply_vocab_parallel(model, tp_rank, p.tp, None)
         apply_precision(model, PrecisionPolicy.from_config(cfg))
-    placements = {name: Placement("replicated") for name, _ in model.named_parameters()}
-    placements.update(expert_placements(model))
-    placements.update(tp_placements(model, "planned"))  # a stand-in group: nothing is communicated here
-    return model, placements, plan
+    # a stand-in TP group: nothing is communicated here
+    return model, model_placements(model, p.sequence_parallel, "planned"), plan
 
 
-def _zero1_layout(model, placements, tp: int, dp: int, edp: int, bucket_mb: float):
+def _zero1_layout(model, placements, tp: int, dp: int, edp: int, bucket_mb: float, etp: int = 1):
     """The slots and buckets DistributedMuonClip builds for this model (shapes, owners, packing)."""
     import muonclip
     from muonclip._dist_layout import ParamSlot, assign_owners, build_buckets, set_backward_order
@@ -143,14 +147,14 @@ def _zero1_layout(model, placements, tp: int, dp: int, edp: int, bucket_mb: floa
             if not param.requires_grad:
                 continue
             pl = placements[name]
-            slot = ParamSlot(index - 1, name, param, gi, group["use_muon"], pl.kind,
-                             pl.shard_dim if pl.kind == "tp_sharded" else None)
-            if pl.kind == "tp_sharded":
-                slot.tp_sizes = (param.shape[pl.shard_dim],) * tp
+            slot = ParamSlot(index - 1, name, param, gi, group["use_muon"], pl.kind, pl.shard_dim,
+                             tp_copies=pl.tp_copies)
+            if pl.shard_dim is not None:  # a TP slice, or an expert stack's ETP slice
+                slot.tp_sizes = (param.shape[pl.shard_dim],) * (tp if pl.kind == "tp_sharded" else etp)
             slots.append(slot)
-    assign_owners(slots, dp, tp, edp)
+    assign_owners(slots, dp, tp, edp, etp_size=etp, stage_size=dp * tp)
     set_backward_order(slots, [n for n, _ in model.named_parameters()])
-    return slots, build_buckets(slots, {"dp": dp, "edp": edp}, int(bucket_mb * 2**20))
+    return slots, build_buckets(slots, {"dp": dp, "edp": edp, "stage": dp * tp}, int(bucket_mb * 2**20))
 
 
 def _activation_plan(cfg, plan, pp_rank: int, tp: int, ep: int, policy: PrecisionPolicy,
@@ -162,12 +166,12 @@ def _activation_plan(cfg, plan, pp_rank: int, tp: int, ep: int, policy: Precisio
     recomputation's extra forward FLOPs per step; the share of the rank's schedule slots idle (``idle_fraction``).
     ``activations`` is what is held at the high point, ``transient`` what the action running then adds."""
     from parallel.pipeline_runtime import buffer_timeline, idle_fraction
-    from parallel.plan_activations import Techniques, micro_batch
+    from parallel.plan_activations import Techniques, local_rows, micro_batch
 
     m, d, p = cfg.model, cfg.data, cfg.parallel
     tech = Techniques.from_config(cfg)
     N = d.micro_batch_size * d.seq_len
-    held = N * m.dim * policy.activation_dtype.itemsize  # a pipeline tensor
+    held = local_rows(cfg, N) * m.dim * policy.activation_dtype.itemsize  # a pipeline tensor: [B, T/(cp*tp), D]
     idle, batch = 0.0, 0
     if plan is None:
         stages = {0: (list(range(m.n_layers)), True, True)}
@@ -299,7 +303,7 @@ def _working_sets(cfg, stages: dict, mbs: dict, tp: int, policy: PrecisionPolicy
         backward = 2 * mb.largest + mb.quantize_transient // 2 + weight + recompute_transient(mb, tech) + \
             sum(blocks[:2])
         if last:
-            backward = max(backward, loss_transient(cfg, policy, tech))
+            backward = max(backward, loss_transient(cfg, policy, tech, tp))
         after = embed.weight.numel() * grad if first and embed is not None else 0
         out[s] = (forward, backward, after)
     return out
@@ -323,14 +327,18 @@ def _recompute_flops(cfg, stages: dict, tp: int, tech) -> float:
         up = (m.q_lora_rank * H * (m.qk_nope_head_dim + m.qk_rope_head_dim) if m.q_lora_rank else 0) + \
             m.kv_lora_rank * H * (m.qk_nope_head_dim + m.v_head_dim)
         per_micro += len(layers) * 2 * N * up
-    if "moe_down_proj" in tech.selective:
+    if "moe_down_proj" in tech.selective:  # the rank's routed rows (its own tokens' under sequence parallelism)
+        from parallel.plan_activations import local_rows
+
         moe = sum(1 for i in layers if i >= m.first_k_dense)
-        per_micro += moe * 2 * N * m.n_activated_experts * m.moe_inter_dim * m.dim
+        per_micro += moe * 2 * local_rows(cfg, N) * m.n_activated_experts * m.moe_inter_dim * m.dim
     return per_micro * d.grad_accum
 
 
-def _comm(cfg, slots, buckets, me: dict[str, int], tp_rank: int, plan, pp_rank: int, model=None) -> dict[str, int]:
-    """Bytes this rank sends per step, named like CountingComm's counters plus the model's collectives."""
+def _comm(cfg, slots, buckets, me: dict[str, int], tp_rank: int, plan, pp_rank: int,
+          model: torch.nn.Module) -> dict[str, int]:
+    """Bytes this rank sends per step, named like CountingComm's counters plus the model's collectives; ``model``:
+    this rank's local model (``_local_model``: its stages, embedding and head, per-token parameters)."""
     p, m, d = cfg.parallel, cfg.model, cfg.data
     dp, tp, pp = (cfg.parallel.dp, p.tp, p.pp)
     out: dict[str, int] = {}
@@ -361,12 +369,17 @@ def _comm(cfg, slots, buckets, me: dict[str, int], tp_rank: int, plan, pp_rank: 
     add("all_reduce", 2 * (stage - 1) * F64 // stage if stage > 1 else 0)  # the grad norm (one float64)
     add("all_reduce", 2 * (pp - 1) * F64 // pp if pp > 1 else 0)
     if tp > 1:  # Newton–Schulz over TP: gather the owned tp_sharded updates, send every result back
-        owned = [s for s in slots if s.use_muon and s.owner == me[s.sharding]]
+        owned = [s for s in slots if s.use_muon and s.owner == me[s.sharding] and not s.folded]  # folded: local
         gather = sum(s.param.numel() for s in owned if s.kind == "tp_sharded" and s.ns_rank != tp_rank)
         scatter = 0
         for s in owned:
             if s.ns_rank == tp_rank:
                 scatter += (tp - 1) * s.param.numel()  # a shard to each other rank, or the whole matrix
+        add("all_to_all", (gather + scatter) * F32)
+    if p.etp > 1:  # Newton–Schulz of the ETP stacks: their slices gathered to the ns_rank, the results' sent back
+        owned = [s for s in slots if s.use_muon and s.owner == me[s.sharding] and s.etp]
+        gather = sum(s.param.numel() for s in owned if s.ns_rank != me.get("etp", 0))
+        scatter = sum((p.etp - 1) * s.param.numel() for s in owned if s.ns_rank == me.get("etp", 0))
         add("all_to_all", (gather + scatter) * F32)
     tokens = d.micro_batch_size * d.seq_len  # this rank's (seq_len / cp under context parallelism)
     micro = d.grad_accum
@@ -381,15 +394,31 @@ def _comm(cfg, slots, buckets, me: dict[str, int], tp_rank: int, plan, pp_rank: 
         per_layer = tokens * H * sends * policy.compute_dtype.itemsize * (p.cp - 1) // p.cp
         add("cp_all_to_all", len(layers) * micro * per_layer)
     compute = min(policy.compute_dtype.itemsize, policy.activation_dtype.itemsize)  # GEMM outputs (bf16 or fp32)
+    for key, n in _router_comm(cfg, layers, stage).items():
+        add(key, n)
     if tp > 1 and p.sequence_parallel:
-        for key, n in _sp_comm(cfg, model, layers, compute).items():
+        for key, n in _sp_comm(cfg, model, layers, compute, _split_backwards(cfg, plan, pp_rank)).items():
             add(key, n)
-    elif tp > 1:  # attention and FFN outputs forward, their input gradients backward
-        add("tp_all_reduce", len(layers) * 4 * micro * 2 * (tp - 1) * tokens * m.dim * compute // tp)
+    elif tp > 1:  # attention and FFN outputs forward, their input gradients backward; the vocab-split embedding's
+        # partial outputs forward (its dtype), the head input's partial gradient backward (GEMM dtype)
+        head, embed = getattr(model, "lm_head", None), getattr(model, "embed_tokens", None)
+        widths = len(layers) * 4 * compute + (compute if head is not None else 0) + \
+            (embed.weight.element_size() if embed is not None else 0)
+        add("tp_all_reduce", micro * 2 * (tp - 1) * tokens * m.dim * widths // tp)
+    if tp > 1 and getattr(model, "lm_head", None) is not None:  # the vocab-parallel loss (exact)
+        add("ce_all_reduce", micro * _ce_all_reduce(tokens, m.loss_chunk_tokens, m.vocab_size // tp, tp))
     if p.ep > 1:  # dispatch + combine forward and backward; (ep-1)/ep of the routed rows leave the rank
         moe = sum(1 for i in layers if i >= m.first_k_dense)
-        rows = tokens * m.n_activated_experts
-        add("ep_all_to_all", moe * 4 * micro * rows * m.dim * policy.compute_dtype.itemsize * (p.ep - 1) // p.ep)
+        routed = tokens // tp if p.sequence_parallel else tokens  # SP: each rank routes its 1/tp of the tokens
+        rows = routed * m.n_activated_experts  # expected: (ep-1)/ep of them leave, as many arrive
+        per_layer = ep_all_to_all_bytes(rows, rows, m.dim, policy.compute_dtype.itemsize)
+        add("ep_all_to_all", moe * micro * per_layer * (p.ep - 1) // p.ep)
+    if p.etp > 1:  # the received rows (as many as this rank routes, expected) gathered over etp, the partial outputs
+        moe = sum(1 for i in layers if i >= m.first_k_dense)  # reduce-scattered back, and the same in backward
+        rows = (tokens // tp if p.sequence_parallel else tokens) * m.n_activated_experts
+        per_layer = etp_exchange_bytes([rows] * p.etp, me.get("etp", 0), m.dim, policy.compute_dtype.itemsize)
+        for key, n in per_layer.items():
+            add(key, moe * micro * n)
     if plan is not None:
         owner = plan.owners
         sends = sum(1 for s in plan.stages if s + 1 < plan.n_stages and owner[s + 1] != pp_rank)
@@ -399,41 +428,113 @@ def _comm(cfg, slots, buckets, me: dict[str, int], tp_rank: int, plan, pp_rank: 
     return out
 
 
-def _sp_comm(cfg, model, layers: list[int], compute: int) -> dict[str, int]:
+def _router_comm(cfg, layers: list[int], stage: int) -> dict[str, int]:
+    """The routers' all-reduces (float32): the sequence-wise balance loss's [B, 2E] per-sequence counts and
+    probability means per MoE layer and training forward, over each group that splits the sequences (TP under
+    sequence parallelism, then CP: parallel/router_stats.py; full recompute hands the result back); the step's
+    [L, E] expert loads of this rank's L routers over the pipeline stage's ranks (launch/hooks.py
+    ``RouterBiasUpdate``, once per step)."""
+    p, m, d = cfg.parallel, cfg.model, cfg.data
+    moe = sum(1 for i in layers if i >= m.first_k_dense)
+    E = m.n_routed_experts
+    out = {"router_load_all_reduce": 2 * (stage - 1) * moe * E * F32 // stage}
+    groups = [g for g in ((p.tp if p.sequence_parallel else 1), p.cp) if g > 1]
+    if m.seq_aux_loss_alpha > 0:
+        counts = d.micro_batch_size * 2 * E * F32
+        out["seq_aux_all_reduce"] = moe * d.grad_accum * sum(2 * (g - 1) * counts // g for g in groups)
+    return {k: n for k, n in out.items() if n}
+
+
+def _split_backwards(cfg, plan, pp_rank: int) -> dict[int | str, int]:
+    """Layer (and "head" for the last stage's) -> the micro batches per step whose backward the zero-bubble schedules
+    split into an input pass and a later weight pass (their ``BACKWARD_INPUT`` actions; DualPipeV runs some
+    backwards whole; torch runs the first stage's whole, in its weight action)."""
+    from torch.distributed.pipelining import schedules as pps
+
+    from parallel.pipeline_runtime import compute_order, flatten
+
+    p, d = cfg.parallel, cfg.data
+    if plan is None or p.schedule not in ("zbv", "dualpipev"):
+        return {}
+    per_pass = p.microbatches_per_round(d.grad_accum)
+    actions = flatten(compute_order(p.schedule, p.pp, p.pp_virtual_stages, per_pass)[pp_rank])
+    out = {}
+    for s in plan.stages:
+        n = sum(1 for a in actions if a.stage_index == s and a.computation_type == pps.BACKWARD_INPUT)
+        if s > 0:
+            out.update({i: n * d.grad_accum // per_pass for i in plan.ranges[s]})
+            out.update({"head": n * d.grad_accum // per_pass} if s == plan.n_stages - 1 else {})
+    return out
+
+
+def _ce_all_reduce(tokens: int, chunk_tokens: int, vocab: int, tp: int) -> int:
+    """Bytes one rank sends in the vocab-parallel loss of one micro batch (parallel/vocab_parallel.py): per chunk
+    (``chunk_tokens`` 0: one chunk) a float32 all-reduce of [c] and one of [c, 2], counted as ``SequenceComm``
+    counts an all-reduce (2 (G-1)/G of the tensor)."""
+    from models.loss import chunk_size
+
+    chunk = tokens if chunk_tokens == 0 else chunk_size(chunk_tokens, vocab)
+    sizes = [min(chunk, tokens - s) for s in range(0, tokens, chunk)]
+    return sum(2 * (tp - 1) * n * F32 // tp for c in sizes for n in (c, 2 * c))
+
+
+def ep_all_to_all_bytes(rows_out: int, rows_in: int, dim: int, itemsize: int) -> int:
+    """Bytes one MoE layer's token exchange sends per micro batch (parallel/expert_parallel.py): the dispatch sends
+    the ``rows_out`` routed rows bound for other ranks' experts, the combine the ``rows_in`` rows this rank's experts
+    computed for other ranks back, and backward the same with the roles swapped."""
+    return 2 * (rows_out + rows_in) * dim * itemsize
+
+
+def etp_exchange_bytes(rows: list[int], me: int, dim: int, itemsize: int) -> dict[str, int]:
+    """Bytes one MoE layer's expert-tensor-parallel row exchanges send per micro batch (parallel/expert_parallel.py,
+    ``bytes_sent``), ``rows[k]``: the rows etp peer k received from the EP exchange. The all-gather sends this
+    rank's rows to each other peer, the reduce-scatter each other peer its rows of the partial outputs; backward
+    runs each as the other's gradient (the reduce-scatter's: an all-gather, and so on): each key counts twice."""
+    others = sum(rows) - rows[me]
+    return {"etp_all_gather": 2 * (len(rows) - 1) * rows[me] * dim * itemsize,
+            "etp_reduce_scatter": 2 * others * dim * itemsize}
+
+
+def _sp_comm(cfg, model, layers: list[int], compute: int, split: dict[int | str, int] | None = None
+             ) -> dict[str, int]:
     """Sequence parallelism's bytes per step (``SequenceComm``'s counters, parallel/sequence_parallel.py): per layer
     and micro batch each column region all-gathers its input forward and reduce-scatters its gradient backward, each
     row region the reverse, (tp-1)/tp of the whole tensor each; the widths are the regions' own (MLA: q's and kv's
-    latents and the rotary key). The head's input is gathered forward, the embedding's gradient backward; full
-    recomputation runs the forward's collectives again but the block's last reduce-scatter (torch's checkpoint stops
-    after the last tensor backward needs: the FFN's output, or with a MoE layer without shared experts the MoE's),
-    ``mla_up_proj`` the latents' gather; the per-token parameters' gradients are all-reduced in float32 per micro
-    batch."""
+    latents and the rotary key). Each column region keeps its local input and gathers it again when backward reads
+    it, in a ``split`` backward twice (the zero-bubble schedules' input pass, then their weight pass). The head's
+    input is gathered forward and its gradient reduce-scattered backward, the embedding's partial outputs
+    reduce-scattered forward and their gradient gathered backward; full recomputation runs the forward's collectives
+    again but the block's last reduce-scatter (torch's checkpoint stops after the last tensor backward needs: the
+    FFN's output, or with a MoE layer without shared experts the MoE's), ``mla_up_proj`` the latents' gather (the
+    per-token parameters' gradients are summed in ZeRO-1's buckets over the stage: the optimizer's bytes)."""
     from parallel.plan_activations import Techniques
-    from parallel.sequence_parallel import per_token_params
-
     p, m, d = cfg.parallel, cfg.model, cfg.data
     tp, micro, tokens = p.tp, d.grad_accum, d.micro_batch_size * d.seq_len  # seq_len: this CP rank's
     part = tokens * (tp - 1) // tp  # the tokens an all-gather or a reduce-scatter sends
     up = m.kv_lora_rank + m.qk_rope_head_dim + m.q_lora_rank  # what qkv_up gathers (MLA)
     latents = (up + (0 if m.q_lora_rank else m.dim)) if m.attn_type == "mla" else m.dim  # q_proj gathers x
     tech = Techniques.from_config(cfg)
-    gathered = scattered = 0  # widths per token and micro batch
+    gathered = scattered = again = 0  # widths per token and micro batch (again: per token and step)
     for i in layers:
         ffn = m.dim if i < m.first_k_dense or m.n_shared_experts > 0 else 0  # a dense FFN or shared experts
         region = latents + m.dim + 2 * ffn  # forward: entries gathered, exits scattered; backward the reverse
         gathered, scattered = gathered + region, scattered + region
+        gathered += latents + ffn  # the column regions keep their local inputs: gathered again in backward
+        again += (split or {}).get(i, 0) * (latents + ffn)  # and once more in a split backward's weight pass
         if tech.recompute == "full":
             gathered += latents + ffn
             scattered += m.dim
         elif "mla_up_proj" in tech.selective and m.attn_type == "mla":
             gathered += up
-    gathered, scattered = micro * part * gathered * compute, micro * part * scattered * compute
-    if model.lm_head is not None:  # the final norm's output, gathered for the whole head
-        gathered += micro * part * m.dim * compute
-    if model.embed_tokens is not None:  # the embedding output's gradient
+    gathered, scattered = (micro * gathered + again) * part * compute, micro * part * scattered * compute
+    if model.lm_head is not None:  # the final norm's output gathered for the vocab-split head (forward, and again
+        # in backward: a column region), its gradient back
+        gathered += (2 * micro + (split or {}).get("head", 0)) * part * m.dim * compute
+        scattered += micro * part * m.dim * compute
+    if model.embed_tokens is not None:  # the vocab-split embedding's partial outputs, their gradient back
         gathered += micro * part * m.dim * model.embed_tokens.weight.element_size()
-    grads = sum(2 * (tp - 1) * getattr(mod, name).numel() * F32 // tp for mod, name in per_token_params(model))
-    return {"sp_all_gather": gathered, "sp_reduce_scatter": scattered, "sp_grad_all_reduce": micro * grads}
+        scattered += micro * part * m.dim * model.embed_tokens.weight.element_size()
+    return {"sp_all_gather": gathered, "sp_reduce_scatter": scattered}
 
 
 def _backend(cfg) -> str:
@@ -501,12 +602,15 @@ def plan_layout(cfg, world: int) -> list[RankPlan]:
                          f"world ({world})")
     data = p.data_parallel(world)
     dp = data * p.cp  # the replica axis (parallel/dims.py): ZeRO-1 owners, gradient reductions
-    if dp % p.ep:
-        raise ValueError(f"plan: parallel.ep ({p.ep}) must divide dp * cp ({dp})")
+    folded = p.sequence_parallel or p.tp == 1  # the expert groups cut the stage's ranks (parallel/dims.py)
+    experts = dp * p.tp if folded else dp
+    if experts % (p.ep * p.etp):
+        raise ValueError(f"plan: parallel.etp * parallel.ep ({p.etp} * {p.ep}) must divide dp * cp"
+                         f"{' * tp' if folded else ''} ({experts})")
     # context parallelism: each rank holds seq_len / cp tokens of every activation; attention's q, k, v and output
     # are [B, H/cp, T] after the all-to-all, the same bytes as [B, H, T/cp] (parallel/context_parallel.py)
     cfg = replace(cfg, parallel=replace(p, dp=dp), data=replace(cfg.data, seq_len=cfg.data.seq_len // p.cp))
-    edp = dp // p.ep
+    edp = experts // (p.ep * p.etp)
     policy = PrecisionPolicy.from_config(cfg)
     sharded = world > 1 and p.optimizer == "zero1"  # ZeRO-1 (else MuonClip: every rank holds every state)
     cache: dict[tuple[int, int, int], Any] = {}
@@ -514,15 +618,17 @@ def plan_layout(cfg, world: int) -> list[RankPlan]:
     for rank in range(world):
         pp_rank, rest = divmod(rank, dp * p.tp)
         d, t = divmod(rest, p.tp)
-        ep_rank, edp_rank = d % p.ep, d // p.ep
-        key = (pp_rank, t)  # local shapes do not depend on which experts a rank holds
+        etp_rank, rest = divmod(d * p.tp + t if folded else d, p.etp)[::-1]  # s = (edp * ep + ep) * etp + etp
+        ep_rank, edp_rank = divmod(rest, p.ep)[::-1]
+        key = (pp_rank, t)  # local shapes do not depend on which experts (or expert slices) a rank holds
         if key not in cache:
-            model, placements, plan = _local_model(cfg, pp_rank, t, ep_rank)
-            slots, buckets = _zero1_layout(model, placements, p.tp, dp, edp, p.zero1_bucket_mb)
+            model, placements, plan = _local_model(cfg, pp_rank, t, ep_rank, etp_rank)
+            slots, buckets = _zero1_layout(model, placements, p.tp, dp, edp, p.zero1_bucket_mb, p.etp)
             acts = _activation_plan(cfg, plan, pp_rank, p.tp, p.ep, policy, model)  # the same for the key's ranks
             cache[key] = (model, slots, buckets, plan, acts)
         model, slots, buckets, plan, acts = cache[key]
-        me, sizes = {"dp": d, "edp": edp_rank}, {"dp": dp, "edp": edp}
+        me = {"dp": d, "edp": edp_rank, "etp": etp_rank, "stage": d * p.tp + t}
+        sizes = {"dp": dp, "edp": edp, "stage": dp * p.tp}
         layers = plan.layers if plan is not None else list(range(cfg.model.n_layers))
         r = RankPlan(rank, (pp_rank, d, t), layers)
         r.params = sum(q.numel() * q.element_size() for q in model.parameters())
@@ -549,7 +655,8 @@ def plan_layout(cfg, world: int) -> list[RankPlan]:
                 by_shape: dict[tuple, int] = {}
                 for s in mine:
                     key = tuple(s.full_shape[-2:])
-                    by_shape[key] = by_shape.get(key, 0) + s.param.numel() * (p.tp if s.kind == "tp_sharded" else 1)
+                    by_shape[key] = by_shape.get(key, 0) + s.param.numel() * (
+                        p.tp if s.kind == "tp_sharded" else p.etp if s.etp else 1)
                 transients.append(sum(s.param.numel() for s in mine) + 3 * max(by_shape.values(), default=0))
                 # AdamW: its denominator (muon.py adamw_apply_; the update goes into the spent gradient)
                 transients.append(max((held[id(s)] for s in b.slots if id(s) in mine_ids and not s.use_muon),

@@ -17,6 +17,15 @@ residual stream, the compute dtype of GEMM outputs (the routed experts' outputs 
 float32 for norm statistics, router scores and the combine weights.
 Routed rows are the tokens times top-k on every rank (uniform routing; expert parallelism moves rows, not their
 number, in expectation). Checked against measured saved bytes for every setting in tests/test_plan.py.
+
+Under sequence parallelism (parallel/sequence_parallel.py) what lies outside the TP regions has this rank's N/tp
+rows (``local_rows``): the block input, the norms, MLA's down projections and latent norms, the router, the routed
+rows (N * top-k / tp) and the combine; inside a region the rows are N at features/tp. A column region keeps its
+local input and gathers it again in backward (``sp_column_input``: MHA's, the dense FFN's and shared experts' [N/tp,
+D], MLA's packed latents, the vocab-split head's). The norm output a region gathers is kept only
+where a per-token layer reads it too (MLA's down projections, a float32 router) or ``mla_up_proj`` keeps it as the
+region's input. Checked against measured saved
+bytes in tests/test_sequence_parallel.py.
 """
 from __future__ import annotations
 
@@ -120,15 +129,32 @@ def _swiglu(name: str, rows: int, inter: int, c: int, routed: bool = False) -> l
             Saved(f"{name}.h", rows, inter, c, dropped_by=down)]
 
 
-def moe_items(name: str, m, N: int, tp: int, ep: int, c: int, o: int) -> list[Saved]:
+def local_rows(cfg, N: int) -> int:
+    """The rows of ``N`` tokens a rank holds outside the tensor-parallel regions: N/tp under sequence parallelism."""
+    p = cfg.parallel
+    return N // p.tp if p.sequence_parallel and p.tp > 1 else N
+
+
+def sp_column_input(name: str, N: int, tp: int, cols: int, c: int) -> Saved:
+    """What a column region keeps of its input under sequence parallelism: this rank's [N/tp, cols] part in the
+    compute dtype ``c`` (``gather_for_gemms``); backward all-gathers it again (parallel/sequence_parallel.py
+    ``column_region``, Megatron's way)."""
+    return Saved(f"{name}.sp_column_input", N // tp, cols, c)
+
+
+def moe_items(name: str, m, N: int, tp: int, ep: int, c: int, o: int, n: int | None = None) -> list[Saved]:
     """What an MoE layer (config ``m``) keeps for ``N`` tokens beside its input: the router's float32 input (when
     the norm output ``o`` is not float32), scores and top-k choice, the dispatch indices and rows, the routed
-    experts' SwiGLU, the combine's expert outputs (compute dtype ``c``) and weights, the shared experts."""
-    R, E, D = N * m.n_activated_experts, m.n_routed_experts, m.dim
-    items = [Saved(f"{name}.router_in_f32", N, D, 4)] if o != 4 else []
-    items += [Saved(f"{name}.scores", N, E, 4), Saved(f"{name}.topk_idx", N, m.n_activated_experts, 8),
-              Saved(f"{name}.topk_w", N, m.n_activated_experts, 4),
-              *([Saved(f"{name}.topk_denominator", N, 1, 4)] if m.norm_topk_prob else []),
+    experts' SwiGLU, the combine's expert outputs (compute dtype ``c``) and weights, the shared experts. ``n``: the
+    rank's own rows under sequence parallelism (router, routed rows, combine); the shared experts then keep their
+    local [n, D] input."""
+    sp = n is not None and n != N
+    n = N if n is None else n
+    R, E, D = n * m.n_activated_experts, m.n_routed_experts, m.dim
+    items = [Saved(f"{name}.router_in_f32", n, D, 4)] if o != 4 else []
+    items += [Saved(f"{name}.scores", n, E, 4), Saved(f"{name}.topk_idx", n, m.n_activated_experts, 8),
+              Saved(f"{name}.topk_w", n, m.n_activated_experts, 4),
+              *([Saved(f"{name}.topk_denominator", n, 1, 4)] if m.norm_topk_prob else []),
               Saved(f"{name}.token_of", R, 1, 8), Saved(f"{name}.order", R, 1, 8),
               Saved(f"{name}.rows", R, D, c, fp8="moe_up_input"),
               *_swiglu(f"{name}.experts", R, m.moe_inter_dim, c, routed=True),
@@ -137,6 +163,9 @@ def moe_items(name: str, m, N: int, tp: int, ep: int, c: int, o: int) -> list[Sa
         items += [Saved(f"{name}.ep_order", R, 1, 8), Saved(f"{name}.ep_inverse", R, 1, 8)]
     items.append(Saved(f"{name}.expert_offsets", 1, E // ep, 4))  # the grouped GEMMs' int32 ends of blocks
     if m.n_shared_experts:
+        if sp and not c == o == 4:  # its local input: a cast of the norm's output, or (bf16) the output itself,
+            # which the caller then drops; a float32 output the router keeps is that input already
+            items.append(sp_column_input(f"{name}.shared", N, tp, D, c))
         items += _swiglu(f"{name}.shared", N, m.moe_inter_dim * m.n_shared_experts // tp, c)
     return items
 
@@ -145,6 +174,8 @@ def saved_items(cfg, layer: int, tp: int, ep: int, policy: PrecisionPolicy, tech
     """The storages layer ``layer`` keeps for one micro batch on a rank, after selective recompute and FP8."""
     m, d = cfg.model, cfg.data
     N, D = d.micro_batch_size * d.seq_len, m.dim
+    n = local_rows(cfg, N)  # outside the TP regions
+    sp = n != N
     a = policy.activation_dtype.itemsize
     w = policy.param_dtype.itemsize
     c = min(policy.compute_dtype.itemsize, w)  # GEMM outputs: bf16 under bf16 parameters or autocast
@@ -152,19 +183,29 @@ def saved_items(cfg, layer: int, tp: int, ep: int, policy: PrecisionPolicy, tech
     H = m.n_heads // tp
     # RoPE's cos and sin: [T, d/2], or [B, 1, T, d/2] from per-token positions (context parallelism, reset_positions)
     rope_rows = 2 * d.seq_len * (d.micro_batch_size if cfg.parallel.cp > 1 or d.reset_positions else 1)
-    items = _norm(f"l{layer}.input_norm", N, D, a, w)
+    items = _norm(f"l{layer}.input_norm", n, D, a, w)
+    if sp and m.attn_type != "mla":  # only the gather reads it: q, k and v keep the gathered input
+        items = _gathered_out(items, f"l{layer}.input_norm", [sp_column_input(f"l{layer}.qkv", N, tp, D, c)])
     if m.attn_type == "mla":
         dq = m.qk_nope_head_dim + m.qk_rope_head_dim
         kv_cols = m.kv_lora_rank + m.qk_rope_head_dim
         if m.q_lora_rank:
-            items += _norm(f"l{layer}.q_norm", N, m.q_lora_rank, c, w)
+            items += _norm(f"l{layer}.q_norm", n, m.q_lora_rank, c, w)
         else:
+            if sp:  # q_proj gathers the norm's output for itself
+                items.append(sp_column_input(f"l{layer}.q_proj", N, tp, D, c))
             items.append(Saved(f"l{layer}.q_proj_out", N, H * dq, c, added_by=("mla_up_proj",)))  # the up input
         # kv_a's output [N, kv_lora_rank + rope]: the kv norm's input (a view), and the rotary key the recomputed
         # up region starts from (its recipe keeps it); one storage
-        items += _norm(f"l{layer}.kv_norm", N, m.kv_lora_rank, c, w, stored_cols=kv_cols)
+        items += _norm(f"l{layer}.kv_norm", n, m.kv_lora_rank, c, w, stored_cols=kv_cols)
         if c != 4:
-            items.append(Saved(f"l{layer}.kv_norm.in", N, kv_cols, c, added_by=("norm", "mla_up_proj")))
+            items.append(Saved(f"l{layer}.kv_norm.in", n, kv_cols, c, added_by=("norm", "mla_up_proj")))
+        if sp:  # the up projections keep their local latents, packed (their region's input); the local latent
+            # norms' outputs (in the weights' dtype) are kept only as the recomputed up region's input
+            items = [replace(x, itemsize=w, added_by=("mla_up_proj",))
+                     if x.name in (f"l{layer}.q_norm.out", f"l{layer}.kv_norm.out") else x for x in items]
+            up = m.kv_lora_rank + m.qk_rope_head_dim + m.q_lora_rank
+            items.append(sp_column_input(f"l{layer}.latents", N, tp, up, c))
         v_cols = dq if m.v_head_dim < dq else m.v_head_dim
         items += [Saved(f"l{layer}.rope_cos_sin", rope_rows, m.qk_rope_head_dim // 2, c),
                   Saved(f"l{layer}.q", N, H * dq, c, dropped_by=("mla_up_proj",)),
@@ -178,17 +219,27 @@ def saved_items(cfg, layer: int, tp: int, ep: int, policy: PrecisionPolicy, tech
                   Saved(f"l{layer}.v", N, (H if H != Hkv else Hkv) * hd, c), Saved(f"l{layer}.attn_out", N, H * hd, c),
                   Saved(f"l{layer}.lse", N, H, 4), Saved(f"l{layer}.o_proj_in", N, H * hd, c),
                   Saved(f"l{layer}.rope_cos_sin", rope_rows, hd // 2, c)]
-    items += _norm(f"l{layer}.post_norm", N, D, a, w)
+    items += _norm(f"l{layer}.post_norm", n, D, a, w)
     if layer < m.first_k_dense:
+        if sp:  # only the gather reads the norm's output
+            items = _gathered_out(items, f"l{layer}.post_norm", [sp_column_input(f"l{layer}.ffn", N, tp, D, c)])
         items += _swiglu(f"l{layer}.ffn", N, m.inter_dim // tp, c)
     else:
-        moe = moe_items(f"l{layer}", m, N, tp, ep, c, o)
-        if m.n_shared_experts and o != 4:  # the router reads a float32 copy: the shared experts save the norm's
+        moe = moe_items(f"l{layer}", m, N, tp, ep, c, o, n)
+        if sp and o != 4:  # a float32 copy goes to the router, the gathered rows to the shared experts
+            items = _gathered_out(items, f"l{layer}.post_norm", [])
+        elif m.n_shared_experts and o != 4:  # the router reads a float32 copy: the shared experts save the norm's
             # output, after the routed experts' tensors
             out = next(i for i, x in enumerate(items) if x.name == f"l{layer}.post_norm.out")
             moe.insert(next(i for i, x in enumerate(moe) if x.name.startswith(f"l{layer}.shared")), items.pop(out))
         items += moe
     return _apply(items, tech)
+
+
+def _gathered_out(items: list[Saved], norm: str, gathered: list[Saved]) -> list[Saved]:
+    """A norm's output only a sequence-parallel gather reads: the consumers keep ``gathered`` in its place."""
+    at = next(i for i, x in enumerate(items) if x.name == f"{norm}.out")
+    return items[:at] + gathered + items[at + 1:]
 
 
 def _apply(items: list[Saved], tech: Techniques) -> list[Saved]:
@@ -204,19 +255,21 @@ def _apply(items: list[Saved], tech: Techniques) -> list[Saved]:
 
 def block_input(cfg, policy: PrecisionPolicy) -> Saved:
     d = cfg.data
-    return Saved("block_in", d.micro_batch_size * d.seq_len, cfg.model.dim, policy.activation_dtype.itemsize)
+    return Saved("block_in", local_rows(cfg, d.micro_batch_size * d.seq_len), cfg.model.dim,
+                 policy.activation_dtype.itemsize)
 
 
 def replayed(cfg, layer: int, tp: int, ep: int, policy: PrecisionPolicy) -> list[Saved]:
-    """What full recompute keeps of a block's collectives (their results, handed back to the recomputation)."""
+    """What full recompute keeps of a block's collectives (their results, handed back to the recomputation);
+    sequence parallelism's all-gathers and reduce-scatters are run again instead (parallel/recompute.py)."""
     m, d = cfg.model, cfg.data
     N, D = d.micro_batch_size * d.seq_len, m.dim
     c = min(policy.compute_dtype.itemsize, policy.param_dtype.itemsize)
     out = []
     if ep > 1 and layer >= m.first_k_dense:
-        R = N * m.n_activated_experts
+        R = local_rows(cfg, N) * m.n_activated_experts
         out += [Saved(f"l{layer}.a2a_dispatch", R, D, c), Saved(f"l{layer}.a2a_combine", R, D, c)]
-    if tp > 1:
+    if tp > 1 and not cfg.parallel.sequence_parallel:
         out += [Saved(f"l{layer}.tp_attn", N, D, c), Saved(f"l{layer}.tp_ffn", N, D, c)]
     if cfg.parallel.cp > 1:  # q, k, v over heads and the attention output back (parallel/context_parallel.py)
         H = m.n_heads // tp
@@ -248,7 +301,7 @@ def combine_rows(cfg, layer: int, policy: PrecisionPolicy) -> int:
     if layer < m.first_k_dense:
         return 0
     acc = max(4, min(policy.compute_dtype.itemsize, policy.param_dtype.itemsize))
-    return d.micro_batch_size * d.seq_len * m.n_activated_experts * m.dim * acc
+    return local_rows(cfg, d.micro_batch_size * d.seq_len) * m.n_activated_experts * m.dim * acc
 
 
 def micro_batch(cfg, layers: list[int], has_first: bool, has_last: bool, tp: int, ep: int,
@@ -277,26 +330,32 @@ def micro_batch(cfg, layers: list[int], has_first: bool, has_last: bool, tp: int
         out.per_layer[layer] = sum(x.nbytes for x in saved_items(cfg, layer, tp, ep, policy, replace(tech, fp8=frozenset())))
     out.device += document_mask_bytes(cfg)
     out.device += _positions(cfg, tech)
-    if has_first:
-        out.device += N * 8  # token ids (the embedding's backward)
+    if has_first:  # token ids (the embedding's backward); split over TP, the mask of the rank's own ids too
+        out.device += N * 8 + (N if tp > 1 else 0)
     if has_last:
         a, w = policy.activation_dtype.itemsize, policy.param_dtype.itemsize
-        out.device += sum(x.nbytes for x in _apply(_norm("final_norm", N, m.dim, a, w), tech)) + N * 8  # + targets
+        final = _norm("final_norm", local_rows(cfg, N), m.dim, a, w)
+        if local_rows(cfg, N) != N:  # the head keeps its local states (a column region)
+            c = min(policy.compute_dtype.itemsize, w)
+            final = _gathered_out(final, "final_norm", [sp_column_input("head", N, tp, m.dim, c)])
+        # + the targets; split over TP (parallel/vocab_parallel.py) their local ids, the owner mask and the
+        # float32 log-sum-exp per token
+        out.device += sum(x.nbytes for x in _apply(final, tech)) + N * (8 if tp == 1 else 8 + 1 + 4)
         if not tech.loss_chunk_tokens:
-            out.device += N * m.vocab_size * 4  # the float32 log-probabilities
+            out.device += N * (m.vocab_size // tp) * 4  # the float32 log-probabilities (tp > 1: of V/tp rows)
     return out
 
 
-def loss_transient(cfg, policy: PrecisionPolicy, tech: Techniques) -> int:
+def loss_transient(cfg, policy: PrecisionPolicy, tech: Techniques, tp: int = 1) -> int:
     """The loss's backward working set: chunked, the larger of its loop (one chunk's logits, float32 probabilities
     and their scaled copy, beside the head weight's float32 gradient sum, which each chunk's GEMM adds to in place,
     and the weight's copy in the compute dtype under autocast) and its end (the sum and its cast to the parameters'
     dtype); whole, the float32 and compute-dtype gradients of all logits and the head weight's gradient (the float32
-    log-probabilities are kept activations)."""
+    log-probabilities are kept activations). Under TP (parallel/vocab_parallel.py) of this rank's V/tp rows."""
     from models.loss import chunk_size
 
     m, d = cfg.model, cfg.data
-    N, V = d.micro_batch_size * d.seq_len, m.vocab_size
+    N, V = d.micro_batch_size * d.seq_len, m.vocab_size // tp
     p = policy.param_dtype.itemsize
     c = min(policy.compute_dtype.itemsize, p)
     if not tech.loss_chunk_tokens:
@@ -341,4 +400,5 @@ def recompute_transient(mb: MicroBatch, tech: Techniques) -> int:
 
 
 __all__ = ["MicroBatch", "Saved", "Techniques", "attention_transient", "combine_rows", "document_mask_bytes",
-           "loss_transient", "micro_batch", "moe_items", "recompute_transient", "saved_items"]
+           "local_rows", "loss_transient", "micro_batch", "moe_items", "recompute_transient", "saved_items",
+           "sp_column_input"]

@@ -21,17 +21,19 @@ recomputation (the same ops run again; tested in float32).
 Recomputation never records statistics twice, and repeats few collectives: under context parallelism
 ``mla_up_proj``'s region ends with the all-to-all of q, k and v over heads (parallel/context_parallel.py), and
 rebuilding the exchanged tensors attention keeps sends them again in backward (handing back the forward's result
-would keep the very bytes the region drops; Megatron's recomputation under context parallelism likewise repeats
-its exchange, and the planner counts the bytes: parallel/plan.py ``cp_all_to_all``); under sequence parallelism
-the region starts with the all-gather of the local latents (parallel/sequence_parallel.py), which the rebuild runs
-again; the column layers inside still save the gathered latents they read (as every column region under sequence
-parallelism saves its gathered input for now: Megatron keeps the local input and gathers again in backward). The other regions hold no collective, and a recomputed block (``full``)
-hands back the results its forward's collectives (the expert- and context-parallel all-to-alls and their split
-sizes, the tensor-parallel all-reduces, the balance loss's counts) recorded (``collective``: those results are
-kept, not re-dispatched, and the split sizes are not read from the device again), while its max-logit probe and
-router counters stay off (``record_stats``). Sequence parallelism's all-gathers and reduce-scatters are run again
-instead, as Megatron does (the TP peers recompute at the same point): handing back the gathered activations would
-keep the whole sequence beside the 1/tp block input.
+would keep the very bytes the region drops; Megatron's recomputation under context parallelism likewise repeats its
+exchange, and the planner counts the bytes: parallel/plan.py ``cp_all_to_all``); under sequence parallelism the
+region starts with the all-gather of the local latents (parallel/sequence_parallel.py), which the rebuild runs
+again; the up projections inside keep only the local latents too (every column region under sequence parallelism
+keeps its local input and gathers it again when backward reads it, as Megatron does), so backward gathers the
+latents twice: for the rebuild and for the up projections' weight gradients. The other regions hold no collective,
+and a recomputed block (``full``) hands back the results its forward's collectives (the expert- and context-parallel
+all-to-alls and their split sizes, the tensor-parallel all-reduces, the balance loss's counts) recorded
+(``collective``: those results are kept, not re-dispatched, and the split sizes are not read from the device again),
+while its max-logit probe and router counters stay off (``record_stats``). Sequence parallelism's all-gathers and
+reduce-scatters are run again instead, as Megatron does (the TP peers recompute at the same point): handing back the
+gathered activations would keep the whole sequence beside the 1/tp block input; the recomputed column regions keep
+their local inputs and gather them once more when backward reads them.
 """
 from __future__ import annotations
 

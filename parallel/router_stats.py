@@ -5,11 +5,11 @@ The sequence-wise balance loss (``models.moe.Router``, DeepSeek-V3 eq. 17-20) is
 ``apply_sequence_shards`` gives each router ``sequence_shards = (n, total, grad_scale)``: ``total`` all-reduces its
 [S, 2E] counts and means over the groups that split the sequences (TP under sequence parallelism, then CP; integer
 counts and a sum of n means), inside ``collective`` so a recomputed block (``recompute: full``) gets its forward's
-result back. Every rank's loss then has one process's value, and its gradient reaches only its own tokens' scores:
-the TP ranks' gradients are summed (parallel/sequence_parallel.py), the CP ranks' averaged like every replica's, so
-``grad_scale`` = cp makes the total one process's gradient (Megatron likewise all-reduces the counts over tp x cp
-and keeps the probabilities local). The expert loads of the aux-loss-free bias update are summed over the stage by
-``launch.hooks.RouterBiasUpdate`` (the trainer passes ``ParallelGroups.stage``).
+result back. Every rank's loss then has one process's value, and its gradient reaches only its own tokens'
+scores: the TP ranks' gradients are summed (ZeRO-1 sums the router's over the stage), the CP ranks' averaged like
+every replica's, so ``grad_scale`` = cp makes the total one process's gradient (Megatron likewise all-reduces the
+counts over tp x cp and keeps the probabilities local). The expert loads of the aux-loss-free bias update are
+summed over the stage by ``launch.hooks.RouterBiasUpdate`` (the trainer passes ``ParallelGroups.stage``).
 """
 from __future__ import annotations
 

@@ -9,9 +9,9 @@ What is split (``tp`` ranks of one ``tp_group``, slices in tp-rank order, rank r
   from weight shapes).
 - Dense FFN and shared experts: ``gate_proj``/``up_proj`` column-split, ``down_proj`` row-split.
 
-Replicated (computed redundantly on each TP rank, same tokens): embeddings, ``lm_head`` (vocab is small
-next to the rest here; the loss needs full logits), all norms, the router, and the ROUTED experts (expert
-parallelism shards those, over the dp axis).
+Replicated (computed redundantly on each TP rank, same tokens): all norms, the router, and the ROUTED experts
+(expert parallelism shards those, over the dp axis). The embedding, ``lm_head`` and the loss are split over the
+vocabulary by parallel/vocab_parallel.py, which ``parallelize`` applies after this.
 
 Communication (autograd-correct, one op per split region):
 - column input: ``copy_to_tp`` = identity forward / all-reduce backward. Placed where the replicated input
@@ -199,7 +199,7 @@ def apply_tensor_parallel(model: nn.Module, tp_rank: int, tp_size: int, tp_group
     Call on the model built identically on every TP rank, before the optimizer and QK-Clip specs are built.
     Divisibility (heads, kv heads, FFN widths by ``tp_size``) is checked by ``ParallelDims.check_model``.
     ``seq``: a ``parallel.sequence_parallel.SequenceParallel`` whose all-gathers and reduce-scatters enter and
-    leave the regions instead of ``copy_to_tp`` / ``reduce_from_tp`` (then apply ``apply_sequence_parallel``).
+    leave the regions instead of ``copy_to_tp`` / ``reduce_from_tp``.
     """
     if tp_size == 1:
         return

@@ -19,7 +19,8 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 @pytest.mark.parametrize("name", ["tiny.yaml", "small_gpu.yaml", "debug.yaml", "own_data.yaml", "tiny_long.yaml",
-                                  "kimi_k2.yaml", "kimi_k2_anneal_32k.yaml", "kimi_k2_128k.yaml"])
+                                  "kimi_k2.yaml", "kimi_k2_anneal_32k.yaml", "kimi_k2_128k.yaml",
+                                  "kimi_k2_tp8.yaml", "deepseek_v3_tp2.yaml"])
 def test_shipped_configs_load_and_round_trip(name):
     cfg = load_config(CONFIGS / name)
     assert isinstance(cfg, JobConfig)
@@ -99,13 +100,21 @@ def test_override_forms():
     (["--optim.qk_clip_mode=exact"], r"qk_clip_mode must be one of \['forward', 'post_step'\], got 'exact'"),
     (["--model.n_activated_experts=9"], r"n_activated_experts \(9\) must be in \[1, n_routed_experts=8\]"),
     (["--parallel.tp=3"], r"tp \(3\) must divide model.n_heads"),
+    (["--parallel.tp=2", "--model.vocab_size=8191"], r"^parallel config: tp \(2\) must divide model.vocab_size "
+     r"\(8191\): the embedding and the head split their rows over the tensor-parallel ranks \(pad the vocabulary\) \("),
     (["--parallel.sequence_parallel=true"], r"^parallel config: sequence_parallel: true splits sequences over the "
      r"tensor-parallel ranks: it needs tp > 1, got tp=1 \("),
-    (["--parallel.sequence_parallel=true", "--parallel.tp=2", "--parallel.ep=2"],
-     r"^parallel config: sequence_parallel: true with ep=2 \(experts folded across the tensor-parallel ranks\) is "
-     r"not supported yet: use ep: 1 \("),
+    (["--parallel.sequence_parallel=true", "--parallel.tp=2", "--parallel.dp=1", "--parallel.ep=4"],
+     r"^parallel config: ep \(4\) must divide dp \* cp \* tp \(1 \* 1 \* 2 = 2\): with sequence_parallel the "
+     r"expert groups are folded over a stage's ranks \("),
     (["--parallel.sequence_parallel=true", "--parallel.tp=2", "--parallel.cp=2", "--data.seq_len=6",
       "--model.n_heads=4"], r"^data config: seq_len \(6\) must be divisible by parallel.cp \* parallel.tp \(2 \* 2\)"),
+    (["--parallel.pp=2", "--parallel.pp_schedule=zbv", "--parallel.pp_virtual_stages=2",
+      "--parallel.activation_offload=true"], r"^parallel config: activation_offload: true with pp_schedule zbv is not "
+     r"supported yet: its split backward reads each saved tensor twice"),
+    (["--parallel.pp=2", "--parallel.pp_schedule=dualpipev", "--parallel.pp_virtual_stages=2",
+      "--parallel.recompute=full"], r"^parallel config: recompute: full with pp_schedule dualpipev is not supported "
+     r"yet: its split backward recomputes each block twice"),
     (["--logging.wandb_mode=cloud"], r"wandb_mode must be one of"),
     (["--monitor.max_skipped_steps=0"], r"monitor config: max_skipped_steps must be >= 1 \(the skipped steps in a row "
      r"that stop the run\), got 0"),

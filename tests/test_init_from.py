@@ -49,7 +49,11 @@ def test_one_process_starts_from_the_released_weights(released, tmp_path):
 
 @pytest.mark.parametrize("layout", [["--parallel.ep=2", "--data.micro_batch_size=2"],
                                     ["--parallel.tp=2", "--data.micro_batch_size=4"],
-                                    ["--parallel.pp=2", "--data.micro_batch_size=4"]], ids=["dp2-ep2", "tp2", "pp2"])
+                                    ["--parallel.pp=2", "--data.micro_batch_size=4"],
+                                    ["--parallel.tp=2", "--parallel.sequence_parallel=true", "--parallel.ep=2",
+                                     "--data.micro_batch_size=4"],
+                                    ["--parallel.etp=2", "--data.micro_batch_size=2"]],
+                         ids=["dp2-ep2", "tp2", "pp2", "tp2sp-ep2-folded", "dp2-etp2"])
 def test_every_layout_starts_from_the_same_released_weights(released, tmp_path, layout):
     _, path = released
     _run(0, 1, str(tmp_path / "one"), [*STEPS, "--data.micro_batch_size=4", f"--train.init_from={path}"])

@@ -57,8 +57,42 @@ def test_group_layout():
     assert (single.data_rank, single.data_size, single.tp_size, single.ep_size, single.tp_group) == (0, 1, 1, 1, None)
 
 
+def test_expert_groups_folded_over_the_stage_under_sequence_parallelism():
+    """Under sequence parallelism each rank of a stage routes its own tokens: the expert groups cut the stage's ranks
+    s = replica * tp + tp_index into ep index s % ep and edp index s // ep (Megatron's MoE parallel folding); at tp 1
+    that is the replica-axis layout, and tp > 1 without sequence parallelism keeps it (TP peers' experts are copies)."""
+    ranks = ParallelDims(dp=4, tp=2, ep=4, sp=True).group_ranks()
+    assert ranks["ep"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert ranks["edp"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert ranks["tp"] == [[0, 1], [2, 3], [4, 5], [6, 7]] and ranks["dp"] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    ranks = ParallelDims(dp=1, tp=2, ep=2, sp=True).group_ranks()
+    assert ranks["ep"] == ranks["tp"] == [[0, 1]] and ranks["edp"] == [[0], [1]]  # the EP group is the TP pair
+    ranks = ParallelDims(dp=1, tp=2, ep=1, sp=True).group_ranks()
+    assert ranks["ep"] == [[0], [1]] and ranks["edp"] == [[0, 1]]  # ep 1: every expert on each, reduced over the stage
+    ranks = ParallelDims(dp=2, tp=2, ep=2, pp=2, sp=True).group_ranks()  # inside each pipeline stage
+    assert ranks["ep"] == [[0, 1], [2, 3], [4, 5], [6, 7]] and ranks["edp"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    ranks = ParallelDims(dp=1, tp=2, ep=4, cp=2, sp=True).group_ranks()  # s = (data * cp + c) * tp + t
+    assert ranks["ep"] == [[0, 1, 2, 3]] and ranks["edp"] == [[0], [1], [2], [3]]
+    assert (ParallelDims(dp=4, tp=2, ep=4, sp=True).edp, ParallelDims(dp=4, tp=2, ep=2).edp) == (2, 2)
+    # tp 1: today's groups, element for element and in creation order
+    for kw in (dict(dp=4, ep=2), dict(dp=2, cp=2, ep=4), dict(dp=2, ep=2, pp=2), dict(dp=8, ep=2)):
+        d = ParallelDims(**kw)
+        R, ep, pp = d.replicas, d.ep, d.pp
+        assert d.group_ranks()["ep"] == [[p * R + b * ep + e for e in range(ep)] for p in range(pp)
+                                         for b in range(R // ep)], kw
+        assert d.group_ranks()["edp"] == [[p * R + b * ep + e for b in range(R // ep)] for p in range(pp)
+                                          for e in range(ep)], kw
+    # tp 2 without sequence parallelism: experts copied over TP, EP over the replica axis (test_group_layout)
+    assert ParallelDims(dp=4, tp=2, ep=2).group_ranks()["ep"] == [[0, 2], [4, 6], [1, 3], [5, 7]]
+    with pytest.raises(ValueError, match=r"ep \(4\) must divide dp \* cp \* tp \(2\).*folded.*\[1, 2\]"):
+        ParallelDims(dp=1, tp=2, ep=4, sp=True)
+    with pytest.raises(ValueError, match=r"ep \(2\) must divide dp \* cp \(1\)"):
+        ParallelDims(dp=1, tp=2, ep=2)
+
+
 def _check_groups(rank):
-    for dims in (ParallelDims(dp=2, tp=2, ep=2), ParallelDims(dp=4, tp=1, ep=2), ParallelDims(dp=1, tp=4)):
+    for dims in (ParallelDims(dp=2, tp=2, ep=2), ParallelDims(dp=4, tp=1, ep=2), ParallelDims(dp=1, tp=4),
+                 ParallelDims(dp=2, tp=2, ep=2, sp=True)):
         g = dims.build("cpu")
         layout = dims.group_ranks()
         for kind in ("dp", "tp", "ep", "edp"):
@@ -74,7 +108,7 @@ def _check_groups(rank):
     assert (cp.cp_rank, cp.cp_size, cp.data_rank, cp.data_size, cp.dp_size) == (rank % 2, 2, rank // 2, 2, 4)
 
 
-CFG = dict(vocab_size=41, dim=24, n_layers=3, attn_type="mla", n_heads=4, q_lora_rank=10, kv_lora_rank=12,
+CFG = dict(vocab_size=42, dim=24, n_layers=3, attn_type="mla", n_heads=4, q_lora_rank=10, kv_lora_rank=12,
            qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=6, inter_dim=32, moe_inter_dim=8,
            n_routed_experts=4, n_activated_experts=2, n_shared_experts=2, first_k_dense=1, max_seq_len=16)
 TOL = dict(rtol=1e-6, atol=1e-9)
@@ -131,7 +165,7 @@ def _parallelize_worker(rank, world_size):
             dist.all_reduce(grad, group=groups.dp_group)
         torch.testing.assert_close(grad, full, **TOL, msg=name)
     kinds = {k: sum(pl.kind == k for pl in placements.values()) for k in ("expert", "tp_sharded")}
-    assert kinds == {"expert": 2 * 3, "tp_sharded": 3 * 3 + 3 + 2 * 3}, kinds
+    assert kinds == {"expert": 2 * 3, "tp_sharded": 3 * 3 + 3 + 2 * 3 + 2}, kinds  # + the vocab-split embedding, head
     # statistics count each forward once despite the recomputation
     for r_ref, r in zip(ref.moe_routers(), model.moe_routers()):
         load = r.expert_load_E.clone()

@@ -45,7 +45,8 @@ def _measure(rank: int, world: int, out: str, overrides: list[str]) -> None:
     (2, ["--data.micro_batch_size=2", "--parallel.ep=2"]),
     (2, ["--data.micro_batch_size=4", "--parallel.pp=2"]),
     (2, ["--data.micro_batch_size=4", "--parallel.cp=2"]),
-], ids=["1proc", "dp2", "tp2", "dp2-ep2", "pp2", "cp2"])
+    (2, ["--data.micro_batch_size=4", "--parallel.tp=2", "--parallel.sequence_parallel=true", "--parallel.ep=2"]),
+], ids=["1proc", "dp2", "tp2", "dp2-ep2", "pp2", "cp2", "tp2sp-ep2-folded"])
 def test_plan_matches_measured_memory_and_bytes(tmp_path, world, layout):
     """The optimizer's bytes on the wire are CountingComm's, exactly, per collective; each rank's planned peak is
     within 10% of the most tensor bytes it held over its build and two steps (tests/audit.py ``LiveBytes``)."""

@@ -12,7 +12,7 @@ from parallel.tensor_parallel import ColumnParallelLinear, LatentRopeLinear, Row
 from models import ModelConfig, Transformer
 from tests.dist_utils import run_distributed
 
-TINY = dict(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=8, kv_lora_rank=16,
+TINY = dict(vocab_size=62, dim=32, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=8, kv_lora_rank=16,
             qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, inter_dim=48, moe_inter_dim=16,
             n_routed_experts=4, n_activated_experts=2, n_shared_experts=2, first_k_dense=1, max_seq_len=16)
 VARIANTS = {"mha": dict(attn_type="mha"), "gqa": dict(attn_type="mha", n_kv_heads=2),
@@ -70,12 +70,12 @@ def _check_variant(name, variant, groups, pdims):
             # replicated params: the same gradient on every TP rank without any extra reduction
             torch.testing.assert_close(_gather(p.grad[None], 0, g, tp), p.grad[None].expand(tp, *p.shape),
                                        rtol=0, atol=0, msg=f"{name}: {pname} differs across TP ranks")
-    # expected split: attention q(/k/v)/kv_b + o_proj per layer, dense FFN 3, shared experts 3
+    # expected split: attention q(/k/v)/kv_b + o_proj per layer, dense FFN 3, shared experts 3, embedding and head
     n_col_attn = {"mha": 3, "gqa": 3, "mla": 2, "mla_qlora": 2, "mla_qlora_bias": 2}[name]
-    assert n_sharded == TINY["n_layers"] * (n_col_attn + 1) + 3 + 3, (name, n_sharded)
+    assert n_sharded == TINY["n_layers"] * (n_col_attn + 1) + 3 + 3 + 2, (name, n_sharded)
     assert placements["layers.1.mlp.experts.gate_proj"].kind == "expert"
-    assert placements["embed_tokens.weight"].kind == "replicated"
-    assert placements["lm_head.weight"].kind == "replicated"
+    for vocab in ("embed_tokens.weight", "lm_head.weight"):  # rows split over TP (parallel/vocab_parallel.py)
+        assert (placements[vocab].kind, placements[vocab].shard_dim) == ("tp_sharded", 0), vocab
 
     h_local = TINY["n_heads"] // tp
     for layer, spec, ref_spec in zip(model.layers, model.qk_clip_specs(), ref.qk_clip_specs()):
@@ -108,3 +108,5 @@ def test_tp_rejects_indivisible_heads():
         pdims.check_model(ModelConfig(**{**TINY, "attn_type": "mha", "n_heads": 4, "n_kv_heads": 1}))
     with pytest.raises(ValueError, match="n_heads"):
         ParallelDims(dp=1, tp=8).check_model(ModelConfig(**{**TINY, "attn_type": "mla"}))
+    with pytest.raises(ValueError, match=r"vocab_size \(61\) must be divisible by tp \(2\)"):  # the vocab split
+        pdims.check_model(ModelConfig(**{**TINY, "vocab_size": 61}))

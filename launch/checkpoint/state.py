@@ -82,7 +82,8 @@ def rank() -> int:
 
 def shard_views(tensors: dict[str, Any], placements: dict[str, Any], groups: Any,
                 row_shards: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Wrap tensors of expert-parallel ("expert": Shard(0) over ``groups.ep_group``) and tensor-parallel
+    """Wrap tensors of expert-parallel ("expert": Shard(0) over ``groups.ep_group``; split by expert tensor
+    parallelism too: [Shard(0), Shard(d)] over ep x etp) and tensor-parallel
     ("tp_sharded": Shard(dim) over the tp group) parameters, and their optimizer state, as DTensors sharing
     the local storage, so DCP saves/loads the global tensors. Replicated tensors are returned unchanged, but for the
     state of the ZeRO-1 sliced ones (``row_shards``: ``optimizer.row_shards()``; masters included: a tensor with
@@ -114,9 +115,36 @@ def shard_views(tensors: dict[str, Any], placements: dict[str, Any], groups: Any
         placement = placements.get(name)
         if placement is None or placement.kind == "replicated" or t.ndim == 0:
             continue
+        if placement.kind == "expert" and placement.shard_dim is not None:  # expert tensor parallelism
+            out[key] = _etp_view(t, placement, groups.ep_group, meshes)
+            continue
         group, dim = ((groups.ep_group, 0) if placement.kind == "expert"
                       else (placement.tp_group, placement.shard_dim))
         if group is None or dist.get_world_size(group) == 1:
             continue
         out[key] = DTensor.from_local(t, mesh(group, t.device.type), [Shard(dim)], run_check=False)
     return out
+
+
+def _etp_view(t: torch.Tensor, placement: Any, ep_group: Any, meshes: dict) -> Any:
+    """An expert stack split by expert tensor parallelism as a DTensor: [Shard(0), Shard(d)] on the 2-D mesh of its
+    ep group x etp group ([Shard(d)] over the etp group at ep 1). The etp peers are consecutive ranks
+    (parallel/dims.py), so row e of the mesh is the etp group of the ep group's rank e."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    etp_group, dim = placement.tp_group, placement.shard_dim
+    etp_ranks = dist.get_process_group_ranks(etp_group)
+    ep_ranks = dist.get_process_group_ranks(ep_group) if ep_group is not None else [dist.get_rank()]
+    key = (tuple(ep_ranks), tuple(etp_ranks), t.device.type)
+    if key not in meshes:
+        if len(ep_ranks) == 1:
+            meshes[key] = DeviceMesh.from_group(etp_group, t.device.type)
+        else:
+            k = dist.get_rank(etp_group)
+            ranks = torch.tensor([[r - k + j for j in range(len(etp_ranks))] for r in ep_ranks])
+            assert ranks[dist.get_rank(ep_group)].tolist() == etp_ranks, (ranks, etp_ranks)
+            meshes[key] = DeviceMesh.from_group([ep_group, etp_group], t.device.type, mesh=ranks,
+                                                 mesh_dim_names=("ep", "etp"))
+    placements = [Shard(dim)] if len(ep_ranks) == 1 else [Shard(0), Shard(dim)]
+    return DTensor.from_local(t, meshes[key], placements, run_check=False)

@@ -23,7 +23,8 @@ world. Assignment is greedy, largest first:
    expert tensor parallelism (``ParamSlot.etp``: column/row slices on the etp peers, which share the edp index) over
    the (edp index, etp rank) cells: the slices are gathered to ``ns_rank`` and each expert orthogonalised whole;
 5. / 6. the same for the per-token tensors of sequence parallelism over the stage's ranks, each orthogonalised by
-   its owner.
+   its owner, the loads continuing from the dense ones (stage rank d * tp + t from the (dp index d, tp rank t)
+   cell), so the largest per-token matrices go to the ranks the dense ones loaded least.
 
 Assignments depend only on names, full shapes and dtypes, so they agree across the dp and tp groups. Expert
 stacks are balanced among themselves (not against the dense params) so that a given stack name is owned by
@@ -160,6 +161,7 @@ def assign_owners(slots: list[ParamSlot], dp_size: int, tp_size: int, edp_size: 
                   slice_min_bytes: int = SLICE_MIN_BYTES, etp_size: int = 1, stage_size: int | None = None) -> None:
     """Set ``owner`` (``EVERY`` for a sliced slot) and ``ns_rank`` of every slot in place (see module docstring)."""
     sizes = {"dp": dp_size, "edp": edp_size, "stage": stage_size or dp_size * tp_size}
+    dense = None  # the dp table: stage rank d * tp + t continues from its (dp index d, tp rank t) cell
     for sharding, size in sizes.items():
         mine = [s for s in slots if s.sharding == sharding]
         for s in mine:
@@ -167,8 +169,12 @@ def assign_owners(slots: list[ParamSlot], dp_size: int, tp_size: int, edp_size: 
         # folded stacks: Newton–Schulz on the owner (ETP ones: on one of its etp ranks)
         cells = (etp_size if any(s.etp for s in mine) else 1) if any(s.folded for s in mine) else tp_size
         loads = _Loads([[0.0] * cells for _ in range(size)], [0] * size)
+        if sharding == "stage" and size == dp_size * tp_size and cells == 1:
+            loads = _Loads([[dense.ns_OT[o // tp_size][o % tp_size]] for o in range(size)],
+                           [dense.mem_O[o // tp_size] for o in range(size)])
         loads.muon([s for s in mine if s.use_muon])
         loads.adamw([s for s in mine if not s.use_muon and not s.sliced])
+        dense = loads if sharding == "dp" else dense
 
 
 @dataclass(eq=False)

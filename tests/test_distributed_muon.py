@@ -249,6 +249,19 @@ def test_ownership_plan_covers_every_param_once_and_packs_buckets():
         [[s.name for s in b.slots] for b in build_buckets(slots, {"dp": dp}, 8 * 1024)]
 
 
+def test_per_token_matrices_are_owned_over_the_stage_where_the_dense_ones_loaded_least():
+    """Sequence parallelism's per-token tensors (``tp_copies=False``) are owned over the stage's dp x tp ranks, the
+    Newton-Schulz loads continuing from the dense table: stage rank d * tp + t is the dense (d, t) cell, so at dp2 x
+    tp2 with the two large dense matrices on tp rank 0 of each dp index the per-token ones go to tp rank 1's."""
+    from muonclip._dist_layout import ParamSlot, assign_owners
+    dense = [ParamSlot(i, f"dense{i}", torch.zeros(32, 64), 0, True, "tp_sharded", 0, (32, 32)) for i in range(2)]
+    per_token = [ParamSlot(2 + i, f"token{i}", torch.zeros(32, 32), 0, True, "replicated", tp_copies=False)
+                 for i in range(4)]
+    assign_owners(dense + per_token, 2, 2, edp_size=2)
+    assert [(s.owner, s.ns_rank) for s in dense] == [(0, 0), (1, 0)]
+    assert {s.sharding for s in per_token} == {"stage"} and {s.owner for s in per_token} == {1, 3}
+
+
 # ---------------------------------------------------------------- (e) state_dict round trip, (f) QK-Clip
 def _resume_and_qkclip_worker(rank: int, world: int) -> None:
     dp_group = dist.new_group(list(range(world)))

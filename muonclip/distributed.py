@@ -188,6 +188,20 @@ def _or(group: Any, default: Any) -> Any:
     return default if group is None else group
 
 
+def _one_group(placed: list[tuple[str, Placement]], group: Any, what: str, kind: str) -> Any:
+    """The one group the ``placed`` (name, placement) pairs split over (their ``tp_group``; ``group`` if given), or
+    None: a placement naming another group is an error."""
+    if group is None and placed:
+        group = placed[0][1].tp_group
+    if group is not None:
+        ranks = dist.get_process_group_ranks(group)
+        for name, pl in placed:
+            if dist.get_process_group_ranks(pl.tp_group) != ranks:
+                raise ValueError(f"DistributedMuonClip: placement of {name} uses {what} with ranks "
+                                 f"{dist.get_process_group_ranks(pl.tp_group)}, expected {ranks} (one {kind} group)")
+    return group
+
+
 class DistributedMuonClip(MuonClip):
     """ZeRO-1 ``MuonClip`` (see module docstring). Same param groups ("names" required) and hyper-parameters.
 
@@ -315,29 +329,13 @@ class DistributedMuonClip(MuonClip):
     @staticmethod
     def _resolve_tp_group(tp_group: Any, placements: Mapping[str, Placement]) -> Any:
         sharded = [(n, pl) for n, pl in placements.items() if pl.kind == "tp_sharded"]
-        if tp_group is None and sharded:
-            tp_group = sharded[0][1].tp_group
-        if tp_group is not None:
-            ranks = dist.get_process_group_ranks(tp_group)
-            for name, pl in sharded:
-                if dist.get_process_group_ranks(pl.tp_group) != ranks:
-                    raise ValueError(f"DistributedMuonClip: placement of {name} uses a tp_group with ranks "
-                                     f"{dist.get_process_group_ranks(pl.tp_group)}, expected {ranks} (one TP group)")
-        return tp_group
+        return _one_group(sharded, tp_group, "a tp_group", "TP")
 
     @staticmethod
     def _resolve_etp_group(placements: Mapping[str, Placement]) -> Any:
         """The expert-tensor-parallel group of the ETP-split expert stacks (one for all of them), or None."""
         etp = [(n, pl) for n, pl in placements.items() if pl.kind == "expert" and pl.shard_dim is not None]
-        if not etp:
-            return None
-        group = etp[0][1].tp_group
-        ranks = dist.get_process_group_ranks(group)
-        for name, pl in etp:
-            if dist.get_process_group_ranks(pl.tp_group) != ranks:
-                raise ValueError(f"DistributedMuonClip: placement of {name} uses an etp group with ranks "
-                                 f"{dist.get_process_group_ranks(pl.tp_group)}, expected {ranks} (one ETP group)")
-        return group
+        return _one_group(etp, None, "an etp group", "ETP")
 
     def _make_slots(self, placements: Mapping[str, Placement]) -> list[ParamSlot]:
         slots = []

@@ -47,7 +47,7 @@ from torch.distributed._composable import checkpoint as composable_checkpoint
 from torch.utils.checkpoint import checkpoint
 
 from models import MLAttention
-from parallel.regions import saved_tensors_chain, wrap_region
+from parallel.regions import outer_hooks, saved_tensors_chain, wrap_region
 
 RECOMPUTE_MODES = ("none", "full", "selective")
 RECOMPUTE_MODULES = ("norm", "swiglu", "mla_up_proj", "moe_down_proj")
@@ -130,9 +130,8 @@ class _QKVRecipe:
 
     def __init__(self, qkv_up: Callable, inputs: tuple[torch.Tensor, ...], outputs: tuple[torch.Tensor, ...]):
         self.qkv_up = qkv_up
-        outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
-        self.unpack_input = outer[1] if outer is not None else (lambda x: x)
-        self.inputs = [outer[0](t.detach()) if outer is not None else t.detach() for t in inputs]
+        pack, self.unpack_input = outer_hooks()
+        self.inputs = [pack(t.detach()) for t in inputs]
         device = inputs[0].device.type
         self.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         self.index = {t.untyped_storage().data_ptr(): (i, t.storage_offset()) for i, t in enumerate(outputs)}

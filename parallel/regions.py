@@ -64,6 +64,17 @@ def wrap_region(model: nn.Module, region: str, wrapper: Wrapper) -> int:
     return n
 
 
+def outer_hooks() -> tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]]:
+    """The saved-tensor hooks active now, (pack, unpack), identity where none: a record that keeps its own tensors
+    for backward (a recomputed region's inputs, a column region's local input) hands them to these."""
+    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return outer if outer is not None else (_same, _same)
+
+
+def _same(x: Any) -> Any:
+    return x
+
+
 @contextmanager
 def saved_tensors_chain(pack: Callable[[torch.Tensor], Any], unpack: Callable[[Any], torch.Tensor],
                         pass_on: bool = False) -> Iterator[None]:
@@ -96,4 +107,4 @@ def _map_tensors(obj: Any, fn: Callable) -> Any:
     return dataclasses.replace(obj, **{name: fn(getattr(obj, name)) for name in obj.stored})
 
 
-__all__ = ["REGIONS", "is_weight", "param_storages", "saved_tensors_chain", "wrap_region"]
+__all__ = ["REGIONS", "is_weight", "outer_hooks", "param_storages", "saved_tensors_chain", "wrap_region"]

@@ -58,7 +58,7 @@ from torch import nn
 
 from models import GroupedExperts, MLAttention
 from muonclip.placement import Placement
-from parallel.regions import saved_tensors_chain
+from parallel.regions import outer_hooks, saved_tensors_chain
 
 
 class SequenceComm:
@@ -231,8 +231,7 @@ class _Regather:
         self.comm = comm
         self.storage: int | None = whole.untyped_storage().data_ptr()  # only while the region runs
         self.offset = whole.storage_offset()
-        outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
-        self.outer = outer if outer is not None else (lambda t: t, lambda t: t)
+        self.outer = outer_hooks()
         self.local, self.views, self.left = local, 0, 0
         self.packed: Any = None  # the local part as the hooks around packed it
         self.value: torch.Tensor | None = None  # the gathered input, between the first and the last unpack
